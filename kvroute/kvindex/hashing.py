@@ -23,6 +23,9 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Sequence
 
+import array
+import sys
+
 import msgpack
 import numpy as np
 import xxhash
@@ -37,6 +40,8 @@ HASH_SCHEME_VERSION = 1
 
 _xxh3 = xxhash.xxh3_64_intdigest
 _U32_MAX = (1 << 32) - 1
+#: array('I') is uint32 little-endian on this platform (true on x86-64 and arm64).
+_ARRAY_U32_LE = array.array("I").itemsize == 4 and sys.byteorder == "little"
 
 
 def tokens_to_bytes(token_ids: Any) -> bytes:
@@ -55,9 +60,12 @@ def tokens_to_bytes(token_ids: Any) -> bytes:
             raise InvalidTokensError("token ids must lie in [0, 2**32 - 1]")
         return arr.astype("<u4").tobytes()
     try:
-        return np.asarray(token_ids, dtype="<u4").tobytes()
+        if _ARRAY_U32_LE:  # array.array is ~3x faster than numpy for a list of ints, and strict
+            return array.array("I", token_ids).tobytes()
+        arr = np.array(token_ids)
     except (OverflowError, ValueError, TypeError) as exc:
         raise InvalidTokensError(f"token ids must be integers in [0, 2**32 - 1]: {exc}") from None
+    return tokens_to_bytes(arr if arr.size else arr.astype(np.uint32))  # checked by the ndarray branch
 
 
 def encode_extras(extras: Sequence[Any]) -> bytes:

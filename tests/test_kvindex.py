@@ -1,0 +1,204 @@
+"""KVIndex unit tests: matching, tiers, aliases, snapshots, bounds, bad input."""
+import os
+
+import numpy as np
+import pytest
+
+from kvroute import KVIndex, KVRouteError, SnapshotError, Tier, UnknownWorkerError, block_hashes
+from kvroute.kvindex import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch
+
+
+def prompt(n_blocks, start=0, bs=4):
+    return list(range(start, start + n_blocks * bs))
+
+
+def test_match_longest_prefix_and_tiers():
+    ix = KVIndex(4)
+    h = block_hashes(prompt(6), 4)
+    ix.store("a", h[:3])
+    ix.store("a", h[3:5], parent=int(h[2]), tier="host")
+    ix.store("b", h[:1], tier="disk")
+    ix.store("b", h[:1], tier="host")
+    ix.store("c", h[1:4])  # lacks block 0: never matches
+    m = ix.match(h)
+    assert set(m) == {"a", "b"}
+    assert tuple(m["a"]) == (5, 3, 2, 0)
+    assert tuple(m["b"]) == (1, 0, 1, 0)  # fastest tier counts
+    ix.check_invariants()
+
+
+def test_hole_in_a_chain_stops_the_match():
+    ix = KVIndex(4)
+    h = block_hashes(prompt(5), 4)
+    ix.store("a", h)
+    ix.remove("a", h[2:3])
+    assert ix.match(h)["a"].total == 2
+    ix.check_invariants()
+
+
+def test_block_on_two_tiers_removed_from_one():
+    ix = KVIndex(4)
+    h = block_hashes(prompt(2), 4)
+    ix.store("a", h, engine_hashes=[11, 12])
+    ix.store("a", h, tier="host", engine_hashes=[11, 12])
+    assert tuple(ix.match(h)["a"]) == (2, 2, 0, 0)
+    assert ix.remove("a", engine_hashes=[11, 12]) == 2
+    assert tuple(ix.match(h)["a"]) == (2, 0, 2, 0)
+    assert ix.remove("a", engine_hashes=[11, 12], tier="cpu") == 2
+    assert ix.match(h) == {}
+    assert ix.stats()["entries"] == 0
+    ix.check_invariants()
+
+
+def test_orphan_store_is_counted_and_harmless():
+    ix = KVIndex(4)
+    h = block_hashes(prompt(3), 4)
+    ix.store("a", h[1:], parent=int(h[0]))
+    assert ix.stats()["orphan_stores"] == 1
+    assert ix.match(h) == {}
+
+
+def test_capacity_bound():
+    ix = KVIndex(4, max_blocks_per_worker=3)
+    h = block_hashes(prompt(5), 4)
+    ix.store("a", h)
+    assert ix.match(h)["a"].total == 3
+    assert ix.stats()["capacity_drops"] == 2
+    ix.check_invariants()
+
+
+def test_unknown_worker_and_bad_args():
+    ix = KVIndex()
+    with pytest.raises(UnknownWorkerError):
+        ix.remove("nope", [1])
+    with pytest.raises(KVRouteError):
+        ix.clear("nope")
+    ix.add_worker("a")
+    with pytest.raises(ValueError):
+        ix.remove("a")
+    with pytest.raises(ValueError):
+        ix.store("a", [1, 2], engine_hashes=[1])
+    with pytest.raises(ValueError):
+        ix.store("a", [1], tier="tape")
+
+
+def test_worker_slots_are_reused():
+    ix = KVIndex()
+    for w in range(10):
+        ix.store(w, [100 + w])
+    ix.remove_worker(3)
+    ix.store("new", [5])
+    assert ix.match([5]) == {"new": (1, 1, 0, 0)}
+    assert ix.match([103]) == {}
+    ix.check_invariants()
+
+
+def test_apply_events_uses_content_hashes_from_tokens():
+    ix = KVIndex(4)
+    toks = prompt(3)
+    ev = BlockStored(block_hashes=(901, 902, 903), parent_block_hash=None, token_ids=tuple(toks), block_size=4)
+    r = ix.apply("a", EventBatch(1.0, (ev,)))
+    assert r.stored == 3
+    assert ix.match_tokens(toks + [1, 2, 3])["a"].total == 3
+    # continuation chained on an engine-hash parent
+    ev2 = BlockStored(block_hashes=(904,), parent_block_hash=903, token_ids=(7, 7, 7, 7), block_size=4)
+    ix.apply("a", [ev2])
+    assert ix.match_tokens(toks + [7, 7, 7, 7])["a"].total == 4
+    # placeholder offload event resolved through aliases
+    ix.apply("a", [BlockStored(block_hashes=(901, 902), parent_block_hash=None, token_ids=(), block_size=0, tier=Tier.HOST)])
+    ix.apply("a", [BlockRemoved(block_hashes=(901, 902))])
+    assert tuple(ix.match_tokens(toks)["a"]) == (3, 1, 2, 0)
+    # orphan: unknown parent -> not applied, counted
+    r = ix.apply("a", [BlockStored(block_hashes=(999,), parent_block_hash=12345, token_ids=(1, 1, 1, 1), block_size=4)])
+    assert r.orphans == 1 and r.stored == 0
+    # block size mismatch and malformed token counts are counted, not applied
+    r = ix.apply("a", [BlockStored(block_hashes=(998,), parent_block_hash=None, token_ids=(1,) * 8, block_size=8)])
+    assert r.block_size_mismatch == 1
+    r = ix.apply("a", [BlockStored(block_hashes=(998,), parent_block_hash=None, token_ids=(1,) * 5, block_size=4)])
+    assert r.malformed == 1
+    # sliding-window group ignored, and its removals too
+    r = ix.apply("a", [BlockStored(block_hashes=(901,), parent_block_hash=None, token_ids=tuple(toks[:4]), block_size=4,
+                                   group_idx=1, spec_kind="sliding_window"),
+                       BlockRemoved(block_hashes=(901,), group_idx=1)])
+    assert r.ignored == 2
+    r = ix.apply("a", [AllBlocksCleared()])
+    assert r.cleared == 4 and ix.match_tokens(toks) == {}
+    ix.check_invariants()
+
+
+def test_apply_lora_namespace_matches_router_hashes():
+    ix = KVIndex(4)
+    toks = prompt(2)
+    ix.apply("a", [BlockStored(block_hashes=(1, 2), parent_block_hash=None, token_ids=tuple(toks), block_size=4,
+                               lora_name="sql-lora")])
+    assert ix.match_tokens(toks) == {}
+    assert ix.match_tokens(toks, lora_name="sql-lora")["a"].total == 2
+
+
+def test_snapshot_roundtrip(tmp_path):
+    ix = KVIndex(4)
+    h = block_hashes(prompt(4), 4)
+    ix.store("a", h, engine_hashes=[b"\x01" * 32, 2, 3, 4])
+    ix.store(("node", 1), h[:2], tier="host")
+    path = tmp_path / "snap"
+    ix.save(path)
+    back = KVIndex.load(path)
+    assert back.match(h) == ix.match(h)
+    assert back.block_size == 4
+    assert back.remove("a", engine_hashes=[b"\x01" * 32]) == 1
+    assert not list(tmp_path.glob(".kvindex-*"))  # no temp file left behind
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "magic", "version", "empty", "missing"])
+def test_corrupt_snapshot_raises_typed_error(tmp_path, damage):
+    ix = KVIndex(4)
+    ix.store("a", block_hashes(prompt(8), 4))
+    path = tmp_path / "snap"
+    ix.save(path)
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) - 5]
+    elif damage == "flip":
+        data[-3] ^= 0xFF
+    elif damage == "magic":
+        data[0] ^= 0xFF
+    elif damage == "version":
+        data[11] = 99
+    elif damage == "empty":
+        data = bytearray()
+    path.write_bytes(bytes(data))
+    if damage == "missing":
+        os.unlink(path)
+    with pytest.raises(SnapshotError):
+        KVIndex.load(path)
+    # the running index is untouched
+    assert ix.match(block_hashes(prompt(8), 4))["a"].total == 8
+
+
+def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
+    ix = KVIndex(4)
+    ix.store("a", [1, 2, 3])
+    path = tmp_path / "snap"
+    ix.save(path)
+    before = path.read_bytes()
+    import kvroute.kvindex.index as mod
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(mod.os, "replace", boom)
+    ix.store("a", [4])
+    with pytest.raises(OSError):
+        ix.save(path)
+    assert path.read_bytes() == before
+    assert not list(tmp_path.glob(".kvindex-*"))
+
+
+def test_stats_reports_memory():
+    ix = KVIndex(16)
+    rng = np.random.default_rng(0)
+    for w in range(8):
+        ix.store(w, block_hashes(rng.integers(0, 30000, 16 * 50), 16))
+    s = ix.stats()
+    assert s["entries"] == 400 and s["workers"] == 8 and s["blocks"] == 400
+    assert 0 < s["bytes_per_entry"] < 1000
