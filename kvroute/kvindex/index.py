@@ -207,6 +207,32 @@ class KVIndex:
         any_, tiers, blocks, entries = self._any, self._tiers, w.blocks, self._entries
         b = w.bit
         limit = self.max_blocks_per_worker
+        if t == _GPU and not tiers and limit is None:
+            # Hot path (every GPU store while no block sits off the GPU): one dict
+            # read and two writes a block; anything unusual falls to the general loop.
+            any_get = any_.get
+            added = 0
+            for i, c in enumerate(hs):
+                m = any_get(c, 0)
+                if m & b:
+                    break
+                any_[c] = m | b
+                blocks[c if keys is None else keys[i]] = c
+                added += 1
+            else:
+                i = len(hs)
+            if keys is not None and added:
+                w.has_engine_keys = True
+            entries[t] += added
+            if i == len(hs):
+                return added
+            return added + self._store_general(w, hs[i:], t, None if keys is None else keys[i:])
+        return self._store_general(w, hs, t, keys)
+
+    def _store_general(self, w: _Worker, hs: list, t: int, keys: Sequence[Any] | None) -> int:
+        any_, tiers, blocks, entries = self._any, self._tiers, w.blocks, self._entries
+        b = w.bit
+        limit = self.max_blocks_per_worker
         added = 0
         for i, c in enumerate(hs):
             k = c if keys is None else keys[i]
