@@ -1,0 +1,1 @@
+"""Eviction policies, one per module, each behind :class:`kvroute.eviction.base.EvictionPolicy`."""
