@@ -1,0 +1,166 @@
+"""Synthetic workload generators that emit the same :class:`~kvroute.sim.trace.Request` records as a trace.
+
+Each generator is seeded and returns requests sorted by arrival, with fresh
+prefix-chained block ids (a new block id is never reused after another
+predecessor, as in the Mooncake traces):
+
+* :func:`shared_system_prompt` -- a few long system prompts shared by many
+  one-shot requests (the llm-d "groups sharing a prompt" benchmark shape).
+* :func:`multi_turn_chat` -- conversations whose every turn re-sends the whole
+  history plus a new message, after a think time.
+* :func:`agent_sessions` -- agents that call tools in quick succession: a long
+  shared tool prompt, then many short steps each extending the context.
+
+:data:`GENERATORS` maps a name to its function; ``kvroute sim --trace gen:NAME``
+uses it with defaults (``gen:NAME:key=value,...`` overrides).
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+from typing import Callable
+
+from .trace import Request, TraceError
+
+
+class _Ids:
+    """Fresh block-id allocator (one per generated workload)."""
+
+    def __init__(self) -> None:
+        self.next = 0
+
+    def take(self, n: int) -> tuple[int, ...]:
+        start = self.next
+        self.next += n
+        return tuple(range(start, start + n))
+
+
+def _finish(reqs: list[Request]) -> list[Request]:
+    reqs.sort(key=lambda r: (r.arrival_s, r.session))
+    return [replace(r, request_id=i) for i, r in enumerate(reqs)]
+
+
+def shared_system_prompt(
+    n_requests: int = 2000,
+    *,
+    n_prompts: int = 16,
+    system_blocks: int = 12,
+    user_blocks: tuple[int, int] = (1, 4),
+    rate: float = 8.0,
+    output_length: tuple[int, int] = (50, 400),
+    zipf: float = 1.0,
+    block_tokens: int = 512,
+    seed: int = 0,
+) -> list[Request]:
+    """One-shot requests, each a system prompt (chosen Zipf-like among ``n_prompts``) plus a unique question."""
+    rng = random.Random(seed)
+    ids = _Ids()
+    prompts = [ids.take(system_blocks) for _ in range(n_prompts)]
+    weights = [1.0 / (k + 1) ** zipf for k in range(n_prompts)]
+    t = 0.0
+    out = []
+    for _ in range(n_requests):
+        t += rng.expovariate(rate)
+        g = rng.choices(range(n_prompts), weights)[0]
+        hs = prompts[g] + ids.take(rng.randint(*user_blocks))
+        inp = len(hs) * block_tokens - rng.randrange(block_tokens)
+        out.append(Request(0, t, inp, rng.randint(*output_length), hs, session=g))
+    return _finish(out)
+
+
+def multi_turn_chat(
+    n_sessions: int = 400,
+    *,
+    turns: tuple[int, int] = (1, 8),
+    system_blocks: int = 2,
+    message_blocks: tuple[int, int] = (1, 3),
+    session_rate: float = 1.0,
+    think_time_s: float = 60.0,
+    output_length: tuple[int, int] = (100, 600),
+    block_tokens: int = 512,
+    seed: int = 0,
+) -> list[Request]:
+    """Conversations: every turn re-sends the history (previous turns and answers) plus a new message."""
+    rng = random.Random(seed)
+    ids = _Ids()
+    system = ids.take(system_blocks)
+    out = []
+    t0 = 0.0
+    for s in range(n_sessions):
+        t0 += rng.expovariate(session_rate)
+        t = t0
+        ctx = system
+        for _ in range(rng.randint(*turns)):
+            ctx = ctx + ids.take(rng.randint(*message_blocks))
+            outl = rng.randint(*output_length)
+            out.append(Request(0, t, len(ctx) * block_tokens - rng.randrange(block_tokens), outl, ctx, session=s))
+            # the answer joins the history of the next turn
+            ctx = ctx + ids.take(max(1, outl // block_tokens))
+            t += rng.expovariate(1.0 / think_time_s)
+    return _finish(out)
+
+
+def agent_sessions(
+    n_sessions: int = 100,
+    *,
+    steps: tuple[int, int] = (5, 30),
+    tool_prompt_blocks: int = 16,
+    n_tool_prompts: int = 4,
+    step_blocks: tuple[int, int] = (1, 2),
+    session_rate: float = 0.5,
+    tool_latency_s: float = 2.0,
+    output_length: tuple[int, int] = (20, 200),
+    block_tokens: int = 512,
+    seed: int = 0,
+) -> list[Request]:
+    """Agents: a long shared tool prompt, then many quick steps each adding a tool result to the context."""
+    rng = random.Random(seed)
+    ids = _Ids()
+    tools = [ids.take(tool_prompt_blocks) for _ in range(n_tool_prompts)]
+    out = []
+    t0 = 0.0
+    for s in range(n_sessions):
+        t0 += rng.expovariate(session_rate)
+        t = t0
+        ctx = rng.choice(tools) + ids.take(1)  # the task
+        for _ in range(rng.randint(*steps)):
+            outl = rng.randint(*output_length)
+            out.append(Request(0, t, len(ctx) * block_tokens - rng.randrange(block_tokens), outl, ctx, session=s))
+            ctx = ctx + ids.take(rng.randint(*step_blocks))  # the call and the tool's result
+            t += rng.expovariate(1.0 / tool_latency_s)
+    return _finish(out)
+
+
+#: Generator name -> function (used by ``--trace gen:NAME``).
+GENERATORS: dict[str, Callable[..., list[Request]]] = {
+    "shared_system_prompt": shared_system_prompt,
+    "multi_turn_chat": multi_turn_chat,
+    "agent_sessions": agent_sessions,
+}
+
+
+def from_spec(spec: str) -> list[Request]:
+    """Build a workload from ``gen:NAME`` or ``gen:NAME:key=value,key=value`` (ints/floats; ranges as a-b)."""
+    parts = spec.split(":", 2)
+    if len(parts) < 2 or parts[0] != "gen" or parts[1] not in GENERATORS:
+        raise TraceError(f"unknown workload {spec!r}; generators: {', '.join('gen:' + g for g in GENERATORS)}")
+    kw: dict[str, object] = {}
+    if len(parts) == 3 and parts[2]:
+        for item in parts[2].split(","):
+            if "=" not in item:
+                raise TraceError(f"bad generator argument {item!r} (key=value)")
+            k, v = item.split("=", 1)
+            try:
+                if "-" in v.strip("-"):
+                    a, b = v.split("-", 1)
+                    kw[k] = (int(a), int(b))
+                elif "." in v or "e" in v:
+                    kw[k] = float(v)
+                else:
+                    kw[k] = int(v)
+            except ValueError:
+                raise TraceError(f"bad generator value {item!r}") from None
+    try:
+        return GENERATORS[parts[1]](**kw)  # type: ignore[arg-type]
+    except TypeError as exc:
+        raise TraceError(f"bad generator arguments for {parts[1]}: {exc}") from None
