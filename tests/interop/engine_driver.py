@@ -1,0 +1,166 @@
+"""Drive a real vLLM engine (CPU build) from a line protocol, for the interop tests.
+
+Runs under the interop venv's python (``KVROUTE_VLLM_PYTHON``, built by
+``.ci/setup_vllm``), never under the test process's python: only this file and
+the other ``tests/interop`` helper scripts import vllm.
+
+Parts:
+
+* :func:`build_llm` -- ``vllm.LLM`` on the tiny model with prefix caching,
+  ``block_size`` 32, a capped GPU cache (``num_gpu_blocks_override``) and the
+  ZMQ KV-event publisher bound on the given ports.  The engine core runs in
+  this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so the driver can count
+  the batches the scheduler hands its publisher.
+* :class:`PublishCounter` -- wraps the scheduler's publisher ``publish``; the
+  n-th batch published gets seq ``n - 1`` on the wire (vLLM's ZMQ publisher
+  numbers batches from 0 in publish order).  ``update_from_output`` publishes a
+  step's events *before* it builds that step's outputs, so once ``generate``
+  returns, every batch caused by the request has been counted.  A test then
+  waits until its own subscriber has seen that seq: no sleeps.
+* :func:`serve` -- the protocol.  One JSON object per stdin line, one per
+  stdout line:
+
+  - ``{"prompt": [token ids], "max_tokens": 1}`` ->
+    ``{"num_cached_tokens": n, "num_prompt_tokens": m, "last_seq": s}``
+    (``last_seq`` is -1 while nothing was published);
+  - ``{"cmd": "reset"}`` -> ``{"reset": true|false, "last_seq": s}``
+    (``reset_prefix_cache``: vLLM publishes ``AllBlocksCleared`` with the next step);
+  - end of input -> the engine shuts down and the process exits 0.
+
+  The first line written is ``{"ready": true, "load_s": ..., "vllm": version,
+  "num_gpu_blocks": ..., "gpu_eviction": ...}`` once the engine is up.  Logs
+  go to stderr.
+
+usage: python engine_driver.py --model DIR --port P --replay-port R [--num-gpu-blocks N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+BLOCK_SIZE = 32
+
+
+class PublishCounter:
+    """Counts the batches a scheduler hands its KV-event publisher."""
+
+    def __init__(self, publisher) -> None:
+        #: The wrapped publisher (vLLM's ZmqEventPublisher); only ``publish`` is wrapped.
+        self.publisher = publisher
+        #: Batches published so far; the last one went out with seq ``count - 1``.
+        self.count = 0
+        inner = publisher.publish
+
+        def publish(batch):
+            inner(batch)
+            self.count += 1
+
+        publisher.publish = publish
+
+    @property
+    def last_seq(self) -> int:
+        return self.count - 1
+
+
+def find_scheduler(llm):
+    """The engine core's scheduler of an in-process ``vllm.LLM`` (vLLM 0.32 layout)."""
+    client = llm.llm_engine.engine_core
+    core = getattr(client, "engine_core", None)
+    if core is None:
+        raise RuntimeError(
+            "engine core is not in this process; set VLLM_ENABLE_V1_MULTIPROCESSING=0 "
+            f"(client is {type(client).__name__})"
+        )
+    return core.scheduler
+
+
+def build_llm(args):
+    from vllm import LLM
+
+    blocks = args.num_gpu_blocks
+    # One block of the pool is vLLM's null block: N blocks hold (N - 1) * 32 tokens.
+    max_len = min(args.max_model_len, (blocks - 1) * BLOCK_SIZE) if blocks else args.max_model_len
+    return LLM(
+        model=args.model,
+        dtype="bfloat16",
+        max_model_len=max_len,
+        enable_prefix_caching=True,
+        block_size=BLOCK_SIZE,
+        max_num_seqs=4,
+        num_gpu_blocks_override=blocks or None,
+        seed=0,
+        kv_events_config={
+            "enable_kv_cache_events": True,
+            "publisher": "zmq",
+            "endpoint": f"tcp://*:{args.port}",
+            "replay_endpoint": f"tcp://*:{args.replay_port}",
+            "topic": args.topic,
+        },
+    )
+
+
+def serve(args, out) -> int:
+    import vllm
+    from vllm import SamplingParams
+
+    t0 = time.time()
+    llm = build_llm(args)
+    sched = find_scheduler(llm)
+    counter = PublishCounter(sched.kv_event_publisher)
+    pool = sched.kv_cache_manager.block_pool
+    out.write(json.dumps({
+        "ready": True,
+        "load_s": round(time.time() - t0, 2),
+        "vllm": vllm.__version__,
+        "num_gpu_blocks": pool.num_gpu_blocks,
+        "gpu_eviction": os.environ.get("KVROUTE_VLLM_GPU_EVICTION"),
+        "last_seq": counter.last_seq,
+    }) + "\n")
+    out.flush()
+    for line in sys.stdin:
+        line = line.strip()
+        if not line:
+            continue
+        msg = json.loads(line)
+        if msg.get("cmd") == "reset":
+            ok = llm.reset_prefix_cache()
+            reply = {"reset": bool(ok), "last_seq": counter.last_seq}
+        else:
+            sp = SamplingParams(max_tokens=int(msg.get("max_tokens", 1)), temperature=0.0)
+            res = llm.generate([{"prompt_token_ids": list(msg["prompt"])}], sp, use_tqdm=False)[0]
+            reply = {
+                "num_cached_tokens": int(res.num_cached_tokens or 0),
+                "num_prompt_tokens": len(res.prompt_token_ids),
+                "last_seq": counter.last_seq,
+            }
+        out.write(json.dumps(reply) + "\n")
+        out.flush()
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--replay-port", type=int, required=True)
+    ap.add_argument("--topic", default="")
+    ap.add_argument("--num-gpu-blocks", type=int, default=0, help="num_gpu_blocks_override (0: engine default)")
+    ap.add_argument("--max-model-len", type=int, default=1024)
+    args = ap.parse_args(argv)
+    # vLLM and its libraries print to stdout; keep the real stdout for the protocol
+    # and point file descriptor 1 (and sys.stdout) at stderr.
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return serve(args, proto)
+
+if __name__ == "__main__":
+    raise SystemExit(main())
