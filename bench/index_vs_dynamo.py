@@ -155,6 +155,7 @@ def memory_child(side: str, entries: int) -> None:
     events, _, n = workload(entries)
     impl = SIDES[side](events)
     gc.collect()
+    gc.freeze()
     rss0 = rss_bytes()
     impl.build()
     gc.collect()
@@ -166,6 +167,8 @@ def run_timing(entries: int, reps: int = 5) -> dict:
     """Both sides in one process, repetitions interleaved, so machine noise hits both alike."""
     events, queries, n = workload(entries)
     ours, dyn = Ours(events), Dynamo(events)
+    gc.collect()
+    gc.freeze()  # the workload's own objects are long-lived input, not index state: keep them out of GC passes
     blocks = sum(len(e[2]) for e in events)
     res = {"kvroute": {"store": [], "query": [], "hash": []}, "dynamo": {"store": [], "query": [], "hash": []}}
     for _ in range(reps):
