@@ -1,1 +1,41 @@
-"""placeholder, filled by its issue"""
+"""Worker selection on top of the exact KV index.
+
+Map of the parts (this package imports only :mod:`kvroute.kvindex`):
+
+* :mod:`.router`   -- :class:`Router`: index + speculative prefixes + load + policy.
+* :mod:`.types`    -- :class:`Decision`, :class:`WorkerState`, :class:`Candidate`, ...
+* :mod:`.policy`   -- the :class:`Policy` interface and tie-breaking helpers.
+* :mod:`.policies` -- ``kvroute`` (ours) and the peers, registered in :data:`POLICIES`.
+* :mod:`.pending`  -- speculative prefixes with a TTL, kept apart from the index.
+* :mod:`.disagg`   -- decode-worker choice for prefill/decode pools.
+* :mod:`.errors`   -- typed errors (``NoHealthyWorkerError``, ...).
+"""
+from .disagg import DecodeWeights
+from .errors import (
+    DuplicateRequestError,
+    NoHealthyWorkerError,
+    RouterError,
+    UnknownPolicyError,
+    UnknownRequestError,
+    UnknownWorkerError,
+)
+from .pending import PendingPrefixes
+from .policies import (
+    POLICIES,
+    DynamoWeights,
+    KVRouteWeights,
+    LLMDWeights,
+    PrebleWeights,
+    SGLangWeights,
+)
+from .policy import Policy
+from .router import DEFAULT_PENDING_TTL_S, Router
+from .types import Candidate, Choice, Decision, FleetView, Role, RouteRequest, WorkerState, WorkerStatus
+
+__all__ = [
+    "Router", "Decision", "POLICIES", "Policy", "KVRouteWeights", "DynamoWeights", "SGLangWeights",
+    "LLMDWeights", "PrebleWeights", "DecodeWeights", "PendingPrefixes", "Candidate", "Choice", "FleetView",
+    "RouteRequest", "Role", "WorkerState", "WorkerStatus", "RouterError", "NoHealthyWorkerError",
+    "UnknownRequestError", "DuplicateRequestError", "UnknownPolicyError", "UnknownWorkerError",
+    "DEFAULT_PENDING_TTL_S",
+]

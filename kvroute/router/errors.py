@@ -1,0 +1,36 @@
+"""Typed errors of the router (all derive from :class:`kvroute.KVRouteError`)."""
+from __future__ import annotations
+
+from ..kvindex.errors import KVRouteError, UnknownWorkerError
+
+__all__ = [
+    "RouterError", "NoHealthyWorkerError", "UnknownRequestError", "DuplicateRequestError",
+    "UnknownPolicyError", "UnknownWorkerError", "DuplicateWorkerError",
+]
+
+
+class RouterError(KVRouteError):
+    """Base of every error the router raises deliberately."""
+
+
+class NoHealthyWorkerError(RouterError):
+    """No worker can take the request (all drained, unhealthy or removed; or an empty pool)."""
+
+
+class UnknownRequestError(RouterError, KeyError):
+    """``prefill_done``/``finish`` named a request the router is not tracking."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown request"
+
+
+class DuplicateRequestError(RouterError, ValueError):
+    """``route`` was called twice with the same live ``request_id``."""
+
+
+class DuplicateWorkerError(RouterError, ValueError):
+    """``add_worker`` named a worker that is already registered with another role."""
+
+
+class UnknownPolicyError(RouterError, ValueError):
+    """A policy name not in :data:`kvroute.router.POLICIES`."""

@@ -1,0 +1,150 @@
+"""Speculative prefixes: blocks a routing decision says a worker *will* hold.
+
+Between a routing decision and the engine's ``BlockStored`` event there is a
+window (queueing + prefill + the event's trip) in which the exact index does not
+know the worker is computing the prompt.  Without this table, a burst of
+requests sharing a new prefix sees no cache anywhere and scatters (each copy
+recomputes the prefix).  llm-d keeps such speculative entries for 2 s
+(BRIEF section 4); Dynamo's approximate mode inserts on each decision with a
+120 s TTL.  This table is kept apart from the exact :class:`KVIndex`, so the
+index only ever holds what engines announced.
+
+Layout (private; only :class:`PendingPrefixes` touches it)::
+
+    _cur, _prev : {content hash -> bitmask of worker slots}   two generations
+    _rotated_at : clock time the current generation started
+
+Decisions go into ``_cur``; once ``ttl_s`` has passed since it started, ``_cur``
+becomes ``_prev`` and the old ``_prev`` is dropped whole.  A lookup ORs both,
+so an entry lives at least ``ttl_s`` and at most ``2 * ttl_s`` -- expiry is
+O(1), not a walk over every entry (this is the router's hot path).
+
+A routed prompt's *whole* chain is added, so a worker's pending depth alone
+covers the prompt; the overlap the router uses is ``max(index depth, pending
+depth)``.  Entries leave with their generation (the engine's events have by
+then confirmed them, or they were wrong) or when the worker is forgotten.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+
+class PendingPrefixes:
+    """Per-worker speculative block chains with a TTL, matched like the index."""
+
+    def __init__(self, ttl_s: float, clock: Callable[[], float]) -> None:
+        if ttl_s < 0:
+            raise ValueError("pending TTL must be >= 0")
+        #: Minimum lifetime of an entry, seconds (maximum: twice this); 0 disables the table.
+        self.ttl_s = ttl_s
+        self._clock = clock
+        self._cur: dict[int, int] = {}
+        self._prev: dict[int, int] = {}
+        self._rotated_at = clock()
+
+    def __len__(self) -> int:
+        """Number of (block, worker) pending entries (a pair in both generations counts once)."""
+        n = 0
+        for h in self._cur.keys() | self._prev.keys():
+            n += bin(self._cur.get(h, 0) | self._prev.get(h, 0)).count("1")
+        return n
+
+    def expire(self, now: float | None = None) -> None:
+        """Rotate generations whose time has come."""
+        if now is None:
+            now = self._clock()
+        age = now - self._rotated_at
+        if age < self.ttl_s:
+            return
+        if age >= 2 * self.ttl_s:  # both generations are old
+            self._prev = {}
+            self._cur = {}
+        else:
+            self._prev = self._cur
+            self._cur = {}
+        self._rotated_at = now
+
+    def add(self, slot: int, hashes: Sequence[int]) -> None:
+        """Mark a routed prompt's chain as pending on the worker in ``slot``."""
+        if not hashes or self.ttl_s == 0:
+            return
+        self.expire()
+        bit = 1 << slot
+        cur = self._cur
+        get = cur.get
+        if get(hashes[-1], 0) & bit:
+            return  # the whole chain is already pending in this generation (chained hashes)
+        for h in hashes:
+            cur[h] = get(h, 0) | bit
+
+    def forget(self, slot: int) -> None:
+        """Drop every pending entry of one worker slot (worker removed)."""
+        nb = ~(1 << slot)
+        for gen in (self._cur, self._prev):
+            for h in [h for h, m in gen.items() if m >> slot & 1]:
+                m = gen[h] & nb
+                if m:
+                    gen[h] = m
+                else:
+                    del gen[h]
+
+    def match(self, hashes: Sequence[int]) -> dict[int, int]:
+        """{slot: depth} of the longest pending prefix of ``hashes`` per worker slot (depth >= 1).
+
+        Each generation is walked on its own: a prompt's whole chain always
+        lands in one generation, so the per-slot maximum is exact.
+        """
+        if not hashes:
+            return {}
+        out = _walk(self._cur, hashes)
+        if self._prev:
+            for slot, d in _walk(self._prev, hashes).items():
+                if d > out.get(slot, 0):
+                    out[slot] = d
+        return out
+
+    def check_invariants(self) -> None:
+        """No empty masks are kept."""
+        for gen in (self._cur, self._prev):
+            for h, m in gen.items():
+                assert m, f"empty pending mask kept for {h:#x}"
+
+
+def _walk(table: dict[int, int], hashes: Sequence[int]) -> dict[int, int]:
+    """{slot: depth} in one generation, by bisection.
+
+    Pending chains are added whole, so within a generation "slot holds block i"
+    implies it holds blocks 0..i-1 (equal chained hash = equal prefix): a slot's
+    depth is where its bit stops, found by halving the range the bits of a
+    group of slots stop in.  Cost: O(distinct depths x log(blocks)) lookups,
+    instead of one lookup per block.
+    """
+    get = table.get
+    n = len(hashes)
+    m0 = get(hashes[0], 0)
+    if not m0:
+        return {}
+    depth: dict[int, int] = {}
+    full = get(hashes[n - 1], 0) & m0 if n > 1 else m0
+    mm = full
+    while mm:
+        low = mm & -mm
+        depth[low.bit_length() - 1] = n
+        mm ^= low
+    # each item: (lo, hi, S) -- S holds block lo and not block hi, so its last block lies in [lo, hi-1]
+    stack = [(0, n - 1, m0 & ~full)] if n > 1 else []
+    while stack:
+        lo, hi, S = stack.pop()
+        if not S:
+            continue
+        if hi - lo == 1:
+            while S:
+                low = S & -S
+                depth[low.bit_length() - 1] = hi
+                S ^= low
+            continue
+        mid = (lo + hi) >> 1
+        at_mid = get(hashes[mid], 0) & S
+        stack.append((lo, mid, S & ~at_mid))
+        stack.append((mid, hi, at_mid))
+    return depth

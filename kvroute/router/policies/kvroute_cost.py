@@ -1,0 +1,152 @@
+"""``kvroute``: our policy -- an explicit time-to-first-token cost model that sees the fleet.
+
+Design notes
+------------
+Per-request greedy rules (Dynamo's default logit, BRIEF section 4) price only
+the request being routed.  On a busy fleet that scatters a burst sharing a
+prefix: each copy is "a little faster" on an emptier worker, and every worker
+then pays to recompute the same prefix, which delays everyone queued behind it.
+Preble (ICLR'25) and Mooncake (FAST'25) price load, prefill and the cache
+together; this model does the same, in seconds, with constants from public
+specs (BRIEF section 6), and adds the fleet's recomputation cost explicitly.
+
+Formula (all times in seconds; ``bs`` = block size; overlaps in blocks, the
+pending part counts as GPU)::
+
+    queue_w   = max(inflight_prefill_tokens_w, reported_queue_tokens_w) * t_prefill
+    prefill_w = max(0, N - bs * total_w) * t_prefill
+    reload_w  = bs * host_w * t_host + bs * disk_w * t_disk
+    decode_w  = decode_weight * bs * decode_blocks_w * t_decode
+    kv_w      = kv_weight * max(0, (u_w - kv_high) / (1 - kv_high)) * prefill_w
+    ttft_w    = queue_w + prefill_w + reload_w + decode_w + kv_w
+
+    fleet_w   = fleet_weight * busy * bs * (max_v total_v - total_w) * t_prefill
+    cost_w    = ttft_w + fleet_w
+
+``busy`` is the share of candidates with prefill work queued: the recomputation
+a scattered request causes is free on an idle fleet (idle GPUs absorb it) and
+costs someone's TTFT on a busy one.  ``u_w`` is the worker's KV usage
+(reported, else decode blocks / capacity); near a full cache the engine
+preempts and recomputes.  ``reported_queue_tokens`` is the worker's report of
+queued prompt tokens, else its waiting requests times
+``reported_request_tokens``; the larger of it and the router's own count is
+used, so the two never double count.
+
+Replication rule: a request leaves the best-cached worker, and so copies the
+prefix to another one, exactly when ``cost`` says so -- when the best-cached
+worker's extra queueing exceeds the recomputation elsewhere plus the fleet's
+price for it (reason ``"replicate: load outweighs cache"``).  Hot-prefix
+relief bounds the wait on top of that: let ``b`` be the candidate with the most
+cached blocks (ties: lowest ``ttft``).  If ``ttft_b > relief_ratio *
+min_w ttft_w`` the fleet term is waived and the request goes to the
+lowest-``ttft`` worker, which then computes (replicates) the prefix; the reason
+says ``"replicate: hot-prefix relief"``.  This is Preble's "replicate a hot
+prefix when its TTFT doubles" with ``relief_ratio = 2``.
+
+Otherwise the lowest ``cost`` wins; ties go to the worker with the fewest
+requests in flight, then the fewest ever routed (so distinct cold prompts
+spread evenly: no worker gets more than its fair share), then seeded random.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..policy import Policy, argmin_tiebreak, costs_dict, fair_share_key
+from ..types import Candidate, Choice, FleetView, RouteRequest
+
+
+@dataclass(frozen=True)
+class KVRouteWeights:
+    """Constants of the cost model.  Defaults: Llama-3.1-8B on one H100 (BRIEF section 6)."""
+
+    #: Seconds of prefill compute per prompt token: 16 GFLOP / 989 TFLOP/s at ~50% utilisation.
+    prefill_s_per_token: float = 3.2e-5
+    #: Seconds to reload one token's KV from host memory: 128 KiB / 55 GB/s (PCIe Gen5).
+    host_reload_s_per_token: float = 2.4e-6
+    #: Seconds to reload one token's KV from local disk: 128 KiB / ~7 GB/s (NVMe).
+    disk_reload_s_per_token: float = 1.9e-5
+    #: Seconds of decode pressure per active KV token: 128 KiB / 3.35 TB/s read each step.
+    decode_s_per_token: float = 4.0e-8
+    #: Multiplier of the decode-pressure term.
+    decode_weight: float = 1.0
+    #: Prompt tokens assumed per reported waiting request when the worker reports no token count.
+    reported_request_tokens: int = 1024
+    #: Multiplier of the fleet recomputation term (0 = per-request greedy TTFT).
+    fleet_weight: float = 1.0
+    #: Hot-prefix relief: replicate when the best-cached worker's TTFT exceeds this times the best TTFT.
+    relief_ratio: float = 2.0
+    #: KV usage above which the preemption-risk term starts.
+    kv_high: float = 0.9
+    #: Multiplier of the preemption-risk term.
+    kv_weight: float = 1.0
+
+
+def queue_tokens(c: Candidate, w: KVRouteWeights) -> int:
+    """Prompt tokens queued for prefill ahead of this request on the candidate."""
+    s = c.state
+    rep = s.reported_queue_tokens
+    if rep is None and s.reported_waiting is not None:
+        rep = s.reported_waiting * w.reported_request_tokens
+    return max(s.prefill_tokens, rep or 0)
+
+
+def ttft(req: RouteRequest, c: Candidate, w: KVRouteWeights) -> float:
+    """Estimated time to first token of ``req`` on candidate ``c`` (pure)."""
+    bs = req.block_size
+    t = w.prefill_s_per_token
+    prefill = max(0, req.num_tokens - bs * c.total) * t
+    cost = queue_tokens(c, w) * t + prefill
+    cost += bs * (c.host * w.host_reload_s_per_token + c.disk * w.disk_reload_s_per_token)
+    cost += w.decode_weight * bs * c.state.decode_blocks * w.decode_s_per_token
+    u = c.state.kv_usage()
+    if u is not None and u > w.kv_high and w.kv_weight:
+        cost += w.kv_weight * min(1.0, (u - w.kv_high) / max(1e-9, 1.0 - w.kv_high)) * prefill
+    return cost
+
+
+def fleet_cost(req: RouteRequest, c: Candidate, w: KVRouteWeights, *, best_total: int, busy: float) -> float:
+    """Recomputation the fleet pays if ``c`` is chosen over the best-cached worker, weighted by busyness."""
+    return w.fleet_weight * busy * req.block_size * max(0, best_total - c.total) * w.prefill_s_per_token
+
+
+def score(req: RouteRequest, c: Candidate, w: KVRouteWeights, *, best_total: int = 0, busy: float = 0.0) -> float:
+    """The full cost ``ttft + fleet`` (pure; see the module docstring)."""
+    return ttft(req, c, w) + fleet_cost(req, c, w, best_total=best_total, busy=busy)
+
+
+def fleet_busy(cands: list[Candidate], w: KVRouteWeights) -> float:
+    """Share of candidates with prefill work queued."""
+    if not cands:
+        return 0.0
+    return sum(1 for c in cands if queue_tokens(c, w) > 0) / len(cands)
+
+
+class KVRoutePolicy(Policy):
+    """The fleet-aware TTFT cost model (module docstring)."""
+
+    name = "kvroute"
+    Weights = KVRouteWeights
+    uses_pending = True
+
+    def choose(self, req: RouteRequest, fleet: FleetView) -> Choice:
+        w: KVRouteWeights = self.weights
+        cands = fleet.candidates
+        ttfts = [ttft(req, c, w) for c in cands]
+        best_total = max(c.total for c in cands)
+        busy = fleet_busy(cands, w)
+        costs = [t + fleet_cost(req, c, w, best_total=best_total, busy=busy) for c, t in zip(cands, ttfts)]
+        if best_total > 0:
+            # hot-prefix relief: the best-cached worker (ties: its lowest TTFT) against the best TTFT
+            tb = min(t for c, t in zip(cands, ttfts) if c.total == best_total)
+            tmin = min(ttfts)
+            if tb > w.relief_ratio * tmin and tmin < tb:
+                pick = argmin_tiebreak(cands, ttfts, fleet.rng, secondary=fair_share_key)
+                return Choice(pick.worker, costs_dict(cands, ttfts), "replicate: hot-prefix relief")
+        pick = argmin_tiebreak(cands, costs, fleet.rng, secondary=fair_share_key)
+        if best_total == 0:
+            reason = "cold: least cost (fair share on ties)"
+        elif pick.total == best_total:
+            reason = "min-cost: best cached"
+        else:
+            reason = "replicate: load outweighs cache"
+        return Choice(pick.worker, costs_dict(cands, costs), reason)
