@@ -152,7 +152,7 @@ def plot(
             pts = sorted(pts)
             ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=label, lw=1.4)
         ax.set_xscale("log")
-        ax.set_xlabel("GPU blocks per worker (log)")
+        ax.set_xlabel("GPU blocks per worker (host tier scaled alike; log)")
         ax.set_ylabel("prefix hit ratio")
         ax.set_title(("hit ratio vs capacity " + title).strip(), fontsize=10)
         ax.grid(alpha=0.3)

@@ -1,0 +1,452 @@
+"""The discrete-event cluster simulator: real router, real caches, simulated time.
+
+Parts (one :class:`Simulation` per (routing, eviction) run):
+
+* the *router* is :class:`kvroute.router.Router` with the chosen policy; its
+  clock is the simulated clock, and its CPU time per decision is measured;
+* each *worker* owns a :class:`kvroute.eviction.TieredCache` (GPU and host
+  capacity in blocks, the chosen eviction policy) whose stored/removed events go
+  into ``router.index`` through :meth:`KVIndex.apply`, exactly as a real
+  engine's events would; the trace's ``hash_ids`` are the block hashes (they are
+  already prefix-chained), used as engine hashes and content hashes alike;
+* time is advanced by a heap of events: ``ARRIVE`` (trace timestamp / rate
+  scale), ``PREFILL_DONE``, ``DECODE_DONE`` (a run of decode steps of the whole
+  batch), ``TRANSFER_DONE`` (prefill -> decode KV transfer, disaggregated only).
+
+Worker model (vLLM-like, iteration level): a FIFO prefill queue with priority
+over decode (a waiting prompt is prefilled at the next decode-step boundary,
+one prompt at a time, without chunking); the running requests decode together,
+one token each per step, the step time given by the cost model for the
+batch's size and context.  A run of decode steps is one event; an arrival cuts
+it at the next step boundary.  Simplifications (see docs/results.md): no chunked
+prefill, decode tokens do not occupy the prefix cache, prefill of one prompt is
+not batched with others.
+
+Hits are counted in trace blocks (hash ids): the longest prefix found on the
+GPU, then continued on the host tier.  With ``vllm_last_block`` a fully cached
+prompt counts one block less (vLLM recomputes the last block).
+"""
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from ..kvindex.errors import KVRouteError
+from .cost import CostModel, get_preset, DEFAULT_PRESET
+from .metrics import Records, Summary, summarize
+from .trace import Request
+
+ARRIVE, PREFILL_DONE, DECODE_DONE, TRANSFER_DONE = 0, 1, 2, 3
+_IDLE, _PREFILL, _DECODE = 0, 1, 2
+
+
+class SimConfigError(KVRouteError, ValueError):
+    """An impossible simulation configuration."""
+
+
+@dataclass
+class SimConfig:
+    """One simulation's settings.  Built by the CLI or a caller; read-only once a run starts."""
+
+    #: Number of workers (all of them; with ``prefill_workers`` > 0 the rest form the decode pool).
+    workers: int = 8
+    #: Routing policy name (a key of ``kvroute.router.POLICIES``).
+    routing: str = "kvroute"
+    #: Eviction policy name (a key of ``kvroute.eviction.POLICIES``).
+    eviction: str = "lru"
+    #: GPU KV capacity per worker in blocks; None: what fits next to the weights (cost model).
+    gpu_blocks: int | None = None
+    #: Host KV capacity per worker in blocks; None: the cost model's host memory; 0: no host tier.
+    host_blocks: int | None = None
+    #: Tokens per trace block (hash id): 512 for the Mooncake traces.
+    block_tokens: int = 512
+    #: Arrival times are divided by this (2.0 = twice the trace's request rate).
+    rate_scale: float = 1.0
+    #: Cost constants of every worker.
+    cost: CostModel = field(default_factory=lambda: get_preset(DEFAULT_PRESET))
+    #: Serve requests one at a time (each arrives when the previous finished), ignoring timestamps.
+    serial: bool = False
+    #: Count a fully cached prompt as one block short (vLLM recomputes its last block).
+    vllm_last_block: bool = False
+    #: Prefill pool size for prefill/decode disaggregation (0: aggregated workers).
+    prefill_workers: int = 0
+    #: Most requests decoding at once on a worker (vLLM's max_num_seqs).
+    max_batch: int = 256
+    #: Router weights (the policy's dataclass fields) and eviction policy parameters.
+    router_params: dict[str, Any] = field(default_factory=dict)
+    eviction_params: dict[str, Any] = field(default_factory=dict)
+    #: Seed of the router's tie-breaking.
+    seed: int = 0
+    #: Send worker load reports (queue, running, KV usage) to the router after each state change.
+    report_load: bool = True
+
+    def resolved_gpu_blocks(self) -> int:
+        return self.gpu_blocks if self.gpu_blocks is not None else self.cost.gpu_blocks(self.block_tokens)
+
+    def resolved_host_blocks(self) -> int:
+        return self.host_blocks if self.host_blocks is not None else self.cost.host_blocks(self.block_tokens)
+
+    def validate(self) -> None:
+        if self.workers < 1:
+            raise SimConfigError("need at least one worker")
+        if self.prefill_workers < 0 or (self.prefill_workers and self.prefill_workers >= self.workers):
+            raise SimConfigError("prefill_workers must leave at least one decode worker")
+        if self.rate_scale <= 0:
+            raise SimConfigError("rate_scale must be > 0")
+        if self.resolved_gpu_blocks() < 1:
+            raise SimConfigError("gpu_blocks must be >= 1 (the model does not fit the GPU?)")
+        if self.resolved_host_blocks() < 0:
+            raise SimConfigError("host_blocks must be >= 0")
+        if self.block_tokens < 1 or self.max_batch < 1:
+            raise SimConfigError("block_tokens and max_batch must be >= 1")
+
+
+class _Worker:
+    """State of one simulated worker.  Owned by :class:`Simulation`."""
+
+    __slots__ = ("idx", "wid", "cache", "queue", "running", "joining", "mode", "gen", "epoch_start",
+                 "step_s", "epoch_steps", "ctx_sum", "cut", "prefill_role", "decode_role")
+
+    def __init__(self, idx: int, wid: Any, cache: Any, prefill_role: bool, decode_role: bool) -> None:
+        self.idx = idx
+        #: The worker's id in the router and the index.
+        self.wid = wid
+        #: Its TieredCache (None for a decode-only worker).
+        self.cache = cache
+        #: Requests waiting for prefill (request indices), FIFO.
+        self.queue: deque[int] = deque()
+        #: Decoding requests: [request index, tokens left, context tokens].
+        self.running: list[list[int]] = []
+        #: Requests whose KV arrived (disaggregated) and join the batch at the next step boundary.
+        self.joining: list[int] = []
+        self.mode = _IDLE
+        #: Generation counter: a DECODE_DONE event of an older generation is stale.
+        self.gen = 0
+        self.epoch_start = 0.0
+        self.step_s = 0.0
+        self.epoch_steps = 0
+        #: Sum of the context tokens of the running requests.
+        self.ctx_sum = 0
+        #: Whether the current decode run was already cut short.
+        self.cut = False
+        self.prefill_role = prefill_role
+        self.decode_role = decode_role
+
+
+class Simulation:
+    """Replays ``requests`` through a simulated cluster under ``config``.
+
+    ``progress`` (optional) is called with the number of requests finished since
+    its last call (a tqdm ``update``).  Use :meth:`run` once.
+    """
+
+    def __init__(self, requests: Sequence[Request], config: SimConfig,
+                 progress: Callable[[int], Any] | None = None) -> None:
+        config.validate()
+        from ..eviction import TieredCache, index_follower  # top floor: import the real parts
+        from ..router import Router
+
+        self.requests = requests
+        self.cfg = config
+        self.cost = config.cost
+        self.progress = progress
+        self.now = 0.0
+        n = config.workers
+        npre = config.prefill_workers
+        self.disaggregated = npre > 0
+        self.gpu_blocks = config.resolved_gpu_blocks()
+        self.host_blocks = config.resolved_host_blocks()
+        wids = [f"w{i}" for i in range(n)]
+        roles = {}
+        if self.disaggregated:
+            roles = {wid: ("prefill" if i < npre else "decode") for i, wid in enumerate(wids)}
+        self.router = _make_router(Router, wids, config, roles, lambda: self.now)
+        self.index = self.router.index
+        self.workers: list[_Worker] = []
+        self.by_id: dict[Any, _Worker] = {}
+        for i, wid in enumerate(wids):
+            pre = not self.disaggregated or i < npre
+            dec = not self.disaggregated or i >= npre
+            cache = None
+            if pre:
+                cache = TieredCache(
+                    self.gpu_blocks, self.host_blocks, policy=_policy_factory(config, requests),
+                    on_event=index_follower(self.index, wid),
+                )
+            w = _Worker(i, wid, cache, pre, dec)
+            self.workers.append(w)
+            self.by_id[wid] = w
+        self.rec = Records(len(requests), n)
+        self._heap: list[tuple[float, int, int, int, int]] = []
+        self._seq = 0
+        #: request index -> (prefill worker, decode worker)
+        self._placement: dict[int, tuple[_Worker, _Worker]] = {}
+        #: request index -> its cache ticket on the prefill worker (until the blocks are released)
+        self._tickets: dict[int, Any] = {}
+        self._finished = 0
+        self._pending_progress = 0
+
+    # ----------------------------------------------------------- plumbing
+    def _push(self, t: float, kind: int, a: int, b: int = 0) -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (t, self._seq, kind, a, b))
+
+    # ---------------------------------------------------------------- run
+    def run(self) -> Records:
+        """Simulate every request to completion; returns the per-request records."""
+        reqs = self.requests
+        if not reqs:
+            return self.rec
+        if self.cfg.serial:
+            self._push(0.0, ARRIVE, 0)
+        else:
+            t0 = reqs[0].arrival_s
+            scale = self.cfg.rate_scale
+            for i, r in enumerate(reqs):
+                self._push((r.arrival_s - t0) / scale, ARRIVE, i)
+        heap = self._heap
+        pop = heapq.heappop
+        while heap:
+            t, _, kind, a, b = pop(heap)
+            self.now = t
+            if kind == ARRIVE:
+                self._arrive(a)
+            elif kind == PREFILL_DONE:
+                self._prefill_done(self.workers[a], b)
+            elif kind == DECODE_DONE:
+                self._decode_done(self.workers[a], b)
+            else:
+                self._transfer_done(self.workers[a], b)
+        if self.progress and self._pending_progress:
+            self.progress(self._pending_progress)
+        return self.rec
+
+    # ------------------------------------------------------------- events
+    def _arrive(self, i: int) -> None:
+        r = self.requests[i]
+        rec = self.rec
+        now = self.now
+        rec.arrival[i] = now
+        rec.blocks[i] = len(r.hash_ids)
+        rec.input_tokens[i] = r.input_length
+        t0 = time.perf_counter_ns()
+        d = self.router.route_hashes(list(r.hash_ids), num_tokens=r.input_length, request_id=i)
+        rec.router_ns[i] = time.perf_counter_ns() - t0
+        pw = self.by_id[d.worker]
+        dw = self.by_id[d.decode_worker] if (self.disaggregated and d.decode_worker is not None) else pw
+        rec.worker[i] = pw.idx
+        rec.decode_worker[i] = dw.idx
+        rec.predicted_cached[i] = d.predicted_cached_tokens
+        self._placement[i] = (pw, dw)
+        pw.queue.append(i)
+        self._kick(pw)
+
+    def _kick(self, w: _Worker) -> None:
+        """Something changed for ``w``: start work if idle, or cut a decode run short."""
+        if w.mode == _IDLE:
+            self._start_next(w)
+        elif w.mode == _DECODE and not w.cut:
+            # a prompt (or a transferred request) waits: stop at the next step boundary
+            done = math.ceil((self.now - w.epoch_start) / w.step_s - 1e-9) if w.step_s > 0 else 0
+            done = max(done, 0)
+            if done < w.epoch_steps:
+                w.gen += 1
+                w.epoch_steps = done
+                w.cut = True
+                self._push(w.epoch_start + done * w.step_s, DECODE_DONE, w.idx, w.gen)
+
+    def _start_next(self, w: _Worker) -> None:
+        now = self.now
+        cfg = self.cfg
+        if w.joining:
+            room = cfg.max_batch - len(w.running)
+            take, w.joining = w.joining[:room], w.joining[room:]
+            for i in take:
+                self._join(w, i)
+        while w.queue and (self.disaggregated or len(w.running) < cfg.max_batch):
+            i = w.queue.popleft()
+            started = self._begin_prefill(w, i)
+            if started < 0:  # can never fit: dropped
+                continue
+            w.mode = _PREFILL
+            self.rec.busy_prefill[w.idx] += started
+            self._push(now + started, PREFILL_DONE, w.idx, i)
+            self._report(w)
+            return
+        if w.running:
+            w.mode = _DECODE
+            w.cut = False
+            w.gen += 1
+            w.step_s = self.cost.decode_step_s(len(w.running), w.ctx_sum)
+            w.epoch_start = now
+            w.epoch_steps = min(x[1] for x in w.running)
+            self._push(now + w.epoch_steps * w.step_s, DECODE_DONE, w.idx, w.gen)
+        else:
+            w.mode = _IDLE
+        self._report(w)
+
+    def _begin_prefill(self, w: _Worker, i: int) -> float:
+        """Look the prompt up in ``w``'s cache, pin its hits and insert the rest.
+
+        Returns the prefill time, or -1 when the prompt is longer than the whole
+        GPU cache (the request is dropped and counted).  Blocks the cache has no
+        room for (all pinned) are computed but not cached, as an engine would
+        preempt; the hit count is what the cache served.
+        """
+        r = self.requests[i]
+        keys = r.hash_ids
+        n = len(keys)
+        cache = w.cache
+        if n > self.gpu_blocks:
+            self._drop(i)
+            return -1.0
+        tk = cache.start_request(keys, self.now)
+        self._tickets[i] = tk
+        gpu, host = tk.gpu_hit, tk.host_hit
+        hit = gpu + host
+        if self.cfg.vllm_last_block and hit >= n:
+            if host:
+                host -= 1
+            else:
+                gpu -= 1
+            hit -= 1
+        bt = self.cfg.block_tokens
+        cached_tokens = min(hit * bt, r.input_length - 1) if hit else 0
+        host_tokens = min(host * bt, cached_tokens)
+        new = r.input_length - cached_tokens
+        rec = self.rec
+        rec.gpu_hit[i] = gpu
+        rec.host_hit[i] = host
+        return self.cost.prefill_s(new, cached_tokens) + self.cost.reload_s(host_tokens)
+
+    def _prefill_done(self, w: _Worker, i: int) -> None:
+        now = self.now
+        r = self.requests[i]
+        self.rec.first_token[i] = now
+        self.router.prefill_done(i)
+        w.mode = _IDLE
+        _, dw = self._placement[i]
+        if self.disaggregated:
+            self._push(now + self.cost.transfer_s(r.input_length), TRANSFER_DONE, dw.idx, i)
+        elif r.output_length <= 1:
+            self._finish(i)
+        else:
+            self._join(w, i)
+        self._start_next(w)
+
+    def _join(self, w: _Worker, i: int) -> None:
+        r = self.requests[i]
+        if r.output_length <= 1:
+            self._finish(i)
+            return
+        ctx = r.input_length + 1
+        w.running.append([i, r.output_length - 1, ctx])
+        w.ctx_sum += ctx
+
+    def _transfer_done(self, dw: _Worker, i: int) -> None:
+        pw, _ = self._placement[i]
+        pw.cache.finish_request(self._tickets.pop(i), self.now)  # the prefill worker lets go of the blocks
+        self._kick(pw)
+        dw.joining.append(i)
+        self._kick(dw)
+
+    def _decode_done(self, w: _Worker, gen: int) -> None:
+        if gen != w.gen:
+            return
+        steps = w.epoch_steps
+        self.rec.busy_decode[w.idx] += steps * w.step_s
+        if steps:
+            keep = []
+            for x in w.running:
+                x[1] -= steps
+                x[2] += steps
+                if x[1] <= 0:
+                    w.ctx_sum -= x[2] - steps
+                    self._finish(x[0])
+                else:
+                    w.ctx_sum += steps
+                    keep.append(x)
+            w.running = keep
+        w.mode = _IDLE
+        self._start_next(w)
+
+    def _finish(self, i: int) -> None:
+        rec = self.rec
+        rec.finish[i] = self.now
+        rec.finished_count[i] += 1
+        rec.output_tokens[i] = max(1, self.requests[i].output_length)
+        self.router.finish(i)
+        pw, _ = self._placement.pop(i)
+        if not self.disaggregated:
+            pw.cache.finish_request(self._tickets.pop(i), self.now)
+        self._after_request()
+
+    def _drop(self, i: int) -> None:
+        self.rec.dropped += 1
+        self.router.finish(i)
+        self._placement.pop(i, None)
+        self._after_request()
+
+    def _after_request(self) -> None:
+        self._finished += 1
+        self._pending_progress += 1
+        if self.progress and self._pending_progress >= 256:
+            self.progress(self._pending_progress)
+            self._pending_progress = 0
+        if self.cfg.serial and self._finished < len(self.requests):
+            self._push(self.now, ARRIVE, self._finished)
+
+    def _report(self, w: _Worker) -> None:
+        if not self.cfg.report_load:
+            return
+        usage = None
+        if w.cache is not None:
+            usage = w.cache.used()[0] / self.gpu_blocks
+        self.router.update_load(w.wid, waiting=len(w.queue), running=len(w.running), kv_usage=usage)
+
+
+def _make_router(Router: Any, wids: list[str], cfg: SimConfig, roles: dict[str, str], clock: Callable[[], float]) -> Any:
+    kw: dict[str, Any] = {"policy": cfg.routing, "clock": clock, "seed": cfg.seed,
+                          "capacity_blocks": cfg.resolved_gpu_blocks()}
+    if cfg.router_params:
+        kw["weights"] = dict(cfg.router_params)
+    if roles:
+        kw["decode_workers"] = [w for w in wids if roles[w] == "decode"]
+        wids = [w for w in wids if roles[w] == "prefill"]
+    return Router(wids, cfg.block_tokens, **kw)
+
+
+def _policy_factory(cfg: SimConfig, requests: Sequence[Request]) -> Callable[[], Any]:
+    """Zero-argument factory of the eviction policy (with its tuned parameters).
+
+    The ``belady`` oracle gets the whole workload's future (every request's
+    blocks in arrival order): a cluster-wide oracle, an upper bound per worker.
+    """
+    from ..eviction import make_policy
+
+    params = dict(cfg.eviction_params)
+    if cfg.eviction == "belady" and "future" not in params:
+        params["future"] = [r.hash_ids for r in requests]
+    name = cfg.eviction
+    return lambda: make_policy(name, **params)
+
+
+def simulate(requests: Sequence[Request], config: SimConfig, *, progress: Callable[[int], Any] | None = None) -> Summary:
+    """Run one simulation and summarise it."""
+    t0 = time.perf_counter()
+    sim = Simulation(requests, config, progress)
+    rec = sim.run()
+    s = summarize(rec, config.routing, config.eviction, wall_s=time.perf_counter() - t0, n_workers=config.workers)
+    s.extra.update({
+        "gpu_blocks_per_worker": sim.gpu_blocks,
+        "host_blocks_per_worker": sim.host_blocks,
+        "rate_scale": config.rate_scale,
+        "preset": config.cost.name,
+        "prefill_workers": config.prefill_workers,
+    })
+    s.records = rec  # type: ignore[attr-defined]  # per-request records (not serialised)
+    return s

@@ -1,0 +1,123 @@
+"""``kvroute sim`` and ``kvroute tune`` from the command line (click's runner, small workloads)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from kvroute.cli import main
+from kvroute.router import POLICIES as ROUTING
+
+JSON_KEYS = {"routing", "eviction", "ttft_mean_s", "ttft_p50_s", "ttft_p99_s", "throughput_tok_s",
+             "prefix_hit_ratio", "gpu_hit_ratio", "host_hit_ratio"}
+
+
+def _run(args):
+    res = CliRunner().invoke(main, args, catch_exceptions=False)
+    return res
+
+
+def test_sim_json_contract_and_all_routing_policies():
+    res = _run(["sim", "--trace", "conversation", "--limit", "200", "--workers", "4", "--routing", "all",
+                "--eviction", "lru", "--json", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert list(doc) == ["results"]
+    rows = doc["results"]
+    assert [r["routing"] for r in rows] == list(ROUTING)
+    for r in rows:
+        assert JSON_KEYS <= set(r)
+        assert r["eviction"] == "lru"
+        assert 0.0 <= r["prefix_hit_ratio"] <= 1.0
+        assert r["prefix_hit_ratio"] == pytest.approx(r["gpu_hit_ratio"] + r["host_hit_ratio"])
+        assert r["completed"] == 200
+
+
+def test_sim_table_csv_json_and_plots(tmp_path):
+    out = tmp_path / "out"
+    res = _run(["sim", "--trace", "gen:shared_system_prompt:n_requests=150", "--workers", "3",
+                "--routing", "kvroute,round_robin", "--eviction", "lru,lfu", "--gpu-blocks", "40",
+                "--host-blocks", "40", "--rate-scale", "2", "--out", str(out), "--sweep", "0.5,1",
+                "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "kvroute" in res.stdout and "round_robin" in res.stdout and "ttft_mean" in res.stdout
+    lines = (out / "results.csv").read_text().splitlines()
+    assert len(lines) == 1 + 4 and lines[0].startswith("routing,eviction,")
+    doc = json.loads((out / "results.json").read_text())
+    assert len(doc["results"]) == 4 and doc["meta"]["workers"] == 3
+    assert set(doc["hit_vs_capacity"]) == {"kvroute/lru", "kvroute/lfu"}
+    assert [x[0] for x in doc["hit_vs_capacity"]["kvroute/lru"]] == [20, 40]
+    pytest.importorskip("matplotlib")
+    for png in ("ttft_cdf.png", "hit_vs_capacity.png", "load_balance.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sim_disaggregated_and_preset_and_cost_override():
+    res = _run(["sim", "--limit", "100", "--workers", "4", "--prefill-workers", "2", "--routing", "kvroute",
+                "--eviction", "lru", "--preset", "llama-3.1-70b-h200", "--cost", "prefill_mfu=0.4", "--json",
+                "--no-progress"])
+    assert res.exit_code == 0, res.output
+    (row,) = json.loads(res.stdout)["results"]
+    assert row["extra"]["preset"] == "llama-3.1-70b-h200" and row["extra"]["prefill_workers"] == 2
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--routing", "nope"], "unknown routing policy"),
+        (["--eviction", "nope"], "unknown eviction policy"),
+        (["--trace", "/no/such/file.jsonl"], "no such trace"),
+        (["--preset", "gpt-9"], "unknown preset"),
+        (["--cost", "bogus=1"], "unknown cost constant"),
+        (["--workers", "0"], "at least one worker"),
+    ],
+)
+def test_sim_bad_input_is_a_clean_error(args, fragment):
+    res = _run(["sim", "--limit", "10", "--no-progress", "--eviction", "lru"] + args)
+    assert res.exit_code != 0
+    assert fragment in res.output
+
+
+def test_bad_trace_line_reports_its_number(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"timestamp": 0, "input_length": 5, "output_length": 1, "hash_ids": [1]}\n{"oops"\n')
+    res = _run(["sim", "--trace", str(p), "--eviction", "lru", "--no-progress"])
+    assert res.exit_code != 0 and ":2:" in res.output
+
+
+def test_tune_writes_a_config_that_sim_loads(tmp_path):
+    cfg = tmp_path / "best.json"
+    res = _run(["tune", "--trace", "conversation", "--limit", "150", "--workers", "2", "--policy", "dynamo",
+                "--budget", "4", "--gpu-blocks", "60", "--host-blocks", "0", "--rate-scale", "3",
+                "-o", str(cfg), "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(cfg.read_text())
+    assert doc["kind"] == "routing" and doc["policy"] == "dynamo"
+    assert set(doc["params"]) >= {"prefill_load_scale", "host_credit"}
+    assert len(doc["evaluations"]) == 4
+    assert doc["score"] <= doc["default_score"]
+    assert doc["score"] == min(v for _, v in doc["evaluations"])
+    res = _run(["sim", "--limit", "150", "--workers", "2", "--routing", "dynamo", "--eviction", "lru",
+                "--gpu-blocks", "60", "--host-blocks", "0", "--rate-scale", "3", "--config", str(cfg),
+                "--json", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    (row,) = json.loads(res.stdout)["results"]
+    assert row["ttft_mean_s"] == pytest.approx(doc["score"])
+
+
+def test_tune_eviction_policy_and_errors(tmp_path):
+    cfg = tmp_path / "lrfu.json"
+    res = _run(["tune", "--limit", "100", "--workers", "2", "--policy", "lrfu", "--budget", "3",
+                "--gpu-blocks", "40", "--host-blocks", "0", "--objective", "prefix_hit_ratio", "-o", str(cfg)])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(cfg.read_text())
+    assert doc["kind"] == "eviction" and "lam" in doc["params"]
+    assert doc["score"] >= doc["default_score"]
+    bad = _run(["tune", "--limit", "10", "--policy", "nope", "-o", str(tmp_path / "x.json")])
+    assert bad.exit_code != 0 and "unknown policy" in bad.output
+    bad = _run(["tune", "--limit", "10", "--policy", "dynamo", "--objective", "nope", "-o", str(tmp_path / "x.json")])
+    assert bad.exit_code != 0 and "unknown objective" in bad.output
+    (tmp_path / "junk.json").write_text("[1]")
+    bad = _run(["sim", "--limit", "10", "--eviction", "lru", "--config", str(tmp_path / "junk.json"), "--no-progress"])
+    assert bad.exit_code != 0 and "not a kvroute tune configuration" in bad.output
