@@ -1,0 +1,65 @@
+"""``kvroute serve``: the routing sidecar (configuration file + flags).
+
+On start it prints one JSON line ``{"event": "ready", "address": ..., "http_port": ...,
+"restored": ..., "index_entries": ...}`` on stdout (scripts and tests wait for it);
+on SIGTERM/SIGINT it saves the index snapshot and exits 0.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any
+
+import click
+
+from .config import SidecarConfig, parse_worker
+from .errors import ConfigError
+
+
+@click.command("serve")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="TOML or JSON config file.")
+@click.option("--bind", help="ZMQ ROUTER endpoint for routing requests (default tcp://127.0.0.1:5600).")
+@click.option("--http-port", type=int, help="Port of /metrics and /health (0 = off, -1 = any free port).")
+@click.option("--http-host", help="Interface of the HTTP endpoint.")
+@click.option("--block-size", type=int, help="Tokens per KV block (must match the engines).")
+@click.option("--policy", help="Routing policy: kvroute, dynamo, sglang, llmd, preble, round_robin, least_loaded, power_of_two.")
+@click.option("--weight", "weights", multiple=True, metavar="NAME=VALUE", help="Override one policy weight (repeatable).")
+@click.option("--snapshot", help="Index snapshot path: restored on start, written on shutdown.")
+@click.option("--seed", type=int, help="Seed of tie-breaking.")
+@click.option("--pending-ttl", "pending_ttl_s", type=float, help="Seconds a routed prompt counts as pending.")
+@click.option("--worker", "workers", multiple=True, metavar="ID=ENDPOINT[,REPLAY]",
+              help="A worker and its KV-event endpoint (repeatable; adds to the config's workers).")
+@click.option("--log-level", help="DEBUG, INFO, WARNING ...")
+def serve(config_path: str | None, weights: tuple[str, ...], workers: tuple[str, ...], **flags: Any) -> None:
+    """Run the KV-aware routing sidecar (see docs/protocol.md)."""
+    try:
+        cfg = SidecarConfig.from_file(config_path) if config_path else SidecarConfig()
+        for k, v in flags.items():
+            if v is not None:
+                setattr(cfg, k, v)
+        for item in weights:
+            name, sep, val = item.partition("=")
+            if not sep:
+                raise ConfigError(f"--weight wants NAME=VALUE, got {item!r}")
+            cfg.weights[name] = json.loads(val)
+        cfg.workers.extend(parse_worker(w) for w in workers)
+        cfg.validate()
+    except (ConfigError, ValueError) as exc:
+        raise click.UsageError(str(exc)) from exc
+    logging.basicConfig(level=getattr(logging, str(cfg.log_level).upper(), logging.INFO), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .server import SidecarServer
+
+    try:
+        srv = SidecarServer(cfg).start()
+    except Exception as exc:
+        raise click.ClickException(f"cannot start: {exc}") from exc
+    srv.install_signal_handlers()
+    click.echo(json.dumps({"event": "ready", "address": srv.address, "http_port": srv.http.port if srv.http else None,
+                           "restored": srv.restored, "index_entries": len(srv.router.index)}), nl=True)
+    sys.stdout.flush()
+    try:
+        srv.serve_forever()
+    finally:
+        srv.close()

@@ -1,0 +1,132 @@
+"""Configuration of ``kvroute serve``: a TOML or JSON file, overridden by flags.
+
+Example (TOML)::
+
+    bind = "tcp://127.0.0.1:5600"      # ZMQ ROUTER socket for routing requests ("tcp://127.0.0.1:*": any port)
+    http_port = 9600                   # /metrics (Prometheus) and /health; 0 = off; -1 = any free port
+    http_host = "127.0.0.1"
+    block_size = 16
+    policy = "kvroute"                 # any name in kvroute.router.POLICIES
+    seed = 0
+    pending_ttl_s = 2.0
+    snapshot = "kvroute-index.snap"    # restored on start, written on SIGTERM/SIGINT; "" = none
+    [weights]                          # the policy's weights dataclass fields
+    fleet_weight = 1.0
+    [[workers]]
+    id = "w0"
+    endpoint = "tcp://10.0.0.1:5557"          # the engine's KV-event PUB endpoint ("" = no events)
+    replay_endpoint = "tcp://10.0.0.1:5558"   # optional
+    role = "both"                             # both | prefill | decode
+    capacity_blocks = 4096                    # optional
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .errors import ConfigError
+
+
+@dataclass
+class WorkerConfig:
+    """One engine worker."""
+
+    #: The worker's id (str or int), as used in decisions and events.
+    id: Any
+    #: KV-event PUB endpoint to subscribe to; empty = no events for this worker.
+    endpoint: str = ""
+    #: Replay (ROUTER) endpoint of the publisher, if it has one.
+    replay_endpoint: str = ""
+    #: Pool: both | prefill | decode.
+    role: str = "both"
+    #: GPU KV capacity in blocks, if known.
+    capacity_blocks: int | None = None
+    #: ZMQ topic to subscribe to (vLLM default "").
+    topic: str = ""
+    #: Data-parallel ranks publishing on port + rank (1 = none).
+    dp_size: int = 1
+
+
+@dataclass
+class SidecarConfig:
+    """Everything ``kvroute serve`` needs (see the module docstring)."""
+
+    bind: str = "tcp://127.0.0.1:5600"
+    http_host: str = "127.0.0.1"
+    http_port: int = 9600
+    block_size: int = 16
+    policy: str = "kvroute"
+    weights: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    pending_ttl_s: float = 2.0
+    snapshot: str = ""
+    workers: list[WorkerConfig] = field(default_factory=list)
+    #: Log level name.
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> "SidecarConfig":
+        path = os.fspath(path)
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from exc
+        try:
+            if path.endswith(".json"):
+                doc = json.loads(raw)
+            else:
+                import tomllib
+
+                doc = tomllib.loads(raw.decode())
+        except Exception as exc:
+            raise ConfigError(f"{path}: not valid {'JSON' if path.endswith('.json') else 'TOML'}: {exc}") from exc
+        return cls.from_dict(doc)
+
+    @classmethod
+    def from_dict(cls, doc: Any) -> "SidecarConfig":
+        if not isinstance(doc, dict):
+            raise ConfigError("config must be a table/object")
+        known = {f.name for f in fields(cls)}
+        extra = set(doc) - known
+        if extra:
+            raise ConfigError(f"unknown config keys: {sorted(extra)}")
+        doc = dict(doc)
+        workers = doc.pop("workers", [])
+        cfg = cls(**doc)
+        cfg.workers = [parse_worker(w) for w in workers]
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if not isinstance(self.block_size, int) or self.block_size <= 0:
+            raise ConfigError(f"block_size must be a positive int, got {self.block_size!r}")
+        if not isinstance(self.http_port, int) or not -1 <= self.http_port < 65536:
+            raise ConfigError(f"http_port must be -1 (any free port), 0 (off) or a port, got {self.http_port!r}")
+        if not isinstance(self.weights, dict):
+            raise ConfigError("weights must be a table")
+        ids = [w.id for w in self.workers]
+        if len(ids) != len(set(ids)):
+            raise ConfigError("worker ids must be unique")
+        for w in self.workers:
+            if w.role not in ("both", "prefill", "decode"):
+                raise ConfigError(f"worker {w.id!r}: role must be both, prefill or decode")
+
+
+def parse_worker(doc: Any) -> WorkerConfig:
+    """A worker from a config table, or from a ``--worker`` flag ``ID=ENDPOINT[,REPLAY]``."""
+    if isinstance(doc, str):
+        wid, sep, rest = doc.partition("=")
+        if not sep or not wid:
+            raise ConfigError(f"--worker wants ID=ENDPOINT[,REPLAY_ENDPOINT], got {doc!r}")
+        ep, _, replay = rest.partition(",")
+        return WorkerConfig(id=wid, endpoint=ep, replay_endpoint=replay)
+    if not isinstance(doc, dict) or "id" not in doc:
+        raise ConfigError(f"a worker needs at least an id: {doc!r}")
+    known = {f.name for f in fields(WorkerConfig)}
+    extra = set(doc) - known
+    if extra:
+        raise ConfigError(f"worker {doc.get('id')!r}: unknown keys {sorted(extra)}")
+    return WorkerConfig(**doc)

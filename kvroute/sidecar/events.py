@@ -1,0 +1,43 @@
+"""The sidecar's KV-event source: a thin wrapper of :class:`kvroute.adapters.subscriber.KVEventSubscriber`.
+
+It shares one lock with the router (the subscriber holds it while applying
+a batch, the router while reading the index), runs the subscriber's loop in
+its daemon thread, and maps the sidecar's worker configuration (data-parallel
+ranks, topics) to subscriptions.  A worker with ``dp_size > 1`` appears in the
+index and in decisions as ``(id, rank)`` (a msgpack array on the wire).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ..adapters.subscriber import KVEventSubscriber
+from ..kvindex import KVIndex
+
+
+class EventSource:
+    """Follow / unfollow workers' KV-event endpoints; expose the subscriber's metrics."""
+
+    def __init__(self, index: KVIndex, lock: Any) -> None:
+        #: The subscriber (owns its sockets and loop thread).
+        self.subscriber = KVEventSubscriber(index, lock=lock)
+        self.lock = lock
+
+    def start(self) -> None:
+        self.subscriber.start()
+
+    def follow(self, worker: Any, endpoint: str, replay_endpoint: str | None = None, *, dp_size: int = 1,
+               topic: str = "") -> None:
+        self.subscriber.add_worker(worker, endpoint, replay_endpoint, dp_ranks=range(max(1, dp_size)), topic=topic)
+
+    def unfollow(self, worker: Any) -> None:
+        if worker in self.subscriber.workers():
+            self.subscriber.remove_worker(worker, forget=True)
+
+    def metrics(self) -> dict[str, Any]:
+        return self.subscriber.metrics()
+
+    def stale_workers(self) -> set[Any]:
+        return self.subscriber.stale_workers()
+
+    def close(self) -> None:
+        self.subscriber.close()

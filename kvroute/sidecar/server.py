@@ -1,0 +1,172 @@
+"""``SidecarServer``: the ZMQ ROUTER loop, the HTTP endpoint, the event source and the snapshot.
+
+Lifecycle::
+
+    start():  restore the index snapshot (if any) -> Router -> subscribe to the
+              workers' KV events -> bind the ROUTER socket -> start /metrics + /health
+    serve_forever(): poll the ROUTER socket; one request in, one reply out,
+              until stop() (or SIGTERM/SIGINT via install_signal_handlers)
+    close():  stop events and HTTP, save the index snapshot (atomic), close sockets
+
+Framing: a request is ``[identity, b"", payload]`` (REQ, or DEALER with an
+empty delimiter) or ``[identity, payload]`` (plain DEALER); the reply uses the
+same envelope.  Payloads are documented in ``docs/protocol.md``.  Anything
+else is answered with a ``BadRequest`` error when it can be, else dropped and
+counted; the loop never stops on bad input.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from typing import Any
+
+import msgpack
+import zmq
+
+from ..kvindex import KVIndex, SnapshotError
+from ..router import Router
+from .config import SidecarConfig
+from .metrics import HTTPEndpoint, Metrics
+from .service import Service, health
+
+log = logging.getLogger("kvroute.sidecar")
+
+
+class SidecarServer:
+    """One ``kvroute serve`` process (module docstring)."""
+
+    def __init__(self, config: SidecarConfig, *, context: zmq.Context | None = None) -> None:
+        self.config = config
+        self._ctx = context or zmq.Context.instance()
+        self._stop = threading.Event()
+        #: Shared by the router (reads) and the event subscriber (applies batches).
+        self.lock = threading.RLock()
+        self.router: Router | None = None
+        self.events: Any = None
+        self.metrics: Metrics | None = None
+        self.service: Service | None = None
+        self.http: HTTPEndpoint | None = None
+        self.sock: zmq.Socket | None = None
+        #: The address actually bound (resolves ``tcp://host:0`` / ``*`` wildcards).
+        self.address: str = ""
+        #: Frames that could not even be answered (no identity frame).
+        self.dropped_frames = 0
+        #: Whether the index came from a snapshot.
+        self.restored = False
+
+    # ----------------------------------------------------------------- start
+    def start(self) -> "SidecarServer":
+        cfg = self.config
+        index = self._restore()
+        r = Router((), cfg.block_size, policy=cfg.policy, weights=cfg.weights or None, seed=cfg.seed,
+                   index=index, pending_ttl_s=cfg.pending_ttl_s, lock=self.lock)
+        self.router = r
+        for w in cfg.workers:
+            ranks = max(1, w.dp_size)
+            for key in ([w.id] if ranks == 1 else [(w.id, k) for k in range(ranks)]):
+                r.add_worker(key, role=w.role, capacity_blocks=w.capacity_blocks)
+        if any(w.endpoint for w in cfg.workers):
+            self.events = self._make_events(index)
+        self.metrics = Metrics(r, self.events)
+        self.service = Service(r, self.metrics, self.events)
+        if self.events is not None:
+            for w in cfg.workers:
+                if w.endpoint:
+                    self.events.follow(w.id, w.endpoint, w.replay_endpoint or None, dp_size=w.dp_size, topic=w.topic)
+            self.events.start()
+        sock = self._ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        sock.bind(cfg.bind)
+        self.address = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.sock = sock
+        if cfg.http_port != 0:  # -1: any free port
+            self.http = HTTPEndpoint(cfg.http_host, max(0, cfg.http_port), self.metrics, lambda: health(r, self.events))
+            self.http.start()
+        log.info("kvroute serve: %s, policy %s, %d workers, http %s, index %d entries%s", self.address,
+                 cfg.policy, len(cfg.workers), self.http.port if self.http else "off", len(r.index),
+                 " (restored)" if self.restored else "")
+        return self
+
+    def _make_events(self, index: KVIndex) -> Any:
+        try:
+            from .events import EventSource
+        except ImportError as exc:  # the subscriber module is part of kvroute; this is a broken install
+            raise RuntimeError(f"KV-event subscriber unavailable: {exc}") from exc
+        ev = EventSource(index, self.lock)
+        return ev
+
+    def _restore(self) -> KVIndex:
+        path = self.config.snapshot
+        if path and os.path.exists(path):
+            try:
+                idx = KVIndex.load(path)
+            except SnapshotError as exc:
+                log.error("ignoring unusable snapshot %s: %s", path, exc)
+            else:
+                if idx.block_size not in (None, self.config.block_size):
+                    log.error("ignoring snapshot %s: block size %s != %s", path, idx.block_size, self.config.block_size)
+                else:
+                    idx.block_size = self.config.block_size
+                    self.restored = True
+                    return idx
+        return KVIndex(self.config.block_size)
+
+    # ----------------------------------------------------------------- loop
+    def serve_forever(self, poll_ms: int = 100) -> None:
+        sock, handle = self.sock, self.service.handle  # type: ignore[union-attr]
+        assert sock is not None
+        while not self._stop.is_set():
+            if not sock.poll(poll_ms, zmq.POLLIN):
+                continue
+            for _ in range(1024):  # drain what is there, then check the stop flag
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
+                except zmq.Again:
+                    break
+                if len(frames) == 3 and frames[1] == b"":
+                    env, payload = frames[:2], frames[2]
+                elif len(frames) == 2:
+                    env, payload = frames[:1], frames[1]
+                elif len(frames) >= 2:
+                    env, payload = frames[:1], None
+                else:
+                    self.dropped_frames += 1
+                    continue
+                if payload is None:
+                    reply = msgpack.packb({"id": None, "ok": False, "error": {
+                        "type": "BadRequest", "message": f"expected [b'', payload] or [payload], got {len(frames) - 1} frames"}})
+                else:
+                    reply = handle(payload)
+                try:
+                    sock.send_multipart(env + [reply], zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    self.dropped_frames += 1
+
+    def stop(self) -> None:
+        """Ask :meth:`serve_forever` to return (thread- and signal-safe)."""
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop())
+
+    # ----------------------------------------------------------------- close
+    def close(self) -> None:
+        """Stop events and HTTP, write the snapshot, close the socket."""
+        if self.events is not None:
+            try:
+                self.events.close()
+            except Exception:
+                log.exception("closing the event subscriber failed")
+        if self.http is not None:
+            self.http.stop()
+        if self.config.snapshot and self.router is not None:
+            with self.lock:
+                self.router.index.save(self.config.snapshot)
+            log.info("saved index snapshot %s (%d entries)", self.config.snapshot, len(self.router.index))
+        if self.sock is not None:
+            self.sock.close(linger=0)
+            self.sock = None

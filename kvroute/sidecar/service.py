@@ -1,0 +1,246 @@
+"""The sidecar's request handlers, independent of the transport.
+
+:meth:`Service.handle` takes one msgpack request payload and returns one
+msgpack reply payload; it never raises.  The wire protocol is documented in
+``docs/protocol.md``.  Handlers are registered by op name in ``Service.OPS``
+(no if/elif chain).  The ZMQ loop (:mod:`.server`) only moves bytes.
+
+Who touches what: the service mutates the :class:`Router` (through its
+methods) and asks the event source to follow / forget workers; the metrics
+object only observes.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+import msgpack
+import numpy as np
+
+from ..router import Router
+from .errors import BadRequestError, UnknownOpError, wire_name
+from .metrics import Metrics
+
+log = logging.getLogger("kvroute.sidecar")
+
+#: Largest prompt accepted in one request (tokens).
+MAX_TOKENS = 1 << 21
+
+
+def _need(req: dict, key: str, types: tuple[type, ...] | type, *, optional: bool = False) -> Any:
+    v = req.get(key)
+    if v is None:
+        if optional:
+            return None
+        raise BadRequestError(f"missing field {key!r}")
+    if isinstance(v, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise BadRequestError(f"field {key!r} must be {types}, not bool")
+    if not isinstance(v, types):
+        raise BadRequestError(f"field {key!r} has type {type(v).__name__}")
+    return v
+
+
+def _worker_id(req: dict) -> Any:
+    v = req.get("worker")
+    if v is None or isinstance(v, bool) or not isinstance(v, (str, int)):
+        raise BadRequestError("field 'worker' must be a str or int")
+    return v
+
+
+def _request_id(req: dict) -> Any:
+    v = req.get("request_id")
+    if v is None or isinstance(v, bool) or not isinstance(v, (str, int, bytes)):
+        raise BadRequestError("field 'request_id' must be a str, int or bytes")
+    return v
+
+
+class Service:
+    """Routing requests in, replies out (see the module docstring)."""
+
+    def __init__(self, router: Router, metrics: Metrics | None = None, events: Any = None,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        #: The router all decisions come from.
+        self.router = router
+        #: Prometheus metrics (observed only).
+        self.metrics = metrics
+        #: The KV-event source (a KVEventSubscriber wrapper) or None when no worker publishes events.
+        self.events = events
+        self._clock = clock
+        self.OPS: dict[str, Callable[[dict], Any]] = {
+            "route": self.op_route,
+            "prefill_done": self.op_prefill_done,
+            "finish": self.op_finish,
+            "add_worker": self.op_add_worker,
+            "remove_worker": self.op_remove_worker,
+            "drain_worker": self.op_drain_worker,
+            "mark_unhealthy": self.op_mark_unhealthy,
+            "load": self.op_load,
+            "stats": self.op_stats,
+            "health": self.op_health,
+            "ping": lambda req: {"pong": True},
+        }
+
+    # ------------------------------------------------------------------ entry
+    def handle(self, payload: bytes) -> bytes:
+        """One request payload -> one reply payload.  Never raises."""
+        t0 = self._clock()
+        rid = None
+        op = "?"
+        try:
+            try:
+                req = msgpack.unpackb(payload, raw=False, strict_map_key=False, use_list=True,
+                                      max_bin_len=16 * MAX_TOKENS, max_array_len=MAX_TOKENS, max_str_len=1 << 20,
+                                      max_map_len=64)
+            except Exception as exc:
+                raise BadRequestError(f"not valid msgpack: {exc}") from None
+            if not isinstance(req, dict):
+                raise BadRequestError("a request is a msgpack map")
+            rid = req.get("id")
+            op = req.get("op")
+            if not isinstance(op, str):
+                op = "?"
+                raise BadRequestError("missing field 'op'")
+            fn = self.OPS.get(op)
+            if fn is None:
+                op_label = op
+                op = "?"
+                raise UnknownOpError(f"unknown op {op_label!r}; known: {sorted(self.OPS)}")
+            result = fn(req)
+            reply = {"id": rid, "ok": True, "result": result}
+            outcome = "ok"
+        except Exception as exc:  # every failure becomes a typed error reply
+            name = wire_name(exc)
+            if name == "Internal":
+                log.exception("internal error handling op %s", op)
+            reply = {"id": rid, "ok": False, "error": {"type": name, "message": str(exc)}}
+            outcome = name
+        try:
+            out = msgpack.packb(reply, use_bin_type=True)
+        except Exception as exc:  # e.g. an id that cannot be echoed
+            out = msgpack.packb({"id": None, "ok": False, "error": {"type": "BadRequest", "message": str(exc)}})
+            outcome = "BadRequest"
+        if self.metrics is not None:
+            self.metrics.observe_request(op, outcome, self._clock() - t0)
+        return out
+
+    # ------------------------------------------------------------------ ops
+    def op_route(self, req: dict) -> dict:
+        rid = _request_id(req)
+        lora = _need(req, "lora_name", str, optional=True)
+        salt = _need(req, "cache_salt", str, optional=True)
+        toks = req.get("token_ids")
+        hashes = req.get("hashes")
+        if (toks is None) == (hashes is None):
+            raise BadRequestError("give exactly one of 'token_ids' or 'hashes'")
+        r = self.router
+        if toks is not None:
+            if isinstance(toks, (bytes, bytearray)):
+                if len(toks) % 4:
+                    raise BadRequestError("'token_ids' as bytes must be uint32 little-endian (length % 4 == 0)")
+                arr = np.frombuffer(toks, dtype="<u4")
+            elif isinstance(toks, list):
+                arr = toks
+            else:
+                raise BadRequestError("'token_ids' must be a list of ints or uint32-LE bytes")
+            d = r.route(arr, request_id=rid, lora_name=lora, cache_salt=salt)
+        else:
+            if not isinstance(hashes, list) or not all(isinstance(h, int) and not isinstance(h, bool) and 0 <= h < 1 << 64 for h in hashes):
+                raise BadRequestError("'hashes' must be a list of unsigned 64-bit ints")
+            n = _need(req, "num_tokens", int)
+            if n < 0:
+                raise BadRequestError("'num_tokens' must be >= 0")
+            d = r.route_hashes(hashes, num_tokens=n, request_id=rid)
+        if self.metrics is not None:
+            self.metrics.observe_decision(d)
+        out = d.to_dict()
+        if not req.get("costs", True):
+            out.pop("costs")
+        return out
+
+    def op_prefill_done(self, req: dict) -> dict:
+        self.router.prefill_done(_request_id(req))
+        return {}
+
+    def op_finish(self, req: dict) -> dict:
+        self.router.finish(_request_id(req))
+        return {}
+
+    def op_add_worker(self, req: dict) -> dict:
+        wid = _worker_id(req)
+        role = _need(req, "role", str, optional=True) or "both"
+        cap = _need(req, "capacity_blocks", int, optional=True)
+        endpoint = _need(req, "endpoint", str, optional=True) or ""
+        replay = _need(req, "replay_endpoint", str, optional=True) or ""
+        if role not in ("both", "prefill", "decode"):
+            raise BadRequestError("role must be both, prefill or decode")
+        self.router.add_worker(wid, role=role, capacity_blocks=cap)
+        if endpoint:
+            if self.events is None:
+                raise BadRequestError("this server has no KV-event subscriber (kvroute.adapters.subscriber missing)")
+            self.events.follow(wid, endpoint, replay or None)
+        return {"worker": wid}
+
+    def op_remove_worker(self, req: dict) -> dict:
+        wid = _worker_id(req)
+        if self.events is not None:
+            self.events.unfollow(wid)
+        self.router.remove_worker(wid)
+        return {"worker": wid}
+
+    def op_drain_worker(self, req: dict) -> dict:
+        self.router.drain_worker(_worker_id(req))
+        return {}
+
+    def op_mark_unhealthy(self, req: dict) -> dict:
+        v = req.get("unhealthy", True)
+        if not isinstance(v, bool):
+            raise BadRequestError("'unhealthy' must be a bool")
+        self.router.mark_unhealthy(_worker_id(req), v)
+        return {}
+
+    def op_load(self, req: dict) -> dict:
+        kw = {}
+        for k in ("waiting", "running", "queue_tokens", "capacity_blocks"):
+            v = _need(req, k, int, optional=True)
+            if v is not None:
+                kw[k] = v
+        u = req.get("kv_usage")
+        if u is not None:
+            if isinstance(u, bool) or not isinstance(u, (int, float)):
+                raise BadRequestError("'kv_usage' must be a number in [0, 1]")
+            kw["kv_usage"] = float(u)
+        self.router.update_load(_worker_id(req), **kw)
+        return {}
+
+    def op_stats(self, req: dict) -> dict:
+        out = self.router.stats()
+        with self.router.lock:
+            out["index"] = self.router.index.stats()
+        out["events"] = _wire_keys(self.events.metrics()) if self.events is not None else {}
+        return out
+
+    def op_health(self, req: dict | None = None) -> dict:
+        return health(self.router, self.events)
+
+
+def health(router: Router, events: Any) -> dict:
+    """``ok`` when some worker is healthy and its index is trusted; ``degraded`` when some are stale; ``down`` otherwise."""
+    healthy = router.healthy_workers()
+    stale = sorted(map(str, events.stale_workers())) if events is not None else []
+    if not healthy:
+        status = "down"
+    elif stale:
+        status = "degraded"
+    else:
+        status = "ok"
+    return {"status": status, "healthy_workers": len(healthy), "workers": len(router.workers()), "stale_workers": stale}
+
+
+def _wire_keys(doc: Any) -> Any:
+    """Map keys msgpack cannot round-trip as keys (tuples: data-parallel workers) to strings."""
+    if isinstance(doc, dict):
+        return {(k if isinstance(k, (str, int)) else str(k)): _wire_keys(v) for k, v in doc.items()}
+    if isinstance(doc, (list, tuple)):
+        return [_wire_keys(v) for v in doc]
+    return doc

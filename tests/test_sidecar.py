@@ -1,0 +1,204 @@
+"""Sidecar: request handling (in-process), the ZMQ server with a real socket, snapshot, metrics, health."""
+from __future__ import annotations
+
+import json
+import threading
+import urllib.request
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from kvroute import block_hashes
+from kvroute.router import NoHealthyWorkerError, Router, UnknownRequestError
+from kvroute.sidecar import BadRequestError, KVRouteClient, SidecarConfig, UnknownOpError
+from kvroute.sidecar.config import WorkerConfig, parse_worker
+from kvroute.sidecar.errors import ConfigError
+from kvroute.sidecar.metrics import Metrics, _flatten_events
+from kvroute.sidecar.server import SidecarServer
+from kvroute.sidecar.service import Service
+
+
+def call(svc: Service, msg) -> dict:
+    raw = msg if isinstance(msg, bytes) else msgpack.packb(msg, use_bin_type=True)
+    return msgpack.unpackb(svc.handle(raw), raw=False, strict_map_key=False)
+
+
+def toks(seed: int, n: int) -> list[int]:
+    return np.random.default_rng(seed).integers(0, 50_000, n).tolist()
+
+
+# ------------------------------------------------------------------ service (no sockets)
+def test_service_route_cycle_and_typed_errors():
+    r = Router(["a", "b"], 16)
+    svc = Service(r, Metrics(r))
+    p = toks(1, 100)
+    r.index.store("b", block_hashes(p, 16)[:3])
+    rep = call(svc, {"op": "route", "id": 7, "request_id": "x", "token_ids": np.asarray(p, "<u4").tobytes()})
+    assert rep["ok"] and rep["id"] == 7 and rep["result"]["worker"] == "b"
+    assert rep["result"]["predicted_cached_tokens"] == 48
+    rep = call(svc, {"op": "route", "request_id": "y", "token_ids": p, "costs": False})
+    assert rep["ok"] and "costs" not in rep["result"]
+    rep = call(svc, {"op": "route", "request_id": "z", "hashes": block_hashes(p, 16).tolist(), "num_tokens": 100})
+    assert rep["ok"] and rep["result"]["worker"] == "b"
+    for rid in ("x", "y", "z"):
+        assert call(svc, {"op": "prefill_done", "request_id": rid})["ok"]
+        assert call(svc, {"op": "finish", "request_id": rid})["ok"]
+    bad = [
+        (b"\xc1\x00garbage", "BadRequest"),
+        (msgpack.packb([1, 2, 3]), "BadRequest"),
+        ({"id": 1}, "BadRequest"),
+        ({"op": "fly"}, "UnknownOp"),
+        ({"op": "route", "request_id": "q"}, "BadRequest"),
+        ({"op": "route", "request_id": "q", "token_ids": b"\x01\x02\x03"}, "BadRequest"),
+        ({"op": "route", "request_id": "q", "token_ids": [-1, 2]}, "InvalidTokens"),
+        ({"op": "route", "request_id": "q", "hashes": [1, "x"], "num_tokens": 32}, "BadRequest"),
+        ({"op": "route", "request_id": True, "token_ids": [1]}, "BadRequest"),
+        ({"op": "finish", "request_id": "never"}, "UnknownRequest"),
+        ({"op": "drain_worker", "worker": "nobody"}, "UnknownWorker"),
+        ({"op": "load", "worker": "a", "kv_usage": 3.0}, "BadRequest"),
+        ({"op": "load", "worker": "a", "waiting": "many"}, "BadRequest"),
+        ({"op": "mark_unhealthy", "worker": "a", "unhealthy": "yes"}, "BadRequest"),
+    ]
+    for msg, typ in bad:
+        rep = call(svc, msg)
+        assert not rep["ok"] and rep["error"]["type"] == typ, (msg, rep)
+    # still serving; duplicate ids are typed
+    assert call(svc, {"op": "route", "request_id": "d", "token_ids": p})["ok"]
+    assert call(svc, {"op": "route", "request_id": "d", "token_ids": p})["error"]["type"] == "DuplicateRequest"
+    # no healthy worker -> typed error
+    for w in ("a", "b"):
+        assert call(svc, {"op": "drain_worker", "worker": w})["ok"]
+    rep = call(svc, {"op": "route", "request_id": "n", "token_ids": p})
+    assert rep["error"]["type"] == "NoHealthyWorker"
+    assert call(svc, {"op": "health"})["result"]["status"] == "down"
+    assert call(svc, {"op": "add_worker", "worker": "c", "capacity_blocks": 100})["ok"]
+    assert call(svc, {"op": "health"})["result"]["status"] == "ok"
+    assert call(svc, {"op": "load", "worker": "c", "waiting": 3, "kv_usage": 0.5})["ok"]
+    assert r.worker_state("c").reported_waiting == 3
+    st = call(svc, {"op": "stats"})["result"]
+    assert st["index"]["entries"] == 3 and st["decisions"] == 4
+    assert call(svc, {"op": "remove_worker", "worker": "c"})["ok"]
+    assert "c" not in r.workers()
+    text = svc.metrics.render().decode()
+    assert 'kvroute_decisions_total{worker="b"} 4.0' in text
+    assert 'op="fly"' not in text  # unknown op names never become label values (bounded cardinality)
+    assert 'kvroute_requests_total{op="?",outcome="UnknownOp"} 1.0' in text
+    assert 'kvroute_requests_total{op="?",outcome="BadRequest"}' in text
+    assert "kvroute_decision_latency_seconds_count 4.0" in text
+    assert "kvroute_index_entries 3.0" in text
+
+
+def test_flatten_subscriber_metrics():
+    fams = {f.name: f for f in _flatten_events({"gaps": 2, "resyncs": {"no_endpoint": 1},
+                                                "workers": {"w0": {"stale": True, "batches": 5}},
+                                                "lag_seconds": {"count": 3, "sum": 0.5, "buckets": [(0.1, 1)]}})}
+    assert fams["kvroute_events_gaps"].samples[0].value == 2
+    assert fams["kvroute_events_resyncs_no_endpoint"].samples[0].value == 1
+    assert fams["kvroute_events_batches"].samples[0].labels == {"worker": "w0"}
+    assert fams["kvroute_events_lag_seconds_sum"].samples[0].value == 0.5
+
+
+def test_config_file_and_flags(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text('block_size = 32\npolicy = "dynamo"\n[weights]\ntemperature = 0.5\n'
+                 '[[workers]]\nid = "w0"\nendpoint = "tcp://127.0.0.1:1"\nrole = "prefill"\n')
+    cfg = SidecarConfig.from_file(p)
+    assert cfg.block_size == 32 and cfg.weights == {"temperature": 0.5} and cfg.workers[0].role == "prefill"
+    j = tmp_path / "c.json"
+    j.write_text(json.dumps({"block_size": 16, "workers": [{"id": 3}]}))
+    assert SidecarConfig.from_file(j).workers[0].id == 3
+    assert parse_worker("w1=tcp://h:1,tcp://h:2") == WorkerConfig("w1", "tcp://h:1", "tcp://h:2")
+    for bad in ('block_size = 0\n', 'nonsense = 1\n', '[[workers]]\nid = "a"\nrole = "x"\n', 'block_size = \n'):
+        p.write_text(bad)
+        with pytest.raises(ConfigError):
+            SidecarConfig.from_file(p)
+
+
+# ------------------------------------------------------------------ server with real sockets
+@pytest.fixture
+def server(tmp_path):
+    cfg = SidecarConfig(bind="tcp://127.0.0.1:*", http_port=-1, snapshot=str(tmp_path / "idx.snap"),
+                        workers=[WorkerConfig("a"), WorkerConfig("b")])
+    srv = SidecarServer(cfg, context=zmq.Context()).start()
+    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_ms": 20}, daemon=True)
+    t.start()
+    yield srv
+    srv.stop()
+    t.join(10)
+    srv.close()
+
+
+def test_server_roundtrip_malformed_frames_and_http(server):
+    ctx = zmq.Context.instance()
+    with KVRouteClient(server.address, timeout_s=5) as c:
+        assert c.ping()
+        p = toks(5, 64)
+        server.router.index.store("a", block_hashes(p, 16))
+        d = c.route(p, request_id=1)
+        assert d["worker"] == "a" and d["predicted_cached_tokens"] == 64
+        c.prefill_done(1)
+        c.finish(1)
+        with pytest.raises(UnknownRequestError):
+            c.finish(1)
+        with pytest.raises(BadRequestError):
+            c.call_raw(b"\x00\x01not msgpack at all")
+        with pytest.raises(UnknownOpError):
+            c.call("teleport")
+        # a REQ socket (with the empty delimiter frame) works too; an extra frame gets an error reply
+        req = ctx.socket(zmq.REQ)
+        req.setsockopt(zmq.LINGER, 0)
+        req.connect(server.address)
+        req.send(msgpack.packb({"op": "ping", "id": "r"}))
+        assert req.poll(5000)
+        assert msgpack.unpackb(req.recv())["result"] == {"pong": True}
+        req.close()
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(server.address)
+        dealer.send_multipart([b"x", b"y", b"z"])
+        assert dealer.poll(5000)
+        assert msgpack.unpackb(dealer.recv_multipart()[-1])["error"]["type"] == "BadRequest"
+        dealer.close()
+        c.drain_worker("a")
+        c.drain_worker("b")
+        with pytest.raises(NoHealthyWorkerError):
+            c.route(p, request_id=2)
+        base = f"http://127.0.0.1:{server.http.port}"
+        with pytest.raises(urllib.error.HTTPError) as ei:
+            urllib.request.urlopen(base + "/health", timeout=5)
+        assert ei.value.code == 503
+        c.mark_unhealthy("a", False)
+        h = json.loads(urllib.request.urlopen(base + "/health", timeout=5).read())
+        assert h["status"] == "ok" and h["healthy_workers"] == 1
+        text = urllib.request.urlopen(base + "/metrics", timeout=5).read().decode()
+        assert 'kvroute_decisions_total{worker="a"} 1.0' in text
+        assert "kvroute_predicted_hit_ratio 1.0" in text
+        assert 'kvroute_workers{status="draining"} 1.0' in text
+        assert c.ping()
+
+
+def test_snapshot_written_on_close_and_restored(tmp_path):
+    snap = str(tmp_path / "s.snap")
+    cfg = SidecarConfig(bind="tcp://127.0.0.1:*", http_port=0, snapshot=snap, workers=[WorkerConfig("a")])
+    srv = SidecarServer(cfg, context=zmq.Context()).start()
+    srv.router.index.store("a", [1, 2, 3])
+    srv.close()
+    srv2 = SidecarServer(cfg, context=zmq.Context()).start()
+    try:
+        assert srv2.restored and srv2.router.index.match([1, 2, 3])["a"].total == 3
+        d = srv2.router.route_hashes([1, 2, 3], num_tokens=48, request_id=1)
+        assert d.predicted_cached_tokens == 48
+    finally:
+        srv2.config.snapshot = ""
+        srv2.close()
+    with open(snap, "r+b") as f:  # corrupt: the server starts empty instead of failing
+        f.seek(30)
+        f.write(b"\xff\xff\xff")
+    srv3 = SidecarServer(cfg, context=zmq.Context()).start()
+    try:
+        assert not srv3.restored and len(srv3.router.index) == 0
+    finally:
+        srv3.config.snapshot = ""
+        srv3.close()
