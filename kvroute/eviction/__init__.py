@@ -50,11 +50,13 @@ POLICIES: dict[str, Callable[..., EvictionPolicy]] = {
     "lru": _lazy(".policies.lru", "LRU"),
     "lfu": _lazy(".policies.lfu", "LFU"),
     "lrfu": _lazy(".policies.lrfu", "LRFU"),
+    "belady": _lazy(".policies.belady", "Belady"),
+    "arc": _lazy(".policies.arc", "ARC"),
 }
 
 #: libcachesim policy wrappers, registered only when ``libcachesim`` is installed.
 LIBCACHESIM_POLICIES = {"s3fifo": "S3FIFO", "sieve": "Sieve", "wtinylfu": "WTinyLFU", "lcs_arc": "ARC", "lcs_lru": "LRU"}
-if False and importlib.util.find_spec("libcachesim") is not None:  # wrappers land next
+if importlib.util.find_spec("libcachesim") is not None:
     for _name, _cls in LIBCACHESIM_POLICIES.items():
         POLICIES[_name] = _lazy(".policies.libcachesim_wrap", "LibCacheSimPolicy", algorithm=_cls, label=_name)
 

@@ -6,7 +6,7 @@ pins; it tells the policy what happens to blocks and asks it for a victim among
 the blocks that may be evicted *now* (its *candidates*: unpinned leaves).  One
 policy instance serves one tier of one cache.
 
-Calls the cache makes, in the order they happen for one request::
+Calls the cache makes (``bind(capacity)`` once, first), in the order they happen for one request::
 
     begin(keys, now)                 a request arrives with these block keys (chain order)
     admit(key, depth, now) -> bool   may a missing block be cached? (admission)
@@ -61,6 +61,9 @@ class EvictionPolicy:
 
     #: Registry name of the policy.
     name = "base"
+
+    def bind(self, capacity: int) -> None:
+        """The cache tells the policy its tier's capacity in blocks (once, before any other call)."""
 
     def begin(self, keys: Sequence[Hashable], now: float) -> None:
         """A request arrives; ``keys`` are all its blocks in chain order."""

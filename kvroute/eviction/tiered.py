@@ -120,11 +120,22 @@ class TieredCache:
             raise EvictionError(f"capacities must be non-negative ints, got {gpu_blocks!r}, {host_blocks!r}")
         gp = _make_policy(policy)
         if host_policy is None:
-            hp = copy.deepcopy(gp) if isinstance(policy, EvictionPolicy) else _make_policy(policy)
+            if not host_blocks:
+                hp = _make_policy("lru")  # never called: the tier has no room
+            elif isinstance(policy, EvictionPolicy):
+                try:
+                    hp = copy.deepcopy(gp)
+                except TypeError as e:
+                    raise EvictionError(f"cannot copy policy {gp.name} for the host tier; pass host_policy") from e
+            else:
+                hp = _make_policy(policy)
         else:
             hp = _make_policy(host_policy)
         if hp is gp:
             raise EvictionError("the GPU and host tiers need distinct policy instances")
+        gp.bind(gpu_blocks)
+        if host_blocks:
+            hp.bind(host_blocks)
         #: Capacity per tier in blocks [gpu, host]; fixed.
         self.capacity = (gpu_blocks, host_blocks)
         #: Policy per tier [gpu, host]; only this cache calls their hooks.
