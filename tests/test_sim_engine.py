@@ -192,3 +192,26 @@ def test_bad_configs_are_typed_errors():
         SimConfig(rate_scale=0).validate()
     with pytest.raises(SimConfigError):
         dataclasses.replace(SimConfig(), gpu_blocks=0).validate()
+
+
+def test_prompt_waits_for_kv_room_like_vllm():
+    # 4 GPU blocks: A holds 3 pinned blocks while it decodes, so B (3 other blocks) waits for A to finish
+    a = Request(0, 0.0, 12, 11, (1, 2, 3))
+    b = Request(1, 0.0, 12, 1, (7, 8, 9))
+    sim = Simulation([a, b], _toy(gpu_blocks=4))
+    rec = sim.run()
+    assert rec.first_token[0] == pytest.approx(TOY.prefill_s(12))
+    assert rec.finish[0] == pytest.approx(rec.first_token[0] + 10 * TOY.decode_step_s(1, 13))
+    assert rec.first_token[1] == pytest.approx(rec.finish[0] + TOY.prefill_s(12))
+    # with room for both, B is prefilled right after A
+    rec2 = Simulation([a, b], _toy(gpu_blocks=6)).run()
+    assert rec2.first_token[1] == pytest.approx(2 * TOY.prefill_s(12))
+
+
+def test_shared_prefix_in_use_needs_no_extra_room():
+    # B shares A's two pinned blocks: it needs one new block and fits beside A in 4 blocks
+    a = Request(0, 0.0, 12, 11, (1, 2, 3))
+    b = Request(1, 0.0, 12, 1, (1, 2, 9))
+    rec = Simulation([a, b], _toy(gpu_blocks=4)).run()
+    assert rec.first_token[1] == pytest.approx(TOY.prefill_s(12) + TOY.prefill_s(4, 8))
+    assert rec.gpu_hit.tolist() == [0, 2]

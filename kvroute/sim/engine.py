@@ -15,7 +15,8 @@ Parts (one :class:`Simulation` per (routing, eviction) run):
 
 Worker model (vLLM-like, iteration level): a FIFO prefill queue with priority
 over decode (a waiting prompt is prefilled at the next decode-step boundary,
-one prompt at a time, without chunking); the running requests decode together,
+one prompt at a time, without chunking) once the GPU has room for its blocks
+beside those of the requests in flight; the running requests decode together,
 one token each per step, the step time given by the cost model for the
 batch's size and context.  A run of decode steps is one event; an arrival cuts
 it at the next step boundary.  Simplifications (see docs/results.md): no chunked
@@ -81,8 +82,11 @@ class SimConfig:
     eviction_params: dict[str, Any] = field(default_factory=dict)
     #: Seed of the router's tie-breaking.
     seed: int = 0
-    #: Send worker load reports (queue, running, KV usage) to the router after each state change.
+    #: Send worker load reports (waiting and running requests) to the router after each state change.
     report_load: bool = True
+    #: Set the per-token time constants of routing policies that have them (kvroute, preble) from the
+    #: cost model, as a deployment configures them for its model and GPU; explicit router_params win.
+    calibrate_router: bool = True
 
     def resolved_gpu_blocks(self) -> int:
         return self.gpu_blocks if self.gpu_blocks is not None else self.cost.gpu_blocks(self.block_tokens)
@@ -109,7 +113,7 @@ class _Worker:
     """State of one simulated worker.  Owned by :class:`Simulation`."""
 
     __slots__ = ("idx", "wid", "cache", "queue", "running", "joining", "mode", "gen", "epoch_start",
-                 "step_s", "epoch_steps", "ctx_sum", "cut", "prefill_role", "decode_role")
+                 "step_s", "epoch_steps", "ctx_sum", "cut", "prefill_role", "decode_role", "pins")
 
     def __init__(self, idx: int, wid: Any, cache: Any, prefill_role: bool, decode_role: bool) -> None:
         self.idx = idx
@@ -135,6 +139,9 @@ class _Worker:
         self.cut = False
         self.prefill_role = prefill_role
         self.decode_role = decode_role
+        #: Blocks pinned by this worker's requests in flight -> number of requests pinning them
+        #: (mirrors the cache's pins; sizes the room a new prompt has).
+        self.pins: dict[Any, int] = {}
 
 
 class Simulation:
@@ -268,8 +275,11 @@ class Simulation:
             for i in take:
                 self._join(w, i)
         while w.queue and (self.disaggregated or len(w.running) < cfg.max_batch):
-            i = w.queue.popleft()
+            i = w.queue[0]
             started = self._begin_prefill(w, i)
+            if started is None:  # no KV room now: the head waits for running requests to free blocks
+                break
+            w.queue.popleft()
             if started < 0:  # can never fit: dropped
                 continue
             w.mode = _PREFILL
@@ -289,13 +299,13 @@ class Simulation:
             w.mode = _IDLE
         self._report(w)
 
-    def _begin_prefill(self, w: _Worker, i: int) -> float:
+    def _begin_prefill(self, w: _Worker, i: int) -> float | None:
         """Look the prompt up in ``w``'s cache, pin its hits and insert the rest.
 
-        Returns the prefill time, or -1 when the prompt is longer than the whole
-        GPU cache (the request is dropped and counted).  Blocks the cache has no
-        room for (all pinned) are computed but not cached, as an engine would
-        preempt; the hit count is what the cache served.
+        Like vLLM's scheduler, a prompt starts only when the GPU has room for
+        its blocks beside the blocks running requests hold (pinned); else it
+        waits (returns None).  Returns the prefill time, or -1 when the prompt
+        is longer than the whole GPU cache (the request is dropped and counted).
         """
         r = self.requests[i]
         keys = r.hash_ids
@@ -304,7 +314,14 @@ class Simulation:
         if n > self.gpu_blocks:
             self._drop(i)
             return -1.0
+        pins = w.pins
+        if pins:
+            need = n - sum(1 for k in keys if k in pins)
+            if need > self.gpu_blocks - len(pins):
+                return None
         tk = cache.start_request(keys, self.now)
+        for k in tk.pinned:
+            pins[k] = pins.get(k, 0) + 1
         self._tickets[i] = tk
         gpu, host = tk.gpu_hit, tk.host_hit
         hit = gpu + host
@@ -349,7 +366,7 @@ class Simulation:
 
     def _transfer_done(self, dw: _Worker, i: int) -> None:
         pw, _ = self._placement[i]
-        pw.cache.finish_request(self._tickets.pop(i), self.now)  # the prefill worker lets go of the blocks
+        self._release(pw, i)  # the prefill worker lets go of the prompt's blocks
         self._kick(pw)
         dw.joining.append(i)
         self._kick(dw)
@@ -382,8 +399,19 @@ class Simulation:
         self.router.finish(i)
         pw, _ = self._placement.pop(i)
         if not self.disaggregated:
-            pw.cache.finish_request(self._tickets.pop(i), self.now)
+            self._release(pw, i)
         self._after_request()
+
+    def _release(self, w: _Worker, i: int) -> None:
+        tk = self._tickets.pop(i)
+        w.cache.finish_request(tk, self.now)
+        pins = w.pins
+        for k in tk.pinned:
+            c = pins[k] - 1
+            if c:
+                pins[k] = c
+            else:
+                del pins[k]
 
     def _drop(self, i: int) -> None:
         self.rec.dropped += 1
@@ -403,21 +431,46 @@ class Simulation:
     def _report(self, w: _Worker) -> None:
         if not self.cfg.report_load:
             return
-        usage = None
-        if w.cache is not None:
-            usage = w.cache.used()[0] / self.gpu_blocks
-        self.router.update_load(w.wid, waiting=len(w.queue), running=len(w.running), kv_usage=usage)
+        # what vLLM reports (num_requests_waiting / running); KV usage is left to the router's own estimate
+        self.router.update_load(w.wid, waiting=len(w.queue), running=len(w.running))
 
 
 def _make_router(Router: Any, wids: list[str], cfg: SimConfig, roles: dict[str, str], clock: Callable[[], float]) -> Any:
     kw: dict[str, Any] = {"policy": cfg.routing, "clock": clock, "seed": cfg.seed,
                           "capacity_blocks": cfg.resolved_gpu_blocks()}
-    if cfg.router_params:
-        kw["weights"] = dict(cfg.router_params)
+    weights = calibrated_router_params(cfg.routing, cfg.cost) if cfg.calibrate_router else {}
+    weights.update(cfg.router_params)
+    if weights:
+        kw["weights"] = weights
     if roles:
         kw["decode_workers"] = [w for w in wids if roles[w] == "decode"]
         wids = [w for w in wids if roles[w] == "prefill"]
     return Router(wids, cfg.block_tokens, **kw)
+
+
+def calibrated_router_params(routing: str, cost: CostModel) -> dict[str, float]:
+    """Per-token time constants of a routing policy's weights, derived from ``cost``.
+
+    Only fields the policy's weights dataclass declares are set:
+    ``prefill_s_per_token`` (weight FLOPs per token over effective compute),
+    ``host_reload_s_per_token`` (KV bytes per token over PCIe) and
+    ``decode_s_per_token`` (KV bytes per token over effective HBM bandwidth).
+    """
+    import dataclasses
+
+    from ..router import POLICIES
+
+    cls = POLICIES.get(routing)
+    W = getattr(cls, "Weights", None)
+    if W is None or not dataclasses.is_dataclass(W):
+        return {}
+    names = {f.name for f in dataclasses.fields(W)}
+    derived = {
+        "prefill_s_per_token": 2.0 * cost.params / (cost.tp * cost.gpu_flops * cost.prefill_mfu),
+        "host_reload_s_per_token": cost.kv_bytes_per_token / (cost.tp * cost.pcie_bytes_per_s),
+        "decode_s_per_token": cost.kv_bytes_per_token / (cost.tp * cost.hbm_bytes_per_s * cost.decode_bw_efficiency),
+    }
+    return {k: v for k, v in derived.items() if k in names}
 
 
 def _policy_factory(cfg: SimConfig, requests: Sequence[Request]) -> Callable[[], Any]:

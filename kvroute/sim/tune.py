@@ -100,6 +100,10 @@ def tune_policy(
 ) -> dict[str, Any]:
     """Search ``policy``'s parameters on ``requests``; returns the JSON-able result document."""
     kind, space = search_space(policy)
+    if kind == "routing" and base.calibrate_router:  # start from what the simulation would use
+        from .engine import calibrated_router_params
+
+        space.update({k: v for k, v in calibrated_router_params(policy, base.cost).items() if k in space})
     from .metrics import Summary
 
     if objective not in {f.name for f in dataclasses.fields(Summary)} or objective in ("routing", "eviction"):
