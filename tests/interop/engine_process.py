@@ -1,0 +1,149 @@
+"""A real vLLM engine in a child process, for the interop tests (``@pytest.mark.vllm``).
+
+The engine never runs in the test process: :class:`EngineProcess` starts
+``tests/interop/engine_driver.py`` under the interop venv's python
+(``KVROUTE_VLLM_PYTHON``, exported by ``.ci/run`` from ``.ci/setup_vllm``) and
+talks to it over the driver's JSON-lines protocol.  The tests themselves use
+kvroute from this process, as a router would.
+
+Skips (with the reason) when ``KVROUTE_VLLM_PYTHON`` is unset, not executable,
+cannot import vllm, or the tiny model (``KVROUTE_VLLM_MODEL``, default
+``<venv>-model`` as ``.ci/setup_vllm`` builds it) is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+
+DRIVER = Path(__file__).with_name("engine_driver.py")
+#: Seconds an engine may take to start (about 30-40 s on 2 cores).
+START_TIMEOUT_S = 300.0
+#: Seconds one request may take (a few hundred tokens: ~0.05 s).
+REQUEST_TIMEOUT_S = 60.0
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (bound and released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def vllm_env_or_reason() -> tuple[str, str] | str:
+    """(python, model dir) of the interop venv, or the reason it is unusable."""
+    py = os.environ.get("KVROUTE_VLLM_PYTHON")
+    if not py:
+        return "KVROUTE_VLLM_PYTHON is not set (run .ci/setup_vllm and export its output)"
+    if not os.access(py, os.X_OK):
+        return f"KVROUTE_VLLM_PYTHON={py} is not an executable"
+    venv = Path(py).parent.parent  # <venv>/bin/python (not resolved: the venv's python is a symlink)
+    model = os.environ.get("KVROUTE_VLLM_MODEL") or f"{venv}-model"
+    if not Path(model, "config.json").is_file():
+        return f"tiny model not found at {model} (set KVROUTE_VLLM_MODEL or rerun .ci/setup_vllm)"
+    probe = subprocess.run([py, "-c", "import importlib.util as u, sys; sys.exit(u.find_spec('vllm') is None)"],
+                           capture_output=True, timeout=60)
+    if probe.returncode != 0:
+        return f"{py} cannot find vllm"
+    return py, model
+
+
+class EngineError(AssertionError):
+    """The engine process died or did not answer in time (message ends with its log tail)."""
+
+
+class EngineProcess:
+    """A real vLLM engine behind ``engine_driver.py``; one request at a time."""
+
+    def __init__(self, python: str, model: str, *, port: int, replay_port: int, num_gpu_blocks: int,
+                 extra_env: dict[str, str] | None = None, max_model_len: int = 2048) -> None:
+        #: PUB and replay ports the engine binds (on every interface, as ``tcp://*:P``).
+        self.port, self.replay_port = port, replay_port
+        self.log = tempfile.NamedTemporaryFile(prefix="vllm-engine-", suffix=".log", delete=False)
+        env = dict(os.environ)
+        env.pop("KVROUTE_VLLM_GPU_EVICTION", None)
+        env.update(extra_env or {})
+        self.proc = subprocess.Popen(
+            [python, str(DRIVER), "--model", model, "--port", str(port), "--replay-port", str(replay_port),
+             "--num-gpu-blocks", str(num_gpu_blocks), "--max-model-len", str(max_model_len)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env,
+        )
+        #: The driver's ready line (load_s, vllm version, num_gpu_blocks, gpu_eviction).
+        self.info: dict[str, Any] = {}
+
+    @property
+    def endpoint(self) -> str:
+        return f"tcp://127.0.0.1:{self.port}"
+
+    @property
+    def replay_endpoint(self) -> str:
+        return f"tcp://127.0.0.1:{self.replay_port}"
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            lines = Path(self.log.name).read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(lines[-n:])
+
+    def _read(self, timeout: float) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise EngineError(f"engine did not answer within {timeout:.0f} s\n{self.log_tail()}")
+            ready, _, _ = select.select([self.proc.stdout], [], [], min(left, 1.0))
+            if ready:
+                line = self.proc.stdout.readline()
+                if not line:
+                    raise EngineError(f"engine exited (rc={self.proc.wait()})\n{self.log_tail()}")
+                return json.loads(line)
+            if self.proc.poll() is not None:
+                raise EngineError(f"engine exited (rc={self.proc.returncode})\n{self.log_tail()}")
+
+    def wait_ready(self) -> dict[str, Any]:
+        self.info = self._read(START_TIMEOUT_S)
+        assert self.info.get("ready"), self.info
+        return self.info
+
+    def call(self, msg: dict[str, Any]) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(msg) + "\n")
+        self.proc.stdin.flush()
+        return self._read(REQUEST_TIMEOUT_S)
+
+    def generate(self, prompt: list[int], max_tokens: int = 1) -> dict[str, Any]:
+        """Run one request; returns num_cached_tokens, num_prompt_tokens, last_seq."""
+        return self.call({"prompt": list(prompt), "max_tokens": max_tokens})
+
+    def reset_prefix_cache(self) -> dict[str, Any]:
+        return self.call({"cmd": "reset"})
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """Close stdin (the driver shuts the engine down) and wait; kill if it hangs."""
+        if self.proc.poll() is None:
+            try:
+                assert self.proc.stdin is not None
+                self.proc.stdin.close()
+            except OSError:
+                pass
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        if not self.log.closed:
+            self.log.close()
+            os.unlink(self.log.name)
+        return self.proc.returncode
