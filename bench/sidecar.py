@@ -1,0 +1,325 @@
+"""Load generator for ``kvroute serve`` over loopback, with the Dynamo policy and Dynamo's RadixTree as peers.
+
+Workload: 64 workers, 8,192-token prompts at block size 16 (512 blocks); an
+index of >= 1M (block, worker) entries built from 64 shared 4,096-token system
+prompts, each stored prompt (system prompt + unique 4,096-token suffix) held
+by 4 workers.  Queries: 50% repeats of stored prompts, 40% new suffixes behind
+a stored system prompt, 10% cold prompts.
+
+Per policy (``kvroute`` = ours, ``dynamo`` = Dynamo's default cost through the
+same server), a ``kvroute serve`` subprocess restores the index from a
+snapshot and answers:
+
+* closed loop: one request at a time -> p50/p99 round trip of ``route``
+  (token ids sent as uint32 bytes; a ``finish`` follows each decision);
+* open loop: requests sent on a fixed schedule at increasing rates; latency
+  counted from the scheduled send time (so queueing shows); the highest rate
+  whose p99 stays under 2 ms (and which the server keeps up with) is reported.
+
+Floors, in-process and without a socket: ``Router.route`` on the same index
+(ours), and Dynamo's ``compute_block_hash_for_seq`` + ``RadixTree.find_matches``
+on the same entries (needs ``pip install ai-dynamo-runtime==1.6.1``; skipped if
+missing) -- the matching step alone, no load model.
+
+Usage: python bench/sidecar.py [--entries 1048576] [--rates 250,500,...] [--seconds 2] [--json]
+The load generator shares the machine with the server; on a 2-core box both
+compete for CPU, which bounds the open-loop figures.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import msgpack
+import numpy as np
+import zmq
+
+BS = 16
+PROMPT = 8192
+SYSTEM = 4096
+N_SYSTEM = 64
+COPIES = 4
+
+
+def build_workload(workers: int, target_entries: int, seed: int = 0):
+    from kvroute import KVIndex
+    from kvroute.kvindex import block_hash_list
+
+    rng = np.random.default_rng(seed)
+    systems = [rng.integers(0, 128000, SYSTEM, dtype=np.uint32) for _ in range(N_SYSTEM)]
+    index = KVIndex(BS)
+    for w in range(workers):
+        index.add_worker(f"w{w}")
+    stored = []
+    i = 0
+    while len(index) < target_entries:
+        s = i % N_SYSTEM
+        p = np.concatenate([systems[s], rng.integers(0, 128000, PROMPT - SYSTEM, dtype=np.uint32)])
+        hs = block_hash_list(p, BS)
+        for k in range(COPIES):
+            index.store(f"w{(i * 7 + k * 17) % workers}", hs)
+        stored.append((p, (i * 7) % workers))
+        i += 1
+    queries = []
+    for j in range(4000):
+        u = rng.random()
+        if u < 0.5:
+            queries.append(stored[int(rng.integers(0, len(stored)))][0])
+        elif u < 0.9:
+            s = int(rng.integers(0, N_SYSTEM))
+            queries.append(np.concatenate([systems[s], rng.integers(0, 128000, PROMPT - SYSTEM, dtype=np.uint32)]))
+        else:
+            queries.append(rng.integers(0, 128000, PROMPT, dtype=np.uint32))
+    return index, stored, queries
+
+
+def pct(xs, q):
+    return float(np.percentile(np.asarray(xs), q)) if len(xs) else float("nan")
+
+
+def start_server(cfg_path: str):
+    proc = subprocess.Popen([sys.executable, "-m", "kvroute.cli", "serve", "--config", cfg_path, "--log-level", "WARNING"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    buf = b""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        r, _, _ = select.select([proc.stdout], [], [], 1.0)
+        if r:
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            if not chunk:
+                break
+            buf += chunk
+            if b"\n" in buf:
+                return proc, json.loads(buf.split(b"\n", 1)[0])
+        if proc.poll() is not None:
+            break
+    proc.kill()
+    raise RuntimeError(f"server failed: {buf!r} {proc.stderr.read()[-2000:]!r}")
+
+
+class Gen:
+    """A DEALER socket that pipelines route (+ finish) requests and matches replies by id."""
+
+    def __init__(self, ctx, address):
+        self.s = ctx.socket(zmq.DEALER)
+        self.s.setsockopt(zmq.LINGER, 0)
+        self.s.setsockopt(zmq.SNDHWM, 0)
+        self.s.setsockopt(zmq.RCVHWM, 0)
+        self.s.connect(address)
+        self.rid = 0
+
+    def send_route(self, tok_bytes: bytes) -> int:
+        self.rid += 1
+        rid = self.rid
+        self.s.send_multipart([b"", msgpack.packb({"op": "route", "id": rid, "request_id": rid,
+                                                    "token_ids": tok_bytes, "costs": False})])
+        return rid
+
+    def send_finish(self, rid: int) -> None:
+        self.s.send_multipart([b"", msgpack.packb({"op": "finish", "id": -rid, "request_id": rid})])
+
+    def recv(self, timeout_ms: int):
+        if not self.s.poll(timeout_ms, zmq.POLLIN):
+            return None
+        rep = msgpack.unpackb(self.s.recv_multipart()[-1], raw=False, strict_map_key=False)
+        if not rep.get("ok"):
+            raise RuntimeError(f"error reply: {rep}")
+        return rep
+
+
+def closed_loop(gen: Gen, qbytes, n: int) -> list[float]:
+    lat = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        rid = gen.send_route(qbytes[i % len(qbytes)])
+        while True:
+            rep = gen.recv(5000)
+            if rep is None:
+                raise RuntimeError("timeout")
+            if rep["id"] == rid:
+                break
+        lat.append(time.perf_counter() - t0)
+        gen.send_finish(rid)
+        while True:
+            rep = gen.recv(5000)
+            if rep is None or rep["id"] == -rid:
+                break
+    return lat
+
+
+def open_loop(gen: Gen, qbytes, rate: float, seconds: float) -> dict:
+    n = max(50, int(rate * seconds))
+    interval = 1.0 / rate
+    sched: dict[int, float] = {}
+    lat: list[float] = []
+    outstanding = 0
+    t_start = time.perf_counter() + 0.01
+    sent = 0
+    last_reply = t_start
+    while sent < n or outstanding:
+        now = time.perf_counter()
+        if sent < n and now >= t_start + sent * interval:
+            due = t_start + sent * interval
+            rid = gen.send_route(qbytes[sent % len(qbytes)])
+            sched[rid] = due
+            sent += 1
+            outstanding += 1
+            continue
+        wait = 0 if sent < n and (t_start + sent * interval - now) < 0.001 else (
+            int((t_start + sent * interval - now) * 1000) if sent < n else 2000)
+        rep = gen.recv(wait)
+        if rep is None:
+            if sent >= n and outstanding:
+                raise RuntimeError("server stopped answering")
+            continue
+        rid = rep["id"]
+        if rid > 0:
+            t = time.perf_counter()
+            lat.append(t - sched.pop(rid))
+            last_reply = t
+            outstanding -= 1
+            gen.send_finish(rid)
+    # drain finish replies
+    while gen.recv(50) is not None:
+        pass
+    span = last_reply - t_start
+    return {"rate": rate, "n": n, "achieved": n / span if span > 0 else float("nan"),
+            "p50_ms": pct(lat, 50) * 1e3, "p99_ms": pct(lat, 99) * 1e3}
+
+
+def in_process_floors(index, queries, n: int) -> dict:
+    from kvroute.router import Router
+
+    out = {}
+    r = Router([f"w{i}" for i in range(len(index.workers()))], BS, index=index)
+    t = []
+    for i in range(n):
+        q = queries[i % len(queries)]
+        t0 = time.perf_counter()
+        r.route(q, request_id=i)
+        t.append(time.perf_counter() - t0)
+        r.finish(i)
+    out["kvroute Router.route (in-process)"] = (pct(t, 50) * 1e6, pct(t, 99) * 1e6)
+    return out
+
+
+def dynamo_floor(stored, workers: int, queries, n: int):
+    try:
+        from dynamo._core import RadixTree, compute_block_hash_for_seq
+    except ImportError:
+        return None
+    tree = RadixTree()
+    eid = 0
+    for i, (p, _) in enumerate(stored):
+        local = compute_block_hash_for_seq(p.tolist(), BS)
+        blocks = [{"block_hash": (i << 10) + j, "tokens_hash": h} for j, h in enumerate(local)]
+        # system-prompt blocks get the same external hash wherever they occur, as an engine's would
+        sys_n = SYSTEM // BS
+        sid = i % N_SYSTEM
+        for j in range(sys_n):
+            blocks[j]["block_hash"] = (1 << 40) + (sid << 10) + j
+        for k in range(COPIES):
+            w = (i * 7 + k * 17) % workers
+            ev = {"event_id": eid, "dp_rank": 0, "data": {"stored": {"parent_hash": None, "blocks": blocks}}}
+            tree.apply_event(w, json.dumps(ev).encode())
+            eid += 1
+    t = []
+    for i in range(n):
+        q = queries[i % len(queries)].tolist()
+        t0 = time.perf_counter()
+        tree.find_matches(compute_block_hash_for_seq(q, BS)).scores
+        t.append(time.perf_counter() - t0)
+    return pct(t, 50) * 1e6, pct(t, 99) * 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--entries", type=int, default=1 << 20)
+    ap.add_argument("--workers", type=int, default=64)
+    ap.add_argument("--policies", default="kvroute,dynamo")
+    ap.add_argument("--closed", type=int, default=1000, help="closed-loop requests per policy")
+    ap.add_argument("--rates", default="250,500,750,1000,1250,1500,2000,2500,3000")
+    ap.add_argument("--seconds", type=float, default=2.0, help="duration of each open-loop rate")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    t0 = time.perf_counter()
+    index, stored, queries = build_workload(args.workers, args.entries)
+    qbytes = [q.astype("<u4").tobytes() for q in queries]
+    tmp = tempfile.mkdtemp(prefix="kvroute-bench-")
+    snap = os.path.join(tmp, "index.snap")
+    index.save(snap)
+    build_s = time.perf_counter() - t0
+    res: dict = {"entries": len(index), "workers": args.workers, "prompt_tokens": PROMPT, "block_size": BS,
+                 "build_s": build_s, "policies": {}}
+    ctx = zmq.Context()
+    try:
+        for pol in args.policies.split(","):
+            run_snap = os.path.join(tmp, f"{pol}.snap")
+            shutil.copy(snap, run_snap)
+            cfg = {"bind": "tcp://127.0.0.1:*", "http_port": 0, "block_size": BS, "policy": pol, "snapshot": run_snap,
+                   "workers": [{"id": f"w{i}"} for i in range(args.workers)]}
+            cfg_path = os.path.join(tmp, f"{pol}.json")
+            with open(cfg_path, "w") as f:
+                json.dump(cfg, f)
+            proc, ready = start_server(cfg_path)
+            try:
+                assert ready["restored"] and ready["index_entries"] == len(index), ready
+                gen = Gen(ctx, ready["address"])
+                closed_loop(gen, qbytes, 100)  # warm up
+                lat = closed_loop(gen, qbytes, args.closed)
+                row = {"closed_p50_ms": pct(lat, 50) * 1e3, "closed_p99_ms": pct(lat, 99) * 1e3, "open": []}
+                best = 0.0
+                fails = 0
+                for rate in [float(x) for x in args.rates.split(",")]:
+                    o = open_loop(gen, qbytes, rate, args.seconds)
+                    row["open"].append(o)
+                    ok = o["p99_ms"] < 2.0 and o["achieved"] >= 0.95 * rate
+                    if ok:
+                        best = max(best, rate)
+                        fails = 0
+                    else:
+                        fails += 1
+                        if fails >= 2:
+                            break
+                row["max_rate_p99_under_2ms"] = best
+                res["policies"][pol] = row
+                gen.s.close()
+            finally:
+                proc.terminate()
+                proc.wait(120)
+        res["floors_us"] = in_process_floors(index, queries, 1000)
+        dyn = dynamo_floor(stored, args.workers, queries, 1000)
+        if dyn is not None:
+            res["floors_us"]["dynamo hash + RadixTree.find_matches (in-process)"] = dyn
+    finally:
+        ctx.term()
+        shutil.rmtree(tmp, ignore_errors=True)
+    if args.json:
+        print(json.dumps(res, indent=1))
+        return
+    print(f"index: {res['entries']:,} entries, {args.workers} workers, {PROMPT}-token prompts, block {BS} "
+          f"(built in {build_s:.1f} s)")
+    print(f"{'policy':10} {'closed p50':>11} {'closed p99':>11} {'max rate (p99<2ms)':>19}")
+    for pol, row in res["policies"].items():
+        print(f"{pol:10} {row['closed_p50_ms']:9.3f}ms {row['closed_p99_ms']:9.3f}ms {row['max_rate_p99_under_2ms']:15.0f}/s")
+    for pol, row in res["policies"].items():
+        print(f"open loop, {pol}: " + "  ".join(f"{o['rate']:.0f}/s p50 {o['p50_ms']:.2f} p99 {o['p99_ms']:.2f} ms"
+                                               for o in row["open"]))
+    if len(res["policies"]) >= 2 and "kvroute" in res["policies"] and "dynamo" in res["policies"]:
+        a, b = res["policies"]["kvroute"], res["policies"]["dynamo"]
+        print(f"ratio kvroute/dynamo-policy closed p50: {a['closed_p50_ms'] / b['closed_p50_ms']:.2f}")
+    for name, (p50, p99) in res["floors_us"].items():
+        print(f"floor: {name}: p50 {p50:.0f} us, p99 {p99:.0f} us")
+
+
+if __name__ == "__main__":
+    main()
