@@ -303,7 +303,7 @@ class Router:
                 ds = ps
             uncached = max(0, num_tokens - chosen.total * bs)
             self._commit(request_id, ps, ds, uncached, nb)
-            if hs:
+            if hs and chosen.confirmed < nb:  # nothing to speculate when the index confirms the whole prompt
                 pending.add(slot_of[ps.id], hs)
             self.policy.on_routed(req, fleet, chosen)
             cached = chosen.total * bs
