@@ -304,3 +304,13 @@ def test_weights_dataclass_and_dict():
     assert isinstance(r.policy.weights, KVRouteWeights) and r.policy.weights.fleet_weight == 0.0
     with pytest.raises(TypeError):
         Router(["a"], 16, policy="dynamo", weights=KVRouteWeights())
+
+
+def test_role_changes_switch_disaggregation():
+    r = Router(["a", "b"], 16)
+    r.add_worker("b", role="decode")
+    d = r.route_hashes([1], num_tokens=16, request_id=1)
+    assert (d.prefill_worker, d.decode_worker) == ("a", "b")
+    r.add_worker("b", role="both")  # back to an aggregated fleet
+    d = r.route_hashes([2], num_tokens=16, request_id=2)
+    assert d.prefill_worker is None and d.decode_worker is None

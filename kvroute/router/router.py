@@ -140,8 +140,7 @@ class Router:
                 else:
                     self._slot[worker] = self._next_slot
                     self._next_slot += 1
-            if role is not Role.BOTH:
-                self._disaggregated = True
+            self._disaggregated = any(x.role is not Role.BOTH for x in self._states.values())
             self.index.add_worker(worker)
             self._pools_changed()
 
