@@ -132,16 +132,21 @@ def _one_hash(h: Any) -> Any:
         raise _err("bad_hash", str(exc)) from None
 
 
-def _tokens(v: Any, lim: DecodeLimits) -> tuple[int, ...]:
+def _tokens(v: Any, lim: DecodeLimits) -> tuple[tuple[int, ...], bytes]:
+    """The token ids as a tuple and as uint32-LE bytes (validated in C by ``array``)."""
     if type(v) is not list:
         raise _err("bad_tokens", f"token_ids must be an array, got {type(v).__name__}")
     if len(v) > lim.max_tokens_per_event:
         raise _err("too_many_tokens", f"{len(v)} token ids > limit {lim.max_tokens_per_event}")
     try:
-        array.array("I", v)  # ints in [0, 2**32 - 1], checked in C
+        a = array.array("I", v)  # ints in [0, 2**32 - 1], checked in C
     except (TypeError, OverflowError):
         raise _err("bad_tokens", "token ids must be integers in [0, 2**32 - 1]") from None
-    return tuple(v)
+    if a.itemsize != 4:  # pragma: no cover - no mainstream platform
+        return tuple(v), b""
+    if not _LITTLE:  # pragma: no cover - big-endian hosts
+        a.byteswap()
+    return tuple(v), a.tobytes()
 
 
 def _opt_int(v: Any, name: str) -> int | None:
@@ -201,7 +206,7 @@ def _stored(ev: dict, lim: DecodeLimits) -> BlockStored:
     if parent is not None:
         parent = _one_hash(parent)
     raw_tokens = ev.get("token_ids")
-    tokens = _tokens(raw_tokens, lim) if raw_tokens is not None else _NO_ITEMS
+    tokens, token_bytes = _tokens(raw_tokens, lim) if raw_tokens is not None else (_NO_ITEMS, b"")
     bs = ev.get("block_size", 0)
     if type(bs) is not int or bs < 0 or bs > lim.max_tokens_per_event:
         raise _err("bad_field", f"block_size must be a non-negative int, got {bs!r:.40}")
@@ -217,6 +222,7 @@ def _stored(ev: dict, lim: DecodeLimits) -> BlockStored:
         extra_keys=_extra_keys(ev.get("extra_keys"), len(hashes)) if tokens else None,
         group_idx=_opt_int(ev.get("group_idx"), "group_idx"),
         spec_kind=_opt_str(ev.get("kv_cache_spec_kind"), "kv_cache_spec_kind"),
+        token_bytes=token_bytes or None,
     )
 
 

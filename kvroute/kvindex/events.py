@@ -41,6 +41,10 @@ class BlockStored:
     group_idx: int | None = None
     #: KV-cache spec kind of that group (e.g. "full_attention"), when reported.
     spec_kind: str | None = None
+    #: ``token_ids`` as uint32 little-endian bytes, when the producer (a wire
+    #: decoder) already has them; saves the index a conversion.  Must equal
+    #: ``tokens_to_bytes(token_ids)``; not part of equality, hash or repr.
+    token_bytes: bytes | None = field(default=None, compare=False, repr=False)
 
     @property
     def is_placeholder(self) -> bool:

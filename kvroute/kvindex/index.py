@@ -400,12 +400,28 @@ class KVIndex:
                     res.ignored += 1
                     continue
                 t = int(ev.tier)
+                blocks, any_, tiers = w.blocks, self._any, self._tiers
+                nb = ~w.bit
+                gpu_only = 0
                 for k in ev.block_hashes:
-                    c = w.blocks.get(k)
-                    if c is None or not self._remove_one(w, k, c, t):
+                    c = blocks.get(k)
+                    if c is None:
                         res.unknown_removed += 1
-                    else:
+                    elif t == _GPU and (not tiers or c not in tiers):
+                        # hot path: a GPU-only block, whose GPU mask is its any-mask
+                        m = any_[c] & nb
+                        if m:
+                            any_[c] = m
+                        else:
+                            del any_[c]
+                        del blocks[k]
+                        gpu_only += 1
+                    elif self._remove_one(w, k, c, t):
                         res.removed += 1
+                    else:
+                        res.unknown_removed += 1
+                self._entries[_GPU] -= gpu_only
+                res.removed += gpu_only
             elif isinstance(ev, AllBlocksCleared):
                 res.cleared += self._clear(w)
             else:
@@ -447,7 +463,8 @@ class KVIndex:
         extras = ev.extra_keys
         if extras is None and ev.lora_name is not None:
             extras = tuple([ev.lora_name] for _ in keys)
-        hs = chain_hashes(_token_bytes(ev.token_ids), ev.block_size, seed=seed, extras=extras)
+        tb = ev.token_bytes
+        hs = chain_hashes(_token_bytes(ev.token_ids) if tb is None else tb, ev.block_size, seed=seed, extras=extras)
         w.groups.add(ev.group_idx)
         res.stored += self._store(w, hs, t, keys)
 
