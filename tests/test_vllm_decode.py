@@ -69,16 +69,31 @@ def test_golden_block_indexes_under_the_router_content_hash():
 
 
 def test_vllm_own_encoder_when_installed():
+    """Where vllm is importable (the interop venv), frames from its own classes and encoder decode."""
     kv = pytest.importorskip("vllm.distributed.kv_events")
-    ev = kv.BlockStored(block_hashes=[GOLDEN_HASH], parent_block_hash=None, token_ids=list(range(1, 17)),
-                        block_size=16, lora_id=None, medium="GPU", lora_name=None)
-    payload = kv.KVEventBatch(ts=1700000000.5, events=[ev], data_parallel_rank=0)
     import msgspec
 
-    b = decode(msgspec.msgpack.Encoder().encode(payload))
-    assert b.ts == 1700000000.5 and b.dp_rank == 0
-    (got,) = b.events
-    assert got.block_hashes == (GOLDEN_HASH,) and got.token_ids == tuple(range(1, 17)) and got.block_size == 16
+    def make(cls, **kw):  # fill whatever fields this vLLM version requires beyond ours
+        fields = msgspec.structs.fields(cls)
+        names = {f.name for f in fields}
+        for f in fields:
+            if f.required and f.name not in kw:
+                kw[f.name] = None
+        return cls(**{k: v for k, v in kw.items() if k in names})
+
+    evs = [
+        make(kv.BlockStored, block_hashes=[GOLDEN_HASH], parent_block_hash=None, token_ids=list(range(1, 17)),
+             block_size=16, lora_id=None, medium="GPU", lora_name=None),
+        make(kv.BlockRemoved, block_hashes=[GOLDEN_HASH], medium="GPU"),
+        make(kv.AllBlocksCleared),
+    ]
+    payload = msgspec.msgpack.Encoder().encode(make(kv.KVEventBatch, ts=1700000000.5, events=evs, data_parallel_rank=0))
+    b = decode(payload)
+    assert b.ts == 1700000000.5 and b.dp_rank in (0, None)
+    stored, removed, cleared = b.events
+    assert stored.block_hashes == (GOLDEN_HASH,) and stored.token_ids == tuple(range(1, 17)) and stored.block_size == 16
+    assert removed == BlockRemoved((GOLDEN_HASH,), Tier.GPU, removed.group_idx)
+    assert cleared == AllBlocksCleared()
 
 
 # ------------------------------------------------------------------ field sets
