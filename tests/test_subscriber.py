@@ -486,3 +486,28 @@ def test_any_schedule_of_drops_reorders_restarts_ends_exact(ctx, ops, seed, host
             sub.index.check_invariants()
     finally:
         eng.close()
+
+
+def test_a_batch_the_index_refuses_is_a_counted_loss(ctx):
+    eng = FakeEngine(ctx, capacity=30)
+    ix = KVIndex(4)
+    real_apply = ix.apply
+    calls = []
+
+    def apply(worker, batch):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return real_apply(worker, batch)
+
+    ix.apply = apply
+    with KVEventSubscriber(ix, context=ctx) as sub:
+        attach(sub, eng)
+        for p in prompts(random.Random(13), 3):
+            eng.request(p)
+            eng.publish()
+        pump(sub, [eng], caught_up(sub, eng))
+        m = sub.metrics()
+        assert m["decode_errors"] == {"apply_error": 1} and m["resyncs"] == {"decode_error": 1}
+        assert m["batches"] == 2 and not m["workers"]["w"]["complete"]
+    eng.close()

@@ -532,7 +532,13 @@ class KVEventSubscriber:
             self._resync(st, "decode_error")
             return
         with self.lock:
-            res = self.index.apply(st.key, batch)
+            try:
+                res = self.index.apply(st.key, batch)
+            except Exception:  # defensive: a decoded batch the index cannot take is a lost batch
+                log.exception("worker %r seq %d: index refused a decoded batch; resyncing", st.key, seq)
+                m.bump("decode_errors", "apply_error")
+                self._resync(st, "decode_error")
+                return
             c = m.c
             c["batches"] += 1
             c["events"] += len(batch.events)
