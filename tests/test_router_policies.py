@@ -264,3 +264,14 @@ def test_policies_are_pure_on_identical_state():
                     r.finish(i)
             outs.append(seq)
         assert outs[0] == outs[1], name
+
+
+def test_kvroute_fleet_pressure_hand_computed():
+    w = kvroute_cost.KVRouteWeights(fleet_pressure_cap=3.0)
+    cands = [Candidate(state(0, prefill_requests=2)), Candidate(state(1, reported_waiting=4)),
+             Candidate(state(2, reported_queue_tokens=10)), Candidate(state(3))]
+    # queued requests: 2, 4, 1 (tokens only), 0 -> mean 7/4
+    assert kvroute_cost.fleet_busy(cands, w) == pytest.approx(7 / 4)
+    cands[1].state.reported_waiting = 20  # mean 23/4 -> capped at 3
+    assert kvroute_cost.fleet_busy(cands, w) == pytest.approx(3.0)
+    assert kvroute_cost.fleet_busy([], w) == 0.0

@@ -23,9 +23,13 @@ pending part counts as GPU)::
     fleet_w   = fleet_weight * busy * bs * (max_v total_v - total_w) * t_prefill
     cost_w    = ttft_w + fleet_w
 
-``busy`` is the share of candidates with prefill work queued: the recomputation
-a scattered request causes is free on an idle fleet (idle GPUs absorb it) and
-costs someone's TTFT on a busy one.  ``u_w`` is the worker's KV usage
+``busy`` is the fleet's pressure: the mean number of requests queued for
+prefill per candidate (router count, worker report, or 1 when only queued
+tokens are reported), capped at ``fleet_pressure_cap``.  On a light fleet it is
+the share of busy workers; it grows with the backlog.  The recomputation a
+scattered request causes is free on an idle fleet (idle GPUs absorb it), costs
+someone's TTFT on a busy one, and on an overloaded one delays every request
+queued behind it.  ``u_w`` is the worker's KV usage
 (reported, else decode blocks / capacity); near a full cache the engine
 preempts and recomputes.  ``reported_queue_tokens`` is the worker's report of
 queued prompt tokens, else its waiting requests times
@@ -73,6 +77,8 @@ class KVRouteWeights:
     reported_request_tokens: int = 1024
     #: Multiplier of the fleet recomputation term (0 = per-request greedy TTFT).
     fleet_weight: float = 1.0
+    #: Cap of the fleet pressure ``busy`` (mean requests queued for prefill per worker).
+    fleet_pressure_cap: float = 16.0
     #: Hot-prefix relief: replicate when the best-cached worker's TTFT exceeds this times the best TTFT.
     relief_ratio: float = 2.0
     #: KV usage above which the preemption-risk term starts.
@@ -114,11 +120,20 @@ def score(req: RouteRequest, c: Candidate, w: KVRouteWeights, *, best_total: int
     return ttft(req, c, w) + fleet_cost(req, c, w, best_total=best_total, busy=busy)
 
 
+def queued_requests(c: Candidate, w: KVRouteWeights) -> int:
+    """Requests waiting for (or in) prefill on the candidate: router count, worker report, or 1 if tokens are queued."""
+    s = c.state
+    n = max(s.prefill_requests, s.reported_waiting or 0)
+    if n == 0 and queue_tokens(c, w) > 0:
+        n = 1
+    return n
+
+
 def fleet_busy(cands: list[Candidate], w: KVRouteWeights) -> float:
-    """Share of candidates with prefill work queued."""
+    """Fleet pressure: mean requests queued for prefill per candidate, capped at ``fleet_pressure_cap``."""
     if not cands:
         return 0.0
-    return sum(1 for c in cands if queue_tokens(c, w) > 0) / len(cands)
+    return min(w.fleet_pressure_cap, sum(queued_requests(c, w) for c in cands) / len(cands))
 
 
 class KVRoutePolicy(Policy):
