@@ -275,3 +275,28 @@ def test_kvroute_fleet_pressure_hand_computed():
     cands[1].state.reported_waiting = 20  # mean 23/4 -> capped at 3
     assert kvroute_cost.fleet_busy(cands, w) == pytest.approx(3.0)
     assert kvroute_cost.fleet_busy([], w) == 0.0
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_opt_int = st.one_of(st.none(), st.integers(0, 5000))
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.lists(st.tuples(st.integers(0, 6000), st.integers(0, 5), st.integers(0, 300), _opt_int, _opt_int,
+                               st.one_of(st.none(), st.floats(0, 1)), st.one_of(st.none(), st.integers(1, 500)),
+                               st.integers(0, 8), st.integers(0, 4), st.integers(0, 4), st.integers(0, 4)),
+                     min_size=1, max_size=8))
+def test_kvroute_fast_path_equals_pure_functions(rows):
+    w = kvroute_cost.KVRouteWeights()
+    req = RouteRequest("r", num_tokens=300, num_blocks=18, block_size=16)
+    cands = []
+    for i, (pt, pr, db, rw, rq, ku, cap, g, h, d, p) in enumerate(rows):
+        s = state(i, prefill_tokens=pt, prefill_requests=pr, decode_blocks=db, reported_waiting=rw,
+                  reported_queue_tokens=rq, reported_kv_usage=ku, capacity_blocks=cap)
+        cands.append(Candidate(s, total=g + h + d + p, gpu=g, host=h, disk=d, pending=p))
+    ttfts, busy, best = kvroute_cost.ttfts_fast(req, cands, w)
+    assert ttfts == pytest.approx([kvroute_cost.ttft(req, c, w) for c in cands], rel=1e-9, abs=1e-12)
+    assert busy == pytest.approx(kvroute_cost.fleet_busy(cands, w))
+    assert best == max(c.total for c in cands)
