@@ -314,3 +314,48 @@ def test_role_changes_switch_disaggregation():
     r.add_worker("b", role="both")  # back to an aggregated fleet
     d = r.route_hashes([2], num_tokens=16, request_id=2)
     assert d.prefill_worker is None and d.decode_worker is None
+
+
+def test_membership_changes_concurrent_with_routing():
+    """One thread routes while another adds, drains, marks and removes workers."""
+    import threading
+
+    r = Router([f"w{i}" for i in range(4)], 16)
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def churn() -> None:
+        try:
+            for k in range(300):
+                w = f"x{k % 7}"
+                r.add_worker(w)
+                r.index.store(w, [1, 2, 3])
+                if k % 3 == 0:
+                    r.drain_worker(w)
+                if k % 5 == 0:
+                    r.mark_unhealthy(f"w{k % 4}", k % 10 == 0)
+                if k % 2 == 0:
+                    r.remove_worker(w)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+        finally:
+            done.set()
+
+    t = threading.Thread(target=churn)
+    t.start()
+    i = 0
+    while not done.is_set() or i < 300:
+        try:
+            d = r.route_hashes([1, 2, 3, 4 + i], num_tokens=64, request_id=i)
+            assert d.worker in r.workers() or d.worker.startswith("x")
+        except NoHealthyWorkerError:
+            pass
+        if i % 2:
+            try:
+                r.finish(i)
+            except UnknownRequestError:
+                pass
+        i += 1
+    t.join()
+    assert not errors
+    r.index.check_invariants()
