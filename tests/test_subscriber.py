@@ -511,3 +511,12 @@ def test_a_batch_the_index_refuses_is_a_counted_loss(ctx):
         assert m["decode_errors"] == {"apply_error": 1} and m["resyncs"] == {"decode_error": 1}
         assert m["batches"] == 2 and not m["workers"]["w"]["complete"]
     eng.close()
+
+
+def test_bind_addresses_are_refused_early(ctx):
+    with make_sub(ctx) as sub:
+        with pytest.raises(ValueError):
+            sub.add_worker("w", "tcp://*:5557")
+        with pytest.raises(ValueError):
+            sub.add_worker("w", "tcp://127.0.0.1:5557", "tcp://*:5558")
+        assert sub.workers() == []

@@ -241,7 +241,10 @@ class KVEventSubscriber:
         its port + r, as vLLM does) or a mapping {rank: endpoint}; the same for
         ``replay_endpoint`` (None: gaps cannot be replayed).  In the index the
         worker is ``worker_id`` when it has one rank, else ``(worker_id, rank)``.
-        Re-adding a known worker replaces its subscription.
+        Re-adding a known worker replaces its subscription: the new stream starts
+        at seq 0 again, so the engine's buffered history is replayed over the
+        entries the index already has (stores are idempotent), or, if that
+        history is gone, the resync rule clears them.
         """
         ranks = sorted(set(int(r) for r in dp_ranks))
         if not ranks or ranks[0] < 0:
@@ -256,6 +259,9 @@ class KVEventSubscriber:
                 rep = replay_endpoint.get(r)
             else:
                 rep = rank_endpoint(replay_endpoint, r, base)
+            for e in (ep, rep):
+                if e is not None and "://*" in e:
+                    raise ValueError(f"{e!r} is a bind address; give the engine's host to connect to")
             key = worker_id if len(ranks) == 1 else (worker_id, r)
             specs.append((r, key, ep, rep))
         self._submit(("add", worker_id, specs, topic.encode()))
