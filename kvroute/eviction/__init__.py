@@ -52,6 +52,7 @@ POLICIES: dict[str, Callable[..., EvictionPolicy]] = {
     "lrfu": _lazy(".policies.lrfu", "LRFU"),
     "belady": _lazy(".policies.belady", "Belady"),
     "arc": _lazy(".policies.arc", "ARC"),
+    "adaptive": _lazy(".policies.adaptive", "Adaptive"),
 }
 
 #: libcachesim policy wrappers, registered only when ``libcachesim`` is installed.

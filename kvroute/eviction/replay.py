@@ -112,3 +112,61 @@ def replay(
         "stats": st,
         "policy": cache.policies[0].describe(),
     }
+
+
+#: Age bins (seconds since the block's previous use) for :func:`miss_breakdown`.
+MISS_AGE_BINS = ((30.0, "<30s"), (120.0, "30-120s"), (480.0, "120-480s"), (float("inf"), ">=480s"))
+
+
+def miss_breakdown(
+    reqs: Sequence[Request], gpu_blocks: int, policy: str = "lru", host_blocks: int = 0
+) -> dict[str, Any]:
+    """:func:`replay` plus where the misses come from, as shares of all block accesses.
+
+    ``cold``: blocks never seen before (no cache can hit them).  The others were
+    seen before, and an infinite cache would have hit them: ``not admitted``
+    (the policy refused them at their previous use), or evicted, by the time
+    since their previous use (``evicted <30s`` ...).  ``hit + cold + the rest = 1``.
+    """
+    fac = make_tier_policy(policy, reqs)
+    cache = TieredCache(gpu_blocks, host_blocks, fac, host_policy=fac)
+    last: dict[int, float] = {}
+    refused_at: set[int] = set()
+    miss: dict[str, int] = {"cold": 0, "not admitted": 0}
+    for _, label in MISS_AGE_BINS:
+        miss["evicted " + label] = 0
+    total = 0
+    for r in reqs:
+        keys = r.keys
+        refused_before = cache.stats()["refused"]
+        t = cache.start_request(keys, r.ts)
+        cache.finish_request(t, r.ts)
+        hit = t.hit
+        for j in range(hit, len(keys)):
+            k = keys[j]
+            prev = last.get(k)
+            if prev is None:
+                miss["cold"] += 1
+            elif k in refused_at:
+                miss["not admitted"] += 1
+            else:
+                age = r.ts - prev
+                for edge, label in MISS_AGE_BINS:
+                    if age < edge:
+                        miss["evicted " + label] += 1
+                        break
+        stop = hit + t.inserted
+        if cache.stats()["refused"] > refused_before:
+            refused_at.update(keys[stop:])
+        refused_at.difference_update(keys[:stop])
+        for k in keys:
+            last[k] = r.ts
+        total += len(keys)
+    st = cache.stats()
+    n = max(1, total)
+    return {
+        "prefix_hit_ratio": (st["gpu_hits"] + st["host_hits"]) / n,
+        "gpu_hit_ratio": st["gpu_hits"] / n,
+        "host_hit_ratio": st["host_hits"] / n,
+        "misses": {k: v / n for k, v in miss.items()},
+    }

@@ -106,3 +106,44 @@ class LibCacheSimPolicy(EvictionPolicy):
 
     def describe(self) -> dict:
         return {"name": self.name, "algorithm": self.algorithm, "scan": self.scan}
+
+
+def presence_replay(reqs: Sequence, capacity: int, algorithm: str, **params) -> dict:
+    """The libcachesim cache alone, counted with prefix semantics.
+
+    Every block of every request is requested from the libcachesim cache (tail
+    first, as above); a request's hit is the longest prefix of its blocks that
+    the cache held *before* the request.  Returns ``present`` (blocks held,
+    holes included) and ``prefix`` (usable: the longest held prefix) hit
+    ratios, both over all blocks.
+    """
+    try:
+        import libcachesim
+    except ImportError as e:  # pragma: no cover
+        raise PolicyUnavailableError("libcachesim is not installed (pip install libcachesim)") from e
+    need = MIN_CAPACITY.get(algorithm, 1)
+    if capacity < need:
+        raise PolicyUnavailableError(f"libcachesim {algorithm} needs at least {need} blocks, got {capacity}")
+    cache = getattr(libcachesim, algorithm)(cache_size=capacity, **params)
+    req = libcachesim.Request()
+    req.obj_size = 1
+    find, get = cache.find, cache.get
+    total = present = prefix = 0
+    for r in reqs:
+        keys = r.keys
+        req.clock_time = int(r.ts)
+        run = True
+        for k in keys:
+            req.obj_id = hash(k) & _MASK
+            if find(req, False) is not None:
+                present += 1
+                if run:
+                    prefix += 1
+            else:
+                run = False
+        for k in reversed(keys):
+            req.obj_id = hash(k) & _MASK
+            get(req)
+        total += len(keys)
+    total = max(1, total)
+    return {"present": present / total, "prefix": prefix / total}
