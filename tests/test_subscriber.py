@@ -520,3 +520,26 @@ def test_bind_addresses_are_refused_early(ctx):
         with pytest.raises(ValueError):
             sub.add_worker("w", "tcp://127.0.0.1:5557", "tcp://*:5558")
         assert sub.workers() == []
+
+
+@pytest.mark.parametrize("buffer", [10_000, 3])
+def test_joining_a_running_engine_replays_its_history(ctx, buffer):
+    eng = FakeEngine(ctx, capacity=24, replay_buffer=buffer)
+    gen = prompts(random.Random(14), 100)
+    for _ in range(10):  # published before anyone listens
+        eng.request(next(gen))
+        eng.publish()
+    with make_sub(ctx) as sub:
+        attach(sub, eng)
+        eng.request(next(gen))
+        eng.publish()
+        pump(sub, [eng], caught_up(sub, eng))
+        m = sub.metrics()
+        if buffer > 10:  # the whole history was still buffered: exact
+            assert sub.index.blocks_of("w") == eng.true_blocks()
+            assert m["resyncs"] == {} and m["workers"]["w"]["complete"]
+        else:  # history gone: resynced, a subset of the truth, incomplete
+            assert m["replays_failed"] == {"overrun": 1} and not m["workers"]["w"]["complete"]
+            truth = eng.true_blocks()
+            assert all(truth.get(c) == t for c, t in sub.index.blocks_of("w").items())
+    eng.close()
