@@ -32,5 +32,7 @@ def start_engine(vllm_env: tuple[str, str]) -> Iterator[Any]:
         return eng
 
     yield start
+    for eng in engines:  # let them all shut down at once
+        eng.close_input()
     for eng in engines:
         eng.stop()

@@ -25,7 +25,9 @@ Parts:
     (``last_seq`` is -1 while nothing was published);
   - ``{"cmd": "reset"}`` -> ``{"reset": true|false, "last_seq": s}``
     (``reset_prefix_cache``: vLLM publishes ``AllBlocksCleared`` with the next step);
-  - end of input -> the engine shuts down and the process exits 0.
+  - end of input -> the process exits 0 at once (``os._exit``: the engine core
+    runs in this process and holds no child processes; vLLM's orderly teardown
+    takes several seconds and tests start and stop engines often).
 
   The first line written is ``{"ready": true, "load_s": ..., "vllm": version,
   "num_gpu_blocks": ..., "gpu_eviction": ...}`` once the engine is up.  Logs
@@ -143,7 +145,8 @@ def serve(args, out) -> int:
             }
         out.write(json.dumps(reply) + "\n")
         out.flush()
-    return 0
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def main(argv=None) -> int:

@@ -128,14 +128,18 @@ class EngineProcess:
     def reset_prefix_cache(self) -> dict[str, Any]:
         return self.call({"cmd": "reset"})
 
-    def stop(self, timeout: float = 60.0) -> int:
-        """Close stdin (the driver shuts the engine down) and wait; kill if it hangs."""
-        if self.proc.poll() is None:
+    def close_input(self) -> None:
+        """Close stdin: the driver shuts the engine down and exits (see :meth:`stop`)."""
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
             try:
-                assert self.proc.stdin is not None
                 self.proc.stdin.close()
             except OSError:
                 pass
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """Close stdin (the driver shuts the engine down) and wait; kill if it hangs."""
+        if self.proc.poll() is None:
+            self.close_input()
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:

@@ -48,54 +48,59 @@ def predicted_cached(index: KVIndex, worker: Any, prompt: list[int]) -> int:
 
 
 class Follower:
-    """kvroute's side of one engine: index, subscriber, and batches expected so far."""
+    """kvroute's side of a fleet: one index, one subscriber, batches expected per worker."""
 
-    def __init__(self, worker: str) -> None:
-        self.worker = worker
+    def __init__(self, *workers: str) -> None:
+        self.workers = workers
+        self.worker = workers[0]  # the single-engine test's worker
         self.index = KVIndex(block_size=BS)
         self.sub = KVEventSubscriber(self.index)
-        #: Batches published by this worker's earlier engine lifetimes (seq restarts at 0).
-        self.published_before = 0
-        #: Batches published by the current lifetime (last_seq + 1 of the latest reply).
-        self.published_now = 0
-        #: One record per request: prompt length, predicted and reported cached tokens.
+        #: {worker: batches published by its earlier engine lifetimes} (seq restarts at 0).
+        self.published_before = dict.fromkeys(workers, 0)
+        #: {worker: batches published by the current lifetime} (last_seq + 1 of its latest reply).
+        self.published_now = dict.fromkeys(workers, 0)
+        #: One record per request: worker, prompt length, predicted and reported cached tokens.
         self.log: list[dict[str, Any]] = []
 
-    def follow(self, eng: EngineProcess) -> None:
-        self.sub.add_worker(self.worker, eng.endpoint, eng.replay_endpoint)
+    def follow(self, eng: EngineProcess, worker: str | None = None) -> None:
+        self.sub.add_worker(worker or self.worker, eng.endpoint, eng.replay_endpoint)
 
-    def applied(self) -> int:
-        return self.sub.metrics()["workers"][self.worker]["batches"]
+    def applied(self, worker: str) -> int:
+        return self.sub.metrics()["workers"][worker]["batches"]
 
-    def sync(self, timeout: float = SYNC_TIMEOUT_S) -> bool:
-        """Poll until every batch the engine published has been applied."""
-        want = self.published_before + self.published_now
+    def sync(self, worker: str, timeout: float = SYNC_TIMEOUT_S) -> bool:
+        """Poll until every batch the worker's engine published has been applied."""
+        want = self.published_before[worker] + self.published_now[worker]
         deadline = time.monotonic() + timeout
-        while self.applied() < want:
+        while self.applied(worker) < want:
             if time.monotonic() > deadline:
                 return False
             self.sub.poll(100)
         return True
 
-    def request(self, eng: EngineProcess, prompt: list[int], tag: str, *, sync_timeout: float = SYNC_TIMEOUT_S) -> dict:
-        pred = predicted_cached(self.index, self.worker, prompt)
+    def request(self, eng: EngineProcess, prompt: list[int], tag: str, *, worker: str | None = None,
+                predicted: int | None = None, sync_timeout: float = SYNC_TIMEOUT_S) -> dict:
+        """Send ``prompt`` to ``eng``; ``predicted`` defaults to the index's prediction."""
+        worker = worker or self.worker
+        pred = predicted_cached(self.index, worker, prompt) if predicted is None else predicted
         r = eng.generate(prompt)
         assert r["num_prompt_tokens"] == len(prompt)
-        self.published_now = r["last_seq"] + 1
-        rec = {"tag": tag, "n": len(prompt), "predicted": pred, "reported": r["num_cached_tokens"]}
+        self.published_now[worker] = r["last_seq"] + 1
+        rec = {"tag": tag, "worker": worker, "n": len(prompt), "predicted": pred, "reported": r["num_cached_tokens"]}
         self.log.append(rec)
-        rec["synced"] = self.sync(sync_timeout)
+        rec["synced"] = self.sync(worker, sync_timeout)
         return rec
 
-    def new_lifetime(self) -> None:
-        self.published_before += self.published_now
-        self.published_now = 0
+    def new_lifetime(self, worker: str | None = None) -> None:
+        worker = worker or self.worker
+        self.published_before[worker] += self.published_now[worker]
+        self.published_now[worker] = 0
 
     def close(self) -> None:
         self.sub.close()
 
 
-def start_and_sync(f: Follower, eng: EngineProcess, rng: random.Random) -> None:
+def start_and_sync(f: Follower, eng: EngineProcess, rng: random.Random, worker: str | None = None) -> None:
     """Wait for the engine, then send unique probes until the subscriber is in step.
 
     A SUB socket may join after the engine's first batch went out; the next
@@ -103,7 +108,7 @@ def start_and_sync(f: Follower, eng: EngineProcess, rng: random.Random) -> None:
     """
     eng.wait_ready()
     for attempt in range(3):
-        rec = f.request(eng, [rng.choice(VOCAB) for _ in range(40)], f"probe{attempt}", sync_timeout=2.0)
+        rec = f.request(eng, [rng.choice(VOCAB) for _ in range(40)], f"probe{attempt}", worker=worker, sync_timeout=2.0)
         rec["probe"] = True  # may legitimately miss its batch (slow joiner); the next probe replays it
         if rec["synced"]:
             return
@@ -195,3 +200,52 @@ def _lcp_blocks(a: list[int], b: list[int]) -> int:
     while (n + 1) * BS <= min(len(a), len(b)) and a[n * BS:(n + 1) * BS] == b[n * BS:(n + 1) * BS]:
         n += 1
     return n
+
+
+def test_router_across_two_engines(start_engine) -> None:
+    """kvroute's Router over two real engines: every decision's predicted cached tokens
+    equal what the chosen engine reports, and prompts follow their cached prefix."""
+    from kvroute.router import Router
+
+    rng = random.Random(42)
+
+    def toks(n: int) -> list[int]:
+        return [rng.choice(VOCAB) for _ in range(n)]
+
+    names = ("engine-a", "engine-b")
+    # both engines load at once (two processes); the waits below overlap their start-up
+    engines = {n: start_engine(port=free_port(), replay_port=free_port(), num_gpu_blocks=NUM_GPU_BLOCKS) for n in names}
+    f = Follower(*names)
+    try:
+        for n, eng in engines.items():
+            f.follow(eng, n)
+        for n, eng in engines.items():
+            start_and_sync(f, eng, rng, n)
+        now = [0.0]
+        router = Router(names, block_size=BS, index=f.index, clock=lambda: now[0], lock=f.sub.lock)
+        systems = [toks(rng.randint(2, 4) * BS) for _ in range(6)]
+        home: dict[int, str] = {}
+        for i in range(36):
+            k = rng.randrange(len(systems))
+            prompt = systems[k] + toks(rng.randint(5, 60))
+            with f.sub.lock:
+                best = max((ov.total for ov in f.index.match_tokens(prompt, BS).values()), default=0)
+            d = router.route(prompt, request_id=i)
+            pred = min(d.predicted_cached_tokens, (len(prompt) - 1) // BS * BS)
+            rec = f.request(engines[d.worker], prompt, f"r{i}", worker=d.worker, predicted=pred)
+            router.finish(i)
+            now[0] += 10.0  # past the speculative-prefix TTL: from now on the engine's events speak
+            rec.update(system=k, best=min(best, (len(prompt) - 1) // BS) * BS, first=k not in home)
+            home.setdefault(k, d.worker)
+
+        bad = [r for r in f.log if r["predicted"] != r["reported"] or not (r["synced"] or r.get("probe"))]
+        assert not bad, f"{len(bad)} of {len(f.log)} mispredicted or unsynced: {bad}\nall: {f.log}"
+        routed = [r for r in f.log if "system" in r]
+        # an idle fleet: the router takes the longest cached prefix whenever one exists
+        missed = [r for r in routed if r["reported"] < r["best"]]
+        assert not missed, missed
+        assert sum(r["reported"] > 0 for r in routed) >= len(routed) - len(systems) - 4, routed
+        # cold prompts are spread, not all sent to the first worker
+        assert {home[k] for k in home} == set(names), home
+    finally:
+        f.close()
