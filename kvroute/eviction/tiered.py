@@ -158,6 +158,8 @@ class TieredCache:
         self._pins: dict[Hashable, int] = {}
         #: Keys the cache has told its tier's policy are candidates, per tier.
         self._cand: tuple[set, set] = (set(), set())
+        #: Host blocks of the prefix being promoted: kept out of the host candidates meanwhile.
+        self._protected: set = set()
         #: Blocks per tier [gpu, host].
         self._n = [0, 0]
         #: Events gathered during the current call: (kind, tier, key, parent).
@@ -336,6 +338,7 @@ class TieredCache:
                 if kt == t:
                     pol.on_remove(k)
             self._cand[t].clear()
+        self._protected.clear()
         for d in (self._tier, self._parent, self._depth, self._kids, self._kids_gpu, self._pins):
             d.clear()
         self._n = [0, 0]
@@ -390,7 +393,7 @@ class TieredCache:
                 if pt == _GPU and p not in self._pins:
                     self._cand[_GPU].add(p)
                     self.policies[_GPU].set_candidate(p, True)
-        if pt == _HOST and p not in self._kids:
+        if pt == _HOST and p not in self._kids and p not in self._protected:
             self._cand[_HOST].add(p)
             self.policies[_HOST].set_candidate(p, True)
 
@@ -492,6 +495,7 @@ class TieredCache:
             if tier.get(k) != _HOST or parent[k] != prev:
                 break
             out.append(k)
+            self._protected.add(k)
             if k in hc:
                 hc.discard(k)
                 hp.set_candidate(k, False)
@@ -500,6 +504,7 @@ class TieredCache:
 
     def _unprotect_host(self, keys: list) -> None:
         tier, kids, hc, hp = self._tier, self._kids, self._cand[_HOST], self.policies[_HOST]
+        self._protected.clear()
         for k in keys:
             if tier.get(k) == _HOST and k not in kids and k not in hc:
                 hc.add(k)
