@@ -113,7 +113,7 @@ class _Stream:
     __slots__ = (
         "worker", "rank", "key", "endpoint", "replay_endpoint", "topic", "sub", "dealer",
         "next_seq", "last_live", "pending", "replay_deadline", "replay_trigger", "digests", "digest_order",
-        "stale", "complete", "clean", "batches",
+        "stale", "complete", "clean", "batches", "last_ts",
     )
 
     def __init__(self, worker: WorkerId, rank: int, key: Any, endpoint: str, replay_endpoint: str | None, topic: bytes) -> None:
@@ -136,6 +136,7 @@ class _Stream:
         self.complete = True  #: every event since the engine's cache was last empty has been applied
         self.clean = 0  #: contiguous orphan-free batches since the last resync
         self.batches = 0  #: batches applied
+        self.last_ts: float | None = None  #: ``ts`` of the last batch applied
 
 
 class _Metrics:
@@ -558,6 +559,7 @@ class KVEventSubscriber:
             c["malformed_events"] += res.malformed
             m.lag(self._wall() - batch.ts)
         st.batches += 1
+        st.last_ts = batch.ts
         if any(type(ev) is AllBlocksCleared for ev in batch.events):
             st.complete = True  # the engine's cache was empty; everything since is applied
             st.stale = False
@@ -680,6 +682,7 @@ class KVEventSubscriber:
                     "stale": st.stale,
                     "complete": st.complete,
                     "batches": st.batches,
+                    "last_ts": st.last_ts,
                 }
             out["workers"] = workers
             out["stale_workers"] = sum(1 for w in workers.values() if w["stale"])
