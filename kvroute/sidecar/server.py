@@ -16,6 +16,7 @@ counted; the loop never stops on bad input.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -85,6 +86,8 @@ class SidecarServer:
         if cfg.http_port != 0:  # -1: any free port
             self.http = HTTPEndpoint(cfg.http_host, max(0, cfg.http_port), self.metrics, lambda: health(r, self.events))
             self.http.start()
+        gc.collect()
+        gc.freeze()  # the restored index is long-lived: keep it out of every future GC pass
         log.info("kvroute serve: %s, policy %s, %d workers, http %s, index %d entries%s", self.address,
                  cfg.policy, len(cfg.workers), self.http.port if self.http else "off", len(r.index),
                  " (restored)" if self.restored else "")
