@@ -224,5 +224,5 @@ def tune(policy: str, fixed_routing: str, fixed_eviction: str, objective: str, b
     if as_json:
         click.echo(json.dumps(res))
     else:
-        click.echo(f"best {objective} = {res['score']:.4g} (defaults {res['default_score']:.4g}) with "
-                   f"{json.dumps(res['params'])}; wrote {path}")
+        click.echo(f"best {objective} = {res['score']:.4g} (defaults {res['default_score']:.4g}) changing "
+                   f"{json.dumps(res['changed']) if res['changed'] else 'nothing'}; wrote {path}")

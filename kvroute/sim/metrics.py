@@ -67,6 +67,9 @@ class Summary:
     e2e_mean_s: float = float("nan")
     e2e_p50_s: float = float("nan")
     e2e_p99_s: float = float("nan")
+    #: Time per output token after the first ((finish - first token) / (output - 1)), requests with >1 token.
+    tpot_mean_s: float = float("nan")
+    tpot_p99_s: float = float("nan")
     #: Generated tokens per simulated second over the run (first arrival to last finish).
     throughput_tok_s: float = 0.0
     #: Prompt + generated tokens per simulated second.
@@ -102,7 +105,7 @@ class Summary:
 
     #: Columns of the terminal table and the CSV (the rest is in the JSON).
     TABLE = (
-        "routing", "eviction", "ttft_mean_s", "ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "e2e_mean_s",
+        "routing", "eviction", "ttft_mean_s", "ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "e2e_mean_s", "tpot_mean_s",
         "throughput_tok_s", "prefix_hit_ratio", "gpu_hit_ratio", "host_hit_ratio", "load_max_over_mean",
         "router_us_mean", "wall_s",
     )
@@ -137,6 +140,11 @@ def summarize(rec: Records, routing: str, eviction: str, *, wall_s: float = 0.0,
         s.e2e_mean_s = float(e2e.mean())
         s.e2e_p50_s = _pct(e2e, 50)
         s.e2e_p99_s = _pct(e2e, 99)
+    multi = done & (rec.output_tokens > 1)
+    if multi.any():
+        tpot = (rec.finish - rec.first_token)[multi] / (rec.output_tokens[multi] - 1)
+        s.tpot_mean_s = float(tpot.mean())
+        s.tpot_p99_s = _pct(tpot, 99)
     if span > 0:
         s.throughput_tok_s = out_tok / span
         s.total_tok_s = (out_tok + in_tok) / span

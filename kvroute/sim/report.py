@@ -21,13 +21,13 @@ from .metrics import Summary
 
 _FMT = {
     "ttft_mean_s": "{:.3f}", "ttft_p50_s": "{:.3f}", "ttft_p90_s": "{:.3f}", "ttft_p99_s": "{:.3f}",
-    "e2e_mean_s": "{:.2f}", "throughput_tok_s": "{:.0f}", "prefix_hit_ratio": "{:.4f}",
+    "e2e_mean_s": "{:.2f}", "tpot_mean_s": "{:.4f}", "throughput_tok_s": "{:.0f}", "prefix_hit_ratio": "{:.4f}",
     "gpu_hit_ratio": "{:.4f}", "host_hit_ratio": "{:.4f}", "load_max_over_mean": "{:.2f}",
     "router_us_mean": "{:.1f}", "wall_s": "{:.1f}",
 }
 _HEAD = {
     "ttft_mean_s": "ttft_mean", "ttft_p50_s": "p50", "ttft_p90_s": "p90", "ttft_p99_s": "p99",
-    "e2e_mean_s": "e2e_mean", "throughput_tok_s": "out_tok/s", "prefix_hit_ratio": "hit",
+    "e2e_mean_s": "e2e_mean", "tpot_mean_s": "tpot", "throughput_tok_s": "out_tok/s", "prefix_hit_ratio": "hit",
     "gpu_hit_ratio": "gpu_hit", "host_hit_ratio": "host_hit", "load_max_over_mean": "max/mean",
     "router_us_mean": "router_us", "wall_s": "wall_s",
 }

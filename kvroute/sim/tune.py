@@ -126,7 +126,8 @@ def tune_policy(
         score = sign * v if v is not None and not math.isnan(v) else math.inf
         evaluations.append((dict(params), v))
         if log:
-            log(f"  [{len(evaluations)}/{budget}] {objective}={v:.5g} {json.dumps(params)}")
+            diff = {k: x for k, x in params.items() if x != space[k]}
+            log(f"  [{len(evaluations)}/{budget}] {objective}={v:.5g} {json.dumps(diff) if diff else '(defaults)'}")
         return score
 
     best = dict(space)
