@@ -148,6 +148,8 @@ class Adaptive(EvictionPolicy):
         self._seq = 0
         #: Hinted rates: key -> requests per second (router's cluster-wide view).
         self._hint: dict[Hashable, float] = {}
+        #: Candidate heap of hinted blocks: (rate, seq, key).
+        self._hint_heap: list = []
         self._requests = 0
         self._accesses = 0
         self._now = 0.0
@@ -288,12 +290,17 @@ class Adaptive(EvictionPolicy):
         if m is None:
             m = self._meta[key] = [self._now, 0]
         self._seq += 1
+        r = self._hint.get(key)
+        if r is not None:  # hinted blocks wait in their own heap, lowest rate first
+            self._cand[key] = (-1, self._seq)
+            heapq.heappush(self._hint_heap, (r, self._seq, key))
+            return
         c = m[1]
         self._cand[key] = (c, self._seq)
         heapq.heappush(self._heaps[c], (m[0], self._seq, key))
 
     def _head(self, c: int):
-        h, cand = self._heaps[c], self._cand
+        h, cand = (self._heaps[c] if c >= 0 else self._hint_heap), self._cand
         while h:
             t, seq, key = h[0]
             e = cand.get(key)
@@ -306,17 +313,17 @@ class Adaptive(EvictionPolicy):
         """The class head with the lowest density (older first among equals)."""
         best = None
         best_v = best_t = math.inf
-        hint = self._hint
-        for c in range(self.nclasses):
+        for c in range(-1, self.nclasses):
             e = self._head(c)
             if e is None:
                 continue
             t, seq, key = e
-            v = self._density(key, c, t)
-            if hint:
-                r = hint.get(key)
-                if r is not None and r > v:
-                    v = r
+            if c < 0:  # hinted: t is the rate; density at least the rate
+                m = self._meta.get(key)
+                v = max(t, self._density(key, m[1], m[0])) if m is not None else t
+                t = m[0] if m is not None else self._now
+            else:
+                v = self._density(key, c, t)
             if v < best_v or (v == best_v and t < best_t):
                 best, best_v, best_t = key, v, t
         if best is None:
@@ -331,7 +338,12 @@ class Adaptive(EvictionPolicy):
 
     def hint(self, popularity: Mapping[Hashable, float]) -> None:
         """Replace the hinted rates (requests/s per block) with ``popularity``."""
-        self._hint = {k: float(v) for k, v in popularity.items() if v > 0}
+        new = {k: float(v) for k, v in popularity.items() if v > 0}
+        moved = [k for k in set(self._hint) | set(new) if k in self._cand and self._hint.get(k) != new.get(k)]
+        self._hint = new
+        for k in moved:  # re-file candidates whose hint changed
+            self.set_candidate(k, False)
+            self.set_candidate(k, True)
 
     def candidates(self) -> int:
         return len(self._cand)

@@ -1,0 +1,253 @@
+"""Per-policy unit tests, the registry, the bench's JSON contract and golden figures on the bundled traces."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvroute.eviction import (
+    POLICIES,
+    PolicyUnavailableError,
+    TieredCache,
+    UnknownPolicyError,
+    make_policy,
+)
+from kvroute.eviction.policies.adaptive import Adaptive
+from kvroute.eviction.replay import (
+    TraceError,
+    capacity_blocks,
+    load_trace,
+    miss_breakdown,
+    replay,
+    unique_blocks,
+)
+
+HAVE_LCS = importlib.util.find_spec("libcachesim") is not None
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------ registry
+def test_registry_names_and_errors():
+    assert {"lru", "lfu", "lrfu", "arc", "belady", "adaptive"} <= set(POLICIES)
+    for name in ("lru", "lfu", "lrfu", "arc", "adaptive"):
+        assert make_policy(name).name == name
+    with pytest.raises(UnknownPolicyError):
+        make_policy("mru")
+    with pytest.raises(PolicyUnavailableError):
+        make_policy("belady")
+
+
+def test_kvroute_top_level_resolves_tieredcache():
+    import kvroute
+
+    assert kvroute.TieredCache is TieredCache
+
+
+# ------------------------------------------------------------------ policies
+def test_lfu_keeps_the_frequent_prompt():
+    c = TieredCache(3, policy="lfu")
+    for t in range(3):
+        c.access([1], now=t)
+    c.access([2], now=3)
+    c.access([3], now=4)
+    c.access([4], now=5)  # evicts 2 (count 1, oldest), not 1 (count 3)
+    assert set(c.blocks()) == {1, 3, 4}
+
+
+def test_lrfu_spans_lfu_and_lru():
+    def survivors(lam):
+        c = TieredCache(2, policy=lambda: make_policy("lrfu", lam=lam))
+        for t in range(4):
+            c.access([1], now=t)  # frequent but old
+        c.access([2], now=100)
+        c.access([3], now=101)
+        return set(c.blocks())
+
+    assert survivors(0.0) == {1, 3}  # LFU end: the frequent block stays
+    assert survivors(1.0) == {2, 3}  # LRU end: the recent blocks stay
+    with pytest.raises(ValueError):
+        make_policy("lrfu", lam=-1)
+
+
+def test_arc_ghost_hit_grows_recency_target():
+    c = TieredCache(2, policy="arc")
+    arc = c.policies[0]
+    c.access([1], now=0)
+    c.access([2], now=1)
+    c.access([3], now=2)  # 1 goes to ghost B1
+    assert arc.p == 0
+    c.access([1], now=3)  # ghost hit in B1: recency pays
+    assert arc.p > 0
+    c.check_invariants()
+
+
+def test_belady_evicts_farthest_and_skips_never_reused():
+    future = [[1], [2], [3], [1], [2], [4], [1]]
+    c = TieredCache(2, policy=lambda: make_policy("belady", future=future))
+    hits = [c.access(k, now=i).hit for i, k in enumerate(future)]
+    # 3 and 4 are never reused: refused; 1 and 2 stay and hit
+    assert hits == [0, 0, 0, 1, 1, 0, 1]
+    assert c.stats()["refused"] == 2
+
+
+def test_adaptive_learns_continuation_by_turn_depth():
+    # conversations: even ones continue for 4 turns, odd ones stop after the first
+    pol = Adaptive(refresh_requests=8)
+    c = TieredCache(10_000, policy=pol)
+    now = 0.0
+    base = 1000
+    for conv in range(120):
+        prefix = [0]
+        turns = 4 if conv % 2 == 0 else 1
+        for _ in range(turns):
+            new = list(range(base, base + 3))
+            base += 3
+            keys = prefix + new
+            c.access(keys, now)
+            now += 5.0
+            prefix = keys[:-1]  # the next turn reuses all but the (partial) tail
+    cont = pol.continuation()
+    assert cont["turn1/new0"] < cont["turn2/new0"]  # 50% of first turns vs all second turns continue
+    d = pol.describe()
+    assert d["name"] == "adaptive" and d["T"] > 0
+
+
+def test_adaptive_prefers_likely_continuations_under_pressure():
+    # same workload, small cache: adaptive must beat LRU clearly
+    reqs = []
+    now = 0.0
+    base = 1000
+    import random
+
+    rng = random.Random(7)
+    live = []  # (prefix, turns left)
+    for _ in range(600):
+        if live and rng.random() < 0.5:
+            i = rng.randrange(len(live))
+            prefix, left = live.pop(i)
+        else:
+            prefix, left = [0], (6 if rng.random() < 0.3 else 1)
+        new = list(range(base, base + 4))
+        base += 4
+        keys = prefix + new
+        reqs.append(keys)
+        if left > 1:
+            live.append((keys[:-1], left - 1))
+        now += 1.0
+
+    def run(name):
+        c = TieredCache(60, policy=name)
+        return sum(c.access(k, now=i).hit for i, k in enumerate(reqs))
+
+    assert run("adaptive") > run("lru")
+
+
+def test_adaptive_hints_protect_hinted_blocks():
+    c = TieredCache(4, policy="adaptive")
+    c.access([1, 2], now=0)
+    c.hint({1: 100.0, 2: 100.0})
+    for i in range(10):
+        c.access([10 + i], now=1 + i)
+    assert 1 in c and 2 in c
+    c.check_invariants()
+
+
+def test_adaptive_depth_cost_and_overrides():
+    p = make_policy("adaptive", depth_cost=0.5)
+    assert p.w.depth_cost == 0.5
+    with pytest.raises(TypeError):
+        make_policy("adaptive", no_such_weight=1)
+
+
+# ------------------------------------------------------------- libcachesim
+@pytest.mark.skipif(not HAVE_LCS, reason="libcachesim not installed")
+def test_libcachesim_presence_lru_equals_kvroute_lru():
+    from kvroute.eviction.policies.libcachesim_wrap import presence_replay
+
+    reqs = load_trace("mooncake_conversation.jsonl", limit=1500)
+    cap = capacity_blocks(0.05, unique_blocks(reqs))
+    ours = replay(reqs, cap, "lru")["prefix_hit_ratio"]
+    theirs = presence_replay(reqs, cap, "LRU")
+    assert theirs["prefix"] == pytest.approx(ours, abs=1e-12)
+    assert presence_replay(reqs, cap, "WTinyLFU")["prefix"] <= presence_replay(reqs, cap, "WTinyLFU")["present"]
+
+
+@pytest.mark.skipif(not HAVE_LCS, reason="libcachesim not installed")
+def test_libcachesim_follower_in_tiered_cache():
+    reqs = load_trace("mooncake_conversation.jsonl", limit=300)
+    for name in ("s3fifo", "sieve", "wtinylfu"):
+        c = TieredCache(200, policy=name)
+        for r in reqs:
+            c.access(r.keys, r.ts)
+        c.check_invariants()
+        assert c.stats()["gpu_hits"] > 0
+    with pytest.raises(PolicyUnavailableError):
+        TieredCache(5, policy="s3fifo")
+
+
+# ------------------------------------------------------------------ traces
+def test_trace_errors(tmp_path):
+    with pytest.raises(TraceError):
+        load_trace(str(tmp_path / "missing.jsonl"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"timestamp": 0, "hash_ids": [1]}\n{"nope": 1}\n')
+    with pytest.raises(TraceError):
+        load_trace(str(bad))
+
+
+def test_miss_breakdown_adds_up():
+    reqs = load_trace("mooncake_conversation.jsonl", limit=800)
+    cap = capacity_blocks(0.05, unique_blocks(reqs))
+    for name in ("lru", "adaptive"):
+        r = miss_breakdown(reqs, cap, name)
+        assert r["prefix_hit_ratio"] + sum(r["misses"].values()) == pytest.approx(1.0)
+        assert r["prefix_hit_ratio"] == pytest.approx(replay(reqs, cap, name)["prefix_hit_ratio"])
+
+
+def test_bench_json_contract(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", [
+        "eviction_quality.py", "--trace", "mooncake_synthetic.jsonl", "--capacity", "0.05,0.25",
+        "--policies", "lru,adaptive", "--host-ratio", "4", "--limit", "300", "--json"])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(str(ROOT / "bench" / "eviction_quality.py"), run_name="__main__")
+    assert e.value.code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) == {"lru", "adaptive"}
+    for pol in out.values():
+        assert set(pol) == {"0.05", "0.25"}
+        for cell in pol.values():
+            assert set(cell) == {"prefix_hit_ratio", "gpu_hit_ratio", "host_hit_ratio"}
+            assert cell["prefix_hit_ratio"] == pytest.approx(cell["gpu_hit_ratio"] + cell["host_hit_ratio"])
+
+
+# ------------------------------------------------------------------ golden
+@pytest.fixture(scope="module")
+def conversation():
+    reqs = load_trace("mooncake_conversation.jsonl")
+    return reqs, unique_blocks(reqs)
+
+
+def test_golden_reference_figures(conversation):
+    """The reference figures of the traces' README (shared/traces/README.md), full trace."""
+    reqs, uniq = conversation
+    assert len(reqs) == 12031 and uniq == 182790 and sum(len(r.keys) for r in reqs) == 288500
+
+    def hit(share, name):
+        return round(replay(reqs, capacity_blocks(share, uniq), name)["prefix_hit_ratio"], 3)
+
+    assert hit(0.05, "lru") == 0.196
+    assert replay(reqs, capacity_blocks(0.01, uniq), "lru")["prefix_hit_ratio"] == pytest.approx(0.053, abs=0.0006)
+    assert hit(0.05, "lfu") == 0.127
+    assert hit(0.05, "belady") == 0.366
+
+
+def test_golden_adaptive_beats_baselines_on_a_prefix():
+    reqs = load_trace("mooncake_conversation.jsonl", limit=3000)
+    cap = capacity_blocks(0.05, unique_blocks(reqs))
+    got = {n: replay(reqs, cap, n)["prefix_hit_ratio"] for n in ("lru", "arc", "adaptive")}
+    assert got["adaptive"] > max(got["lru"], got["arc"])
+    assert round(got["lru"], 4) == 0.0585  # pinned: block-level LRU on the first 3,000 requests
