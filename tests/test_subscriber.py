@@ -545,3 +545,34 @@ def test_joining_a_running_engine_replays_its_history(ctx, buffer):
             truth = eng.true_blocks()
             assert all(truth.get(c) == t for c, t in sub.index.blocks_of("w").items())
     eng.close()
+
+
+def test_resume_from_a_snapshot_with_positions(ctx, tmp_path):
+    eng = FakeEngine(ctx, capacity=24)
+    gen = prompts(random.Random(15), 100)
+    with make_sub(ctx) as sub:
+        attach(sub, eng)
+        for _ in range(8):
+            eng.request(next(gen))
+            eng.publish()
+        pump(sub, [eng], caught_up(sub, eng))
+        with sub.lock:
+            sub.index.save(tmp_path / "ix.snap")
+            pos = sub.positions()
+    assert pos == {"w": 8}
+    for _ in range(5):  # published while no router listens
+        eng.request(next(gen))
+        eng.publish()
+    ix = KVIndex.load(tmp_path / "ix.snap")
+    with KVEventSubscriber(ix, context=ctx) as sub2:
+        sub2.add_worker("w", eng.endpoint, eng.replay_endpoint, start_seq=pos["w"])
+        assert eng.wait_for_subscribers(1, 5000)
+        eng.request(next(gen))
+        eng.publish()
+        pump(sub2, [eng], caught_up(sub2, eng))
+        m = sub2.metrics()
+        assert ix.blocks_of("w") == eng.true_blocks()
+        assert m["batches"] == 6 and m["resyncs"] == {} and m["workers"]["w"]["complete"]
+        with pytest.raises(ValueError):
+            sub2.add_worker("x", eng.endpoint, start_seq=-1)
+    eng.close()

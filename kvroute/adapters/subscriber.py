@@ -235,6 +235,7 @@ class KVEventSubscriber:
         *,
         dp_ranks: Iterable[int] = (0,),
         topic: str = "",
+        start_seq: int | Mapping[int, int] | None = None,
     ) -> None:
         """Subscribe to a worker's events (one SUB socket per data-parallel rank).
 
@@ -246,6 +247,12 @@ class KVEventSubscriber:
         at seq 0 again, so the engine's buffered history is replayed over the
         entries the index already has (stores are idempotent), or, if that
         history is gone, the resync rule clears them.
+
+        ``start_seq`` (per rank, or one int for every rank) resumes a stream
+        instead: the first batch expected is that seq, and the index's entries
+        for the worker are trusted as they are.  Use it with an index restored
+        from a snapshot taken together with :meth:`positions` (under
+        :attr:`lock`): the batches published since are replayed on the first gap.
         """
         ranks = sorted(set(int(r) for r in dp_ranks))
         if not ranks or ranks[0] < 0:
@@ -264,7 +271,10 @@ class KVEventSubscriber:
                 if e is not None and "://*" in e:
                     raise ValueError(f"{e!r} is a bind address; give the engine's host to connect to")
             key = worker_id if len(ranks) == 1 else (worker_id, r)
-            specs.append((r, key, ep, rep))
+            first = start_seq.get(r, 0) if isinstance(start_seq, Mapping) else (start_seq or 0)
+            if type(first) is not int or first < 0:
+                raise ValueError(f"start_seq must be a non-negative int, got {first!r}")
+            specs.append((r, key, ep, rep, first))
         self._submit(("add", worker_id, specs, topic.encode()))
 
     def remove_worker(self, worker_id: WorkerId, *, forget: bool = True) -> None:
@@ -275,6 +285,12 @@ class KVEventSubscriber:
         """Workers currently subscribed (commands not yet processed by the loop excluded)."""
         with self.lock:
             return sorted({s.worker for s in self._streams.values()}, key=repr)
+
+    def positions(self) -> dict[Any, int]:
+        """Index key -> next sequence number to apply; with a snapshot of the index
+        taken under the same :attr:`lock`, enough to resume (``add_worker(start_seq=...)``)."""
+        with self.lock:
+            return {s.key: s.next_seq for s in self._streams.values()}
 
     def stale_workers(self) -> set[Any]:
         """Index keys whose events were lost recently (see the module docstring)."""
@@ -295,8 +311,9 @@ class KVEventSubscriber:
         if cmd[0] == "add":
             _, worker, specs, topic = cmd
             self._drop_worker(worker, forget=False)
-            for rank, key, ep, rep in specs:
+            for rank, key, ep, rep, first in specs:
                 st = _Stream(worker, rank, key, ep, rep, topic)
+                st.next_seq = first
                 sub = self._ctx.socket(zmq.SUB)
                 sub.setsockopt(zmq.LINGER, 0)
                 sub.setsockopt(zmq.RCVHWM, self.config.rcvhwm)
