@@ -67,6 +67,7 @@ class FakeEngine:
         self.pub = ctx.socket(zmq.XPUB)
         self.pub.setsockopt(zmq.LINGER, 0)
         self.pub.setsockopt(zmq.SNDHWM, 0)
+        self.pub.setsockopt(zmq.XPUB_VERBOSE, 1)  # report every subscription, also repeated ones
         port = self.pub.bind_to_random_port(host)
         self.endpoint = f"{host}:{port}"  #: connect a SUB here
         self.router = ctx.socket(zmq.ROUTER)
