@@ -215,3 +215,20 @@ def test_shared_prefix_in_use_needs_no_extra_room():
     rec = Simulation([a, b], _toy(gpu_blocks=4)).run()
     assert rec.first_token[1] == pytest.approx(TOY.prefill_s(12) + TOY.prefill_s(4, 8))
     assert rec.gpu_hit.tolist() == [0, 2]
+
+
+def test_events_reach_the_router_when_the_prefill_step_ends_plus_lag():
+    p = TOY.prefill_s(8)
+    lag = 0.5
+    reqs = [
+        Request(0, 0.0, 8, 1, (1, 2)),
+        Request(1, p / 2, 8, 1, (1, 2)),  # during A's prefill: no event yet
+        Request(2, p + lag / 2, 8, 1, (1, 2)),  # A's events still in flight
+        Request(3, p + 2 * lag, 8, 1, (1, 2)),  # delivered
+    ]
+    rec = Simulation(reqs, _toy(routing="dynamo", event_lag_s=lag)).run()  # dynamo ignores speculative prefixes
+    assert rec.predicted_cached.tolist() == [0, 0, 0, 8]
+    rec0 = Simulation(reqs, _toy(routing="dynamo")).run()
+    assert rec0.predicted_cached.tolist() == [0, 0, 8, 8]
+    # the cache itself served B from A's blocks all along
+    assert rec0.gpu_hit.tolist() == [0, 2, 2, 2]

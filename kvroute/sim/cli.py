@@ -50,6 +50,8 @@ def _common(f: Any) -> Any:
         click.option("--max-blocks", type=int, default=None, help="Cut every prompt to its first N blocks."),
         click.option("--prefill-workers", type=int, default=0, show_default=True,
                      help="Disaggregate: this many prefill workers, the rest decode (0: aggregated)."),
+        click.option("--event-lag", type=float, default=0.0, show_default=True,
+                     help="Seconds from the end of a prefill step to the router applying its KV events."),
         click.option("--serial", is_flag=True, help="Serve requests one at a time (ignore timestamps)."),
         click.option("--vllm-last-block", is_flag=True, help="Count a fully cached prompt one block short, as vLLM does."),
         click.option("--seed", type=int, default=0, show_default=True),
@@ -72,6 +74,7 @@ def _base_config(o: dict[str, Any]) -> Any:
         workers=o["workers"], gpu_blocks=o["gpu_blocks"], host_blocks=o["host_blocks"],
         block_tokens=o["block_tokens"], rate_scale=o["rate_scale"], cost=cost, serial=o["serial"],
         vllm_last_block=o["vllm_last_block"], prefill_workers=o["prefill_workers"], seed=o["seed"],
+        event_lag_s=o["event_lag"],
     )
 
 

@@ -6,12 +6,16 @@ Parts (one :class:`Simulation` per (routing, eviction) run):
   clock is the simulated clock, and its CPU time per decision is measured;
 * each *worker* owns a :class:`kvroute.eviction.TieredCache` (GPU and host
   capacity in blocks, the chosen eviction policy) whose stored/removed events go
-  into ``router.index`` through :meth:`KVIndex.apply`, exactly as a real
-  engine's events would; the trace's ``hash_ids`` are the block hashes (they are
-  already prefix-chained), used as engine hashes and content hashes alike;
+  into ``router.index`` through :func:`kvroute.eviction.index_follower`
+  (``KVIndex.store``/``remove``: the trace's ``hash_ids`` are already
+  prefix-chained, so they serve as content hashes and engine hashes alike).
+  Like an engine, a worker publishes the events of a prefill when that step
+  ends (plus ``event_lag_s``), so between a decision and the events the router
+  relies on its speculative prefixes;
 * time is advanced by a heap of events: ``ARRIVE`` (trace timestamp / rate
   scale), ``PREFILL_DONE``, ``DECODE_DONE`` (a run of decode steps of the whole
-  batch), ``TRANSFER_DONE`` (prefill -> decode KV transfer, disaggregated only).
+  batch), ``TRANSFER_DONE`` (prefill -> decode KV transfer, disaggregated only),
+  ``KV_EVENTS`` (delayed event delivery to the router).
 
 Worker model (vLLM-like, iteration level): a FIFO prefill queue with priority
 over decode (a waiting prompt is prefilled at the next decode-step boundary,
@@ -41,7 +45,7 @@ from .cost import CostModel, get_preset, DEFAULT_PRESET
 from .metrics import Records, Summary, summarize
 from .trace import Request
 
-ARRIVE, PREFILL_DONE, DECODE_DONE, TRANSFER_DONE = 0, 1, 2, 3
+ARRIVE, PREFILL_DONE, DECODE_DONE, TRANSFER_DONE, KV_EVENTS = 0, 1, 2, 3, 4
 _IDLE, _PREFILL, _DECODE = 0, 1, 2
 
 
@@ -84,6 +88,9 @@ class SimConfig:
     seed: int = 0
     #: Send worker load reports (waiting and running requests) to the router after each state change.
     report_load: bool = True
+    #: Seconds between the end of the prefill step that cached blocks and the router applying those
+    #: events (engine publish + network); the router's speculative prefixes cover the gap.
+    event_lag_s: float = 0.0
     #: Set the per-token time constants of routing policies that have them (kvroute, preble) from the
     #: cost model, as a deployment configures them for its model and GPU; explicit router_params win.
     calibrate_router: bool = True
@@ -105,6 +112,8 @@ class SimConfig:
             raise SimConfigError("gpu_blocks must be >= 1 (the model does not fit the GPU?)")
         if self.resolved_host_blocks() < 0:
             raise SimConfigError("host_blocks must be >= 0")
+        if self.event_lag_s < 0:
+            raise SimConfigError("event_lag_s must be >= 0")
         if self.block_tokens < 1 or self.max_batch < 1:
             raise SimConfigError("block_tokens and max_batch must be >= 1")
 
@@ -113,7 +122,8 @@ class _Worker:
     """State of one simulated worker.  Owned by :class:`Simulation`."""
 
     __slots__ = ("idx", "wid", "cache", "queue", "running", "joining", "mode", "gen", "epoch_start",
-                 "step_s", "epoch_steps", "ctx_sum", "cut", "prefill_role", "decode_role", "pins")
+                 "step_s", "epoch_steps", "ctx_sum", "cut", "prefill_role", "decode_role", "pins", "outbox",
+                 "in_transit", "follower")
 
     def __init__(self, idx: int, wid: Any, cache: Any, prefill_role: bool, decode_role: bool) -> None:
         self.idx = idx
@@ -142,6 +152,12 @@ class _Worker:
         #: Blocks pinned by this worker's requests in flight -> number of requests pinning them
         #: (mirrors the cache's pins; sizes the room a new prompt has).
         self.pins: dict[Any, int] = {}
+        #: Event batches of the cache not yet published (the current prefill's).
+        self.outbox: list[Any] = []
+        #: Published batches on their way to the router: (delivery time, batches), in order.
+        self.in_transit: deque[tuple[float, list[Any]]] = deque()
+        #: Applies one batch to the router's index (``index_follower``).
+        self.follower: Callable[[Any], None] | None = None
 
 
 class Simulation:
@@ -182,9 +198,13 @@ class Simulation:
             if pre:
                 cache = TieredCache(
                     self.gpu_blocks, self.host_blocks, policy=_policy_factory(config, requests),
-                    on_event=index_follower(self.index, wid),
+                    on_event=None,
                 )
             w = _Worker(i, wid, cache, pre, dec)
+            if cache is not None:
+                # the cache's events wait in the worker's outbox until the prefill that caused them is done
+                cache.on_event = w.outbox.append
+                w.follower = index_follower(self.index, wid)
             self.workers.append(w)
             self.by_id[wid] = w
         self.rec = Records(len(requests), n)
@@ -226,8 +246,10 @@ class Simulation:
                 self._prefill_done(self.workers[a], b)
             elif kind == DECODE_DONE:
                 self._decode_done(self.workers[a], b)
-            else:
+            elif kind == TRANSFER_DONE:
                 self._transfer_done(self.workers[a], b)
+            else:
+                self._deliver(self.workers[a])
         if self.progress and self._pending_progress:
             self.progress(self._pending_progress)
         return self.rec
@@ -340,9 +362,29 @@ class Simulation:
         rec.host_hit[i] = host
         return self.cost.prefill_s(new, cached_tokens) + self.cost.reload_s(host_tokens)
 
+    def _publish(self, w: _Worker) -> None:
+        """The step ended: the cache's events of this prefill leave for the router (after ``event_lag_s``)."""
+        if not w.outbox:
+            return
+        batches = w.outbox[:]
+        w.outbox.clear()  # the cache appends to this very list
+        lag = self.cfg.event_lag_s
+        if lag <= 0:
+            for b in batches:
+                w.follower(b)  # type: ignore[misc]
+            return
+        w.in_transit.append((self.now + lag, batches))
+        self._push(self.now + lag, KV_EVENTS, w.idx)
+
+    def _deliver(self, w: _Worker) -> None:
+        while w.in_transit and w.in_transit[0][0] <= self.now + 1e-12:
+            for b in w.in_transit.popleft()[1]:
+                w.follower(b)  # type: ignore[misc]
+
     def _prefill_done(self, w: _Worker, i: int) -> None:
         now = self.now
         r = self.requests[i]
+        self._publish(w)
         self.rec.first_token[i] = now
         self.router.prefill_done(i)
         w.mode = _IDLE
