@@ -74,3 +74,15 @@ def test_overrides_are_typed_and_checked():
     with pytest.raises(KVRouteError):
         get_preset("gpt-5")
     assert dataclasses.asdict(m) == m.to_dict()
+
+
+def test_chunked_step_by_hand():
+    # 10 prompt tokens after 5 in KV, plus 2 decodes holding 100 tokens: compute-bound
+    flops = 2e9 * 12 + 4 * 2 * 4 * (10 * 5 + 55) + 4 * 2 * 4 * 100
+    assert TOY.step_s(10, 5, 2, 100) == pytest.approx(flops / 1e12)
+    # memory-bound when the compute is tiny: weights + (100 + 5) tokens of KV over 1 TB/s
+    slow = TOY.with_overrides({"gpu_flops": 1e15})
+    assert slow.step_s(1, 5, 1, 100) == pytest.approx((2e9 + 105 * 1000) / 1e12)
+    assert TOY.step_s(0, 0, 0, 0) == 0.0
+    # a chunk without decodes costs what prefilling it costs
+    assert TOY.step_s(10, 5, 0, 0) == pytest.approx(TOY.prefill_s(10, 5))

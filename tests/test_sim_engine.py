@@ -232,3 +232,34 @@ def test_events_reach_the_router_when_the_prefill_step_ends_plus_lag():
     assert rec0.predicted_cached.tolist() == [0, 0, 8, 8]
     # the cache itself served B from A's blocks all along
     assert rec0.gpu_hit.tolist() == [0, 2, 2, 2]
+
+
+def test_chunked_prefill_timeline_by_hand():
+    # budget 5 tokens a step; A alone: chunks of 5 and 3, then 3 decode steps
+    a = Request(0, 0.0, 8, 4, (1, 2))
+    rec = Simulation([a], _toy(chunked_prefill_tokens=5)).run()
+    first = TOY.step_s(5, 0, 0, 0) + TOY.step_s(3, 5, 0, 0)
+    assert rec.first_token[0] == pytest.approx(first)
+    assert rec.finish[0] == pytest.approx(first + 3 * TOY.decode_step_s(1, 9))
+
+
+def test_chunked_prefill_shares_steps_with_decode_by_hand():
+    a = Request(0, 0.0, 4, 100, (1,))
+    t_a = TOY.step_s(4, 0, 0, 0)
+    d1 = TOY.decode_step_s(1, 5)
+    b = Request(1, t_a + 2.5 * d1, 8, 1, (5, 6))
+    rec = Simulation([a, b], _toy(chunked_prefill_tokens=5)).run()
+    assert rec.first_token[0] == pytest.approx(t_a)
+    start_b = t_a + 3 * d1  # A decoded 3 tokens: 96 left, 8 in context
+    first_b = start_b + TOY.step_s(4, 0, 1, 8) + TOY.step_s(4, 4, 1, 9)  # A decodes in both steps
+    assert rec.first_token[1] == pytest.approx(first_b)
+    assert rec.finish[0] == pytest.approx(first_b + 94 * TOY.decode_step_s(1, 10))
+
+
+def test_conservation_with_chunked_prefill(conversation):
+    reqs = conversation[:300]
+    sim = Simulation(reqs, SimConfig(workers=3, gpu_blocks=300, host_blocks=200, rate_scale=6.0,
+                                     chunked_prefill_tokens=2048))
+    sim.run()
+    _check_conservation(sim, len(reqs))
+    assert all(w.chunk_req == -1 for w in sim.workers)

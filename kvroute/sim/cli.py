@@ -52,6 +52,8 @@ def _common(f: Any) -> Any:
                      help="Disaggregate: this many prefill workers, the rest decode (0: aggregated)."),
         click.option("--event-lag", type=float, default=0.0, show_default=True,
                      help="Seconds from the end of a prefill step to the router applying its KV events."),
+        click.option("--chunked-prefill", type=int, default=0, show_default=True, metavar="TOKENS",
+                     help="Chunked prefill with this token budget per step (vLLM's max_num_batched_tokens); 0: off."),
         click.option("--serial", is_flag=True, help="Serve requests one at a time (ignore timestamps)."),
         click.option("--vllm-last-block", is_flag=True, help="Count a fully cached prompt one block short, as vLLM does."),
         click.option("--seed", type=int, default=0, show_default=True),
@@ -74,7 +76,7 @@ def _base_config(o: dict[str, Any]) -> Any:
         workers=o["workers"], gpu_blocks=o["gpu_blocks"], host_blocks=o["host_blocks"],
         block_tokens=o["block_tokens"], rate_scale=o["rate_scale"], cost=cost, serial=o["serial"],
         vllm_last_block=o["vllm_last_block"], prefill_workers=o["prefill_workers"], seed=o["seed"],
-        event_lag_s=o["event_lag"],
+        event_lag_s=o["event_lag"], chunked_prefill_tokens=o["chunked_prefill"],
     )
 
 

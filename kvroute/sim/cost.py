@@ -15,7 +15,9 @@ Formulas (``tp`` GPUs per worker share compute, HBM and PCIe evenly)::
 
     prefill(new n, cached c) = overhead + [2 P n + 4 L d (n c + n (n + 1) / 2)] / (tp F mfu)
     reload(h tokens)         = h kv / (tp pcie)                     (added, not overlapped)
-    decode_step(b, ctx)      = overhead + max(2 P + ctx kv, 0) / (tp B eff)  vs  2 P b / (tp F mfu)
+    decode_step(b, ctx)      = overhead + max((2 P + ctx kv) / (tp B eff), 2 P b / (tp F mfu))
+    mixed step (chunked)     = overhead + max(prefill FLOPs of the chunk + 2 P b + 4 L d ctx, at prefill_mfu;
+                                              weights + KV read over HBM)
     transfer(t tokens)       = t kv / link
 
 ``2 P`` FLOPs per token for the weights (one multiply-add per parameter),
@@ -104,6 +106,24 @@ class CostModel:
         )
         compute = 2.0 * self.params * batch / (self.tp * self.gpu_flops * self.decode_mfu)
         return self.decode_overhead_s + max(mem, compute)
+
+    def step_s(self, prefill_tokens: int, prefill_ctx: int, batch: int, context_tokens: int) -> float:
+        """Seconds for one chunked-prefill step: ``prefill_tokens`` of a prompt after ``prefill_ctx``
+        tokens already in KV, plus one decode token for each of ``batch`` running sequences
+        holding ``context_tokens`` in total.  Compute (weights for every token, attention of the
+        chunk and of the decodes) at ``prefill_mfu``, or reading weights and KV, whichever is longer.
+        """
+        if prefill_tokens <= 0 and batch <= 0:
+            return 0.0
+        n, c = float(prefill_tokens), float(prefill_ctx)
+        att = 4.0 * self.n_layers * self.d_model
+        flops = 2.0 * self.params * (n + batch) + att * (n * c + n * (n + 1) / 2.0) + att * context_tokens
+        compute = flops / (self.tp * self.gpu_flops * self.prefill_mfu)
+        mem = (self.params * self.weight_bytes_per_param + (context_tokens + prefill_ctx) * self.kv_bytes_per_token) / (
+            self.tp * self.hbm_bytes_per_s * self.decode_bw_efficiency
+        )
+        overhead = self.prefill_overhead_s if prefill_tokens > 0 else self.decode_overhead_s
+        return overhead + max(compute, mem)
 
     def transfer_s(self, tokens: int) -> float:
         """Seconds to move ``tokens`` of KV from a prefill worker to a decode worker."""

@@ -19,13 +19,15 @@ Parts (one :class:`Simulation` per (routing, eviction) run):
 
 Worker model (vLLM-like, iteration level): a FIFO prefill queue with priority
 over decode (a waiting prompt is prefilled at the next decode-step boundary,
-one prompt at a time, without chunking) once the GPU has room for its blocks
-beside those of the requests in flight; the running requests decode together,
-one token each per step, the step time given by the cost model for the
-batch's size and context.  A run of decode steps is one event; an arrival cuts
-it at the next step boundary.  Simplifications (see docs/results.md): no chunked
-prefill, decode tokens do not occupy the prefix cache, prefill of one prompt is
-not batched with others.
+one prompt at a time) once the GPU has room for its blocks beside those of the
+requests in flight; the running requests decode together, one token each per
+step, the step time given by the cost model for the batch's size and context.
+A run of decode steps is one event; an arrival cuts it at the next step
+boundary.  With ``chunked_prefill_tokens`` a prompt is instead computed in
+chunks that share each step with the running decodes (vLLM's chunked prefill:
+decodes first, the prompt gets the rest of the token budget), one event per
+step.  Simplifications (see docs/results.md): decode tokens do not occupy the
+prefix cache, prompts are not batched with each other.
 
 Hits are counted in trace blocks (hash ids): the longest prefix found on the
 GPU, then continued on the host tier.  With ``vllm_last_block`` a fully cached
@@ -45,7 +47,7 @@ from .cost import CostModel, get_preset, DEFAULT_PRESET
 from .metrics import Records, Summary, summarize
 from .trace import Request
 
-ARRIVE, PREFILL_DONE, DECODE_DONE, TRANSFER_DONE, KV_EVENTS = 0, 1, 2, 3, 4
+ARRIVE, PREFILL_DONE, DECODE_DONE, TRANSFER_DONE, KV_EVENTS, STEP_DONE = 0, 1, 2, 3, 4, 5
 _IDLE, _PREFILL, _DECODE = 0, 1, 2
 
 
@@ -81,6 +83,9 @@ class SimConfig:
     prefill_workers: int = 0
     #: Most requests decoding at once on a worker (vLLM's max_num_seqs).
     max_batch: int = 256
+    #: Chunked prefill token budget per step (vLLM's max_num_batched_tokens); 0: off, a prompt is
+    #: prefilled whole while decode waits.  Aggregated workers only (a prefill-only worker has no decode).
+    chunked_prefill_tokens: int = 0
     #: Router weights (the policy's dataclass fields) and eviction policy parameters.
     router_params: dict[str, Any] = field(default_factory=dict)
     eviction_params: dict[str, Any] = field(default_factory=dict)
@@ -112,6 +117,8 @@ class SimConfig:
             raise SimConfigError("gpu_blocks must be >= 1 (the model does not fit the GPU?)")
         if self.resolved_host_blocks() < 0:
             raise SimConfigError("host_blocks must be >= 0")
+        if self.chunked_prefill_tokens < 0:
+            raise SimConfigError("chunked_prefill_tokens must be >= 0")
         if self.event_lag_s < 0:
             raise SimConfigError("event_lag_s must be >= 0")
         if self.block_tokens < 1 or self.max_batch < 1:
@@ -123,7 +130,7 @@ class _Worker:
 
     __slots__ = ("idx", "wid", "cache", "queue", "running", "joining", "mode", "gen", "epoch_start",
                  "step_s", "epoch_steps", "ctx_sum", "cut", "prefill_role", "decode_role", "pins", "outbox",
-                 "in_transit", "follower")
+                 "in_transit", "follower", "chunk_req", "chunk_left", "chunk_pos", "chunk_reload", "chunk_step")
 
     def __init__(self, idx: int, wid: Any, cache: Any, prefill_role: bool, decode_role: bool) -> None:
         self.idx = idx
@@ -158,6 +165,13 @@ class _Worker:
         self.in_transit: deque[tuple[float, list[Any]]] = deque()
         #: Applies one batch to the router's index (``index_follower``).
         self.follower: Callable[[Any], None] | None = None
+        #: Chunked prefill: the request being prefilled (-1: none), its prompt tokens left to compute,
+        #: tokens already in KV, host reload seconds still to pay, tokens of the step in flight.
+        self.chunk_req = -1
+        self.chunk_left = 0
+        self.chunk_pos = 0
+        self.chunk_reload = 0.0
+        self.chunk_step = 0
 
 
 class Simulation:
@@ -246,6 +260,8 @@ class Simulation:
                 self._prefill_done(self.workers[a], b)
             elif kind == DECODE_DONE:
                 self._decode_done(self.workers[a], b)
+            elif kind == STEP_DONE:
+                self._step_done(self.workers[a], b)
             elif kind == TRANSFER_DONE:
                 self._transfer_done(self.workers[a], b)
             else:
@@ -296,17 +312,26 @@ class Simulation:
             take, w.joining = w.joining[:room], w.joining[room:]
             for i in take:
                 self._join(w, i)
+        if w.chunk_req >= 0:  # chunked prefill in progress: one more mixed step
+            self._mixed_step(w)
+            return
         while w.queue and (self.disaggregated or len(w.running) < cfg.max_batch):
             i = w.queue[0]
             started = self._begin_prefill(w, i)
             if started is None:  # no KV room now: the head waits for running requests to free blocks
                 break
             w.queue.popleft()
-            if started < 0:  # can never fit: dropped
+            if started is False:  # can never fit: dropped
                 continue
+            new, cached, reload = started  # type: ignore[misc]
+            if cfg.chunked_prefill_tokens and not self.disaggregated:
+                w.chunk_req, w.chunk_left, w.chunk_pos, w.chunk_reload = i, new, cached, reload
+                self._mixed_step(w)
+                return
+            t = self.cost.prefill_s(new, cached) + reload
             w.mode = _PREFILL
-            self.rec.busy_prefill[w.idx] += started
-            self._push(now + started, PREFILL_DONE, w.idx, i)
+            self.rec.busy_prefill[w.idx] += t
+            self._push(now + t, PREFILL_DONE, w.idx, i)
             self._report(w)
             return
         if w.running:
@@ -321,13 +346,14 @@ class Simulation:
             w.mode = _IDLE
         self._report(w)
 
-    def _begin_prefill(self, w: _Worker, i: int) -> float | None:
+    def _begin_prefill(self, w: _Worker, i: int) -> tuple[int, int, float] | bool | None:
         """Look the prompt up in ``w``'s cache, pin its hits and insert the rest.
 
         Like vLLM's scheduler, a prompt starts only when the GPU has room for
         its blocks beside the blocks running requests hold (pinned); else it
-        waits (returns None).  Returns the prefill time, or -1 when the prompt
-        is longer than the whole GPU cache (the request is dropped and counted).
+        waits (returns None).  Returns ``(new tokens, cached tokens, host
+        reload seconds)``, or False when the prompt is longer than the whole
+        GPU cache (the request is dropped and counted).
         """
         r = self.requests[i]
         keys = r.hash_ids
@@ -335,7 +361,7 @@ class Simulation:
         cache = w.cache
         if n > self.gpu_blocks:
             self._drop(i)
-            return -1.0
+            return False
         pins = w.pins
         if pins:
             need = n - sum(1 for k in keys if k in pins)
@@ -360,7 +386,7 @@ class Simulation:
         rec = self.rec
         rec.gpu_hit[i] = gpu
         rec.host_hit[i] = host
-        return self.cost.prefill_s(new, cached_tokens) + self.cost.reload_s(host_tokens)
+        return new, cached_tokens, self.cost.reload_s(host_tokens)
 
     def _publish(self, w: _Worker) -> None:
         """The step ended: the cache's events of this prefill leave for the router (after ``event_lag_s``)."""
@@ -380,6 +406,46 @@ class Simulation:
         while w.in_transit and w.in_transit[0][0] <= self.now + 1e-12:
             for b in w.in_transit.popleft()[1]:
                 w.follower(b)  # type: ignore[misc]
+
+    def _mixed_step(self, w: _Worker) -> None:
+        """Schedule one chunked-prefill step: every running request decodes a token, the prompt gets the rest."""
+        budget = self.cfg.chunked_prefill_tokens
+        b = len(w.running)
+        chunk = min(w.chunk_left, max(1, budget - b))
+        t = self.cost.step_s(chunk, w.chunk_pos, b, w.ctx_sum) + w.chunk_reload
+        w.chunk_reload = 0.0
+        w.chunk_step = chunk
+        w.mode = _PREFILL
+        w.gen += 1
+        self.rec.busy_prefill[w.idx] += t
+        self._push(self.now + t, STEP_DONE, w.idx, w.gen)
+        self._report(w)
+
+    def _step_done(self, w: _Worker, gen: int) -> None:
+        if gen != w.gen:  # pragma: no cover - mixed steps are never cut
+            return
+        chunk = w.chunk_step
+        if w.running:
+            keep = []
+            for x in w.running:
+                x[1] -= 1
+                x[2] += 1
+                if x[1] <= 0:
+                    w.ctx_sum -= x[2] - 1
+                    self._finish(x[0])
+                else:
+                    w.ctx_sum += 1
+                    keep.append(x)
+            w.running = keep
+        w.chunk_left -= chunk
+        w.chunk_pos += chunk
+        if w.chunk_left <= 0:
+            i = w.chunk_req
+            w.chunk_req = -1
+            self._prefill_done(w, i)
+            return
+        w.mode = _IDLE
+        self._start_next(w)
 
     def _prefill_done(self, w: _Worker, i: int) -> None:
         now = self.now
