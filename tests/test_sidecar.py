@@ -96,7 +96,8 @@ def test_flatten_subscriber_metrics():
                                                 "lag_seconds": {"count": 3, "sum": 0.5, "buckets": [(0.1, 1)]}})}
     assert fams["kvroute_events_gaps"].samples[0].value == 2
     assert fams["kvroute_events_resyncs_no_endpoint"].samples[0].value == 1
-    assert fams["kvroute_events_batches"].samples[0].labels == {"worker": "w0"}
+    assert fams["kvroute_events_worker_batches"].samples[0].labels == {"worker": "w0"}
+    assert fams["kvroute_events_worker_stale"].samples[0].value == 1.0
     assert fams["kvroute_events_lag_seconds_sum"].samples[0].value == 0.5
 
 

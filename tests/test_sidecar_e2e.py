@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -86,7 +87,7 @@ def fleet(tmp_path):
     yield engines, str(path), ctx
     for e in engines.values():
         e.close()
-    ctx.term()
+    ctx.destroy(linger=0)  # also closes a client left open by a failed assertion
 
 
 def test_shared_prefix_workload_routes_to_cache(fleet):
@@ -134,6 +135,11 @@ def test_shared_prefix_workload_routes_to_cache(fleet):
         assert client.ping()
         health = client.health()
         assert health["status"] == "ok" and health["healthy_workers"] == 3
+        text = urllib.request.urlopen(f"http://127.0.0.1:{ready['http_port']}/metrics", timeout=10).read().decode()
+        for series in ('kvroute_events_worker_batches{worker="w0"}', "kvroute_events_batches ", "kvroute_events_gaps ", "kvroute_events_lag_seconds_count",
+                       'kvroute_decisions_total{worker="w2"}', "kvroute_predicted_hit_ratio", "kvroute_index_entries",
+                       "kvroute_decision_latency_seconds_bucket"):
+            assert series in text, series
         client.close()
     finally:
         assert stop_sidecar(proc) == 0

@@ -10,8 +10,8 @@ Exported (prefix ``kvroute_``):
 * ``index_entries``, ``index_blocks``, ``index_bytes_estimate``, ``pending_entries``.
 * ``workers{status}``, ``worker_in_flight{worker}``, ``worker_prefill_tokens{worker}``, ``stale_workers``.
 * ``events_*`` -- every numeric counter of the KV-event subscriber's ``metrics()``
-  (batches, gaps, replays, resyncs, decode errors, orphans, lag ...), with a
-  ``worker`` label when the subscriber reports them per worker.
+  (batches, gaps, replays, resyncs, decode errors, orphans, lag ...); its
+  per-worker figures as ``events_worker_*{worker}`` (next_seq, stale, batches ...).
 
 Who touches what: the request loop calls ``observe_*``; scrapes read the router
 and the subscriber under the router's lock.
@@ -142,8 +142,8 @@ class _StateCollector:
 def _flatten_events(doc: Any) -> Iterable[Any]:
     """Numeric leaves of the subscriber's metrics dict as ``kvroute_events_*`` gauges.
 
-    ``{"gaps": 3}`` -> ``kvroute_events_gaps 3``; ``{"workers": {"w0": {"gaps": 1}}}``
-    -> ``kvroute_events_gaps{worker="w0"} 1``; nested dicts join their keys with ``_``.
+    ``{"gaps": 3}`` -> ``kvroute_events_gaps 3``; ``{"workers": {"w0": {"next_seq": 1}}}``
+    -> ``kvroute_events_worker_next_seq{worker="w0"} 1``; nested dicts join their keys with ``_``.
     """
     fams: dict[str, GaugeMetricFamily] = {}
 
@@ -165,7 +165,7 @@ def _flatten_events(doc: Any) -> Iterable[Any]:
         elif isinstance(node, dict):
             if prefix in ("workers", "per_worker"):
                 for wid, sub in node.items():
-                    walk("", sub, {**labels, "worker": str(wid)})
+                    walk("worker", sub, {**labels, "worker": str(wid)})
                 return
             for k, v in node.items():
                 walk(f"{prefix}_{k}" if prefix else str(k), v, labels)
