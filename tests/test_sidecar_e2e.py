@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from fake_engine import FakeEngine  # noqa: E402
 
 BS = 16
+pytestmark = pytest.mark.timeout(180)
 
 
 def toks(seed: int, n: int) -> list[int]:
