@@ -33,7 +33,6 @@ import json
 import os
 import select
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -70,7 +69,7 @@ def build_workload(workers: int, target_entries: int, seed: int = 0):
         stored.append((p, (i * 7) % workers))
         i += 1
     queries = []
-    for j in range(4000):
+    for _ in range(4000):
         u = rng.random()
         if u < 0.5:
             queries.append(stored[int(rng.integers(0, len(stored)))][0])
@@ -237,7 +236,7 @@ def dynamo_floor(stored, workers: int, queries, n: int):
     for i in range(n):
         q = queries[i % len(queries)].tolist()
         t0 = time.perf_counter()
-        tree.find_matches(compute_block_hash_for_seq(q, BS)).scores
+        _ = tree.find_matches(compute_block_hash_for_seq(q, BS)).scores
         t.append(time.perf_counter() - t0)
     return pct(t, 50) * 1e6, pct(t, 99) * 1e6
 

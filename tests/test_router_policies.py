@@ -7,7 +7,7 @@ import pytest
 
 from kvroute.router import POLICIES, Router
 from kvroute.router.policies import baselines, dynamo, kvroute_cost, llmd, preble, sglang
-from kvroute.router.types import Candidate, FleetView, Role, RouteRequest, WorkerState
+from kvroute.router.types import Candidate, Role, RouteRequest, WorkerState
 
 
 def state(order=0, **kw) -> WorkerState:
@@ -55,7 +55,6 @@ def test_kvroute_reported_queue_and_kv_pressure():
 
 def test_kvroute_fleet_term_keeps_prefix_together_on_busy_fleet():
     # two workers, both busy with 1000 queued tokens; w0 holds 5 of 6 blocks
-    w = kvroute_cost.KVRouteWeights()
     r = Router(["a", "b"], 16, seed=3)
     for x in ("a", "b"):
         r.update_load(x, queue_tokens=1000)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import zmq
 
-from kvroute.sidecar import KVRouteClient
+from kvroute.sidecar import BadRequestError, KVRouteClient
 
 sys.path.insert(0, os.path.dirname(__file__))
 from fake_engine import FakeEngine  # noqa: E402
@@ -107,7 +107,7 @@ def test_shared_prefix_workload_routes_to_cache(fleet):
         assert st["index"]["entries"] == 3 * (296 // BS)
         # shared-prefix workload: every request goes where its prefix is cached; predicted == engine's hit
         n = 0
-        for rnd in range(4):
+        for _round in range(4):
             for w in engines:
                 p = prefixes[w] + toks(1000 + n, 50)
                 d = client.route(p, request_id=n)
@@ -131,7 +131,7 @@ def test_shared_prefix_workload_routes_to_cache(fleet):
             assert d["worker"] == first and d["predicted_cached_tokens"] >= 320 and d["predicted_pending_tokens"] == 0
             client.finish(f"new{k}")
         # malformed traffic does not stop the server
-        with pytest.raises(Exception):
+        with pytest.raises(BadRequestError):
             client.call_raw(b"\xff\xfe")
         assert client.ping()
         health = client.health()
