@@ -23,6 +23,16 @@ Parts:
   - ``{"prompt": [token ids], "max_tokens": 1}`` ->
     ``{"num_cached_tokens": n, "num_prompt_tokens": m, "last_seq": s}``
     (``last_seq`` is -1 while nothing was published);
+  - ``{"prompt": [...], "now": t}`` also passes ``extra_args={"kvroute_now": t}``
+    (the clock of kvroute's GPU eviction plugin, see ``kvroute.adapters.vllm_plugin``);
+  - ``{"cmd": "replay", "trace": name_or_path, "limit": n, "block_tokens": 32, "max_blocks": k}``
+    -> ``{"requests": n, "prompt_blocks": ..., "cached_blocks": ..., "seconds": ...}``:
+    replays a Mooncake-format trace's prefix structure one request at a time,
+    each hash id a fixed block of ``block_tokens`` tokens (seeded by the id),
+    ``max_tokens=1``, the request's trace time as its ``kvroute_now``, each
+    request cut to its first ``max_blocks`` blocks when given;
+  - ``{"cmd": "cached"}`` -> ``{"hashes": [...]}``: the engine hashes (event form)
+    of every block now in the GPU prefix cache (vLLM 0.32 internals);
   - ``{"cmd": "reset"}`` -> ``{"reset": true|false, "last_seq": s}``
     (``reset_prefix_cache``: vLLM publishes ``AllBlocksCleared`` with the next step);
   - end of input -> the process exits 0 at once (``os._exit``: the engine core
@@ -109,6 +119,49 @@ def build_llm(args):
     )
 
 
+def block_tokens(hash_id: int, n: int) -> list[int]:
+    """The fixed tokens standing for one trace hash id (ids 3..258 of the tiny vocabulary)."""
+    import random
+
+    rng = random.Random(hash_id * 1_000_003 + 17)
+    return [rng.randrange(3, 259) for _ in range(n)]
+
+
+def replay(llm, msg) -> dict:
+    """Replay a trace's prefix structure through the engine (see the protocol above)."""
+    from vllm import SamplingParams
+
+    from kvroute.eviction.replay import load_trace
+
+    bt = int(msg.get("block_tokens", BLOCK_SIZE))
+    reqs = load_trace(msg["trace"], msg.get("limit"))
+    cut = msg.get("max_blocks")
+    cache: dict[int, list[int]] = {}
+    prompt_blocks = cached_blocks = 0
+    t0 = time.time()
+    for r in reqs:
+        toks: list[int] = []
+        keys = r.keys[:cut] if cut else r.keys
+        for h in keys:
+            b = cache.get(h)
+            if b is None:
+                b = cache[h] = block_tokens(h, bt)
+            toks.extend(b)
+        sp = SamplingParams(max_tokens=1, temperature=0.0, extra_args={"kvroute_now": r.ts})
+        res = llm.generate([{"prompt_token_ids": toks}], sp, use_tqdm=False)[0]
+        prompt_blocks += len(keys)
+        cached_blocks += int(res.num_cached_tokens or 0) // bt
+    return {"requests": len(reqs), "prompt_blocks": prompt_blocks, "cached_blocks": cached_blocks,
+            "seconds": round(time.time() - t0, 2)}
+
+
+def cached_event_hashes(pool) -> list:
+    """The engine hashes (as its events name them) of every block in the GPU prefix cache."""
+    from vllm.v1.core.kv_cache_utils import get_block_hash, maybe_convert_block_hash
+
+    return [maybe_convert_block_hash(get_block_hash(k)) for k in pool.cached_block_hash_to_block._cache]
+
+
 def serve(args, out) -> int:
     import vllm
     from vllm import SamplingParams
@@ -124,6 +177,7 @@ def serve(args, out) -> int:
         "vllm": vllm.__version__,
         "num_gpu_blocks": pool.num_gpu_blocks,
         "gpu_eviction": os.environ.get("KVROUTE_VLLM_GPU_EVICTION"),
+        "free_queue": type(pool.free_block_queue).__name__,
         "last_seq": counter.last_seq,
     }) + "\n")
     out.flush()
@@ -132,11 +186,19 @@ def serve(args, out) -> int:
         if not line:
             continue
         msg = json.loads(line)
-        if msg.get("cmd") == "reset":
+        if msg.get("cmd") == "replay":
+            reply = replay(llm, msg)
+            reply["last_seq"] = counter.last_seq
+            q = pool.free_block_queue
+            reply["eviction"] = q.snapshot() if hasattr(q, "snapshot") else {}
+        elif msg.get("cmd") == "cached":
+            reply = {"hashes": cached_event_hashes(pool), "last_seq": counter.last_seq}
+        elif msg.get("cmd") == "reset":
             ok = llm.reset_prefix_cache()
             reply = {"reset": bool(ok), "last_seq": counter.last_seq}
         else:
-            sp = SamplingParams(max_tokens=int(msg.get("max_tokens", 1)), temperature=0.0)
+            extra = {"kvroute_now": float(msg["now"])} if "now" in msg else None
+            sp = SamplingParams(max_tokens=int(msg.get("max_tokens", 1)), temperature=0.0, extra_args=extra)
             res = llm.generate([{"prompt_token_ids": list(msg["prompt"])}], sp, use_tqdm=False)[0]
             reply = {
                 "num_cached_tokens": int(res.num_cached_tokens or 0),

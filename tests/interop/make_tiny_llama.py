@@ -52,7 +52,7 @@ def build(out: Path) -> None:
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=32,
-        max_position_embeddings=4096,
+        max_position_embeddings=8192,  # trace replays send prompts of up to ~7.7k tokens
         bos_token_id=1,
         eos_token_id=2,
         torch_dtype="bfloat16",

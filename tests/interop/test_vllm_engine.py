@@ -20,100 +20,13 @@ many batches (it replays from the engine's buffer if the live stream lost one).
 from __future__ import annotations
 
 import random
-import time
 from typing import Any
 
 import pytest
 
-from kvroute.adapters.subscriber import KVEventSubscriber
-from kvroute.kvindex import KVIndex
-
-from engine_process import EngineProcess, free_port
+from engine_process import BS, NUM_GPU_BLOCKS, VOCAB, Follower, free_port, predicted_cached, start_and_sync
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(600)]
-
-BS = 32
-#: GPU cache of the engine in blocks (one is vLLM's null block): small enough to evict often.
-NUM_GPU_BLOCKS = 24
-#: Seconds the subscriber may lag behind a finished request.
-SYNC_TIMEOUT_S = 30.0
-VOCAB = range(3, 259)  # the tiny model has 3 special tokens, 256 byte tokens, then merges
-
-
-def predicted_cached(index: KVIndex, worker: Any, prompt: list[int]) -> int:
-    """Tokens the engine will report cached for ``prompt``, by kvroute's index."""
-    ov = index.match_tokens(prompt, BS).get(worker)
-    blocks = ov.total if ov is not None else 0
-    return min(blocks, (len(prompt) - 1) // BS) * BS
-
-
-class Follower:
-    """kvroute's side of a fleet: one index, one subscriber, batches expected per worker."""
-
-    def __init__(self, *workers: str) -> None:
-        self.workers = workers
-        self.worker = workers[0]  # the single-engine test's worker
-        self.index = KVIndex(block_size=BS)
-        self.sub = KVEventSubscriber(self.index)
-        #: {worker: batches published by its earlier engine lifetimes} (seq restarts at 0).
-        self.published_before = dict.fromkeys(workers, 0)
-        #: {worker: batches published by the current lifetime} (last_seq + 1 of its latest reply).
-        self.published_now = dict.fromkeys(workers, 0)
-        #: One record per request: worker, prompt length, predicted and reported cached tokens.
-        self.log: list[dict[str, Any]] = []
-
-    def follow(self, eng: EngineProcess, worker: str | None = None) -> None:
-        self.sub.add_worker(worker or self.worker, eng.endpoint, eng.replay_endpoint)
-
-    def applied(self, worker: str) -> int:
-        return self.sub.metrics()["workers"][worker]["batches"]
-
-    def sync(self, worker: str, timeout: float = SYNC_TIMEOUT_S) -> bool:
-        """Poll until every batch the worker's engine published has been applied."""
-        want = self.published_before[worker] + self.published_now[worker]
-        deadline = time.monotonic() + timeout
-        while self.applied(worker) < want:
-            if time.monotonic() > deadline:
-                return False
-            self.sub.poll(100)
-        return True
-
-    def request(self, eng: EngineProcess, prompt: list[int], tag: str, *, worker: str | None = None,
-                predicted: int | None = None, sync_timeout: float = SYNC_TIMEOUT_S) -> dict:
-        """Send ``prompt`` to ``eng``; ``predicted`` defaults to the index's prediction."""
-        worker = worker or self.worker
-        pred = predicted_cached(self.index, worker, prompt) if predicted is None else predicted
-        r = eng.generate(prompt)
-        assert r["num_prompt_tokens"] == len(prompt)
-        self.published_now[worker] = r["last_seq"] + 1
-        rec = {"tag": tag, "worker": worker, "n": len(prompt), "predicted": pred, "reported": r["num_cached_tokens"]}
-        self.log.append(rec)
-        rec["synced"] = self.sync(worker, sync_timeout)
-        return rec
-
-    def new_lifetime(self, worker: str | None = None) -> None:
-        worker = worker or self.worker
-        self.published_before[worker] += self.published_now[worker]
-        self.published_now[worker] = 0
-
-    def close(self) -> None:
-        self.sub.close()
-
-
-def start_and_sync(f: Follower, eng: EngineProcess, rng: random.Random, worker: str | None = None) -> None:
-    """Wait for the engine, then send unique probes until the subscriber is in step.
-
-    A SUB socket may join after the engine's first batch went out; the next
-    batch then opens a gap that the subscriber fills from the replay endpoint.
-    """
-    eng.wait_ready()
-    for attempt in range(3):
-        rec = f.request(eng, [rng.choice(VOCAB) for _ in range(40)], f"probe{attempt}", worker=worker, sync_timeout=2.0)
-        rec["probe"] = True  # may legitimately miss its batch (slow joiner); the next probe replays it
-        if rec["synced"]:
-            return
-    raise AssertionError(f"subscriber never caught up with the engine: {f.sub.metrics()}")
-
 
 def test_predicted_cached_tokens_match_vllm(start_engine) -> None:
     rng = random.Random(20261126)

@@ -1,0 +1,418 @@
+"""vLLM general plugin: the GPU prefix cache evicts by a kvroute policy instead of LRU.
+
+vLLM (entry point group ``vllm.general_plugins``, declared in ``pyproject.toml``)
+calls :func:`register` in every engine process.  With
+``KVROUTE_VLLM_GPU_EVICTION=<policy>`` in the engine's environment (a name in
+:data:`kvroute.eviction.POLICIES`, e.g. ``adaptive``) it patches vLLM's v1
+``BlockPool``; unset or empty, it does nothing and vLLM is stock.  It refuses,
+with :class:`UnsupportedVLLMError` (which aborts the engine start), a vLLM
+release outside :data:`SUPPORTED_VLLM`, an unknown policy, and a model with
+more than one KV-cache group: the patch relies on internals of those releases.
+
+Map of the parts:
+
+* :class:`PolicyFreeQueue` -- drop-in for vLLM's ``FreeKVCacheBlockQueue`` (same
+  methods: ``popleft``, ``popleft_n``, ``remove``, ``append``, ``append_n``,
+  ``prepend_n``, ``get_all_free_blocks``, ``num_free_blocks``).  Free blocks
+  are kept in four places, used for allocation in this order:
+
+  1. ``_uncached``: blocks without a hash, in vLLM's order (a deque; vLLM
+     prepends freed uncached blocks, LIFO, and starts with every block);
+  2. ``_refused``: cached blocks the policy did not admit (see below);
+  3. ``_dups``: cached blocks whose content another block already holds (vLLM
+     recomputes the last block of a fully cached prompt into a new block);
+  4. the policy's candidates: free cached blocks with no cached child.  The
+     policy's ``victim()`` picks one; ``kvroute.eviction`` policies see the
+     same calls as in :class:`kvroute.eviction.TieredCache` (``begin`` when a
+     request is first scheduled, ``on_access`` on a hit, ``admit``/``on_insert``
+     when vLLM caches a block, ``on_release`` tail first when a request frees
+     its blocks, ``set_candidate``, ``victim``, ``on_remove``).
+
+  Only leaves are candidates (a block whose cached children are all gone):
+  a request holding block ``i`` holds blocks ``0..i``, so every free block has
+  only free or evicted children and the deepest free block of a chain is
+  always a leaf; should that ever fail, the oldest free cached block is
+  evicted instead and counted in ``stats["fallback_evictions"]``.
+* ``_install`` -- wraps ``BlockPool.__init__`` (swap the queue),
+  ``cache_full_blocks`` (inserts), ``touch`` (hits), ``reset_prefix_cache`` and
+  ``evict_blocks`` (state resync), and ``KVCacheManager.get_computed_blocks``
+  (``begin``, once per request).  Events, hashing and allocation counts are
+  vLLM's own: only *which* cached block is reused changes.
+
+Clock: a request may carry ``extra_args={"kvroute_now": seconds}`` in its
+``SamplingParams`` (a replay passes trace time); otherwise ``time.monotonic()``.
+Admission: when a request is first scheduled (before vLLM allocates, and so
+evicts, anything for it) the policy is asked to admit its missing blocks in
+chain order, as ``TieredCache`` asks; from the first refusal on, the request's
+new blocks are still cached by vLLM (its events stay exact) but, once free,
+are reused before any admitted block.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import OrderedDict, deque
+from typing import Any, Hashable, Iterable
+
+from kvroute.kvindex.errors import KVRouteError
+
+__all__ = ["ENV_POLICY", "NOW_KEY", "SUPPORTED_VLLM", "PolicyFreeQueue", "UnsupportedVLLMError", "install", "register"]
+
+log = logging.getLogger(__name__)
+
+#: Environment variable naming the policy; unset or empty: stock vLLM.
+ENV_POLICY = "KVROUTE_VLLM_GPU_EVICTION"
+#: ``SamplingParams.extra_args`` key carrying a request's clock (seconds).
+NOW_KEY = "kvroute_now"
+#: vLLM releases whose BlockPool internals the patch was written and tested against.
+SUPPORTED_VLLM = ("0.32.",)
+
+#: The policy name installed in this process (None: not installed).
+_installed: str | None = None
+
+
+class UnsupportedVLLMError(KVRouteError, RuntimeError):
+    """The plugin was asked to act on a vLLM (or a setup) it does not support."""
+
+
+class PolicyFreeQueue:
+    """vLLM's free-block queue, ordered by a kvroute eviction policy (see the module docstring).
+
+    Owned by one ``BlockPool``; only that pool and the wrappers in ``_install`` call it.
+    """
+
+    def __init__(self, blocks: Iterable[Any], policy: Any, capacity: int) -> None:
+        #: Free blocks without a hash, allocation order (left first).
+        self._uncached: deque = deque(blocks)
+        #: Free cached blocks the policy refused to admit: block id -> block (oldest first).
+        self._refused: OrderedDict[int, Any] = OrderedDict()
+        #: Free cached blocks duplicating a tracked block's content: block id -> block.
+        self._dups: OrderedDict[int, Any] = OrderedDict()
+        #: Free tracked blocks: key -> block (oldest release first, for the fallback).
+        self._free: OrderedDict[Hashable, Any] = OrderedDict()
+        #: Tracked cached blocks (free or in use): key -> block, block id -> key.
+        self._block_of: dict[Hashable, Any] = {}
+        self._key_of: dict[int, Hashable] = {}
+        #: Prefix relations of tracked blocks: key -> parent key, key -> set of child keys.
+        self._parent: dict[Hashable, Hashable | None] = {}
+        self._children: dict[Hashable, set] = {}
+        #: Block ids vLLM cached but the policy refused (untracked until evicted).
+        self._refused_ids: set[int] = set()
+        #: Requests whose new blocks from a chain position on are refused: id -> first refused position.
+        self._refuse_from: OrderedDict[Any, int] = OrderedDict()
+        #: Requests already announced to the policy (``begin`` once per request).
+        self._begun: OrderedDict[Any, bool] = OrderedDict()
+        #: The eviction policy (one instance per pool).
+        self.policy = policy
+        policy.bind(capacity)
+        #: Current clock (seconds): the last request's ``kvroute_now`` or monotonic time.
+        self.now = 0.0
+        #: Counters (read by tests and logs).
+        self.stats = {"evictions": 0, "fallback_evictions": 0, "refused": 0, "dup_reuses": 0, "requests": 0}
+        self.num_free_blocks = len(self._uncached)
+
+    # ------------------------------------------------- FreeKVCacheBlockQueue API
+    def popleft(self) -> Any:
+        if self.num_free_blocks == 0:
+            raise ValueError("No free blocks available")
+        return self.popleft_n(1)[0]
+
+    def popleft_n(self, n: int) -> list[Any]:
+        if n == 0:
+            return []
+        assert self.num_free_blocks >= n, (self.num_free_blocks, n)
+        out: list[Any] = []
+        unc = self._uncached
+        while unc and len(out) < n:
+            out.append(unc.popleft())
+        for pool, label in ((self._refused, None), (self._dups, "dup_reuses")):
+            while pool and len(out) < n:
+                bid, b = pool.popitem(last=False)
+                self._refused_ids.discard(bid)
+                if label:
+                    self.stats[label] += 1
+                out.append(b)
+        while len(out) < n:
+            key = self.policy.victim()
+            if key is None or key not in self._free:
+                key = next(iter(self._free))  # no leaf offered: evict the oldest free block
+                self.stats["fallback_evictions"] += 1
+            b = self._free.pop(key)
+            self._forget(key)
+            self.stats["evictions"] += 1
+            out.append(b)
+        self.num_free_blocks -= n
+        return out
+
+    def remove(self, block: Any) -> None:
+        """A free block is taken by a hit (``BlockPool.touch``)."""
+        bid = block.block_id
+        key = self._key_of.get(bid)
+        if key is not None and self._free.get(key) is block:
+            del self._free[key]
+            self.policy.set_candidate(key, False)
+        elif bid in self._dups:
+            del self._dups[bid]
+        elif bid in self._refused:
+            del self._refused[bid]
+        else:
+            self._uncached.remove(block)
+        self.num_free_blocks -= 1
+
+    def append(self, block: Any) -> None:
+        self.append_n([block])
+
+    def append_n(self, blocks: list[Any]) -> None:
+        """Blocks whose last user finished, in vLLM's eviction order (a prompt's tail first)."""
+        for b in blocks:
+            key = b.block_hash
+            if key is None:
+                self._uncached.append(b)
+            elif b.block_id in self._refused_ids:
+                self._refused[b.block_id] = b
+            elif self._key_of.get(b.block_id) == key and self._block_of.get(key) is b:
+                self._release(key, b)
+            elif key in self._block_of:
+                self._dups[b.block_id] = b
+            else:  # cached before we saw it (should not happen): track it as a root
+                self._track(b, key, None)
+                self.policy.on_insert(key, 0, self.now)
+                self._release(key, b)
+        self.num_free_blocks += len(blocks)
+
+    def prepend_n(self, blocks: list[Any]) -> None:
+        """Uncached blocks to reuse first, in the given order."""
+        self._uncached.extendleft(reversed(blocks))
+        self.num_free_blocks += len(blocks)
+
+    def snapshot(self) -> dict[str, int]:
+        """Counters plus the current sizes of the free pools (for tests and logs)."""
+        return {**self.stats, "tracked": len(self._block_of), "uncached_free": len(self._uncached),
+                "refused_free": len(self._refused), "dup_free": len(self._dups), "candidates_free": len(self._free)}
+
+    def get_all_free_blocks(self) -> list[Any]:
+        return [*self._uncached, *self._refused.values(), *self._dups.values(), *self._free.values()]
+
+    # ------------------------------------------------------------ policy calls
+    def begin(self, request_id: Any, keys: list[Hashable], now: float | None) -> None:
+        """A request is scheduled for the first time (its prompt's full-block keys)."""
+        self.now = time.monotonic() if now is None else float(now)
+        if request_id in self._begun:
+            return
+        self._begun[request_id] = True
+        if len(self._begun) > 65536:
+            self._begun.popitem(last=False)
+        self.stats["requests"] += 1
+        pol = self.policy
+        pol.begin(keys, self.now)
+        # Admission, as TieredCache asks it: for the missing blocks in chain order, before
+        # vLLM allocates (and so evicts) anything for this request.
+        held = self._block_of
+        i = 0
+        while i < len(keys) and keys[i] in held:
+            i += 1
+        while i < len(keys):
+            if not pol.admit(keys[i], i, self.now):
+                self._refuse_from[request_id] = i
+                if len(self._refuse_from) > 65536:
+                    self._refuse_from.popitem(last=False)
+                break
+            i += 1
+
+    def on_hit(self, blocks: Iterable[Any]) -> None:
+        acc = self.policy.on_access
+        for b in blocks:
+            key = self._key_of.get(b.block_id)
+            if key is not None and b.block_hash == key:
+                acc(key, self.now)
+
+    def on_cached(self, request_id: Any, blocks: list[Any], lo: int, hi: int) -> None:
+        """vLLM gave blocks ``lo..hi-1`` of a request's chain their hashes."""
+        refuse_from = self._refuse_from.get(request_id, hi)
+        for i in range(lo, hi):
+            b = blocks[i]
+            key = b.block_hash
+            if key is None or b.block_id in self._key_of or b.block_id in self._refused_ids:
+                continue
+            if key in self._block_of:  # same content as a tracked block: a duplicate
+                continue
+            if i >= refuse_from:
+                self._refused_ids.add(b.block_id)
+                self.stats["refused"] += 1
+                continue
+            parent = blocks[i - 1].block_hash if i > 0 else None
+            self._track(b, key, parent)
+            self.policy.on_insert(key, i, self.now)
+
+    def on_reset(self) -> None:
+        """vLLM dropped every hash (prefix-cache reset): all free blocks are uncached now."""
+        for key in list(self._block_of):
+            self.policy.on_remove(key)
+        self._uncached.extend([*self._refused.values(), *self._dups.values(), *self._free.values()])
+        for d in (self._refused, self._dups, self._free, self._block_of, self._key_of, self._parent, self._children):
+            d.clear()
+        self._refused_ids.clear()
+        self._refuse_from.clear()
+
+    def resync(self) -> None:
+        """Drop state of blocks whose hash vLLM changed behind our back (connector evictions)."""
+        for key, b in list(self._block_of.items()):
+            if b.block_hash != key:
+                if self._free.get(key) is b:
+                    del self._free[key]
+                    self._uncached.append(b) if b.block_hash is None else self._dups.__setitem__(b.block_id, b)
+                self._forget(key)
+        for pool in (self._dups, self._refused):
+            for bid, b in list(pool.items()):
+                if b.block_hash is None:
+                    del pool[bid]
+                    self._refused_ids.discard(bid)
+                    self._uncached.append(b)
+
+    # ---------------------------------------------------------------- internals
+    def _track(self, b: Any, key: Hashable, parent: Hashable | None) -> None:
+        self._block_of[key] = b
+        self._key_of[b.block_id] = key
+        if parent is not None and parent in self._block_of:
+            self._parent[key] = parent
+            self._children.setdefault(parent, set()).add(key)
+            if parent in self._free:  # a request extended a free block's content through a duplicate
+                self.policy.set_candidate(parent, False)
+        else:
+            self._parent[key] = None
+
+    def _release(self, key: Hashable, b: Any) -> None:
+        self.policy.on_release(key, self.now)
+        self._free[key] = b
+        if not self._children.get(key):
+            self.policy.set_candidate(key, True)
+
+    def _forget(self, key: Hashable) -> None:
+        """``key``'s block leaves the cache (evicted): unlink it, maybe expose its parent."""
+        b = self._block_of.pop(key)
+        self._key_of.pop(b.block_id, None)
+        self.policy.on_remove(key)
+        for child in self._children.pop(key, ()):
+            self._parent[child] = None
+        p = self._parent.pop(key, None)
+        if p is not None:
+            sibs = self._children.get(p)
+            if sibs is not None:
+                sibs.discard(key)
+                if not sibs:
+                    del self._children[p]
+                    if p in self._free:
+                        self.policy.set_candidate(p, True)
+
+
+# --------------------------------------------------------------------- install
+def _check_version() -> str:
+    try:
+        import vllm
+    except ImportError as exc:
+        raise UnsupportedVLLMError(f"{ENV_POLICY} is set but vLLM cannot be imported: {exc}") from exc
+
+    v = getattr(vllm, "__version__", "unknown")
+    if not v.startswith(SUPPORTED_VLLM):
+        raise UnsupportedVLLMError(
+            f"{ENV_POLICY} is set but kvroute's GPU eviction plugin supports vLLM {', '.join(s + 'x' for s in SUPPORTED_VLLM)} "
+            f"only (found {v}); unset {ENV_POLICY} to run stock vLLM"
+        )
+    return v
+
+
+def install(policy_name: str) -> None:
+    """Patch vLLM's BlockPool in this process to evict by ``policy_name`` (idempotent)."""
+    global _installed
+    from kvroute.eviction import POLICIES, make_policy
+
+    if policy_name not in POLICIES:
+        raise UnsupportedVLLMError(f"{ENV_POLICY}={policy_name!r} is not a kvroute eviction policy; known: {sorted(POLICIES)}")
+    if policy_name == "belady":
+        raise UnsupportedVLLMError("belady needs the future and cannot run inside an engine")
+    if _installed is not None:
+        if _installed != policy_name:
+            raise UnsupportedVLLMError(f"GPU eviction already installed with {_installed!r}, not {policy_name!r}")
+        return
+    version = _check_version()
+    from vllm.v1.core import block_pool as bp_mod
+    from vllm.v1.core import kv_cache_manager as kvm_mod
+    from vllm.v1.core.kv_cache_utils import make_block_hash_with_group_id
+
+    BlockPool = bp_mod.BlockPool
+    KVCacheManager = kvm_mod.KVCacheManager
+    orig_init = BlockPool.__init__
+    orig_cache = BlockPool.cache_full_blocks
+    orig_touch = BlockPool.touch
+    orig_reset = BlockPool.reset_prefix_cache
+    orig_evict = BlockPool.evict_blocks
+    orig_kvm_init = KVCacheManager.__init__
+    orig_computed = KVCacheManager.get_computed_blocks
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        orig_init(self, *args, **kwargs)
+        if type(self) is BlockPool and self.enable_caching:
+            free = self.free_block_queue.get_all_free_blocks()
+            for b in free:
+                b.prev_free_block = b.next_free_block = None
+            self.free_block_queue = PolicyFreeQueue(free, make_policy(policy_name), self.num_gpu_blocks - 1)
+
+    def cache_full_blocks(self, request: Any, blocks: list, num_cached_blocks: int, num_full_blocks: int, *args: Any, **kwargs: Any) -> None:
+        orig_cache(self, request, blocks, num_cached_blocks, num_full_blocks, *args, **kwargs)
+        q = self.free_block_queue
+        if isinstance(q, PolicyFreeQueue) and num_full_blocks > num_cached_blocks:
+            q.on_cached(request.request_id, blocks, num_cached_blocks, num_full_blocks)
+
+    def touch(self, blocks: Any) -> None:
+        orig_touch(self, blocks)
+        q = self.free_block_queue
+        if isinstance(q, PolicyFreeQueue):
+            q.on_hit(blocks)
+
+    def reset_prefix_cache(self) -> bool:
+        ok = orig_reset(self)
+        q = self.free_block_queue
+        if ok and isinstance(q, PolicyFreeQueue):
+            q.on_reset()
+        return ok
+
+    def evict_blocks(self, block_ids: set[int]) -> None:
+        orig_evict(self, block_ids)
+        q = self.free_block_queue
+        if isinstance(q, PolicyFreeQueue):
+            q.resync()
+
+    def kvm_init(self, *args: Any, **kwargs: Any) -> None:
+        orig_kvm_init(self, *args, **kwargs)
+        if self.num_kv_cache_groups != 1 and isinstance(self.block_pool.free_block_queue, PolicyFreeQueue):
+            raise UnsupportedVLLMError(
+                f"{ENV_POLICY} supports models with one KV-cache group, this one has {self.num_kv_cache_groups}"
+            )
+
+    def get_computed_blocks(self, request: Any) -> Any:
+        q = self.block_pool.free_block_queue
+        if isinstance(q, PolicyFreeQueue):
+            extra = getattr(request.sampling_params, "extra_args", None) or {}
+            bs = self.block_pool.hash_block_size
+            n = request.num_prompt_tokens // bs
+            keys = [make_block_hash_with_group_id(h, 0) for h in request.block_hashes[:n]]
+            q.begin(request.request_id, keys, extra.get(NOW_KEY))
+        return orig_computed(self, request)
+
+    BlockPool.__init__ = __init__
+    BlockPool.cache_full_blocks = cache_full_blocks
+    BlockPool.touch = touch
+    BlockPool.reset_prefix_cache = reset_prefix_cache
+    BlockPool.evict_blocks = evict_blocks
+    KVCacheManager.__init__ = kvm_init
+    KVCacheManager.get_computed_blocks = get_computed_blocks
+    _installed = policy_name
+    log.warning("kvroute: vLLM %s GPU prefix cache evicts by kvroute policy %r (%s)", version, policy_name, ENV_POLICY)
+
+
+def register() -> None:
+    """vLLM general-plugin entry point: install when ``KVROUTE_VLLM_GPU_EVICTION`` names a policy."""
+    name = os.environ.get(ENV_POLICY, "").strip()
+    if name:
+        install(name)
