@@ -137,30 +137,45 @@ def test_dynamo_softmax_temperature_is_seeded():
 def test_sglang_branches():
     w = sglang.SGLangWeights()
     assert sglang.score(REQ, Candidate(state(), total=2), w) == pytest.approx(32 / 100)
-    r = Router(["a", "b", "c"], 16, policy="sglang")
+    r = Router(["a", "b", "c"], 16, policy="sglang", pending_ttl_s=0)
     hs = list(range(1, 7))
     r.index.store("b", hs[:2])  # 32/100 = 0.32 > 0.3 -> deepest match
     d = r.route_hashes(hs, num_tokens=100, request_id="m")
     assert d.worker == "b" and d.reason == "cache: deepest match"
+    assert r.policy.tree_size("b") == 100 - 32
     r.finish("m")
     r.index.store("c", hs[:1])
-    hs2 = [hs[0], 99, 98, 97, 96, 95]  # 16/100 = 0.16 < 0.3 -> least loaded, ties to the first worker
+    hs2 = [hs[0], 99, 98, 97, 96, 95]  # 16/100 = 0.16 < 0.3 -> smallest tree: a (0) < b (68)
     d = r.route_hashes(hs2, num_tokens=100, request_id="x")
-    assert d.worker == "a" and d.reason.startswith("miss")
+    assert d.worker == "a" and d.reason.startswith("miss") and d.costs == {"a": 0, "b": 68, "c": 0}
+    assert r.policy.tree_size("a") == 100
     r.finish("x")
-    # imbalanced: b has 70 in flight, a and c 0 -> 70 - 0 > 64 and 70 > 0 * 1.5 -> least loaded (a, first)
-    r.update_load("b", running=70)
+    d = r.route_hashes([500], num_tokens=16, request_id="y")  # miss: c (0) is the smallest tree now
+    assert d.worker == "c"
+    r.finish("y")
+    # b keeps the cache branch until 65 requests are in flight there and none elsewhere:
+    # 65 - 0 > 64 and 65 > 0 * 1.5 -> imbalanced -> least loaded, first on ties
+    for i in range(65):
+        d = r.route_hashes(hs, num_tokens=100, request_id=f"load{i}")
+        assert d.worker == "b" and d.reason.startswith("cache")
     d = r.route_hashes(hs, num_tokens=100, request_id="i")
     assert d.worker == "a" and d.reason.startswith("imbalanced")
 
 
-def test_sglang_flaw_all_misses_to_first_worker():
+def test_sglang_flaw_tied_misses_pile_on_the_first_worker():
+    """Misses while the trees tie all go to the first worker, whatever its load."""
     r = Router(["a", "b", "c"], 16, policy="sglang")
-    picks = []
-    for i in range(9):
-        picks.append(r.route_hashes([1000 + i], num_tokens=16, request_id=i).worker)
-        r.finish(i)
-    assert picks == ["a"] * 9  # reproduced flaw: equal loads on a miss -> the first worker
+    hs = list(range(1, 9))
+    r.index.store("a", hs)
+    for i in range(10):  # fully cached on a: the cache branch, and nothing new enters a's tree
+        assert r.route_hashes(hs, num_tokens=128, request_id=i).worker == "a"
+    assert r.policy.tree_size("a") == 0 and r.worker_state("a").active_requests == 10
+    # trees tie at 0: a cold miss goes to a, the busiest worker, not to an idle one
+    d = r.route_hashes([999], num_tokens=16, request_id="cold")
+    assert d.worker == "a" and d.reason == "miss: smallest tree (first on ties)"
+    # equal cold prompts then rotate only because each one grows the tree it lands on
+    picks = [r.route_hashes([2000 + i], num_tokens=16, request_id=100 + i).worker for i in range(4)]
+    assert picks == ["b", "c", "a", "b"]
 
 
 def test_kvroute_spreads_the_same_cold_misses():

@@ -1,29 +1,37 @@
 """``sglang``: SGLang router's ``cache_aware`` policy, reproduced with its known flaw.
 
-Design notes (BRIEF section 4; sglang-router ``cache_aware``):
+Design notes (BRIEF section 4; sgl-router ``policies/cache_aware.rs``):
 
-1. Load = requests in flight per worker.  The system is *imbalanced* when
-   ``max_load - min_load > balance_abs_threshold`` and
-   ``max_load > min_load * balance_rel_threshold`` (defaults 64, 1.5): then the
-   least-loaded worker is chosen.
-2. Otherwise, with ``match_rate = matched_tokens / input_tokens``: if
-   ``match_rate > cache_threshold`` (0.3) the deepest-matching worker is chosen;
-   else the least-loaded one.
+1. Load = the router's own count of requests in flight per worker (its
+   ``running_queue``).  The system is *imbalanced* when ``max_load - min_load >
+   balance_abs_threshold`` and ``max_load > min_load * balance_rel_threshold``
+   (defaults 64, 1.5): then the least-loaded worker is chosen.
+2. Otherwise, with ``match_rate = matched / input``: if ``match_rate >
+   cache_threshold`` (0.3) the deepest-matching worker is chosen; else the
+   worker with the *smallest tree* (``get_smallest_tenant``: fewest characters
+   inserted by the requests routed to it).
 
-Ties go to the first worker in registration order (Rust's ``min_by_key`` keeps
-the first minimum).  That is the flaw users report: when loads are equal --
-e.g. every request of a light load finished -- every miss goes to the first
-worker.  We reproduce it faithfully; ``kvroute`` breaks such ties by fair share.
+Ties go to the first worker in registration order (Rust's strict ``<`` scan
+keeps the first minimum).  That is the flaw users report: whenever the trees
+tie -- at start-up, after eviction empties them, or when equal prompts were
+spread -- every miss lands on the same first worker, and nothing in the miss
+branch looks at load.  Reproduced faithfully; ``kvroute`` breaks ties by fair
+share.
 
 Deviations: SGLang matches characters in an approximate tree filled only by
 the requests it routed; we match token blocks in the exact index united with
 the speculative (routed, not yet confirmed) blocks, which is at least as well
-informed.  "Costs" reported in a decision are the load (load branches) or the
-negated matched blocks (cache branch).
+informed.  Tree size is counted in tokens: each routed prompt adds the tokens
+beyond the chosen worker's match (what SGLang's insert adds for that tenant);
+SGLang's size-triggered LRU eviction of its tree (millions of characters) is
+not modelled.  "Costs" reported in a decision are the load (imbalanced
+branch), the negated matched blocks (cache branch) or the tree size (miss
+branch).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from ..policy import Policy, costs_dict
 from ..types import Candidate, Choice, FleetView, RouteRequest
@@ -42,8 +50,8 @@ class SGLangWeights:
 
 
 def load(c: Candidate) -> int:
-    """SGLang's load: requests in flight (router-tracked, or the worker's report if larger)."""
-    return c.state.queue_requests()
+    """SGLang's load: the router's own count of requests in flight on the worker."""
+    return c.state.active_requests
 
 
 def score(req: RouteRequest, c: Candidate, w: SGLangWeights) -> float:
@@ -60,6 +68,14 @@ class SGLangPolicy(Policy):
     Weights = SGLangWeights
     uses_pending = True
 
+    def __init__(self, weights: Any = None) -> None:
+        super().__init__(weights)
+        #: {worker: tokens its approximate tree holds} (grows with each request routed to it).
+        self._tree: dict[Any, int] = {}
+
+    def tree_size(self, worker: Any) -> int:
+        return self._tree.get(worker, 0)
+
     def choose(self, req: RouteRequest, fleet: FleetView) -> Choice:
         w: SGLangWeights = self.weights
         cands = fleet.candidates
@@ -71,5 +87,13 @@ class SGLangPolicy(Policy):
         best = _first_min(cands, lambda c: -c.total)
         if score(req, best, w) > w.cache_threshold:
             return Choice(best.worker, costs_dict(cands, [-c.total for c in cands]), "cache: deepest match")
-        pick = _first_min(cands, load)
-        return Choice(pick.worker, costs_dict(cands, loads), "miss: least loaded (first on ties)")
+        sizes = [self._tree.get(c.worker, 0) for c in cands]
+        pick = _first_min(cands, lambda c: self._tree.get(c.worker, 0))
+        return Choice(pick.worker, costs_dict(cands, sizes), "miss: smallest tree (first on ties)")
+
+    def on_routed(self, req: RouteRequest, fleet: FleetView, chosen: Candidate) -> None:
+        new = max(0, req.num_tokens - chosen.total * req.block_size)
+        self._tree[chosen.worker] = self._tree.get(chosen.worker, 0) + new
+
+    def forget_worker(self, worker: Any) -> None:
+        self._tree.pop(worker, None)
