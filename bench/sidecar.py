@@ -24,7 +24,9 @@ missing) -- the matching step alone, no load model.
 
 Usage: python bench/sidecar.py [--entries 1048576] [--rates 250,500,...] [--seconds 2] [--json]
 The load generator shares the machine with the server; on a 2-core box both
-compete for CPU, which bounds the open-loop figures.
+compete for CPU (and with whatever else runs), which bounds the open-loop
+figures: the printed load average says how quiet the machine was.  The floors
+also report CPU time per request, which preemption does not inflate.
 """
 from __future__ import annotations
 
@@ -168,8 +170,9 @@ def open_loop(gen: Gen, qbytes, rate: float, seconds: float) -> dict:
         now = time.perf_counter()
         if sent < n and now >= t_start + sent * interval:
             while sent < n and now >= t_start + sent * interval:
+                t_send = time.perf_counter()
                 rid = gen.send_route(qbytes[sent % len(qbytes)])
-                sched[rid] = time.perf_counter()
+                sched[rid] = t_send
                 sent += 1
                 outstanding += 1
             continue
@@ -201,14 +204,16 @@ def in_process_floors(index, queries, n: int) -> dict:
 
     out = {}
     r = Router([f"w{i}" for i in range(len(index.workers()))], BS, index=index)
-    t = []
+    t, c = [], []
     for i in range(n):
         q = queries[i % len(queries)]
+        c0 = time.thread_time()
         t0 = time.perf_counter()
         r.route(q, request_id=i)
         t.append(time.perf_counter() - t0)
+        c.append(time.thread_time() - c0)
         r.finish(i)
-    out["kvroute Router.route (in-process)"] = (pct(t, 50) * 1e6, pct(t, 99) * 1e6)
+    out["kvroute Router.route (in-process)"] = (pct(t, 50) * 1e6, pct(t, 99) * 1e6, pct(c, 50) * 1e6, pct(c, 99) * 1e6)
     return out
 
 
@@ -232,13 +237,15 @@ def dynamo_floor(stored, workers: int, queries, n: int):
             ev = {"event_id": eid, "dp_rank": 0, "data": {"stored": {"parent_hash": None, "blocks": blocks}}}
             tree.apply_event(w, json.dumps(ev).encode())
             eid += 1
-    t = []
+    t, c = [], []
     for i in range(n):
         q = queries[i % len(queries)].tolist()
+        c0 = time.thread_time()
         t0 = time.perf_counter()
         _ = tree.find_matches(compute_block_hash_for_seq(q, BS)).scores
         t.append(time.perf_counter() - t0)
-    return pct(t, 50) * 1e6, pct(t, 99) * 1e6
+        c.append(time.thread_time() - c0)
+    return pct(t, 50) * 1e6, pct(t, 99) * 1e6, pct(c, 50) * 1e6, pct(c, 99) * 1e6
 
 
 def main() -> None:
@@ -252,6 +259,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
+    loadavg_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     index, stored, queries = build_workload(args.workers, args.entries)
     qbytes = [q.astype("<u4").tobytes() for q in queries]
@@ -304,6 +312,7 @@ def main() -> None:
     finally:
         ctx.term()
         shutil.rmtree(tmp, ignore_errors=True)
+    res["loadavg_before"], res["loadavg_after"] = round(loadavg_before, 2), round(os.getloadavg()[0], 2)
     if args.json:
         print(json.dumps(res, indent=1))
         return
@@ -318,8 +327,9 @@ def main() -> None:
     if len(res["policies"]) >= 2 and "kvroute" in res["policies"] and "dynamo" in res["policies"]:
         a, b = res["policies"]["kvroute"], res["policies"]["dynamo"]
         print(f"ratio kvroute/dynamo-policy closed p50: {a['closed_p50_ms'] / b['closed_p50_ms']:.2f}")
-    for name, (p50, p99) in res["floors_us"].items():
-        print(f"floor: {name}: p50 {p50:.0f} us, p99 {p99:.0f} us")
+    for name, (p50, p99, c50, c99) in res["floors_us"].items():
+        print(f"floor: {name}: wall p50 {p50:.0f} us, p99 {p99:.0f} us; CPU p50 {c50:.0f} us, p99 {c99:.0f} us")
+    print(f"load average during the run: {res['loadavg_before']} -> {res['loadavg_after']} on {os.cpu_count()} CPUs")
 
 
 if __name__ == "__main__":
