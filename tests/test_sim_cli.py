@@ -121,3 +121,14 @@ def test_tune_eviction_policy_and_errors(tmp_path):
     (tmp_path / "junk.json").write_text("[1]")
     bad = _run(["sim", "--limit", "10", "--eviction", "lru", "--config", str(tmp_path / "junk.json"), "--no-progress"])
     assert bad.exit_code != 0 and "not a kvroute tune configuration" in bad.output
+
+
+def test_eviction_all_skips_the_oracle_on_a_cluster():
+    res = _run(["sim", "--limit", "60", "--workers", "2", "--routing", "round_robin", "--eviction", "all",
+                "--json", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    names = [r["eviction"] for r in json.loads(res.stdout)["results"]]
+    assert "belady" not in names and "lru" in names
+    res = _run(["sim", "--limit", "60", "--workers", "1", "--routing", "round_robin", "--eviction", "all",
+                "--json", "--no-progress"])
+    assert "belady" in [r["eviction"] for r in json.loads(res.stdout)["results"]]

@@ -263,3 +263,12 @@ def test_conservation_with_chunked_prefill(conversation):
     sim.run()
     _check_conservation(sim, len(reqs))
     assert all(w.chunk_req == -1 for w in sim.workers)
+
+
+def test_belady_runs_on_one_worker_only_and_bounds_lru(conversation):
+    reqs = reshape(conversation[:3000], block_tokens=32, max_blocks=56)
+    lru = simulate(reqs, _fidelity_config(2196))
+    opt = simulate(reqs, dataclasses.replace(_fidelity_config(2196), eviction="belady"))
+    assert opt.prefix_hit_ratio > lru.prefix_hit_ratio
+    with pytest.raises(SimConfigError, match="oracle"):
+        SimConfig(workers=2, eviction="belady").validate()

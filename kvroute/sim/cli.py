@@ -150,6 +150,13 @@ def sim(routing: str, eviction: str | None, out_dir: str | None, sweep: str, as_
         if eviction is None:
             eviction = ",".join(e for e in DEFAULT_EVICTION.split(",") if e in EVICTION)
         evicts = _split(eviction, EVICTION, "eviction")
+        if eviction.strip() == "all" and (o["prefill_workers"] or o["workers"]) > 1:
+            from .engine import ORACLES
+
+            skipped = [e for e in evicts if e in ORACLES]
+            evicts = [e for e in evicts if e not in ORACLES]
+            if skipped and not as_json:
+                click.echo(f"note: {', '.join(skipped)} needs one cache's future: run it with --workers 1", err=True)
         base = _base_config(o)
         tuned = load_configs(o["configs"])
         reqs = _workload(o)

@@ -50,6 +50,9 @@ from .trace import Request
 ARRIVE, PREFILL_DONE, DECODE_DONE, TRANSFER_DONE, KV_EVENTS, STEP_DONE = 0, 1, 2, 3, 4, 5
 _IDLE, _PREFILL, _DECODE = 0, 1, 2
 
+#: Eviction policies that need the future of the one cache they serve (see ``_policy_factory``).
+ORACLES = frozenset({"belady"})
+
 
 class SimConfigError(KVRouteError, ValueError):
     """An impossible simulation configuration."""
@@ -117,6 +120,9 @@ class SimConfig:
             raise SimConfigError("gpu_blocks must be >= 1 (the model does not fit the GPU?)")
         if self.resolved_host_blocks() < 0:
             raise SimConfigError("host_blocks must be >= 0")
+        if self.eviction in ORACLES and (self.prefill_workers or self.workers) > 1:
+            raise SimConfigError(f"{self.eviction} is an offline oracle over one cache's future: it runs with "
+                                 "one (prefill) worker only")
         if self.chunked_prefill_tokens < 0:
             raise SimConfigError("chunked_prefill_tokens must be >= 0")
         if self.event_lag_s < 0:
@@ -585,7 +591,10 @@ def _policy_factory(cfg: SimConfig, requests: Sequence[Request]) -> Callable[[],
     """Zero-argument factory of the eviction policy (with its tuned parameters).
 
     The ``belady`` oracle gets the whole workload's future (every request's
-    blocks in arrival order): a cluster-wide oracle, an upper bound per worker.
+    blocks in arrival order); it counts requests by its ``begin`` calls, which
+    matches that order only on a single cache served first come first served,
+    so :meth:`SimConfig.validate` allows it with one prefill worker only (a
+    worker's own future depends on the routing).
     """
     from ..eviction import make_policy
 
