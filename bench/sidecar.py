@@ -14,8 +14,10 @@ snapshot and answers:
   (token ids sent as uint32 bytes; a ``finish`` follows each decision);
 * open loop: requests sent on a fixed schedule at increasing rates (in 1 ms
   bursts: the generator never spins), latency counted from each send, so
-  queueing in the server shows; the highest rate whose p99 stays under 2 ms
-  and which the server keeps up with (>= 95% of the offered rate) is reported.
+  queueing in the server shows; reported: the highest rate whose p99 stays
+  under 2 ms while the server keeps up (>= 95% of the offered rate answered
+  in time), and the highest rate it keeps up with at all (the sweep stops
+  at the first rate it cannot keep up with).
 
 Floors, in-process and without a socket: ``Router.route`` on the same index
 (ours), and Dynamo's ``compute_block_hash_for_seq`` + ``RadixTree.find_matches``
@@ -254,7 +256,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=64)
     ap.add_argument("--policies", default="kvroute,dynamo")
     ap.add_argument("--closed", type=int, default=1000, help="closed-loop requests per policy")
-    ap.add_argument("--rates", default="250,500,750,1000,1250,1500,2000,2500,3000")
+    ap.add_argument("--rates", default="250,500,750,1000,1500,2000,2500,3000,4000")
     ap.add_argument("--seconds", type=float, default=2.0, help="duration of each open-loop rate")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -286,20 +288,17 @@ def main() -> None:
                 closed_loop(gen, qbytes, 100)  # warm up
                 lat = closed_loop(gen, qbytes, args.closed)
                 row = {"closed_p50_ms": pct(lat, 50) * 1e3, "closed_p99_ms": pct(lat, 99) * 1e3, "open": []}
-                best = 0.0
-                fails = 0
+                best = kept = 0.0
                 for rate in [float(x) for x in args.rates.split(",")]:
                     o = open_loop(gen, qbytes, rate, args.seconds)
                     row["open"].append(o)
-                    ok = o["p99_ms"] < 2.0 and o["achieved"] >= 0.95 * rate
-                    if ok:
+                    if o["achieved"] < 0.95 * rate:
+                        break  # the server no longer keeps up: higher rates only queue
+                    kept = rate
+                    if o["p99_ms"] < 2.0:
                         best = max(best, rate)
-                        fails = 0
-                    else:
-                        fails += 1
-                        if fails >= 2:
-                            break
                 row["max_rate_p99_under_2ms"] = best
+                row["max_rate_kept_up"] = kept
                 res["policies"][pol] = row
                 gen.s.close()
             finally:
@@ -318,9 +317,10 @@ def main() -> None:
         return
     print(f"index: {res['entries']:,} entries, {args.workers} workers, {PROMPT}-token prompts, block {BS} "
           f"(built in {build_s:.1f} s)")
-    print(f"{'policy':10} {'closed p50':>11} {'closed p99':>11} {'max rate (p99<2ms)':>19}")
+    print(f"{'policy':10} {'closed p50':>11} {'closed p99':>11} {'max rate (p99<2ms)':>19} {'max rate kept up':>17}")
     for pol, row in res["policies"].items():
-        print(f"{pol:10} {row['closed_p50_ms']:9.3f}ms {row['closed_p99_ms']:9.3f}ms {row['max_rate_p99_under_2ms']:15.0f}/s")
+        print(f"{pol:10} {row['closed_p50_ms']:9.3f}ms {row['closed_p99_ms']:9.3f}ms "
+              f"{row['max_rate_p99_under_2ms']:17.0f}/s {row['max_rate_kept_up']:15.0f}/s")
     for pol, row in res["policies"].items():
         print(f"open loop, {pol}: " + "  ".join(f"{o['rate']:.0f}/s p50 {o['p50_ms']:.2f} p99 {o['p99_ms']:.2f} ms"
                                                for o in row["open"]))
