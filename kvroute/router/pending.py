@@ -12,12 +12,13 @@ index only ever holds what engines announced.
 Layout (private; only :class:`PendingPrefixes` touches it)::
 
     _cur, _prev : {content hash -> bitmask of worker slots}   two generations
-    _rotated_at : clock time the current generation started
+    _epoch      : floor(clock / ttl_s) of the current generation
 
-Decisions go into ``_cur``; once ``ttl_s`` has passed since it started, ``_cur``
-becomes ``_prev`` and the old ``_prev`` is dropped whole.  A lookup ORs both,
-so an entry lives at least ``ttl_s`` and at most ``2 * ttl_s`` -- expiry is
-O(1), not a walk over every entry (this is the router's hot path).
+Time is cut into epochs of ``ttl_s``.  Decisions go into ``_cur``; when the
+clock enters the next epoch, ``_cur`` becomes ``_prev`` and the old ``_prev``
+is dropped whole (two epochs later both are).  A lookup sees both, so an
+entry added at ``t`` lives more than ``ttl_s`` and at most ``2 * ttl_s`` -- expiry
+is O(1), not a walk over every entry (this is the router's hot path).
 
 A routed prompt's *whole* chain is added, so a worker's pending depth alone
 covers the prompt; the overlap the router uses is ``max(index depth, pending
@@ -40,7 +41,7 @@ class PendingPrefixes:
         self._clock = clock
         self._cur: dict[int, int] = {}
         self._prev: dict[int, int] = {}
-        self._rotated_at = clock()
+        self._epoch = int(clock() // ttl_s) if ttl_s > 0 else 0
 
     def __len__(self) -> int:
         """Number of (block, worker) pending entries (a pair in both generations counts once)."""
@@ -50,19 +51,20 @@ class PendingPrefixes:
         return n
 
     def expire(self, now: float | None = None) -> None:
-        """Rotate generations whose time has come."""
+        """Rotate generations whose time has come (epochs of ``ttl_s`` on the clock)."""
+        if self.ttl_s == 0:
+            return
         if now is None:
             now = self._clock()
-        age = now - self._rotated_at
-        if age < self.ttl_s:
+        epoch = int(now // self.ttl_s)
+        if epoch == self._epoch:
             return
-        if age >= 2 * self.ttl_s:  # both generations are old
-            self._prev = {}
-            self._cur = {}
-        else:
+        if epoch == self._epoch + 1:
             self._prev = self._cur
-            self._cur = {}
-        self._rotated_at = now
+        else:  # two or more epochs passed (or the clock went back): everything is old
+            self._prev = {}
+        self._cur = {}
+        self._epoch = epoch
 
     def add(self, slot: int, hashes: Sequence[int]) -> None:
         """Mark a routed prompt's chain as pending on the worker in ``slot``."""
@@ -96,6 +98,7 @@ class PendingPrefixes:
         """
         if not hashes:
             return {}
+        self.expire()
         out = _walk(self._cur, hashes)
         if self._prev:
             for slot, d in _walk(self._prev, hashes).items():
