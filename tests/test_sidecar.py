@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import zmq
 
-from kvroute import block_hashes
+from kvroute import InvalidTokensError, block_hashes
 from kvroute.router import NoHealthyWorkerError, Router, UnknownRequestError
 from kvroute.sidecar import BadRequestError, KVRouteClient, SidecarConfig, UnknownOpError
 from kvroute.sidecar.config import WorkerConfig, parse_worker
@@ -147,6 +147,8 @@ def test_server_roundtrip_malformed_frames_and_http(server):
             c.call_raw(b"\x00\x01not msgpack at all")
         with pytest.raises(UnknownOpError):
             c.call("teleport")
+        with pytest.raises(InvalidTokensError):  # caught client-side: never wrapped into uint32
+            c.route(np.array([5, -1]), request_id=9)
         # a REQ socket (with the empty delimiter frame) works too; an extra frame gets an error reply
         req = ctx.socket(zmq.REQ)
         req.setsockopt(zmq.LINGER, 0)

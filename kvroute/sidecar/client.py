@@ -21,6 +21,7 @@ import msgpack
 import numpy as np
 import zmq
 
+from ..kvindex.errors import InvalidTokensError
 from .errors import ERROR_CLASSES, RemoteError, SidecarTimeoutError
 
 
@@ -89,7 +90,11 @@ class KVRouteClient:
         """Route a prompt (token ids, sent as uint32-LE bytes) or precomputed content hashes."""
         toks = None
         if token_ids is not None:
-            toks = np.asarray(token_ids, dtype="<u4").tobytes()
+            arr = np.asarray(token_ids)
+            if arr.ndim != 1 or (arr.size and (arr.dtype.kind not in "iu" or int(arr.min()) < 0
+                                              or int(arr.max()) > 0xFFFFFFFF)):
+                raise InvalidTokensError("token ids must be a 1-D sequence of integers in [0, 2**32 - 1]")
+            toks = arr.astype("<u4").tobytes()
         return self.call("route", request_id=request_id, token_ids=toks,
                          hashes=list(hashes) if hashes is not None else None, num_tokens=num_tokens,
                          lora_name=lora_name, cache_salt=cache_salt, costs=None if costs else False)
