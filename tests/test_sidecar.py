@@ -205,3 +205,18 @@ def test_snapshot_written_on_close_and_restored(tmp_path):
     finally:
         srv3.config.snapshot = ""
         srv3.close()
+
+
+def test_client_timeout_is_typed_and_recovers(server):
+    import socket
+
+    with socket.socket() as s:  # a port with nobody behind it
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    from kvroute.sidecar import SidecarTimeoutError
+
+    with KVRouteClient(f"tcp://127.0.0.1:{port}", timeout_s=0.2) as c:
+        with pytest.raises(SidecarTimeoutError):
+            c.ping()
+    with KVRouteClient(server.address, timeout_s=5) as c:
+        assert c.ping()
