@@ -272,3 +272,23 @@ def test_belady_runs_on_one_worker_only_and_bounds_lru(conversation):
     assert opt.prefix_hit_ratio > lru.prefix_hit_ratio
     with pytest.raises(SimConfigError, match="oracle"):
         SimConfig(workers=2, eviction="belady").validate()
+
+
+def test_blocks_the_cache_refuses_still_hold_kv_while_the_request_runs(monkeypatch):
+    from kvroute import eviction
+    from kvroute.eviction.policies.lru import LRU
+
+    class RefuseAll(LRU):
+        name = "refuse_all"
+
+        def admit(self, key, depth, now):
+            return False
+
+    monkeypatch.setitem(eviction.POLICIES, "refuse_all", RefuseAll)
+    a = Request(0, 0.0, 12, 11, (1, 2, 3))
+    b = Request(1, 0.0, 12, 1, (7, 8, 9))
+    sim = Simulation([a, b], _toy(gpu_blocks=4, eviction="refuse_all"))
+    rec = sim.run()
+    assert len(sim.workers[0].cache) == 0  # nothing was cached ...
+    assert rec.first_token[1] == pytest.approx(rec.finish[0] + TOY.prefill_s(12))  # ... yet B waited for A's KV
+    assert sim.workers[0].private == 0

@@ -122,7 +122,7 @@ class _SharedBar:
 
 #: Default policies of ``kvroute sim`` (those not registered in this build are left out).
 DEFAULT_ROUTING = "kvroute,dynamo,round_robin"
-DEFAULT_EVICTION = "lru,adaptive"
+DEFAULT_EVICTION = "lru"
 
 
 @click.command()

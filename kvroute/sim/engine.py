@@ -136,7 +136,8 @@ class _Worker:
 
     __slots__ = ("idx", "wid", "cache", "queue", "running", "joining", "mode", "gen", "epoch_start",
                  "step_s", "epoch_steps", "ctx_sum", "cut", "prefill_role", "decode_role", "pins", "outbox",
-                 "in_transit", "follower", "chunk_req", "chunk_left", "chunk_pos", "chunk_reload", "chunk_step")
+                 "in_transit", "follower", "chunk_req", "chunk_left", "chunk_pos", "chunk_reload", "chunk_step",
+                 "private")
 
     def __init__(self, idx: int, wid: Any, cache: Any, prefill_role: bool, decode_role: bool) -> None:
         self.idx = idx
@@ -165,6 +166,8 @@ class _Worker:
         #: Blocks pinned by this worker's requests in flight -> number of requests pinning them
         #: (mirrors the cache's pins; sizes the room a new prompt has).
         self.pins: dict[Any, int] = {}
+        #: Blocks of requests in flight that the cache did not keep (admission refused): private KV.
+        self.private = 0
         #: Event batches of the cache not yet published (the current prefill's).
         self.outbox: list[Any] = []
         #: Published batches on their way to the router: (delivery time, batches), in order.
@@ -369,11 +372,13 @@ class Simulation:
             self._drop(i)
             return False
         pins = w.pins
-        if pins:
+        if pins or w.private:
             need = n - sum(1 for k in keys if k in pins)
-            if need > self.gpu_blocks - len(pins):
+            if need > self.gpu_blocks - len(pins) - w.private:
                 return None
         tk = cache.start_request(keys, self.now)
+        # blocks the cache did not keep (admission refused, no room) still hold KV while the request runs
+        w.private += tk.uncached
         for k in tk.pinned:
             pins[k] = pins.get(k, 0) + 1
         self._tickets[i] = tk
@@ -519,6 +524,7 @@ class Simulation:
     def _release(self, w: _Worker, i: int) -> None:
         tk = self._tickets.pop(i)
         w.cache.finish_request(tk, self.now)
+        w.private -= tk.uncached
         pins = w.pins
         for k in tk.pinned:
             c = pins[k] - 1
