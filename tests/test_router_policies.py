@@ -36,7 +36,7 @@ def test_kvroute_ttft_hand_computed():
     reload = 16 * (2.4e-6 + 1.9e-5)
     decode = 16 * 10 * 4e-8
     assert kvroute_cost.ttft(REQ, c, w) == pytest.approx(queue + prefill + reload + decode, rel=1e-12)
-    fleet = 2.0 * 0.5 * 16 * (6 - 4) * 3.2e-5  # fleet_weight 2
+    fleet = 1.5 * 0.5 * 16 * (6 - 4) * 3.2e-5  # fleet_weight 1.5
     assert kvroute_cost.fleet_cost(REQ, c, w, best_total=6, busy=0.5) == pytest.approx(fleet)
     assert kvroute_cost.score(REQ, c, w, best_total=6, busy=0.5) == pytest.approx(queue + prefill + reload + decode + fleet)
 
@@ -63,7 +63,7 @@ def test_kvroute_fleet_term_keeps_prefix_together_on_busy_fleet():
     d = r.route_hashes(hs, num_tokens=100, request_id=1)
     t = 3.2e-5
     assert d.costs["a"] == pytest.approx((1000 + 20) * t)
-    assert d.costs["b"] == pytest.approx((1000 + 100) * t + 2.0 * 1.0 * 16 * 5 * t)  # weight 2 x pressure 1
+    assert d.costs["b"] == pytest.approx((1000 + 100) * t + 1.5 * 1.0 * 16 * 5 * t)  # weight 1.5 x pressure 1
     assert d.worker == "a" and d.predicted_cached_tokens == 80 and d.predicted_gpu_tokens == 80
 
 
@@ -88,10 +88,10 @@ def test_kvroute_relief_rule_replicates_hot_prefix():
 
 
 def test_kvroute_default_replicates_when_load_outweighs_cache():
-    # busy fleet (pressure 1): cost_x = (1000 + 4160) t + 2 x 4096 t = 13352 t ; cost_hot = (q + 64) t
+    # busy fleet (pressure 1): cost_x = (1000 + 4160) t + 1.5 x 4096 t = 11304 t ; cost_hot = (q + 64) t
     # relief (ratio 2): ttft_hot > 2 x ttft_x = 10320 t
     for relief, q_stay, q_move, reason in ((2.0, 9000, 10300, "replicate: hot-prefix relief"),
-                                           (100.0, 13280, 13300, "replicate: load outweighs cache")):
+                                           (100.0, 11230, 11260, "replicate: load outweighs cache")):
         r = Router(["hot", "x"], 16, pending_ttl_s=0, weights={"relief_ratio": relief})  # index only
         hs = list(range(100, 360))
         r.index.store("hot", hs[:256])
