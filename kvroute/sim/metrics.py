@@ -40,7 +40,7 @@ class Records:
         self.output_tokens = np.zeros(n, dtype=np.int64)
         #: Tokens the router predicted cached on the chosen worker.
         self.predicted_cached = np.zeros(n, dtype=np.int64)
-        #: Router CPU time of the decision, nanoseconds.
+        #: Router CPU time of the decision (thread CPU clock), nanoseconds.
         self.router_ns = np.zeros(n, dtype=np.int64)
         #: How many times each request finished (conservation check: all ones).
         self.finished_count = np.zeros(n, dtype=np.int32)
