@@ -292,3 +292,10 @@ def test_blocks_the_cache_refuses_still_hold_kv_while_the_request_runs(monkeypat
     assert len(sim.workers[0].cache) == 0  # nothing was cached ...
     assert rec.first_token[1] == pytest.approx(rec.finish[0] + TOY.prefill_s(12))  # ... yet B waited for A's KV
     assert sim.workers[0].private == 0
+
+
+def test_disaggregated_load_balance_is_measured_over_the_prefill_pool():
+    reqs = shared_system_prompt(80, seed=4)
+    s = simulate(reqs, SimConfig(workers=4, prefill_workers=2, routing="round_robin", gpu_blocks=200))
+    assert len(s.per_worker_requests) == 2 and sum(s.per_worker_requests) == 80
+    assert s.load_max_over_mean == pytest.approx(1.0)

@@ -620,7 +620,8 @@ def simulate(requests: Sequence[Request], config: SimConfig, *, progress: Callab
     t0 = time.perf_counter()
     sim = Simulation(requests, config, progress)
     rec = sim.run()
-    s = summarize(rec, config.routing, config.eviction, wall_s=time.perf_counter() - t0, n_workers=config.workers)
+    s = summarize(rec, config.routing, config.eviction, wall_s=time.perf_counter() - t0, n_workers=config.workers,
+                  prefill_pool=config.prefill_workers)
     s.extra.update({
         "gpu_blocks_per_worker": sim.gpu_blocks,
         "host_blocks_per_worker": sim.host_blocks,

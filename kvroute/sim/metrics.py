@@ -115,8 +115,13 @@ def _pct(a: np.ndarray, q: float) -> float:
     return float(np.percentile(a, q)) if a.size else float("nan")
 
 
-def summarize(rec: Records, routing: str, eviction: str, *, wall_s: float = 0.0, n_workers: int = 0) -> Summary:
-    """Aggregate per-request records into a :class:`Summary`."""
+def summarize(rec: Records, routing: str, eviction: str, *, wall_s: float = 0.0, n_workers: int = 0,
+              prefill_pool: int = 0) -> Summary:
+    """Aggregate per-request records into a :class:`Summary`.
+
+    Load balance is measured over the workers that take routed prompts: all of
+    them, or the first ``prefill_pool`` when pools are disaggregated.
+    """
     done = ~np.isnan(rec.finish)
     ttft = (rec.first_token - rec.arrival)[done]
     e2e = (rec.finish - rec.arrival)[done]
@@ -126,7 +131,8 @@ def summarize(rec: Records, routing: str, eviction: str, *, wall_s: float = 0.0,
     span = float(np.nanmax(rec.finish) - np.nanmin(rec.arrival)) if done.any() else 0.0
     out_tok = int(rec.output_tokens[done].sum())
     in_tok = int(rec.input_tokens[done].sum())
-    per = np.bincount(rec.worker[rec.worker >= 0], minlength=n_workers)[:n_workers] if n_workers else np.zeros(0)
+    pool = prefill_pool or n_workers
+    per = np.bincount(rec.worker[rec.worker >= 0], minlength=n_workers)[:pool] if n_workers else np.zeros(0)
     routed = rec.router_ns[rec.worker >= 0] / 1e3
     s = Summary(routing, eviction)
     s.requests = int(rec.arrival.size)
@@ -157,7 +163,7 @@ def summarize(rec: Records, routing: str, eviction: str, *, wall_s: float = 0.0,
     if per.size and per.mean() > 0:
         s.load_max_over_mean = float(per.max() / per.mean())
         s.load_cv = float(per.std() / per.mean())
-    pb = rec.busy_prefill
+    pb = rec.busy_prefill[:pool] if pool else rec.busy_prefill
     if pb.size and pb.mean() > 0:
         s.prefill_busy_max_over_mean = float(pb.max() / pb.mean())
     if routed.size:
