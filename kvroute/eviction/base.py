@@ -24,6 +24,16 @@ Calls the cache makes (``bind(capacity)`` once, first), in the order they happen
 Keys are plain ints (chained content hashes), ``depth`` the block's 0-based
 position in its chain, ``now`` seconds on any monotonic clock.
 
+Driving a policy from an engine (e.g. vLLM's GPU free-block queue or its CPU
+offload ``CachePolicy``): call ``begin`` when a request is scheduled with its
+block hashes, ``on_insert`` when a block is cached, ``on_access`` on a prefix
+hit, ``on_release`` + ``set_candidate(key, True)`` when its ref count drops to
+zero (in the order the engine frees them), ``set_candidate(key, False)`` when
+it is touched again, and ``victim()`` + ``on_remove`` when the engine needs a
+block.  An engine that may evict inner blocks simply offers every free block as
+a candidate; kvroute's own cache offers leaves only.  ``admit`` returning False
+means "free this block first" for an engine that must compute it anyway.
+
 :class:`HeapPolicy` implements ``set_candidate``/``victim``/``on_remove`` over a
 lazily-invalidated heap: a subclass only defines ``priority(key)`` (lowest is
 evicted first), evaluated when a block becomes a candidate.

@@ -13,10 +13,14 @@ policy learns, online and from the workload alone:
   request (1 + the depth of the request whose prompt this one extends, found
   from the previous prompts' last blocks; a block with more than two distinct
   successors is a shared prefix such as a system prompt, which starts no
-  conversation), whether the block is the prompt's *tail* (the last block,
-  which a next turn does not reuse when it is partial), and whether the block
-  is *shared* (branching).  Like the per-category reuse prediction of
-  "KVCache in the wild" (Wang et al., ATC'25).
+  conversation), the size of the prompt's *new part* (blocks after its longest
+  previously seen prefix: second turns that add a few blocks continue about
+  half the time, those that paste eight or more almost never), whether the
+  block is the prompt's *tail* (the last block, which a next turn does not
+  reuse when it is partial), how often the block was used (once, or more:
+  prefix popularity, as ARC's second list) and whether it is *shared*
+  (branching).  Like the per-category reuse prediction of "KVCache in the
+  wild" (Wang et al., ATC'25).
 * **Reuse-time distributions.**  For every class, a histogram (log-spaced age
   bins) of the time from an access to the block's next access, and the number
   of accesses, from a ghost table of recently seen blocks (bounded, several
@@ -35,6 +39,9 @@ policy learns, online and from the workload alone:
 * **Eviction.**  Candidates (unpinned leaves) sit in one heap per class, oldest
   first; the victim is the class head with the lowest hit density (within a
   class the density falls with age for the heavy-tailed gaps seen here).
+  Densities within a factor ``2 ** density_quantum`` count as equal and the
+  older block goes: where the learned estimates cannot tell blocks apart, the
+  policy is LRU, so noise in the estimates does not cost hits.
   Evicting leaves only is what makes it prefix-aware: a block's accesses count
   every request whose prefix runs through it, and an inner block is never
   dropped before its descendants.
@@ -75,6 +82,8 @@ class Weights:
     refresh_requests: int = 64
     #: Admit a block only if its density at age 0 is at least this share of recent victims'.
     admit_ratio: float = 1.0
+    #: Apply admission to prompt tails only (a refused inner block drops the rest of its prompt).
+    admit_tails_only: bool = False
     #: Smoothing weight of victim densities (admission threshold), per eviction.
     victim_ewma: float = 0.01
     #: Density multiplier per block of depth (recompute cost); 0: every block counts the same.
@@ -85,6 +94,10 @@ class Weights:
     max_turn_class: int = 6
     #: Size classes of a prompt's new part (blocks after its longest previously seen prefix).
     new_block_edges: tuple = (4, 8)
+    #: Use-count classes (accesses seen, ghost included): edges of the buckets.
+    freq_edges: tuple = (2,)
+    #: Densities within a factor ``2 ** density_quantum`` tie, and the older block goes (0: exact).
+    density_quantum: float = 0.5
     #: Pseudo-counts (reuses at the first age bin) each class starts with: LRU-like until data comes.
     prior_hits: float = 1.0
     prior_lifetimes: float = 4.0
@@ -113,8 +126,10 @@ class Adaptive(EvictionPolicy):
         self.w = w
         nt = w.max_turn_class
         nb = len(w.new_block_edges) + 1
-        #: Number of classes: turn depth (1..nt) x new-part size (nb) x tail (2) + shared (1).
-        self.nclasses = nt * nb * 2 + 1
+        nf = len(w.freq_edges) + 1
+        self._nf = nf
+        #: Number of classes: turn depth (1..nt) x new-part size (nb) x tail (2) x uses (nf) + shared (1).
+        self.nclasses = nt * nb * 2 * nf + 1
         self._nb = nb
         self._shared_cls = self.nclasses - 1
         #: Learned: reuses per class and age bin; lifetimes (accesses) per class.
@@ -187,7 +202,9 @@ class Adaptive(EvictionPolicy):
         self._td = td
         newb = bisect.bisect_right(w.new_block_edges, n - m)
         tdc = ((min(td, w.max_turn_class) - 1) * self._nb + newb)
-        self._base_cls = tdc * 2
+        nf = self._nf
+        fedges = w.freq_edges
+        self._base_cls = tdc * 2 * nf
         hits, life = self._hits, self._life
         shared = self._shared_cls
         prev = None
@@ -196,12 +213,15 @@ class Adaptive(EvictionPolicy):
             if old is not None:
                 hits[old[1]][_bin(now - old[0])] += 1.0
                 meta.move_to_end(k)
+                f = old[2] + 1
+            else:
+                f = 1
             s = succ.get(k)
             if s is not None and len(s) > 2:
                 c = shared
             else:
-                c = tdc * 2 + (1 if i == n - 1 else 0)
-            meta[k] = [now, c]
+                c = (tdc * 2 + (1 if i == n - 1 else 0)) * nf + (bisect.bisect_right(fedges, f) if nf > 1 else 0)
+            meta[k] = [now, c, f]
             life[c] += 1.0
             if prev is not None:
                 ps = succ.get(prev)
@@ -274,13 +294,16 @@ class Adaptive(EvictionPolicy):
             return True
         if self._hint.get(key, 0.0) >= thr:
             return True
+        if self.w.admit_tails_only and (m[1] == self._shared_cls or not (m[1] // self._nf) % 2):
+            return True
         return self._density(key, m[1], now) >= self.w.admit_ratio * thr
+
 
     def on_insert(self, key: Hashable, depth: int, now: float) -> None:
         self._res[key] = depth
         self._ins_count += 1
         if key not in self._meta:  # a block the policy never saw in begin() (direct use)
-            self._meta[key] = [now, self._base_cls]
+            self._meta[key] = [now, self._base_cls, 1]
 
     def set_candidate(self, key: Hashable, flag: bool) -> None:
         if not flag:
@@ -288,7 +311,7 @@ class Adaptive(EvictionPolicy):
             return
         m = self._meta.get(key)
         if m is None:
-            m = self._meta[key] = [self._now, 0]
+            m = self._meta[key] = [self._now, 0, 1]
         self._seq += 1
         r = self._hint.get(key)
         if r is not None:  # hinted blocks wait in their own heap, lowest rate first
@@ -312,7 +335,9 @@ class Adaptive(EvictionPolicy):
     def victim(self) -> Hashable | None:
         """The class head with the lowest density (older first among equals)."""
         best = None
-        best_v = best_t = math.inf
+        best_v = best_t = best_hd = math.inf
+        now = self._now
+        q = self.w.density_quantum
         for c in range(-1, self.nclasses):
             e = self._head(c)
             if e is None:
@@ -321,15 +346,18 @@ class Adaptive(EvictionPolicy):
             if c < 0:  # hinted: t is the rate; density at least the rate
                 m = self._meta.get(key)
                 v = max(t, self._density(key, m[1], m[0])) if m is not None else t
-                t = m[0] if m is not None else self._now
+                t = m[0] if m is not None else now
             else:
                 v = self._density(key, c, t)
+            hd = v
+            if q:  # densities within a factor 2**q compare as equal: the older goes
+                v = math.floor(math.log2(v) / q) if v > 0 else -math.inf
             if v < best_v or (v == best_v and t < best_t):
-                best, best_v, best_t = key, v, t
+                best, best_v, best_t, best_hd = key, v, t, hd
         if best is None:
             return None
         a = self.w.victim_ewma
-        self._victim_hd = best_v if self._victim_hd is None else (1 - a) * self._victim_hd + a * best_v
+        self._victim_hd = best_hd if self._victim_hd is None else (1 - a) * self._victim_hd + a * best_hd
         return best
 
     def on_remove(self, key: Hashable) -> None:
@@ -359,7 +387,8 @@ class Adaptive(EvictionPolicy):
         out = {}
         for d in range(self.w.max_turn_class):
             for b in range(self._nb):
-                c = (d * self._nb + b) * 2
+                c = (d * self._nb + b) * 2 * self._nf
                 if self._life[c] > self.w.prior_lifetimes:
                     out[f"turn{d + 1}/new{b}"] = round(sum(self._hits[c]) / self._life[c], 3)
         return out
+
