@@ -299,3 +299,19 @@ def test_disaggregated_load_balance_is_measured_over_the_prefill_pool():
     s = simulate(reqs, SimConfig(workers=4, prefill_workers=2, routing="round_robin", gpu_blocks=200))
     assert len(s.per_worker_requests) == 2 and sum(s.per_worker_requests) == 80
     assert s.load_max_over_mean == pytest.approx(1.0)
+
+
+def test_decode_worker_admits_transferred_requests_while_its_kv_has_room():
+    a = Request(0, 0.0, 12, 31, (1, 2, 3))
+    b = Request(1, 0.0, 12, 3, (7, 8, 9))
+    rec = Simulation([a, b], _toy(workers=2, prefill_workers=1, gpu_blocks=4)).run()
+    d = TOY.decode_step_s(1, 13)
+    p, tr = TOY.prefill_s(12), TOY.transfer_s(12)
+    # (B's arrival cuts A's decode run; the restarted run prices the grown context: a 1e-5 effect)
+    assert rec.finish[0] == pytest.approx(p + tr + 30 * d, rel=1e-4)
+    assert rec.first_token[1] + tr < rec.finish[0]  # B's KV arrives while A still decodes
+    # B's prefill waited for A's blocks to leave the prefill worker, B's decode for A's KV to leave the decode worker
+    assert rec.first_token[1] == pytest.approx(p + tr + p)
+    assert rec.finish[1] == pytest.approx(rec.finish[0] + 2 * d)
+    rec2 = Simulation([a, b], _toy(workers=2, prefill_workers=1, gpu_blocks=8)).run()
+    assert rec2.finish[1] < rec2.finish[0]

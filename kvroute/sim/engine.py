@@ -141,7 +141,7 @@ class _Worker:
     __slots__ = ("idx", "wid", "cache", "queue", "running", "joining", "mode", "gen", "epoch_start",
                  "step_s", "epoch_steps", "ctx_sum", "cut", "prefill_role", "decode_role", "pins", "outbox",
                  "in_transit", "follower", "chunk_req", "chunk_left", "chunk_pos", "chunk_reload", "chunk_step",
-                 "private")
+                 "private", "kv_blocks")
 
     def __init__(self, idx: int, wid: Any, cache: Any, prefill_role: bool, decode_role: bool) -> None:
         self.idx = idx
@@ -155,9 +155,11 @@ class _Worker:
         self.running: list[list[int]] = []
         #: Requests whose KV arrived (disaggregated) and join the batch at the next step boundary.
         self.joining: list[int] = []
+        #: What the worker is doing: _IDLE, _PREFILL (a prefill or chunked step in flight), _DECODE.
         self.mode = _IDLE
-        #: Generation counter: a DECODE_DONE event of an older generation is stale.
+        #: Generation counter: a DECODE_DONE/STEP_DONE event of an older generation is stale.
         self.gen = 0
+        #: The decode run in flight: start time, seconds per step, steps planned.
         self.epoch_start = 0.0
         self.step_s = 0.0
         self.epoch_steps = 0
@@ -165,6 +167,7 @@ class _Worker:
         self.ctx_sum = 0
         #: Whether the current decode run was already cut short.
         self.cut = False
+        #: Pools: whether the worker prefills (has a cache) and decodes.
         self.prefill_role = prefill_role
         self.decode_role = decode_role
         #: Blocks pinned by this worker's requests in flight -> number of requests pinning them
@@ -172,6 +175,8 @@ class _Worker:
         self.pins: dict[Any, int] = {}
         #: Blocks of requests in flight that the cache did not keep (admission refused): private KV.
         self.private = 0
+        #: Decode-only worker: KV blocks held by its running requests (transferred prompts).
+        self.kv_blocks = 0
         #: Event batches of the cache not yet published (the current prefill's).
         self.outbox: list[Any] = []
         #: Published batches on their way to the router: (delivery time, batches), in order.
@@ -321,10 +326,17 @@ class Simulation:
         now = self.now
         cfg = self.cfg
         if w.joining:
-            room = cfg.max_batch - len(w.running)
-            take, w.joining = w.joining[:room], w.joining[room:]
-            for i in take:
-                self._join(w, i)
+            # transferred requests join in arrival order while the batch and the GPU's KV have room
+            k = 0
+            reqs = self.requests
+            while k < len(w.joining) and len(w.running) < cfg.max_batch:
+                nb = len(reqs[w.joining[k]].hash_ids)
+                if w.kv_blocks + nb > self.gpu_blocks and w.running:
+                    break
+                w.kv_blocks += nb
+                self._join(w, w.joining[k])
+                k += 1
+            del w.joining[:k]
         if w.chunk_req >= 0:  # chunked prefill in progress: one more mixed step
             self._mixed_step(w)
             return
@@ -520,8 +532,10 @@ class Simulation:
         rec.finished_count[i] += 1
         rec.output_tokens[i] = max(1, self.requests[i].output_length)
         self.router.finish(i)
-        pw, _ = self._placement.pop(i)
-        if not self.disaggregated:
+        pw, dw = self._placement.pop(i)
+        if self.disaggregated:
+            dw.kv_blocks -= len(self.requests[i].hash_ids)
+        else:
             self._release(pw, i)
         self._after_request()
 
