@@ -10,7 +10,7 @@ import time
 import pytest
 import zmq
 
-from kvroute.adapters.subscriber import KVEventSubscriber, SubscriberConfig, rank_endpoint
+from kvroute.adapters.subscriber import EndpointError, KVEventSubscriber, SubscriberConfig, rank_endpoint
 from kvroute.adapters.vllm import encode
 from kvroute.kvindex import BlockStored, EventBatch, KVIndex, Tier
 
@@ -575,4 +575,54 @@ def test_resume_from_a_snapshot_with_positions(ctx, tmp_path):
         assert m["batches"] == 6 and m["resyncs"] == {} and m["workers"]["w"]["complete"]
         with pytest.raises(ValueError):
             sub2.add_worker("x", eng.endpoint, start_seq=-1)
+    eng.close()
+
+
+def test_resume_over_an_engine_that_restarted_meanwhile(ctx, tmp_path):
+    """start_seq=N, but the engine restarted while no router listened: its new seqs 0.. are
+    a restart (they never reached this stream), not echoes of a replay; the index ends exact."""
+    eng = FakeEngine(ctx, capacity=24)
+    gen = prompts(random.Random(16), 100)
+    with make_sub(ctx) as sub:
+        attach(sub, eng)
+        for _ in range(8):
+            eng.request(next(gen))
+            eng.publish()
+        pump(sub, [eng], caught_up(sub, eng))
+        with sub.lock:
+            sub.index.save(tmp_path / "ix.snap")
+            pos = sub.positions()
+    eng.restart()
+    ix = KVIndex.load(tmp_path / "ix.snap")
+    assert ix.blocks_of("w")
+    with KVEventSubscriber(ix, context=ctx) as sub2:
+        sub2.add_worker("w", eng.endpoint, eng.replay_endpoint, start_seq=pos["w"])
+        assert eng.wait_for_subscribers(1, 5000)
+        for _ in range(3):
+            eng.request(next(gen))
+            eng.publish()
+        pump(sub2, [eng], caught_up(sub2, eng))
+        m = sub2.metrics()
+        assert m["restarts"] == 1 and m["duplicates"] == 0 and m["batches"] == 3
+        assert ix.blocks_of("w") == eng.true_blocks()
+    eng.close()
+
+
+def test_a_bad_endpoint_is_refused_and_the_old_subscription_stays(ctx):
+    eng = FakeEngine(ctx, capacity=24)
+    with make_sub(ctx) as sub:
+        attach(sub, eng)
+        n_socks = len(sub._poller.sockets)
+        for bad in ("foo://bar", "tcp://127.0.0.1:notaport", "garbage"):
+            with pytest.raises(EndpointError):
+                sub.add_worker("w", bad)
+            with pytest.raises(EndpointError):
+                sub.add_worker("w", eng.endpoint, bad)
+        with pytest.raises(EndpointError):
+            sub.add_worker("x", {1: eng.endpoint}, dp_ranks=(0, 1))
+        assert sub.workers() == ["w"] and len(sub._poller.sockets) == n_socks
+        eng.request([1, 2, 3, 4])
+        eng.publish()
+        pump(sub, [eng], caught_up(sub, eng))  # the old subscription still delivers
+        assert sub.index.blocks_of("w") == eng.true_blocks()
     eng.close()

@@ -28,7 +28,8 @@ are applied in sequence order starting at 0:
   has ``next``, timeout, too many buffered batches) *resyncs* the stream.
 * ``seq < next``: a duplicate (replay overtook the live stream, or the very
   same payload again) is dropped; anything else is an engine restart: the
-  stream's index entries are cleared and ``next`` goes back to 0.
+  stream's index entries are cleared and ``next`` goes back to 0.  A live seq
+  below the stream's first expected one (``start_seq``) is always a restart.
 
 Resync = clear the stream's entries in the index, mark it *stale* and
 *incomplete*, continue from the next batch available.  A stale stream becomes
@@ -56,11 +57,11 @@ from typing import Any, Callable, Iterable, Mapping
 import xxhash
 import zmq
 
-from kvroute.kvindex import AllBlocksCleared, KVIndex, WorkerId
+from kvroute.kvindex import AllBlocksCleared, KVIndex, KVRouteError, WorkerId
 
 from .vllm import DecodeError, DecodeLimits, decode
 
-__all__ = ["KVEventSubscriber", "SubscriberConfig", "rank_endpoint", "LAG_BUCKETS"]
+__all__ = ["KVEventSubscriber", "SubscriberConfig", "EndpointError", "rank_endpoint", "LAG_BUCKETS"]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,28 @@ _xxh3 = xxhash.xxh3_64_intdigest
 #: Upper bounds (seconds) of the lag histogram buckets; the last bucket is +inf.
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _instance_ids = itertools.count()
+
+
+class EndpointError(KVRouteError, ValueError):
+    """An endpoint the subscriber cannot connect to: a bind address, or one ZMQ rejects."""
+
+
+def _check_endpoint(ctx: zmq.Context, endpoint: str) -> None:
+    """Raise :class:`EndpointError` unless a socket of ``ctx`` can connect to ``endpoint``.
+
+    A throwaway socket is connected and closed at once (contexts are thread-safe),
+    so a bad address is refused in the caller's thread, before the loop drops the
+    worker's old subscription.  Host names resolve later, in ZMQ's I/O thread.
+    """
+    if "://*" in endpoint:
+        raise EndpointError(f"{endpoint!r} is a bind address; give the engine's host to connect to")
+    probe = ctx.socket(zmq.SUB)
+    try:
+        probe.connect(endpoint)
+    except zmq.ZMQError as exc:
+        raise EndpointError(f"cannot connect to {endpoint!r}: {exc}") from None
+    finally:
+        probe.close(linger=0)
 
 
 def rank_endpoint(endpoint: str, rank: int, base_rank: int = 0) -> str:
@@ -81,7 +104,7 @@ def rank_endpoint(endpoint: str, rank: int, base_rank: int = 0) -> str:
         return endpoint
     head, sep, port = endpoint.rpartition(":")
     if not sep or not port.isdigit() or not endpoint.startswith("tcp://"):
-        raise ValueError(f"cannot derive the endpoint of rank {rank} from {endpoint!r}; pass a mapping {{rank: endpoint}}")
+        raise EndpointError(f"cannot derive the endpoint of rank {rank} from {endpoint!r}; pass a mapping {{rank: endpoint}}")
     return f"{head}:{int(port) + rank - base_rank}"
 
 
@@ -112,7 +135,7 @@ class _Stream:
 
     __slots__ = (
         "worker", "rank", "key", "endpoint", "replay_endpoint", "topic", "sub", "dealer",
-        "next_seq", "last_live", "pending", "replay_deadline", "replay_trigger", "digests", "digest_order",
+        "next_seq", "origin", "last_live", "pending", "replay_deadline", "replay_trigger", "digests", "digest_order",
         "stale", "complete", "clean", "batches", "last_ts",
     )
 
@@ -126,6 +149,7 @@ class _Stream:
         self.sub: zmq.Socket | None = None
         self.dealer: zmq.Socket | None = None  #: replay socket, created at the first gap
         self.next_seq = 0  #: sequence number of the next batch to apply
+        self.origin = 0  #: first seq this stream expected (``start_seq``; 0 after a restart): older ones never reached it
         self.last_live = -1  #: highest sequence number received live (SUB)
         self.pending: dict[int, bytes] = {}  #: seq -> payload received ahead of next_seq
         self.replay_deadline: float | None = None  #: clock() deadline of the outstanding replay, or None
@@ -260,7 +284,9 @@ class KVEventSubscriber:
         base = ranks[0]
         specs = []
         for r in ranks:
-            ep = endpoint[r] if isinstance(endpoint, Mapping) else rank_endpoint(endpoint, r, base)
+            ep = endpoint.get(r) if isinstance(endpoint, Mapping) else rank_endpoint(endpoint, r, base)
+            if not isinstance(ep, str):
+                raise EndpointError(f"no endpoint string for rank {r}: {ep!r}")
             if replay_endpoint is None:
                 rep = None
             elif isinstance(replay_endpoint, Mapping):
@@ -268,8 +294,8 @@ class KVEventSubscriber:
             else:
                 rep = rank_endpoint(replay_endpoint, r, base)
             for e in (ep, rep):
-                if e is not None and "://*" in e:
-                    raise ValueError(f"{e!r} is a bind address; give the engine's host to connect to")
+                if e is not None:
+                    _check_endpoint(self._ctx, e)
             key = worker_id if len(ranks) == 1 else (worker_id, r)
             first = start_seq.get(r, 0) if isinstance(start_seq, Mapping) else (start_seq or 0)
             if type(first) is not int or first < 0:
@@ -308,26 +334,39 @@ class KVEventSubscriber:
             self._wake_tx.send(b"", zmq.NOBLOCK)
 
     def _run_command(self, cmd: tuple) -> None:
-        if cmd[0] == "add":
-            _, worker, specs, topic = cmd
-            self._drop_worker(worker, forget=False)
-            for rank, key, ep, rep, first in specs:
-                st = _Stream(worker, rank, key, ep, rep, topic)
-                st.next_seq = first
+        _COMMANDS[cmd[0]](self, *cmd[1:])
+
+    def _cmd_add(self, worker: WorkerId, specs: list, topic: bytes) -> None:
+        # Connect every rank's socket first: if one fails, nothing changes (the old
+        # subscription, if any, stays) and no socket is left open.
+        socks: list[zmq.Socket] = []
+        try:
+            for _rank, _key, ep, _rep, _first in specs:
                 sub = self._ctx.socket(zmq.SUB)
+                socks.append(sub)
                 sub.setsockopt(zmq.LINGER, 0)
                 sub.setsockopt(zmq.RCVHWM, self.config.rcvhwm)
                 sub.setsockopt(zmq.SUBSCRIBE, topic)
                 sub.connect(ep)
-                st.sub = sub
-                with self.lock:
-                    self._streams[(worker, rank)] = st
-                self._by_socket[sub] = (st, False)
-                self._poller.register(sub, zmq.POLLIN)
-                with self.lock:
-                    self.index.add_worker(key)
-        elif cmd[0] == "remove":
-            self._drop_worker(cmd[1], forget=cmd[2])
+        except zmq.ZMQError as exc:
+            for sock in socks:
+                sock.close(linger=0)
+            raise EndpointError(f"worker {worker!r}: cannot subscribe: {exc}") from None
+        self._drop_worker(worker, forget=False)
+        for (rank, key, ep, rep, first), sub in zip(specs, socks):
+            st = _Stream(worker, rank, key, ep, rep, topic)
+            st.next_seq = first
+            st.origin = first
+            st.sub = sub
+            with self.lock:
+                self._streams[(worker, rank)] = st
+            self._by_socket[sub] = (st, False)
+            self._poller.register(sub, zmq.POLLIN)
+            with self.lock:
+                self.index.add_worker(key)
+
+    def _cmd_remove(self, worker: WorkerId, forget: bool) -> None:
+        self._drop_worker(worker, forget=forget)
 
     def _drop_worker(self, worker: WorkerId, *, forget: bool) -> None:
         for sk in [sk for sk in self._streams if sk[0] == worker]:
@@ -514,8 +553,9 @@ class KVEventSubscriber:
         # seq < next_seq
         if not live:
             return self._dup()  # a replay reply the live stream already delivered
-        if seq > last:
+        if seq > last and seq >= st.origin:
             return self._dup()  # the replay overtook the live stream
+        # (a live seq below ``origin`` never reached this stream: the engine's sequence went back)
         d = st.digests.get(seq)
         if d is not None and d == _xxh3(payload):
             return self._dup()  # the very same batch again (reordered / duplicated)
@@ -611,6 +651,7 @@ class KVEventSubscriber:
         st.complete = True
         st.clean = 0
         st.next_seq = 0
+        st.origin = 0
         st.last_live = seq
         st.pending.clear()
         st.digests.clear()
@@ -624,8 +665,13 @@ class KVEventSubscriber:
             return
         if st.dealer is None:
             d = self._ctx.socket(zmq.DEALER)
-            d.setsockopt(zmq.LINGER, 0)
-            d.connect(st.replay_endpoint)
+            try:
+                d.setsockopt(zmq.LINGER, 0)
+                d.connect(st.replay_endpoint)
+            except zmq.ZMQError:
+                d.close(linger=0)
+                self._give_up_gap(st, "unreachable")
+                return
             st.dealer = d
             self._by_socket[d] = (st, True)
             self._poller.register(d, zmq.POLLIN)
@@ -704,3 +750,10 @@ class KVEventSubscriber:
             out["workers"] = workers
             out["stale_workers"] = sum(1 for w in workers.values() if w["stale"])
         return out
+
+
+#: Loop command name -> handler (commands are queued by ``add_worker``/``remove_worker``).
+_COMMANDS: dict[str, Callable[..., None]] = {
+    "add": KVEventSubscriber._cmd_add,
+    "remove": KVEventSubscriber._cmd_remove,
+}
