@@ -45,7 +45,8 @@ Admission: when a request is first scheduled (before vLLM allocates, and so
 evicts, anything for it) the policy is asked to admit its missing blocks in
 chain order, as ``TieredCache`` asks; from the first refusal on, the request's
 new blocks are still cached by vLLM (its events stay exact) but, once free,
-are reused before any admitted block.
+are reused before any admitted block; one that a later request hits while
+vLLM still holds it is admitted then.
 """
 from __future__ import annotations
 
@@ -97,8 +98,9 @@ class PolicyFreeQueue:
         #: Prefix relations of tracked blocks: key -> parent key, key -> set of child keys.
         self._parent: dict[Hashable, Hashable | None] = {}
         self._children: dict[Hashable, set] = {}
-        #: Block ids vLLM cached but the policy refused (untracked until evicted).
-        self._refused_ids: set[int] = set()
+        #: Blocks vLLM cached but the policy refused (untracked until evicted): block id -> key, key -> block id.
+        self._refused_ids: dict[int, Hashable] = {}
+        self._refused_keys: dict[Hashable, int] = {}
         #: Requests whose new blocks from a chain position on are refused: id -> first refused position.
         self._refuse_from: OrderedDict[Any, int] = OrderedDict()
         #: Requests already announced to the policy (``begin`` once per request).
@@ -109,7 +111,7 @@ class PolicyFreeQueue:
         #: Current clock (seconds): the last request's ``kvroute_now`` or monotonic time.
         self.now = 0.0
         #: Counters (read by tests and logs).
-        self.stats = {"evictions": 0, "fallback_evictions": 0, "refused": 0, "dup_reuses": 0, "requests": 0}
+        self.stats = {"evictions": 0, "fallback_evictions": 0, "refused": 0, "promoted": 0, "dup_reuses": 0, "requests": 0}
         self.num_free_blocks = len(self._uncached)
 
     # ------------------------------------------------- FreeKVCacheBlockQueue API
@@ -129,7 +131,7 @@ class PolicyFreeQueue:
         for pool, label in ((self._refused, None), (self._dups, "dup_reuses")):
             while pool and len(out) < n:
                 bid, b = pool.popitem(last=False)
-                self._refused_ids.discard(bid)
+                self._unrefuse(bid)
                 if label:
                     self.stats[label] += 1
                 out.append(b)
@@ -208,9 +210,9 @@ class PolicyFreeQueue:
         pol.begin(keys, self.now)
         # Admission, as TieredCache asks it: for the missing blocks in chain order, before
         # vLLM allocates (and so evicts) anything for this request.
-        held = self._block_of
+        held, refused = self._block_of, self._refused_keys
         i = 0
-        while i < len(keys) and keys[i] in held:
+        while i < len(keys) and (keys[i] in held or keys[i] in refused):  # what vLLM will hit
             i += 1
         while i < len(keys):
             if not pol.admit(keys[i], i, self.now):
@@ -221,11 +223,21 @@ class PolicyFreeQueue:
             i += 1
 
     def on_hit(self, blocks: Iterable[Any]) -> None:
-        acc = self.policy.on_access
-        for b in blocks:
-            key = self._key_of.get(b.block_id)
-            if key is not None and b.block_hash == key:
-                acc(key, self.now)
+        """Hit blocks, in chain order.  A refused block that vLLM still had and a request
+        now reuses is admitted after all (tracked from here on)."""
+        pol = self.policy
+        prev = None
+        for depth, b in enumerate(blocks):
+            key = b.block_hash
+            if key is not None:
+                if b.block_id in self._refused_ids and key not in self._block_of:
+                    self._unrefuse(b.block_id)
+                    self._track(b, key, prev)
+                    pol.on_insert(key, depth, self.now)
+                    self.stats["promoted"] += 1
+                if self._key_of.get(b.block_id) == key:
+                    pol.on_access(key, self.now)
+            prev = key
 
     def on_cached(self, request_id: Any, blocks: list[Any], lo: int, hi: int) -> None:
         """vLLM gave blocks ``lo..hi-1`` of a request's chain their hashes."""
@@ -238,7 +250,8 @@ class PolicyFreeQueue:
             if key in self._block_of:  # same content as a tracked block: a duplicate
                 continue
             if i >= refuse_from:
-                self._refused_ids.add(b.block_id)
+                self._refused_ids[b.block_id] = key
+                self._refused_keys[key] = b.block_id
                 self.stats["refused"] += 1
                 continue
             parent = blocks[i - 1].block_hash if i > 0 else None
@@ -253,6 +266,7 @@ class PolicyFreeQueue:
         for d in (self._refused, self._dups, self._free, self._block_of, self._key_of, self._parent, self._children):
             d.clear()
         self._refused_ids.clear()
+        self._refused_keys.clear()
         self._refuse_from.clear()
 
     def resync(self) -> None:
@@ -267,10 +281,15 @@ class PolicyFreeQueue:
             for bid, b in list(pool.items()):
                 if b.block_hash is None:
                     del pool[bid]
-                    self._refused_ids.discard(bid)
+                    self._unrefuse(bid)
                     self._uncached.append(b)
 
     # ---------------------------------------------------------------- internals
+    def _unrefuse(self, bid: int) -> None:
+        key = self._refused_ids.pop(bid, None)
+        if key is not None and self._refused_keys.get(key) == bid:
+            del self._refused_keys[key]
+
     def _track(self, b: Any, key: Hashable, parent: Hashable | None) -> None:
         self._block_of[key] = b
         self._key_of[b.block_id] = key

@@ -138,6 +138,16 @@ def test_refused_blocks_are_reused_first() -> None:
     assert p.run(chain("a", 3), 3.0) == 2
 
 
+def test_a_refused_block_hit_again_is_admitted() -> None:
+    p = Pool(12, "lru")
+    p.q = PolicyFreeQueue(p.blocks[1:], NoAdmit("b/1"), 11)
+    p.run(chain("b", 3), 0.0)  # b/1 and b/2 refused, still cached by "vLLM"
+    assert p.run(chain("b", 3) + ["x"], 1.0) == 3  # the refused blocks hit
+    assert p.q.stats["promoted"] == 2 and p.q.snapshot()["refused_free"] == 0
+    p.run(chain("c", 8), 2.0)  # needs 8 of 11: 3 uncached, then x and the leaves of b, tail first
+    assert p.evicted == ["x", "b/2", "b/1", "b/0"][: len(p.evicted)]
+
+
 def test_reset_makes_every_free_block_uncached() -> None:
     p = Pool(6, "adaptive")
     p.run(chain("a", 3), 0.0)
