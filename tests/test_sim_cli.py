@@ -132,3 +132,19 @@ def test_eviction_all_skips_the_oracle_on_a_cluster():
     res = _run(["sim", "--limit", "60", "--workers", "1", "--routing", "round_robin", "--eviction", "all",
                 "--json", "--no-progress"])
     assert "belady" in [r["eviction"] for r in json.loads(res.stdout)["results"]]
+
+
+def test_search_space_covers_weights_dataclasses():
+    from kvroute.eviction import POLICIES as EVICTION
+    from kvroute.sim.tune import TuneError, search_space
+
+    kind, space = search_space("kvroute")
+    assert kind == "routing" and "prefill_s_per_token" in space
+    assert search_space("round_robin") == ("routing", {})
+    assert search_space("lrfu") == ("eviction", {"lam": 0.01})
+    if "adaptive" in EVICTION:  # its parameters live in a weights dataclass taken as keyword overrides
+        kind, space = search_space("adaptive")
+        assert kind == "eviction" and space
+        assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in space.values())
+    with pytest.raises(TuneError):
+        search_space("belady")

@@ -3,7 +3,8 @@
 The search space is the policy's own parameters: the numeric fields of a
 routing policy's weights dataclass (``kvroute.router.POLICIES[name].Weights``)
 or the numeric keyword parameters of an eviction policy's constructor
-(``kvroute.eviction.POLICIES[name]``).  The search is a seeded coordinate
+(``kvroute.eviction.POLICIES[name]``), including the numeric fields of its
+``weights`` dataclass when it takes them as keyword overrides.  The search is a seeded coordinate
 descent with multiplicative steps (x0.5 / x2, then x0.7 / x1.4, ...; a zero
 default tries small positive values), keeping a change only when the objective
 improves; every evaluation is a full simulation of the workload.  Values a
@@ -59,11 +60,19 @@ def search_space(policy: str) -> tuple[str, dict[str, Any]]:
             raise TuneError("belady is an oracle: nothing to tune")
         pol = make_policy(policy)
         params = {}
-        for name, p in inspect.signature(type(pol).__init__).parameters.items():
+        sig = inspect.signature(type(pol).__init__).parameters
+        for name, p in sig.items():
             if name in ("self", "algorithm", "label") or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
                 continue
             if _is_num(p.default):
                 params[name] = p.default
+        # a policy that keeps its parameters in a weights dataclass and takes them as keyword overrides
+        w = next((x for x in (getattr(pol, "weights", None), getattr(pol, "w", None)) if dataclasses.is_dataclass(x)), None)
+        if w is not None and any(p.kind is p.VAR_KEYWORD for p in sig.values()):
+            for f in dataclasses.fields(w):
+                v = getattr(w, f.name)
+                if _is_num(v):
+                    params.setdefault(f.name, v)
         return "eviction", params
     raise TuneError(f"unknown policy {policy!r}: not in kvroute.router.POLICIES nor kvroute.eviction.POLICIES")
 
