@@ -90,6 +90,37 @@ def test_service_route_cycle_and_typed_errors():
     assert "kvroute_index_entries 3.0" in text
 
 
+def test_add_worker_with_a_bad_endpoint_changes_nothing_and_removal_drops_its_series():
+    import threading
+
+    from kvroute.sidecar.events import EventSource
+
+    r = Router(["a"], 16)
+    ev = EventSource(r.index, r.lock)
+    svc = Service(r, Metrics(r, ev), ev)
+    try:
+        for bad in ("tcp://*:5557", "nonsense", "tcp://127.0.0.1:notaport"):
+            rep = call(svc, {"op": "add_worker", "worker": "c", "endpoint": bad})
+            assert not rep["ok"] and rep["error"]["type"] == "BadRequest", rep
+            assert r.workers() == ["a"] and ev.subscriber.workers() == []
+        rep = call(svc, {"op": "add_worker", "worker": "c", "endpoint": "tcp://127.0.0.1:1"})
+        assert rep["ok"] and r.workers() == ["a", "c"] and ev.subscriber.workers() == ["c"]
+        assert call(svc, {"op": "route", "request_id": 1, "hashes": [1], "num_tokens": 16})["ok"]
+        assert call(svc, {"op": "route", "request_id": 2, "hashes": [2], "num_tokens": 16})["ok"]  # cold: fair share
+        text = svc.metrics.render().decode()
+        assert 'kvroute_decisions_total{worker="c"} 1.0' in text and 'worker="a"} 1.0' in text
+        assert call(svc, {"op": "remove_worker", "worker": "c"})["ok"]
+        assert ev.subscriber.workers() == [] and r.workers() == ["a"]
+        text = svc.metrics.render().decode()
+        assert 'kvroute_decisions_total{worker="c"}' not in text
+        assert 'kvroute_decisions_total{worker="a"} 1.0' in text
+    finally:
+        ev.close()
+    svc_no_events = Service(r, Metrics(r))
+    rep = call(svc_no_events, {"op": "add_worker", "worker": "d", "endpoint": "tcp://127.0.0.1:1"})
+    assert rep["error"]["type"] == "BadRequest" and "d" not in r.workers()
+
+
 def test_flatten_subscriber_metrics():
     fams = {f.name: f for f in _flatten_events({"gaps": 2, "resyncs": {"no_endpoint": 1},
                                                 "workers": {"w0": {"stale": True, "batches": 5}},

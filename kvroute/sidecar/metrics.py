@@ -76,6 +76,11 @@ class Metrics:
         self.cached.inc(d.predicted_cached_tokens)
         self.prompt.inc(d.num_tokens)
 
+    def forget_worker(self, worker: Any) -> None:
+        """Drop a removed worker's ``decisions_total`` series, so label values stay bounded by live workers."""
+        if self._decision_children.pop(worker, None) is not None:
+            self.decisions.remove(str(worker))
+
     def observe_request(self, op: str, outcome: str, seconds: float) -> None:
         self.requests.labels(op=op, outcome=outcome).inc()
         if op == "route" and outcome == "ok":

@@ -68,15 +68,14 @@ class SidecarServer:
             ranks = max(1, w.dp_size)
             for key in ([w.id] if ranks == 1 else [(w.id, k) for k in range(ranks)]):
                 r.add_worker(key, role=w.role, capacity_blocks=w.capacity_blocks)
-        if any(w.endpoint for w in cfg.workers):
-            self.events = self._make_events(index)
+        # always: workers with an endpoint may also be added at run time (the add_worker op)
+        self.events = self._make_events(index)
         self.metrics = Metrics(r, self.events)
         self.service = Service(r, self.metrics, self.events)
-        if self.events is not None:
-            for w in cfg.workers:
-                if w.endpoint:
-                    self.events.follow(w.id, w.endpoint, w.replay_endpoint or None, dp_size=w.dp_size, topic=w.topic)
-            self.events.start()
+        for w in cfg.workers:
+            if w.endpoint:
+                self.events.follow(w.id, w.endpoint, w.replay_endpoint or None, dp_size=w.dp_size, topic=w.topic)
+        self.events.start()
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)

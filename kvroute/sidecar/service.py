@@ -174,11 +174,11 @@ class Service:
         replay = _need(req, "replay_endpoint", str, optional=True) or ""
         if role not in ("both", "prefill", "decode"):
             raise BadRequestError("role must be both, prefill or decode")
-        self.router.add_worker(wid, role=role, capacity_blocks=cap)
-        if endpoint:
+        if endpoint:  # subscribe first: a refused endpoint leaves the router as it was
             if self.events is None:
-                raise BadRequestError("this server has no KV-event subscriber (kvroute.adapters.subscriber missing)")
+                raise BadRequestError("this service has no KV-event source to subscribe with")
             self.events.follow(wid, endpoint, replay or None)
+        self.router.add_worker(wid, role=role, capacity_blocks=cap)
         return {"worker": wid}
 
     def op_remove_worker(self, req: dict) -> dict:
@@ -186,6 +186,8 @@ class Service:
         if self.events is not None:
             self.events.unfollow(wid)
         self.router.remove_worker(wid)
+        if self.metrics is not None:
+            self.metrics.forget_worker(wid)
         return {"worker": wid}
 
     def op_drain_worker(self, req: dict) -> dict:
