@@ -85,6 +85,32 @@ def test_load_accounting_prefill_done_and_finish():
         r.prefill_done("nope")
 
 
+def test_request_ttl_releases_requests_whose_finish_never_came():
+    clk = Clock()
+    r = Router(["a", "b"], 16, pending_ttl_s=0, clock=clk, request_ttl_s=10.0)
+    r.route_hashes([1, 2], num_tokens=32, request_id="lost")
+    clk.t = 5.0
+    r.route_hashes([3, 4], num_tokens=40, request_id="kept")
+    r.prefill_done("kept")
+    clk.t = 10.0  # "lost" is 10 s old: released at the next decision, "kept" (5 s) stays
+    r.route_hashes([5], num_tokens=16, request_id="new")
+    assert r.in_flight() == 2 and r.expired_requests == 1 and r.stats()["expired_requests"] == 1
+    with pytest.raises(UnknownRequestError):
+        r.finish("lost")
+    r.finish("new")
+    r.finish("kept")
+    for w in ("a", "b"):  # every unit of load the three requests added is gone
+        s = r.worker_state(w)
+        assert (s.prefill_tokens, s.prefill_requests, s.decode_blocks, s.active_requests) == (0, 0, 0, 0)
+    r.route_hashes([1], num_tokens=16, request_id="lost")  # an expired id may be reused
+    clk.t = 100.0
+    r.route_hashes([1], num_tokens=16, request_id="lost")  # the old one expired: no DuplicateRequestError
+    assert r.in_flight() == 1 and r.expired_requests == 2
+    with pytest.raises(ValueError):
+        Router(["a"], 16, request_ttl_s=0)
+    assert Router(["a"], 16).request_ttl_s is None
+
+
 def test_typed_errors():
     r = Router(["a"], 16)
     r.route_hashes([1], num_tokens=16, request_id=1)

@@ -142,7 +142,8 @@ def test_config_file_and_flags(tmp_path):
     j.write_text(json.dumps({"block_size": 16, "workers": [{"id": 3}]}))
     assert SidecarConfig.from_file(j).workers[0].id == 3
     assert parse_worker("w1=tcp://h:1,tcp://h:2") == WorkerConfig("w1", "tcp://h:1", "tcp://h:2")
-    for bad in ('block_size = 0\n', 'nonsense = 1\n', '[[workers]]\nid = "a"\nrole = "x"\n', 'block_size = \n'):
+    assert cfg.request_ttl_s == 3600.0
+    for bad in ('block_size = 0\n', 'request_ttl_s = -1\n', 'request_ttl_s = "x"\n', 'nonsense = 1\n', '[[workers]]\nid = "a"\nrole = "x"\n', 'block_size = \n'):
         p.write_text(bad)
         with pytest.raises(ConfigError):
             SidecarConfig.from_file(p)
@@ -221,6 +222,7 @@ def test_snapshot_written_on_close_and_restored(tmp_path):
     srv.close()
     srv2 = SidecarServer(cfg, context=zmq.Context()).start()
     try:
+        assert srv2.router.request_ttl_s == 3600.0
         assert srv2.restored and srv2.router.index.match([1, 2, 3])["a"].total == 3
         d = srv2.router.route_hashes([1, 2, 3], num_tokens=48, request_id=1)
         assert d.predicted_cached_tokens == 48

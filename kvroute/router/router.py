@@ -43,14 +43,21 @@ DEFAULT_PENDING_TTL_S = 2.0
 class _Flight:
     """Load one live request adds, so it can be released exactly once."""
 
-    __slots__ = ("prefill", "decode", "prefill_tokens", "blocks", "prefill_open")
+    __slots__ = ("prefill", "decode", "prefill_tokens", "blocks", "prefill_open", "at")
 
-    def __init__(self, prefill: WorkerState, decode: WorkerState, prefill_tokens: int, blocks: int) -> None:
+    def __init__(self, prefill: WorkerState, decode: WorkerState, prefill_tokens: int, blocks: int, at: float) -> None:
+        #: Worker that computes the prompt.
         self.prefill = prefill
+        #: Worker that holds the KV while decoding (``prefill`` when pools are aggregated).
         self.decode = decode
+        #: Uncached prompt tokens added to ``prefill.prefill_tokens``.
         self.prefill_tokens = prefill_tokens
+        #: Prompt blocks added to ``decode.decode_blocks``.
         self.blocks = blocks
+        #: Whether the prefill load is still counted (``prefill_done`` not yet called).
         self.prefill_open = True
+        #: Router clock time of the decision (for ``request_ttl_s``).
+        self.at = at
 
 
 class Router:
@@ -60,7 +67,11 @@ class Router:
     ``decode_workers`` is given).  ``policy``: a name in :data:`POLICIES` or a
     :class:`Policy`; ``weights``: that policy's weights (dataclass or dict).
     ``clock``: seconds, injected for simulation and tests.  ``index``: an
-    existing :class:`KVIndex` (e.g. restored from a snapshot).
+    existing :class:`KVIndex` (e.g. restored from a snapshot).  ``request_ttl_s``:
+    a request neither finished nor cancelled this long after its decision is
+    released as if finished (a client that lost its ``finish`` must not leave
+    load, and memory, behind forever); None (default) keeps requests until
+    ``finish``.
     """
 
     def __init__(
@@ -78,9 +89,16 @@ class Router:
         decode_weights: DecodeWeights | None = None,
         capacity_blocks: int | None = None,
         lock: Any = None,
+        request_ttl_s: float | None = None,
     ) -> None:
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
+        if request_ttl_s is not None and not request_ttl_s > 0:
+            raise ValueError(f"request_ttl_s must be positive or None, got {request_ttl_s}")
+        #: Seconds after which an unfinished request is released (None: never).
+        self.request_ttl_s = request_ttl_s
+        #: Requests released by ``request_ttl_s`` (their ``finish`` never came).
+        self.expired_requests = 0
         #: Tokens per KV block (must match the engines').
         self.block_size = block_size
         #: The exact index (engine events); shared with the event subscriber.
@@ -265,6 +283,9 @@ class Router:
             hs = hs[:nb]
         num_tokens = max(num_tokens, nb * bs)
         with self.lock:
+            now = self._clock()
+            if self.request_ttl_s is not None and self._requests:
+                self._expire_requests(now - self.request_ttl_s)
             if request_id in self._requests:
                 raise DuplicateRequestError(f"request {request_id!r} is already in flight")
             prefill_pool, decode_pool = self._pools()
@@ -272,7 +293,6 @@ class Router:
                 raise NoHealthyWorkerError("no healthy worker can take a prefill")
             if self._disaggregated and not decode_pool:
                 raise NoHealthyWorkerError("no healthy decode worker")
-            now = self._clock()
             pending = self._pending
             pending.expire(now)
             overlaps = self.index.match(hs) if hs else {}
@@ -301,7 +321,7 @@ class Router:
             else:
                 ds = ps
             uncached = max(0, num_tokens - chosen.total * bs)
-            self._commit(request_id, ps, ds, uncached, nb)
+            self._commit(request_id, ps, ds, uncached, nb, now)
             if hs and chosen.confirmed < nb:  # nothing to speculate when the index confirms the whole prompt
                 pending.add(slot_of[ps.id], hs)
             self.policy.on_routed(req, fleet, chosen)
@@ -326,7 +346,7 @@ class Router:
                 decode_costs=decode_costs,
             )
 
-    def _commit(self, rid: Any, ps: WorkerState, ds: WorkerState, uncached: int, nb: int) -> None:
+    def _commit(self, rid: Any, ps: WorkerState, ds: WorkerState, uncached: int, nb: int, now: float) -> None:
         ps.prefill_tokens += uncached
         ps.prefill_requests += 1
         ps.routed_total += 1
@@ -335,7 +355,18 @@ class Router:
             ds.active_requests += 1
             ds.routed_total += 1
         ds.decode_blocks += nb
-        self._requests[rid] = _Flight(ps, ds, uncached, nb)
+        self._requests[rid] = _Flight(ps, ds, uncached, nb, now)
+
+    def _expire_requests(self, cutoff: float) -> None:
+        """Release requests decided at or before ``cutoff`` (oldest first: dicts keep insertion order)."""
+        reqs = self._requests
+        while reqs:
+            rid, f = next(iter(reqs.items()))
+            if f.at > cutoff:
+                return
+            del reqs[rid]
+            self._release(f)
+            self.expired_requests += 1
 
     def prefill_done(self, request_id: Any) -> None:
         """The request's prefill finished: its prompt no longer queues compute (idempotent)."""
@@ -361,10 +392,13 @@ class Router:
             f = self._requests.pop(request_id, None)
             if f is None:
                 raise UnknownRequestError(f"unknown request {request_id!r}")
-            self._release_prefill(f)
-            d = f.decode
-            d.decode_blocks -= f.blocks
-            d.active_requests -= 1
+            self._release(f)
+
+    def _release(self, f: _Flight) -> None:
+        self._release_prefill(f)
+        d = f.decode
+        d.decode_blocks -= f.blocks
+        d.active_requests -= 1
 
     def in_flight(self) -> int:
         return len(self._requests)
@@ -380,6 +414,7 @@ class Router:
                 if self.prompt_tokens_total else 0.0,
                 "pending_entries": len(self._pending),
                 "in_flight": len(self._requests),
+                "expired_requests": self.expired_requests,
                 "disaggregated": self._disaggregated,
                 "workers": [s.to_dict() for s in sorted(self._states.values(), key=lambda s: s.order)],
             }

@@ -28,6 +28,8 @@ from .errors import ConfigError
 @click.option("--snapshot", help="Index snapshot path: restored on start, written on shutdown.")
 @click.option("--seed", type=int, help="Seed of tie-breaking.")
 @click.option("--pending-ttl", "pending_ttl_s", type=float, help="Seconds a routed prompt counts as pending.")
+@click.option("--request-ttl", "request_ttl_s", type=float,
+              help="Seconds after which a request whose finish never came is released (0 = never; default 3600).")
 @click.option("--worker", "workers", multiple=True, metavar="ID=ENDPOINT[,REPLAY]",
               help="A worker and its KV-event endpoint (repeatable; adds to the config's workers).")
 @click.option("--log-level", help="DEBUG, INFO, WARNING ...")

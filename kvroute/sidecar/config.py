@@ -9,6 +9,7 @@ Example (TOML)::
     policy = "kvroute"                 # any name in kvroute.router.POLICIES
     seed = 0
     pending_ttl_s = 2.0
+    request_ttl_s = 3600.0             # release a request whose finish never came after this long; 0 = never
     snapshot = "kvroute-index.snap"    # restored on start, written on SIGTERM/SIGINT; "" = none
     [weights]                          # the policy's weights dataclass fields
     fleet_weight = 1.0
@@ -61,6 +62,8 @@ class SidecarConfig:
     weights: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     pending_ttl_s: float = 2.0
+    #: Seconds after a decision at which an unfinished request's load is released (0: never).
+    request_ttl_s: float = 3600.0
     snapshot: str = ""
     workers: list[WorkerConfig] = field(default_factory=list)
     #: Log level name.
@@ -105,6 +108,9 @@ class SidecarConfig:
             raise ConfigError(f"block_size must be a positive int, got {self.block_size!r}")
         if not isinstance(self.http_port, int) or not -1 <= self.http_port < 65536:
             raise ConfigError(f"http_port must be -1 (any free port), 0 (off) or a port, got {self.http_port!r}")
+        if isinstance(self.request_ttl_s, bool) or not isinstance(self.request_ttl_s, (int, float)) \
+                or not self.request_ttl_s >= 0:
+            raise ConfigError(f"request_ttl_s must be a number >= 0 (0: never), got {self.request_ttl_s!r}")
         if not isinstance(self.weights, dict):
             raise ConfigError("weights must be a table")
         ids = [w.id for w in self.workers]

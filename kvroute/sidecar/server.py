@@ -62,7 +62,8 @@ class SidecarServer:
         cfg = self.config
         index = self._restore()
         r = Router((), cfg.block_size, policy=cfg.policy, weights=cfg.weights or None, seed=cfg.seed,
-                   index=index, pending_ttl_s=cfg.pending_ttl_s, lock=self.lock)
+                   index=index, pending_ttl_s=cfg.pending_ttl_s, lock=self.lock,
+                   request_ttl_s=cfg.request_ttl_s or None)
         self.router = r
         for w in cfg.workers:
             ranks = max(1, w.dp_size)
