@@ -155,3 +155,46 @@ def test_every_truncation_is_a_decode_error(name: str) -> None:
     for cut in range(len(payload)):
         with pytest.raises(DecodeError):
             decode(payload[:cut])
+
+
+# ------------------------------------------------------- frames from a running engine
+ENGINE = msgpack.unpackb((Path(__file__).parent / "data" / "vllm_0_32_engine_frames.msgpack").read_bytes(),
+                         raw=False, strict_map_key=False)
+
+
+def test_engine_frames_predict_every_reported_hit() -> None:
+    """Frames a real vLLM 0.32 engine published (tests/interop/capture_engine_frames.py):
+    applied in order, the index predicts each request's num_cached_tokens exactly,
+    through evictions (8-block cache) and a prefix-cache reset."""
+    bs = ENGINE["block_size"]
+    frames = ENGINE["frames"]
+    assert [int.from_bytes(f[1], "big") for f in frames] == list(range(len(frames)))
+    idx = KVIndex(block_size=bs)
+    applied = 0
+    checked = removed = cleared = 0
+    for req in ENGINE["requests"]:
+        if "prompt" in req:
+            prompt = req["prompt"]
+            ov = idx.match_tokens(prompt, bs).get("engine")
+            blocks = ov.total if ov is not None else 0
+            assert min(blocks, (len(prompt) - 1) // bs) * bs == req["num_cached_tokens"], (checked, req)
+            checked += 1
+        while applied <= req["last_seq"]:  # the batches this request (or reset) caused
+            res = idx.apply("engine", decode(frames[applied][2]))
+            assert res.orphans == 0 and res.malformed == 0 and res.block_size_mismatch == 0
+            removed += res.removed
+            cleared += res.cleared
+            applied += 1
+        idx.check_invariants()
+    assert checked >= 10 and removed > 0 and cleared > 0
+    assert sum(r.get("num_cached_tokens", 0) > 0 for r in ENGINE["requests"]) >= 4
+
+
+def test_engine_frames_have_vllm_0_32_shape() -> None:
+    raw = msgpack.unpackb(ENGINE["frames"][0][2], raw=False)
+    assert isinstance(raw, list) and len(raw) == 3 and raw[2] == 0  # [ts, events, rank]
+    ev = raw[1][0]
+    assert list(ev)[:11] == ["type", "block_hashes", "parent_block_hash", "token_ids", "block_size", "lora_id",
+                             "medium", "lora_name", "extra_keys", "group_idx", "kv_cache_spec_kind"]
+    assert ev["medium"] == "GPU" and ev["kv_cache_spec_kind"] == "full_attention" and ev["group_idx"] == 0
+    assert all(isinstance(h, int) and 0 <= h < 1 << 64 for h in ev["block_hashes"])
