@@ -244,6 +244,25 @@ def test_preble_exploit_explore_and_replicate():
     assert d.reason.startswith("exploit")
 
 
+def test_preble_readded_worker_keeps_its_new_load_when_old_history_expires():
+    t = [0.0]
+    r = Router(["a", "b"], 16, policy="preble", clock=lambda: t[0], pending_ttl_s=0)
+    pol = r.policy
+    r.route_hashes([1, 2], num_tokens=32, request_id=1)
+    r.route_hashes([3], num_tokens=16, request_id=2)
+    assert pol.window_load("a") > 0 and pol.window_load("b") > 0  # cold requests spread: "a" has history
+    r.remove_worker("a")
+    r.remove_worker("b")
+    t[0] = 100.0
+    r.add_worker("a")
+    r.route_hashes([4, 5, 6], num_tokens=48, request_id=3)
+    new = pol.window_load("a")
+    assert new == pytest.approx(48 * 3.2e-5 + 0.1)
+    t[0] = 190.0  # the entries from t=0 leave the window; the one from t=100 stays
+    r.route_hashes([7], num_tokens=16, request_id=4)
+    assert pol.window_load("a") == pytest.approx(new + 16 * 3.2e-5 + 0.1)
+
+
 # ---------------------------------------------------------------- baselines
 def test_round_robin_cycles_and_skips_unhealthy():
     r = Router(["a", "b", "c"], 16, policy="round_robin")

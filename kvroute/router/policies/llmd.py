@@ -33,9 +33,11 @@ class LLMDWeights:
     kv_weight: float = 2.0
     #: Weight of the queue scorer.
     queue_weight: float = 2.0
-    #: Tier weights inside the prefix scorer.
+    #: Weight of a block cached on GPU (or pending there) inside the prefix scorer.
     gpu_tier: float = 1.0
+    #: Weight of a block cached in host (CPU) memory inside the prefix scorer.
     cpu_tier: float = 0.8
+    #: Weight of a block cached on disk inside the prefix scorer (our choice; llm-d documents GPU and CPU).
     disk_tier: float = 0.5
 
 

@@ -106,4 +106,7 @@ class PreblePolicy(Policy):
         self._load[chosen.worker] = self._load.get(chosen.worker, 0.0) + s
 
     def forget_worker(self, worker: Any) -> None:
+        # drop its history too: a worker re-added under the same id starts from zero load,
+        # and must not have its new load cancelled when the old entries leave the window
         self._load.pop(worker, None)
+        self._history = deque(e for e in self._history if e[1] != worker)
