@@ -25,9 +25,19 @@ class EventSource:
     def start(self) -> None:
         self.subscriber.start()
 
+    def stop(self) -> None:
+        """Stop the loop thread: no batch is applied after this returns (sockets stay open)."""
+        self.subscriber.stop()
+
     def follow(self, worker: Any, endpoint: str, replay_endpoint: str | None = None, *, dp_size: int = 1,
-               topic: str = "") -> None:
-        self.subscriber.add_worker(worker, endpoint, replay_endpoint, dp_ranks=range(max(1, dp_size)), topic=topic)
+               topic: str = "", start_seq: dict[int, int] | None = None) -> None:
+        """Subscribe to a worker; ``start_seq`` ({rank: seq}) resumes its streams over a restored index."""
+        self.subscriber.add_worker(worker, endpoint, replay_endpoint, dp_ranks=range(max(1, dp_size)), topic=topic,
+                                   start_seq=start_seq)
+
+    def positions(self) -> list[tuple[Any, int, int]]:
+        """``(worker, rank, next_seq)`` of every stream; read it under the lock, with the index snapshot."""
+        return [(w["worker"], w["rank"], w["next_seq"]) for w in self.subscriber.metrics()["workers"].values()]
 
     def unfollow(self, worker: Any) -> None:
         if worker in self.subscriber.workers():

@@ -6,7 +6,16 @@ Lifecycle::
               workers' KV events -> bind the ROUTER socket -> start /metrics + /health
     serve_forever(): poll the ROUTER socket; one request in, one reply out,
               until stop() (or SIGTERM/SIGINT via install_signal_handlers)
-    close():  stop events and HTTP, save the index snapshot (atomic), close sockets
+    close():  stop events and HTTP, save the index snapshot (atomic) and the event
+              streams' positions beside it, close sockets
+
+Snapshot and positions.  The index is saved with ``KVIndex.save``; the
+position of every event stream (its next sequence number) goes to
+``<snapshot>.seq`` (JSON), tagged with the snapshot file's xxh3-64.  On start, positions whose tag matches the restored snapshot
+resume the streams there (``start_seq``), so the batches published while the
+sidecar was down are replayed over the restored index; without them a stream
+starts at seq 0, and a restored worker whose engine no longer buffers its whole
+history is resynced (cleared) at its first event.
 
 Framing: a request is ``[identity, b"", payload]`` (REQ, or DEALER with an
 empty delimiter) or ``[identity, payload]`` (plain DEALER); the reply uses the
@@ -17,13 +26,16 @@ counted; the loop never stops on bad input.
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
+import tempfile
 import signal
 import threading
 from typing import Any
 
 import msgpack
+import xxhash
 import zmq
 
 from ..kvindex import KVIndex, SnapshotError
@@ -56,6 +68,8 @@ class SidecarServer:
         self.dropped_frames = 0
         #: Whether the index came from a snapshot.
         self.restored = False
+        #: {(worker, rank): next seq} saved with the restored snapshot (empty: streams start at 0).
+        self.resume: dict[tuple[Any, int], int] = {}
 
     # ----------------------------------------------------------------- start
     def start(self) -> "SidecarServer":
@@ -75,7 +89,9 @@ class SidecarServer:
         self.service = Service(r, self.metrics, self.events)
         for w in cfg.workers:
             if w.endpoint:
-                self.events.follow(w.id, w.endpoint, w.replay_endpoint or None, dp_size=w.dp_size, topic=w.topic)
+                start = {rank: seq for (wid, rank), seq in self.resume.items() if wid == w.id}
+                self.events.follow(w.id, w.endpoint, w.replay_endpoint or None, dp_size=w.dp_size, topic=w.topic,
+                                   start_seq=start or None)
         self.events.start()
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
@@ -114,6 +130,7 @@ class SidecarServer:
                 else:
                     idx.block_size = self.config.block_size
                     self.restored = True
+                    self.resume = _load_positions(path)
                     return idx
         return KVIndex(self.config.block_size)
 
@@ -158,18 +175,74 @@ class SidecarServer:
 
     # ----------------------------------------------------------------- close
     def close(self) -> None:
-        """Stop events and HTTP, write the snapshot, close the socket."""
+        """Stop events and HTTP, write the snapshot and the streams' positions, close the socket."""
         if self.events is not None:
             try:
-                self.events.close()
+                self.events.stop()  # no batch applied from here on: the index and positions agree
             except Exception:
-                log.exception("closing the event subscriber failed")
+                log.exception("stopping the event subscriber failed")
         if self.http is not None:
             self.http.stop()
         if self.config.snapshot and self.router is not None:
             with self.lock:
                 self.router.index.save(self.config.snapshot)
+                positions = self.events.positions() if self.events is not None else []
+            _save_positions(self.config.snapshot, positions)
             log.info("saved index snapshot %s (%d entries)", self.config.snapshot, len(self.router.index))
+        if self.events is not None:
+            try:
+                self.events.close()
+            except Exception:
+                log.exception("closing the event subscriber failed")
         if self.sock is not None:
             self.sock.close(linger=0)
             self.sock = None
+
+
+def _snapshot_tag(path: str) -> str:
+    """xxh3-64 of the snapshot file, as hex: names one snapshot."""
+    h = xxhash.xxh3_64()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _save_positions(snapshot: str, positions: list[tuple[Any, int, int]]) -> None:
+    """Write ``<snapshot>.seq`` atomically: the streams' positions, tagged with the snapshot they go with."""
+    doc = {"snapshot": _snapshot_tag(snapshot), "streams": [list(p) for p in positions]}
+    path = snapshot + ".seq"
+    fd, tmp = tempfile.mkstemp(prefix=".kvroute-seq-", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _load_positions(snapshot: str) -> dict[tuple[Any, int], int]:
+    """Positions saved with this very snapshot, else {} (missing, unreadable or from another snapshot)."""
+    try:
+        with open(snapshot + ".seq") as f:
+            doc = json.load(f)
+        if doc.get("snapshot") != _snapshot_tag(snapshot):
+            log.warning("ignoring %s.seq: it belongs to another snapshot; streams start at seq 0", snapshot)
+            return {}
+        out = {}
+        for wid, rank, seq in doc["streams"]:
+            if isinstance(wid, list):
+                wid = tuple(wid)
+            if type(rank) is not int or type(seq) is not int or rank < 0 or seq < 0:
+                raise ValueError(f"bad stream position {[wid, rank, seq]!r}")
+            out[(wid, rank)] = seq
+        return out
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        log.warning("ignoring unusable %s.seq (%s); streams start at seq 0", snapshot, exc)
+        return {}
