@@ -156,19 +156,17 @@ class KVIndex:
                 entries[_GPU] -= 1
                 dropped += 1
                 m = any_[c] & nb
+                if m:
+                    any_[c] = m
+                else:
+                    del any_[c]
             else:
                 for t in _TIERS:
                     if tm[t] & b:
                         tm[t] &= nb
                         entries[t] -= 1
                         dropped += 1
-                m = tm[0] | tm[1] | tm[2]
-                if not (tm[1] or tm[2]):
-                    del tiers[c]
-            if m:
-                any_[c] = m
-            else:
-                del any_[c]
+                self._settle(c, tm)
         w.blocks.clear()
         w.groups.clear()
         w.has_engine_keys = False
@@ -345,16 +343,20 @@ class KVIndex:
             return 0
         tm[t] &= ~b
         self._entries[t] -= 1
-        m = tm[0] | tm[1] | tm[2]
-        if not (tm[1] or tm[2]):
-            del tiers[c]
-        if m:
-            any_[c] = m
-        else:
-            del any_[c]
-        if not m & b:
+        if not self._settle(c, tm) & b:
             del w.blocks[k]
         return 1
+
+    def _settle(self, c: ContentHash, tm: list[int]) -> int:
+        """After bits left the tier masks ``tm`` of block ``c``: keep invariants 1-2; returns its any-mask."""
+        m = tm[0] | tm[1] | tm[2]
+        if not (tm[1] or tm[2]):
+            del self._tiers[c]
+        if m:
+            self._any[c] = m
+        else:
+            del self._any[c]
+        return m
 
     def content_hash_of(self, worker: WorkerId, engine_hash: Any) -> ContentHash | None:
         """The content hash a worker's engine hash stands for, or None."""
