@@ -355,7 +355,8 @@ def test_membership_changes_concurrent_with_routing():
             for k in range(300):
                 w = f"x{k % 7}"
                 r.add_worker(w)
-                r.index.store(w, [1, 2, 3])
+                with r.lock:  # the index is mutated under the router's lock (as the event subscriber does)
+                    r.index.store(w, [1, 2, 3])
                 if k % 3 == 0:
                     r.drain_worker(w)
                 if k % 5 == 0:
