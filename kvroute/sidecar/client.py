@@ -15,6 +15,7 @@ cannot be mistaken for the next one).  Not thread-safe: one client per thread.
 from __future__ import annotations
 
 import itertools
+import time
 from typing import Any, Sequence
 
 import msgpack
@@ -64,9 +65,11 @@ class KVRouteClient:
     def call_raw(self, payload: bytes, rid: Any = None) -> Any:
         """Send pre-encoded bytes (tests and benches use this for malformed requests)."""
         self._sock.send_multipart([b"", payload])
-        deadline_ms = int(self.timeout_s * 1000)
+        deadline = time.monotonic() + self.timeout_s
         while True:
-            if not self._sock.poll(deadline_ms, zmq.POLLIN):
+            # one deadline for the whole call: stale replies to earlier requests do not extend it
+            wait_ms = max(0, int((deadline - time.monotonic()) * 1000))
+            if not self._sock.poll(wait_ms, zmq.POLLIN):
                 self._sock.close(linger=0)
                 self._sock = self._connect()
                 raise SidecarTimeoutError(f"no reply from {self.address} within {self.timeout_s} s")
