@@ -130,6 +130,7 @@ def test_drops_reorders_and_restarts_end_equal_to_truth(ctx, seed, hash_mode, ol
         pump(sub, [eng], caught_up(sub, eng))
         assert sub.index.blocks_of("w") == eng.true_blocks()
         m = sub.metrics()
+        assert m["workers"]["w"]["pending_bytes"] == 0  # the byte count follows every buffer change
         assert m["restarts"] == restarts
         assert m["gaps"] > 0 and m["gaps_closed"] == m["gaps"]
         assert m["replay_requests"] > 0 and m["replays_failed"] == {} and m["resyncs"] == {}
@@ -625,4 +626,31 @@ def test_a_bad_endpoint_is_refused_and_the_old_subscription_stays(ctx):
         eng.publish()
         pump(sub, [eng], caught_up(sub, eng))  # the old subscription still delivers
         assert sub.index.blocks_of("w") == eng.true_blocks()
+    eng.close()
+
+
+@pytest.mark.parametrize("cfg", [{"max_pending": 3}, {"max_pending_bytes": 1}])
+def test_an_open_gap_buffers_boundedly_then_resyncs(ctx, cfg):
+    """A gap whose replay never comes: past max_pending batches (or max_pending_bytes) the gap
+    is given up, the stream resyncs and goes on from the buffered batches."""
+    eng = FakeEngine(ctx, capacity=40)
+    with make_sub(ctx, **cfg) as sub:
+        attach(sub, eng)  # the replay endpoint exists but is never served here
+        gen = prompts(random.Random(17), 100)
+        eng.request(next(gen))
+        eng.publish(drop=True)
+        for _ in range(5):
+            eng.request(next(gen))
+            eng.publish()
+        deadline = time.monotonic() + 10
+        while not caught_up(sub, eng)():
+            assert time.monotonic() < deadline, sub.metrics()
+            sub.poll(5)
+        m = sub.metrics()
+        assert m["replays_failed"] == {"pending_overflow": 1} and m["resyncs"] == {"pending_overflow": 1}
+        assert m["workers"]["w"]["pending"] == 0 and m["workers"]["w"]["pending_bytes"] == 0
+        assert not m["workers"]["w"]["complete"]
+        truth = eng.true_blocks()
+        got = sub.index.blocks_of("w")
+        assert got and all(truth.get(c) == t for c, t in got.items())
     eng.close()

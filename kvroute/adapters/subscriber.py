@@ -116,6 +116,8 @@ class SubscriberConfig:
     replay_timeout_s: float = 2.0
     #: Most out-of-order batches buffered per stream while a gap is open.
     max_pending: int = 10_000
+    #: Most payload bytes buffered per stream while a gap is open (with ``max_pending``, bounds the memory).
+    max_pending_bytes: int = 256 << 20
     #: Contiguous orphan-free batches after a resync before a stream is fresh again.
     rebuild_batches: int = 1
     #: Resync a complete stream when a batch has orphans (see module docstring).
@@ -135,7 +137,7 @@ class _Stream:
 
     __slots__ = (
         "worker", "rank", "key", "endpoint", "replay_endpoint", "topic", "sub", "dealer",
-        "next_seq", "origin", "last_live", "pending", "replay_deadline", "replay_trigger", "digests", "digest_order",
+        "next_seq", "origin", "last_live", "pending", "pending_bytes", "replay_deadline", "replay_trigger", "digests", "digest_order",
         "stale", "complete", "clean", "batches", "last_ts",
     )
 
@@ -152,6 +154,7 @@ class _Stream:
         self.origin = 0  #: first seq this stream expected (``start_seq``; 0 after a restart): older ones never reached it
         self.last_live = -1  #: highest sequence number received live (SUB)
         self.pending: dict[int, bytes] = {}  #: seq -> payload received ahead of next_seq
+        self.pending_bytes = 0  #: total length of the payloads in ``pending``
         self.replay_deadline: float | None = None  #: clock() deadline of the outstanding replay, or None
         self.replay_trigger = -1  #: highest seq the publisher had sent when the replay was requested
         self.digests: dict[int, int] = {}  #: seq -> xxh3 of the applied payload (last dedup_window)
@@ -541,10 +544,11 @@ class KVEventSubscriber:
                 return self._dup()
             opened = not st.pending
             st.pending[seq] = payload
+            st.pending_bytes += len(payload)
             if opened:
                 with self.lock:
                     self._m.c["gaps"] += 1
-            if len(st.pending) > self.config.max_pending:
+            if len(st.pending) > self.config.max_pending or st.pending_bytes > self.config.max_pending_bytes:
                 self._give_up_gap(st, "pending_overflow")
                 return
             if st.replay_deadline is None:
@@ -574,6 +578,7 @@ class KVEventSubscriber:
             payload = pending.pop(st.next_seq, None)
             if payload is None:
                 return
+            st.pending_bytes -= len(payload)
             self._apply(st, st.next_seq, payload)
         if recovered:
             with self.lock:
@@ -654,6 +659,7 @@ class KVEventSubscriber:
         st.origin = 0
         st.last_live = seq
         st.pending.clear()
+        st.pending_bytes = 0
         st.digests.clear()
         st.digest_order.clear()
         self._cancel_replay(st)
@@ -725,7 +731,7 @@ class KVEventSubscriber:
         target = jump_to if jump_to is not None else (min(st.pending) if st.pending else st.next_seq)
         st.next_seq = target
         for s in [s for s in st.pending if s < target]:
-            del st.pending[s]
+            st.pending_bytes -= len(st.pending.pop(s))
         if jump_to is None:
             self._drain(st, recovered=False)
 
@@ -741,6 +747,7 @@ class KVEventSubscriber:
                     "rank": st.rank,
                     "next_seq": st.next_seq,
                     "pending": len(st.pending),
+                    "pending_bytes": st.pending_bytes,
                     "replaying": st.replay_deadline is not None,
                     "stale": st.stale,
                     "complete": st.complete,
