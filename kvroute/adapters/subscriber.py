@@ -70,6 +70,10 @@ _xxh3 = xxhash.xxh3_64_intdigest
 #: Upper bounds (seconds) of the lag histogram buckets; the last bucket is +inf.
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _instance_ids = itertools.count()
+#: Gap losses after which an outstanding replay is abandoned (its DEALER closed, so late replies
+#: cannot reach the new state).  ``overrun`` keeps reading the replay (its later batches are
+#: wanted), ``incomplete`` comes with the end marker, ``timeout`` has already closed it.
+_ABANDONS_REPLAY = frozenset({"pending_overflow", "no_endpoint", "unreachable"})
 
 
 class EndpointError(KVRouteError, ValueError):
@@ -726,7 +730,7 @@ class KVEventSubscriber:
             self._m.bump("replays_failed", reason)
         log.warning("worker %r rank %d: gap at seq %d cannot be replayed (%s); resyncing", st.worker, st.rank, st.next_seq, reason)
         self._resync(st, reason)
-        if reason in ("pending_overflow", "no_endpoint", "unreachable"):
+        if reason in _ABANDONS_REPLAY:
             self._cancel_replay(st)
         target = jump_to if jump_to is not None else (min(st.pending) if st.pending else st.next_seq)
         st.next_seq = target
