@@ -240,6 +240,18 @@ def test_snapshot_written_on_close_and_restored(tmp_path):
         srv3.close()
 
 
+@pytest.mark.timeout(60)  # a leaked socket would make ctx.term() hang
+def test_a_failed_snapshot_save_still_releases_the_sockets(tmp_path):
+    cfg = SidecarConfig(bind="tcp://127.0.0.1:*", http_port=0, snapshot=str(tmp_path / "no-such-dir" / "s.snap"),
+                        workers=[WorkerConfig("a")])
+    ctx = zmq.Context()
+    srv = SidecarServer(cfg, context=ctx).start()
+    with pytest.raises(OSError):
+        srv.close()
+    assert srv.sock is None and srv.events.subscriber._closed
+    ctx.term()  # returns: no socket of this context is left open
+
+
 def test_client_timeout_is_typed_and_recovers(server):
     import socket
 

@@ -181,22 +181,24 @@ class SidecarServer:
                 self.events.stop()  # no batch applied from here on: the index and positions agree
             except Exception:
                 log.exception("stopping the event subscriber failed")
-        if self.http is not None:
-            self.http.stop()
-        if self.config.snapshot and self.router is not None:
-            with self.lock:
-                self.router.index.save(self.config.snapshot)
-                positions = self.events.positions() if self.events is not None else []
-            _save_positions(self.config.snapshot, positions)
-            log.info("saved index snapshot %s (%d entries)", self.config.snapshot, len(self.router.index))
-        if self.events is not None:
-            try:
-                self.events.close()
-            except Exception:
-                log.exception("closing the event subscriber failed")
-        if self.sock is not None:
-            self.sock.close(linger=0)
-            self.sock = None
+        try:
+            if self.http is not None:
+                self.http.stop()
+            if self.config.snapshot and self.router is not None:
+                with self.lock:
+                    self.router.index.save(self.config.snapshot)
+                    positions = self.events.positions() if self.events is not None else []
+                _save_positions(self.config.snapshot, positions)
+                log.info("saved index snapshot %s (%d entries)", self.config.snapshot, len(self.router.index))
+        finally:  # a failed save (disk full, no permission) still releases the sockets, then raises
+            if self.events is not None:
+                try:
+                    self.events.close()
+                except Exception:
+                    log.exception("closing the event subscriber failed")
+            if self.sock is not None:
+                self.sock.close(linger=0)
+                self.sock = None
 
 
 def _snapshot_tag(path: str) -> str:
