@@ -202,3 +202,33 @@ def test_stats_reports_memory():
     s = ix.stats()
     assert s["entries"] == 400 and s["workers"] == 8 and s["blocks"] == 400
     assert 0 < s["bytes_per_entry"] < 1000
+
+
+def test_store_normalises_numpy_hashes_and_refuses_bad_ones(tmp_path):
+    """Hashes from a list of numpy scalars become ints (as keys they would match, but no snapshot
+    could hold them); non-u64 content hashes and non-int/bytes engine hashes are typed errors
+    raised before anything changes; signed engine hashes name the same block in store and remove."""
+    from kvroute.kvindex import InvalidHashError
+
+    ix = KVIndex(16)
+    hs = list(block_hashes(list(range(64)), 16))
+    ix.store("a", hs, engine_hashes=[np.int64(-1), 2, b"x", np.uint64(4)])
+    ix.save(tmp_path / "s.snap")
+    back = KVIndex.load(tmp_path / "s.snap")
+    assert back.blocks_of("a") == ix.blocks_of("a") and back.match(hs)["a"].total == 4
+    assert ix.content_hash_of("a", -1) == int(hs[0]) and ix.content_hash_of("a", 1.5) is None
+    before = ix.blocks_of("a")
+    for bad in ([1.5], [-1], [1 << 64], ["a"], [None]):
+        with pytest.raises(InvalidHashError):
+            ix.store("a", bad)
+    with pytest.raises(InvalidHashError):
+        ix.store("a", [7], engine_hashes=[2.5])
+    with pytest.raises(InvalidHashError):
+        ix.store("a", [7], parent=-3)
+    with pytest.raises(InvalidHashError):
+        ix.remove("a", engine_hashes=[object()])
+    with pytest.raises(InvalidHashError):
+        ix.store("b", [1.5])  # refused before the worker is registered
+    assert ix.blocks_of("a") == before and "b" not in ix
+    assert ix.remove("a", engine_hashes=[(1 << 64) - 1]) == 1  # the unsigned form of -1
+    ix.check_invariants()

@@ -8,7 +8,7 @@ Map of the parts (this package imports no other kvroute package):
 * :mod:`.index`    -- ``KVIndex``: which worker holds which block on which tier.
 * :mod:`.errors`   -- ``KVRouteError`` and the ground floor's typed errors.
 """
-from .errors import InvalidTokensError, KVRouteError, SnapshotError, UnknownWorkerError
+from .errors import InvalidHashError, InvalidTokensError, KVRouteError, SnapshotError, UnknownWorkerError
 from .events import AllBlocksCleared, ApplyResult, BlockRemoved, BlockStored, EventBatch, KVEvent
 from .hashing import ROOT_SEED, block_hash_list, block_hashes, chain_hashes, tokens_to_bytes
 from .index import KVIndex, Overlap
@@ -16,7 +16,7 @@ from .types import ContentHash, EngineHash, Tier, WorkerId, normalize_engine_has
 
 __all__ = [
     "AllBlocksCleared", "ApplyResult", "BlockRemoved", "BlockStored", "ContentHash", "EngineHash",
-    "EventBatch", "InvalidTokensError", "KVEvent", "KVIndex", "KVRouteError", "Overlap", "ROOT_SEED",
+    "EventBatch", "InvalidHashError", "InvalidTokensError", "KVEvent", "KVIndex", "KVRouteError", "Overlap", "ROOT_SEED",
     "SnapshotError", "Tier", "UnknownWorkerError", "WorkerId", "block_hash_list", "block_hashes",
     "chain_hashes", "normalize_engine_hash", "tokens_to_bytes",
 ]

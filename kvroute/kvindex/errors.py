@@ -24,3 +24,7 @@ class UnknownWorkerError(KVRouteError, KeyError):
 
 class InvalidTokensError(KVRouteError, ValueError):
     """Token ids that cannot be hashed (negative, above 2**32 - 1, not integers)."""
+
+
+class InvalidHashError(KVRouteError, ValueError):
+    """A block hash that is not an unsigned 64-bit integer (content hash) or an int/bytes (engine hash)."""

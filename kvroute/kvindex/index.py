@@ -25,7 +25,9 @@ Invariants (checked by :meth:`KVIndex.check_invariants`):
 """
 from __future__ import annotations
 
+import array
 import heapq
+import operator
 import os
 import sys
 import tempfile
@@ -35,7 +37,7 @@ import msgpack
 import numpy as np
 import xxhash
 
-from .errors import SnapshotError, UnknownWorkerError
+from .errors import InvalidHashError, SnapshotError, UnknownWorkerError
 from .events import (
     INDEXED_SPEC_KINDS,
     AllBlocksCleared,
@@ -45,7 +47,7 @@ from .events import (
     EventBatch,
 )
 from .hashing import HASH_SCHEME_VERSION, ROOT_SEED, block_hash_list, chain_hashes, tokens_to_bytes
-from .types import ContentHash, Tier, WorkerId
+from .types import ContentHash, Tier, WorkerId, normalize_engine_hash
 
 _GPU, _HOST, _DISK = int(Tier.GPU), int(Tier.HOST), int(Tier.DISK)
 _TIERS = (Tier.GPU, Tier.HOST, Tier.DISK)
@@ -53,6 +55,29 @@ _TIERS = (Tier.GPU, Tier.HOST, Tier.DISK)
 SNAPSHOT_MAGIC = b"KVRIDX\r\n"
 SNAPSHOT_VERSION = 1
 _HEADER_LEN = len(SNAPSHOT_MAGIC) + 4 + 8 + 8
+
+
+def _content_hashes(hashes: Iterable[Any]) -> list[ContentHash]:
+    """Content hashes as a list of Python ints, checked in C to be unsigned 64-bit integers.
+
+    NumPy integer scalars become ints (as keys they would match, but no snapshot could hold them).
+    """
+    if isinstance(hashes, np.ndarray) and hashes.dtype == np.uint64:
+        return hashes.tolist()
+    try:
+        return array.array("Q", hashes).tolist()  # type: ignore[arg-type]
+    except (TypeError, OverflowError, ValueError) as exc:
+        raise InvalidHashError(f"content hashes must be integers in [0, 2**64 - 1]: {exc}") from None
+
+
+def _engine_hash(k: Any) -> Any:
+    """An engine hash in its canonical form (see :func:`normalize_engine_hash`); numpy ints accepted."""
+    try:
+        if not isinstance(k, (int, bytes, bytearray, memoryview)):
+            k = operator.index(k)
+        return normalize_engine_hash(k)
+    except (TypeError, ValueError) as exc:
+        raise InvalidHashError(f"bad engine hash {k!r:.40}: {exc}") from None
 
 
 class Overlap(NamedTuple):
@@ -189,14 +214,20 @@ class KVIndex:
         worker does not hold is counted as an orphan store (the blocks are still
         recorded: their content hashes name their prefix, so they can never be
         matched wrongly, only not at all).  ``engine_hashes``, when given, are
-        the engine's names of the same blocks, used by later removals.
-        Returns the number of new (block, tier) entries.
+        the engine's names of the same blocks, used by later removals (ints,
+        signed ints normalised to their unsigned pattern, or bytes).  Hashes
+        that are not unsigned 64-bit integers raise :class:`InvalidHashError`
+        before anything changes.  Returns the number of new (block, tier) entries.
         """
         t = int(Tier.parse(tier))
+        hs = _content_hashes(hashes)
+        if engine_hashes is not None:
+            if len(engine_hashes) != len(hs):
+                raise ValueError(f"{len(engine_hashes)} engine hashes for {len(hs)} blocks")
+            engine_hashes = [_engine_hash(k) for k in engine_hashes]
+        if parent is not None:
+            parent = _content_hashes([parent])[0]
         w = self._worker(worker, create=True)
-        hs = hashes.tolist() if isinstance(hashes, np.ndarray) else list(hashes)
-        if engine_hashes is not None and len(engine_hashes) != len(hs):
-            raise ValueError(f"{len(engine_hashes)} engine hashes for {len(hs)} blocks")
         if parent is not None and not (self._any.get(parent, 0) & w.bit):
             self._orphan_stores += 1
         return self._store(w, hs, t, engine_hashes)
@@ -302,7 +333,7 @@ class KVIndex:
         w = self._worker(worker)
         removed = 0
         if engine_hashes is not None:
-            for k in engine_hashes:
+            for k in map(_engine_hash, engine_hashes):
                 c = w.blocks.get(k)
                 if c is not None:
                     removed += self._remove_one(w, k, c, t)
@@ -361,7 +392,12 @@ class KVIndex:
     def content_hash_of(self, worker: WorkerId, engine_hash: Any) -> ContentHash | None:
         """The content hash a worker's engine hash stands for, or None."""
         w = self._workers.get(worker)
-        return None if w is None else w.blocks.get(engine_hash)
+        if w is None:
+            return None
+        try:
+            return w.blocks.get(_engine_hash(engine_hash))
+        except InvalidHashError:
+            return None
 
     # ------------------------------------------------------------------ events
     def apply(self, worker: WorkerId, batch: EventBatch | Iterable[Any]) -> ApplyResult:
