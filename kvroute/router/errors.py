@@ -5,7 +5,7 @@ from ..kvindex.errors import KVRouteError, UnknownWorkerError
 
 __all__ = [
     "RouterError", "NoHealthyWorkerError", "UnknownRequestError", "DuplicateRequestError",
-    "UnknownPolicyError", "UnknownWorkerError", "DuplicateWorkerError",
+    "UnknownPolicyError", "UnknownWorkerError",
 ]
 
 
@@ -26,10 +26,6 @@ class UnknownRequestError(RouterError, KeyError):
 
 class DuplicateRequestError(RouterError, ValueError):
     """``route`` was called twice with the same live ``request_id``."""
-
-
-class DuplicateWorkerError(RouterError, ValueError):
-    """``add_worker`` named a worker that is already registered with another role."""
 
 
 class UnknownPolicyError(RouterError, ValueError):

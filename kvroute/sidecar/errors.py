@@ -8,7 +8,6 @@ from __future__ import annotations
 from ..kvindex.errors import InvalidTokensError, KVRouteError, SnapshotError, UnknownWorkerError
 from ..router.errors import (
     DuplicateRequestError,
-    DuplicateWorkerError,
     NoHealthyWorkerError,
     UnknownPolicyError,
     UnknownRequestError,
@@ -51,7 +50,6 @@ ERROR_TYPES: list[tuple[type[BaseException], str]] = [
     (NoHealthyWorkerError, "NoHealthyWorker"),
     (UnknownRequestError, "UnknownRequest"),
     (DuplicateRequestError, "DuplicateRequest"),
-    (DuplicateWorkerError, "DuplicateWorker"),
     (UnknownWorkerError, "UnknownWorker"),
     (UnknownPolicyError, "UnknownPolicy"),
     (InvalidTokensError, "InvalidTokens"),
