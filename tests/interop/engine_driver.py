@@ -227,5 +227,6 @@ def main(argv=None) -> int:
     sys.stdout = sys.stderr
     return serve(args, proto)
 
+
 if __name__ == "__main__":
     raise SystemExit(main())
