@@ -240,6 +240,29 @@ def test_snapshot_written_on_close_and_restored(tmp_path):
         srv3.close()
 
 
+def test_client_raises_remote_error_on_a_garbled_reply():
+    from kvroute.sidecar import RemoteError
+
+    ctx = zmq.Context()
+    srv = ctx.socket(zmq.ROUTER)
+    srv.setsockopt(zmq.LINGER, 0)
+    port = srv.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        with KVRouteClient(f"tcp://127.0.0.1:{port}", timeout_s=5, context=ctx) as c:
+            for garbage in (b"\xc1", msgpack.packb([1, 2]), msgpack.packb({"id": None, "ok": False, "error": "x"})):
+                result = []
+                t = threading.Thread(target=lambda: result.append(pytest.raises(RemoteError, c.ping)))
+                t.start()
+                assert srv.poll(5000)
+                ident, *_ = srv.recv_multipart()
+                srv.send_multipart([ident, b"", garbage])
+                t.join(10)
+                assert result and result[0].value.type in ("BadReply", "Internal")
+    finally:
+        srv.close()
+        ctx.term()
+
+
 @pytest.mark.timeout(60)  # a leaked socket would make ctx.term() hang
 def test_a_failed_snapshot_save_still_releases_the_sockets(tmp_path):
     cfg = SidecarConfig(bind="tcp://127.0.0.1:*", http_port=0, snapshot=str(tmp_path / "no-such-dir" / "s.snap"),

@@ -74,12 +74,19 @@ class KVRouteClient:
                 self._sock = self._connect()
                 raise SidecarTimeoutError(f"no reply from {self.address} within {self.timeout_s} s")
             frames = self._sock.recv_multipart()
-            reply = msgpack.unpackb(frames[-1], raw=False, strict_map_key=False)
+            try:
+                reply = msgpack.unpackb(frames[-1], raw=False, strict_map_key=False)
+            except Exception as exc:  # msgpack raises several types; a garbled reply is the server's error
+                raise RemoteError("BadReply", f"undecodable reply: {exc}"[:200]) from None
+            if not isinstance(reply, dict):
+                raise RemoteError("BadReply", f"a reply is a msgpack map, got {type(reply).__name__}")
             if rid is not None and reply.get("id") not in (rid, None):
                 continue  # a stale reply to an earlier, timed-out request
             if reply.get("ok"):
                 return reply.get("result")
-            err = reply.get("error") or {}
+            err = reply.get("error")
+            if not isinstance(err, dict):
+                err = {}
             typ, message = str(err.get("type", "Internal")), str(err.get("message", ""))
             cls = ERROR_CLASSES.get(typ)
             if cls is None:
