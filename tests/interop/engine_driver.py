@@ -23,6 +23,7 @@ Parts:
   - ``{"prompt": [token ids], "max_tokens": 1}`` ->
     ``{"num_cached_tokens": n, "num_prompt_tokens": m, "last_seq": s}``
     (``last_seq`` is -1 while nothing was published);
+  - ``{"prompt": [...], "cache_salt": s}`` sends the prompt with vLLM's cache salt;
   - ``{"prompt": [...], "now": t}`` also passes ``extra_args={"kvroute_now": t}``
     (the clock of kvroute's GPU eviction plugin, see ``kvroute.adapters.vllm_plugin``);
   - ``{"cmd": "replay", "trace": name_or_path, "limit": n, "block_tokens": 32, "max_blocks": k}``
@@ -199,7 +200,10 @@ def serve(args, out) -> int:
         else:
             extra = {"kvroute_now": float(msg["now"])} if "now" in msg else None
             sp = SamplingParams(max_tokens=int(msg.get("max_tokens", 1)), temperature=0.0, extra_args=extra)
-            res = llm.generate([{"prompt_token_ids": list(msg["prompt"])}], sp, use_tqdm=False)[0]
+            prompt = {"prompt_token_ids": list(msg["prompt"])}
+            if msg.get("cache_salt") is not None:
+                prompt["cache_salt"] = msg["cache_salt"]
+            res = llm.generate([prompt], sp, use_tqdm=False)[0]
             reply = {
                 "num_cached_tokens": int(res.num_cached_tokens or 0),
                 "num_prompt_tokens": len(res.prompt_token_ids),

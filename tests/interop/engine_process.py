@@ -130,9 +130,12 @@ class EngineProcess:
         self.proc.stdin.flush()
         return self._read(timeout)
 
-    def generate(self, prompt: list[int], max_tokens: int = 1) -> dict[str, Any]:
+    def generate(self, prompt: list[int], max_tokens: int = 1, cache_salt: str | None = None) -> dict[str, Any]:
         """Run one request; returns num_cached_tokens, num_prompt_tokens, last_seq."""
-        return self.call({"prompt": list(prompt), "max_tokens": max_tokens})
+        msg: dict[str, Any] = {"prompt": list(prompt), "max_tokens": max_tokens}
+        if cache_salt is not None:
+            msg["cache_salt"] = cache_salt
+        return self.call(msg)
 
     def reset_prefix_cache(self) -> dict[str, Any]:
         return self.call({"cmd": "reset"})
@@ -172,9 +175,9 @@ SYNC_TIMEOUT_S = 30.0
 VOCAB = range(3, 259)  # the tiny model has 3 special tokens, 256 byte tokens, then merges
 
 
-def predicted_cached(index: KVIndex, worker: Any, prompt: list[int]) -> int:
+def predicted_cached(index: KVIndex, worker: Any, prompt: list[int], cache_salt: str | None = None) -> int:
     """Tokens the engine will report cached for ``prompt``, by kvroute's index."""
-    ov = index.match_tokens(prompt, BS).get(worker)
+    ov = index.match_tokens(prompt, BS, cache_salt=cache_salt).get(worker)
     blocks = ov.total if ov is not None else 0
     return min(blocks, (len(prompt) - 1) // BS) * BS
 
@@ -211,11 +214,12 @@ class Follower:
         return True
 
     def request(self, eng: EngineProcess, prompt: list[int], tag: str, *, worker: str | None = None,
-                predicted: int | None = None, sync_timeout: float = SYNC_TIMEOUT_S) -> dict:
+                predicted: int | None = None, sync_timeout: float = SYNC_TIMEOUT_S,
+                cache_salt: str | None = None) -> dict:
         """Send ``prompt`` to ``eng``; ``predicted`` defaults to the index's prediction."""
         worker = worker or self.worker
-        pred = predicted_cached(self.index, worker, prompt) if predicted is None else predicted
-        r = eng.generate(prompt)
+        pred = predicted_cached(self.index, worker, prompt, cache_salt) if predicted is None else predicted
+        r = eng.generate(prompt, cache_salt=cache_salt)
         assert r["num_prompt_tokens"] == len(prompt)
         self.published_now[worker] = r["last_seq"] + 1
         rec = {"tag": tag, "worker": worker, "n": len(prompt), "predicted": pred, "reported": r["num_cached_tokens"]}

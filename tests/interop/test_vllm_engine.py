@@ -58,6 +58,12 @@ def test_predicted_cached_tokens_match_vllm(start_engine) -> None:
             rec = f.request(eng, prompt, tag)
             assert (rec["reported"], rec["predicted"]) == (want, want), (rec, f.log)
 
+        # -- cache salt: vLLM hashes the salt into block 0; kvroute's index must agree
+        salted = [("A+qa salted t1", A + qa, "tenant-1"), ("A+qa salted t1 again", A + qa, "tenant-1"),
+                  ("A+qa salted t2", A + qa, "tenant-2")]
+        got = [f.request(eng, p, tag, cache_salt=salt) for tag, p, salt in salted]
+        assert got[0]["reported"] == 0 and got[1]["reported"] > 0 and got[2]["reported"] == 0, got
+
         # -- mixed shared-prefix workload that keeps evicting (23 usable blocks)
         seen: list[list[int]] = [p for _, p, _ in directed]
         shortfalls = 0  # requests vLLM served with fewer cached tokens than an unbounded cache would
