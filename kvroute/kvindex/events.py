@@ -56,8 +56,11 @@ class BlockStored:
 class BlockRemoved:
     """Blocks an engine has evicted from one tier."""
 
+    #: The engine's hashes of the evicted blocks.
     block_hashes: tuple[EngineHash, ...]
+    #: The tier they left.
     tier: Tier = Tier.GPU
+    #: KV-cache group of a hybrid model; None for a single-group model.
     group_idx: int | None = None
 
 
@@ -73,8 +76,11 @@ KVEvent = Union[BlockStored, BlockRemoved, AllBlocksCleared]
 class EventBatch:
     """Events of one engine step, as published in one message."""
 
+    #: The engine's wall-clock time of the step (epoch seconds).
     ts: float
+    #: The step's events, in order.
     events: tuple[KVEvent, ...]
+    #: Data-parallel rank of the publisher, when the payload carries one.
     dp_rank: int | None = None
 
 
@@ -82,8 +88,11 @@ class EventBatch:
 class ApplyResult:
     """What :meth:`KVIndex.apply` did with one batch (all counts in blocks)."""
 
+    #: New (block, tier) entries.
     stored: int = 0
+    #: (block, tier) entries removed.
     removed: int = 0
+    #: Entries dropped by ``AllBlocksCleared``.
     cleared: int = 0
     #: Stored events whose parent (or placeholder block) this worker never announced.
     orphans: int = 0
@@ -95,4 +104,5 @@ class ApplyResult:
     block_size_mismatch: int = 0
     #: Stored events whose token count is not len(block_hashes) * block_size.
     malformed: int = 0
+    #: One line per orphan event saying why it could not be applied (for logs).
     reasons: list[str] = field(default_factory=list)

@@ -85,9 +85,11 @@ class Overlap(NamedTuple):
 
     #: Longest prefix of the prompt held on any tier.
     total: int
-    #: Of those blocks, how many sit on each tier (a block on several tiers counts in the fastest).
+    #: Of those blocks, how many sit on the GPU (a block on several tiers counts in the fastest).
     gpu: int
+    #: ... in host memory only (not on the GPU).
     host: int
+    #: ... on disk only.
     disk: int
 
 

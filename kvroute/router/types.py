@@ -150,11 +150,13 @@ class Candidate:
 class RouteRequest:
     """The request being routed."""
 
+    #: The caller's id of the request (unique while in flight).
     request_id: Any
     #: Prompt length in tokens.
     num_tokens: int
     #: Full blocks of the prompt (``num_tokens // block_size``).
     num_blocks: int
+    #: Tokens per KV block.
     block_size: int
 
 
@@ -174,9 +176,11 @@ class FleetView:
 class Choice:
     """A policy's answer: the chosen worker, the cost of every candidate and why."""
 
+    #: The chosen candidate's worker id.
     worker: WorkerId
     #: {worker: cost}; lower is better for every policy (score-maximising peers report -score).
     costs: dict[Any, float]
+    #: Short human-readable why (becomes ``Decision.reason``).
     reason: str
 
 
@@ -189,9 +193,11 @@ class Decision:
     worker: WorkerId
     #: Prompt tokens the chosen worker is predicted to have cached (all tiers, incl. pending).
     predicted_cached_tokens: int
-    #: Of those, on each tier; ``gpu`` includes the speculative ``pending`` part.
+    #: Of those, on the GPU; includes the speculative ``pending`` part.
     predicted_gpu_tokens: int
+    #: Of those, in host memory (a reload, not a prefill).
     predicted_host_tokens: int
+    #: Of those, on disk.
     predicted_disk_tokens: int
     #: Part of the GPU prediction that rests on routing decisions not yet confirmed by events.
     predicted_pending_tokens: int
@@ -201,6 +207,7 @@ class Decision:
     reason: str
     #: Policy name.
     policy: str
+    #: Prompt length in tokens (at least the full blocks routed).
     num_tokens: int
     #: With disaggregated pools: the prefill worker (== ``worker``) and the decode worker.
     prefill_worker: WorkerId | None = None

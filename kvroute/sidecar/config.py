@@ -54,17 +54,27 @@ class WorkerConfig:
 class SidecarConfig:
     """Everything ``kvroute serve`` needs (see the module docstring)."""
 
+    #: ZMQ ROUTER endpoint answering routing requests (``tcp://host:*``: any free port).
     bind: str = "tcp://127.0.0.1:5600"
+    #: Interface of ``/metrics`` and ``/health``.
     http_host: str = "127.0.0.1"
+    #: Port of ``/metrics`` and ``/health``; 0 = off, -1 = any free port.
     http_port: int = 9600
+    #: Tokens per KV block; must equal the engines'.
     block_size: int = 16
+    #: A name in :data:`kvroute.router.POLICIES`.
     policy: str = "kvroute"
+    #: Fields of that policy's weights dataclass to override.
     weights: dict[str, Any] = field(default_factory=dict)
+    #: Seed of tie-breaking.
     seed: int = 0
+    #: Lifetime of speculative (routed, unconfirmed) prefixes, seconds.
     pending_ttl_s: float = 2.0
     #: Seconds after a decision at which an unfinished request's load is released (0: never).
     request_ttl_s: float = 3600.0
+    #: Index snapshot path, restored on start and written on shutdown ("" = none).
     snapshot: str = ""
+    #: The engine workers.
     workers: list[WorkerConfig] = field(default_factory=list)
     #: Log level name.
     log_level: str = "INFO"
