@@ -56,7 +56,7 @@ def _common(f: Any) -> Any:
                      help="Chunked prefill with this token budget per step (vLLM's max_num_batched_tokens); 0: off."),
         click.option("--serial", is_flag=True, help="Serve requests one at a time (ignore timestamps)."),
         click.option("--vllm-last-block", is_flag=True, help="Count a fully cached prompt one block short, as vLLM does."),
-        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed of the router's tie-breaking."),
         click.option("--config", "configs", multiple=True, type=click.Path(exists=True, dir_okay=False),
                      help="A tuned configuration written by `kvroute tune` (repeatable)."),
     ]
@@ -134,7 +134,8 @@ DEFAULT_EVICTION = "lru"
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Write results.csv, results.json and PNG plots here.")
 @click.option("--sweep", default="0.25,0.5,1,2", show_default=True,
-              help="With --out: GPU-capacity factors for the hit-ratio-vs-capacity plot ('' to skip).")
+              help="With --out: capacity factors (GPU and host tiers scaled alike) for the hit-ratio-vs-capacity "
+                   "plot, run with the first routing policy ('' to skip).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (nothing else on stdout).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def sim(routing: str, eviction: str | None, out_dir: str | None, sweep: str, as_json: bool, no_progress: bool,
