@@ -71,6 +71,10 @@ def test_mm_placeholder_joins_overlapping_blocks_only():
     img = block_hash_list(toks, 16, mm_hashes=[("img", 20, 8)])  # tokens 20..27 -> block 1
     assert img[0] == plain[0]
     assert img[1] != plain[1] and img[2] != plain[2]
+    assert block_hash_list(toks, 16, mm_hashes=[("img", np.int64(20), np.int32(8))]) == img
+    for bad in [("img", "20", 8), ("img", 20, 0), ("img", -1, 8), ("img", 2.5, 8)]:
+        with pytest.raises(InvalidTokensError):
+            block_hash_list(toks, 16, mm_hashes=[bad])
 
 
 @pytest.mark.parametrize("bad", [[-1, 2], [2**32], ["a"], [1.5, 2.0]])

@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Any, Iterable, Sequence
 
 import array
+import operator
 import sys
 
 import msgpack
@@ -130,8 +131,12 @@ def block_extras(
     for item in mm_hashes or ():
         if isinstance(item, (tuple, list)) and len(item) == 3:
             ident, offset, length = item
+            try:
+                offset, length = operator.index(offset), operator.index(length)
+            except TypeError:
+                offset = length = -1
             if offset < 0 or length <= 0:
-                raise InvalidTokensError(f"bad multimodal placeholder {item!r}")
+                raise InvalidTokensError(f"bad multimodal placeholder {item!r} (int offset >= 0, int length > 0)")
             first, last = offset // block_size, (offset + length - 1) // block_size
             for b in range(first, min(last, n_blocks - 1) + 1):
                 extras[b].append(ident)
