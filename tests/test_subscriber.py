@@ -523,6 +523,9 @@ def test_bind_addresses_are_refused_early(ctx):
         with pytest.raises(ValueError):
             sub.add_worker("w", "tcp://127.0.0.1:5557", "tcp://*:5558")
         assert sub.workers() == []
+    for use in (sub.poll, sub.start, lambda: sub.add_worker("w", "tcp://127.0.0.1:5557")):
+        with pytest.raises(RuntimeError):  # closed: a clear error, not a ZMQ one on a closed socket
+            use()
 
 
 @pytest.mark.parametrize("buffer", [10_000, 3])

@@ -401,6 +401,8 @@ class KVEventSubscriber:
         """Run one loop iteration: wait up to ``timeout_ms`` for messages, handle
         them, expire replays.  Returns the number of messages handled.  Do not
         call it while :meth:`start` runs the loop in its own thread."""
+        if self._closed:
+            raise RuntimeError("subscriber is closed")
         while True:
             try:
                 self._run_command(self._cmds.get_nowait())
@@ -445,6 +447,8 @@ class KVEventSubscriber:
         """Run the loop in a daemon thread until :meth:`stop`."""
         if self._thread is not None:
             raise RuntimeError("already started")
+        if self._closed:
+            raise RuntimeError("subscriber is closed")
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="kvroute-kv-events", daemon=True)
         self._thread.start()
