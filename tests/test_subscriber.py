@@ -523,9 +523,12 @@ def test_bind_addresses_are_refused_early(ctx):
         with pytest.raises(ValueError):
             sub.add_worker("w", "tcp://127.0.0.1:5557", "tcp://*:5558")
         assert sub.workers() == []
-    for use in (sub.poll, sub.start, lambda: sub.add_worker("w", "tcp://127.0.0.1:5557")):
-        with pytest.raises(RuntimeError):  # closed: a clear error, not a ZMQ one on a closed socket
-            use()
+    own = KVEventSubscriber(KVIndex(4))  # its own context, terminated by close()
+    own.close()
+    for s in (sub, own):
+        for use in (s.poll, s.start, lambda: s.add_worker("w", "tcp://127.0.0.1:5557")):
+            with pytest.raises(RuntimeError):  # closed: a clear error, not a ZMQ one on a closed socket
+                use()
 
 
 @pytest.mark.parametrize("buffer", [10_000, 3])

@@ -285,6 +285,8 @@ class KVEventSubscriber:
         from a snapshot taken together with :meth:`positions` (under
         :attr:`lock`): the batches published since are replayed on the first gap.
         """
+        if self._closed:
+            raise RuntimeError("subscriber is closed")
         ranks = sorted(set(int(r) for r in dp_ranks))
         if not ranks or ranks[0] < 0:
             raise ValueError(f"dp_ranks must be non-empty and non-negative, got {ranks}")
