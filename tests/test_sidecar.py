@@ -91,8 +91,6 @@ def test_service_route_cycle_and_typed_errors():
 
 
 def test_add_worker_with_a_bad_endpoint_changes_nothing_and_removal_drops_its_series():
-    import threading
-
     from kvroute.sidecar.events import EventSource
 
     r = Router(["a"], 16)

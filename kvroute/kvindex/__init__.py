@@ -7,6 +7,7 @@ Map of the parts (this package imports no other kvroute package):
 * :mod:`.events`   -- ``BlockStored`` / ``BlockRemoved`` / ``AllBlocksCleared`` / ``EventBatch``.
 * :mod:`.index`    -- ``KVIndex``: which worker holds which block on which tier.
 * :mod:`.errors`   -- ``KVRouteError`` and the ground floor's typed errors.
+* :mod:`.atomic`   -- ``atomic_write``: temp file + fsync + rename (snapshots).
 """
 from .errors import InvalidHashError, InvalidTokensError, KVRouteError, SnapshotError, UnknownWorkerError
 from .events import AllBlocksCleared, ApplyResult, BlockRemoved, BlockStored, EventBatch, KVEvent

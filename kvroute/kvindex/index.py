@@ -30,13 +30,13 @@ import heapq
 import operator
 import os
 import sys
-import tempfile
 from typing import Any, Iterable, NamedTuple, Sequence
 
 import msgpack
 import numpy as np
 import xxhash
 
+from .atomic import atomic_write
 from .errors import InvalidHashError, SnapshotError, UnknownWorkerError
 from .events import (
     INDEXED_SPEC_KINDS,
@@ -685,22 +685,7 @@ class KVIndex:
             + len(body).to_bytes(8, "big")
             + xxhash.xxh3_64_intdigest(body).to_bytes(8, "big")
         )
-        path = os.fspath(path)
-        d = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".kvindex-", dir=d)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(header)
-                f.write(body)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        atomic_write(path, (header, body), prefix=".kvindex-")
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "KVIndex":

@@ -29,7 +29,6 @@ import gc
 import json
 import logging
 import os
-import tempfile
 import signal
 import threading
 from typing import Any
@@ -39,6 +38,7 @@ import xxhash
 import zmq
 
 from ..kvindex import KVIndex, SnapshotError
+from ..kvindex.atomic import atomic_write
 from ..router import Router
 from .config import SidecarConfig
 from .metrics import HTTPEndpoint, Metrics
@@ -213,18 +213,7 @@ def _snapshot_tag(path: str) -> str:
 def _save_positions(snapshot: str, positions: list[tuple[Any, int, int]]) -> None:
     """Write ``<snapshot>.seq`` atomically: the streams' positions, tagged with the snapshot they go with."""
     doc = {"snapshot": _snapshot_tag(snapshot), "streams": [list(p) for p in positions]}
-    path = snapshot + ".seq"
-    fd, tmp = tempfile.mkstemp(prefix=".kvroute-seq-", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write(snapshot + ".seq", (json.dumps(doc).encode(),), prefix=".kvroute-seq-")
 
 
 def _load_positions(snapshot: str) -> dict[tuple[Any, int], int]:
