@@ -554,18 +554,23 @@ def test_joining_a_running_engine_replays_its_history(ctx, buffer):
     eng.close()
 
 
-def test_resume_from_a_snapshot_with_positions(ctx, tmp_path):
-    eng = FakeEngine(ctx, capacity=24)
-    gen = prompts(random.Random(15), 100)
+def snapshot_after(ctx, eng, gen, path, batches=8):
+    """Follow ``eng`` for ``batches`` batches, then save the index and the positions together."""
     with make_sub(ctx) as sub:
         attach(sub, eng)
-        for _ in range(8):
+        for _ in range(batches):
             eng.request(next(gen))
             eng.publish()
         pump(sub, [eng], caught_up(sub, eng))
         with sub.lock:
-            sub.index.save(tmp_path / "ix.snap")
-            pos = sub.positions()
+            sub.index.save(path)
+            return sub.positions()
+
+
+def test_resume_from_a_snapshot_with_positions(ctx, tmp_path):
+    eng = FakeEngine(ctx, capacity=24)
+    gen = prompts(random.Random(15), 100)
+    pos = snapshot_after(ctx, eng, gen, tmp_path / "ix.snap")
     assert pos == {"w": 8}
     for _ in range(5):  # published while no router listens
         eng.request(next(gen))
@@ -590,15 +595,7 @@ def test_resume_over_an_engine_that_restarted_meanwhile(ctx, tmp_path):
     a restart (they never reached this stream), not echoes of a replay; the index ends exact."""
     eng = FakeEngine(ctx, capacity=24)
     gen = prompts(random.Random(16), 100)
-    with make_sub(ctx) as sub:
-        attach(sub, eng)
-        for _ in range(8):
-            eng.request(next(gen))
-            eng.publish()
-        pump(sub, [eng], caught_up(sub, eng))
-        with sub.lock:
-            sub.index.save(tmp_path / "ix.snap")
-            pos = sub.positions()
+    pos = snapshot_after(ctx, eng, gen, tmp_path / "ix.snap")
     eng.restart()
     ix = KVIndex.load(tmp_path / "ix.snap")
     assert ix.blocks_of("w")
