@@ -680,12 +680,14 @@ class KVEventSubscriber:
             self._give_up_gap(st, "no_endpoint")
             return
         if st.dealer is None:
-            d = self._ctx.socket(zmq.DEALER)
-            try:
+            d = None
+            try:  # no socket to spare (EMFILE) or a connect ZMQ refuses: the gap cannot be replayed
+                d = self._ctx.socket(zmq.DEALER)
                 d.setsockopt(zmq.LINGER, 0)
                 d.connect(st.replay_endpoint)
             except zmq.ZMQError:
-                d.close(linger=0)
+                if d is not None:
+                    d.close(linger=0)
                 self._give_up_gap(st, "unreachable")
                 return
             st.dealer = d
