@@ -83,3 +83,25 @@ def test_unknown_policy_and_bad_capacity():
         TieredCache(4, policy="nope")
     with pytest.raises(EvictionError):
         TieredCache(-1)
+
+
+def test_gpu_refusal_stores_straight_to_host():
+    from kvroute.eviction.policies.lru import LRU
+
+    class RefuseDeep(LRU):
+        def admit(self, key, depth, now):
+            return depth < 2
+
+    ix = KVIndex()
+    c = TieredCache(4, 2, RefuseDeep(), host_policy="lru", on_event=index_follower(ix, "w"))
+    t = c.access([1, 2, 3, 4, 5], now=0)
+    assert (t.inserted, t.stored_host, t.uncached) == (2, 2, 1)  # host holds 2 blocks
+    assert c.lookup([1, 2, 3, 4, 5]) == (2, 2)
+    assert c.blocks() == {1: Tier.GPU, 2: Tier.GPU, 3: Tier.HOST, 4: Tier.HOST}
+    assert index_state(ix, "w") == c.blocks()
+    t = c.access([1, 2, 3, 4], now=1)
+    assert (t.gpu_hit, t.host_hit, t.promoted) == (2, 2, 2)
+    c.check_invariants()
+    no_host = TieredCache(4, 0, RefuseDeep())
+    t = no_host.access([1, 2, 3, 4, 5], now=0)
+    assert (t.inserted, t.stored_host, t.uncached) == (2, 0, 3)

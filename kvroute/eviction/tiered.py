@@ -18,6 +18,8 @@ Rules (checked by :meth:`TieredCache.check_invariants`):
   Host eviction drops.  A host hit promotes the block back to the GPU.
 * Only GPU blocks are pinned (a request pins its hits and the blocks it inserts
   until :meth:`TieredCache.finish_request`).
+* Admission: blocks the GPU policy refuses (and the rest of their prompt) are
+  stored straight on the host when the host policy admits them, else not cached.
 
 A request is served in two calls (the simulator interleaves many)::
 
@@ -65,6 +67,8 @@ class RequestTicket:
     promoted: int = 0
     #: Missing blocks inserted on the GPU.
     inserted: int = 0
+    #: Missing blocks the GPU policy refused that went straight to the host tier.
+    stored_host: int = 0
     #: Keys pinned by this request, in chain order (hits then inserts).
     pinned: list = field(default_factory=list)
     #: True once finish_request ran.
@@ -78,7 +82,7 @@ class RequestTicket:
     @property
     def uncached(self) -> int:
         """Blocks neither hit nor cached by this request (admission refused, no room)."""
-        return len(self.keys) - self.gpu_hit - self.host_hit - self.inserted
+        return len(self.keys) - self.gpu_hit - self.host_hit - self.inserted - self.stored_host
 
 
 def _make_policy(p: "str | EvictionPolicy | Callable[[], EvictionPolicy]") -> EvictionPolicy:
@@ -166,7 +170,7 @@ class TieredCache:
         self._pending: list[tuple[str, int, Hashable, Hashable | None]] = []
         #: Counters (blocks unless named otherwise) -- see :meth:`stats`.
         self._stats = dict.fromkeys(
-            ("requests", "blocks", "gpu_hits", "host_hits", "inserted", "promoted", "demoted",
+            ("requests", "blocks", "gpu_hits", "host_hits", "inserted", "stored_host", "promoted", "demoted",
              "dropped_gpu", "dropped_host", "refused", "no_room", "conflicts"), 0)
 
     # ------------------------------------------------------------------ queries
@@ -194,7 +198,8 @@ class TieredCache:
         return self._pins.get(key, 0)
 
     def stats(self) -> dict[str, int]:
-        """Counters: requests, blocks looked up, gpu/host hits, inserted, promoted, demoted,
+        """Counters: requests, blocks looked up, gpu/host hits, inserted (GPU), stored_host
+        (refused by the GPU policy, stored on the host), promoted, demoted,
         dropped (gpu/host), refused by admission, no_room (GPU full of pinned blocks),
         conflicts (a key cached under another parent)."""
         return dict(self._stats)
@@ -281,6 +286,8 @@ class TieredCache:
                     break
                 if not gp.admit(k, i, now):
                     st["refused"] += 1
+                    if self.capacity[_HOST]:
+                        tk.stored_host = self._store_host(keys, i, prev, now)
                     break
                 if not self._room_gpu(now):
                     st["no_room"] += 1
@@ -294,6 +301,43 @@ class TieredCache:
         st["inserted"] += tk.inserted
         self._flush(now)
         return tk
+
+    def _store_host(self, keys: tuple, i: int, prev: Hashable | None, now: float) -> int:
+        """Store ``keys[i:]``, which the GPU policy refused, straight on the host (as an
+        engine writes blocks through to its offload tier), while the host policy admits
+        them and has room; returns how many were stored."""
+        tier, hp, hc, st = self._tier, self.policies[_HOST], self._cand[_HOST], self._stats
+        stored = 0
+        n = len(keys)
+        while i < n:
+            k = keys[i]
+            if k in tier:
+                st["conflicts"] += 1
+                break
+            if not hp.admit(k, i, now):
+                break
+            guard = prev is not None and tier[prev] == _HOST
+            if guard:  # making room must not drop the parent
+                self._protected.add(prev)
+                if prev in hc:
+                    hc.discard(prev)
+                    hp.set_candidate(prev, False)
+            ok = self._room_host(now)
+            if guard:
+                self._protected.discard(prev)
+            if not ok:
+                if guard and prev not in self._kids:
+                    hc.add(prev)
+                    hp.set_candidate(prev, True)
+                break
+            self._add(k, prev, i, _HOST, now)
+            hc.add(k)
+            hp.set_candidate(k, True)
+            stored += 1
+            prev = k
+            i += 1
+        st["stored_host"] += stored
+        return stored
 
     def finish_request(self, ticket: RequestTicket, now: float | None = None) -> None:
         """Unpin a request's blocks in reverse chain order (its tail becomes evictable first)."""
