@@ -584,13 +584,13 @@ class KVIndex:
 
     # ------------------------------------------------------------------- stats
     def stats(self) -> dict[str, Any]:
-        """Entries, workers and an estimate of the bytes the index uses."""
+        """Entries, workers and an estimate of the bytes the index uses; O(workers), not O(entries)."""
         alias_ints = 0
         alias_bytes = 0
         for w in self._workers.values():
             alias_bytes += sys.getsizeof(w.blocks)
-            if w.has_engine_keys:
-                alias_ints += sum(1 for k, v in w.blocks.items() if k is not v)
+            if w.has_engine_keys:  # upper bound: every alias key an int of its own (an exact count
+                alias_ints += len(w.blocks)  # walks every alias: ~50 ms at 1M entries, under the routing lock)
         n_blocks = len(self._any)
         est = (
             sys.getsizeof(self._any)

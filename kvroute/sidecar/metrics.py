@@ -22,7 +22,6 @@ import json
 import logging
 import re
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterable
 
@@ -35,8 +34,6 @@ log = logging.getLogger("kvroute.sidecar")
 
 _LATENCY_BUCKETS = (5e-5, 1e-4, 2e-4, 3e-4, 5e-4, 7.5e-4, 1e-3, 1.5e-3, 2e-3, 3e-3, 5e-3, 1e-2, 2.5e-2, 0.1)
 _NAME_RE = re.compile(r"[^a-zA-Z0-9_]")
-#: ``KVIndex.stats()`` walks the index under the routing lock: refresh its figures at most this often.
-INDEX_STATS_EVERY_S = 30.0
 
 
 class Metrics:
@@ -55,18 +52,12 @@ class Metrics:
                               registry=self.registry)
         self.prompt = Counter("kvroute_prompt_tokens", "Prompt tokens routed", registry=self.registry)
         self._decision_children: dict[Any, Any] = {}
-        self._index_stats: dict[str, Any] | None = None
-        self._index_stats_at = 0.0
         self.registry.register(_StateCollector(self))
 
     def index_stats(self) -> dict[str, Any]:
-        """``KVIndex.stats()``, recomputed at most every ``INDEX_STATS_EVERY_S`` (it walks the index under the lock)."""
-        now = time.monotonic()
-        if self._index_stats is None or now - self._index_stats_at >= INDEX_STATS_EVERY_S:
-            with self.router.lock:
-                self._index_stats = self.router.index.stats()
-            self._index_stats_at = now
-        return self._index_stats
+        """``KVIndex.stats()`` (O(workers), read under the routing lock)."""
+        with self.router.lock:
+            return self.router.index.stats()
 
     def observe_decision(self, d: Decision) -> None:
         child = self._decision_children.get(d.worker)
@@ -111,9 +102,9 @@ class _StateCollector:
         g = GaugeMetricFamily("kvroute_index_entries", "(block, worker, tier) entries in the index")
         g.add_metric([], float(entries))
         yield g
-        for name, key, doc in (("kvroute_index_blocks", "blocks", "Distinct blocks in the index (refreshed every 30 s)"),
+        for name, key, doc in (("kvroute_index_blocks", "blocks", "Distinct blocks in the index"),
                                ("kvroute_index_bytes_estimate", "bytes_estimate",
-                                "Estimated index memory (refreshed every 30 s)")):
+                                "Estimated index memory")):
             g = GaugeMetricFamily(name, doc)
             g.add_metric([], float(ix[key]))
             yield g
