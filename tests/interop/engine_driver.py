@@ -32,8 +32,8 @@ Parts:
     each hash id a fixed block of ``block_tokens`` tokens (seeded by the id),
     ``max_tokens=1``, the request's trace time as its ``kvroute_now``, each
     request cut to its first ``max_blocks`` blocks when given;
-  - ``{"cmd": "cached"}`` -> ``{"hashes": [...]}``: the engine hashes (event form)
-    of every block now in the GPU prefix cache (vLLM 0.32 internals);
+  - ``{"cmd": "cached"}`` -> ``{"hashes": [...]}``: the engine hashes (event form;
+    bytes as hex strings) of every block now in the GPU prefix cache (vLLM 0.32 internals);
   - ``{"cmd": "reset"}`` -> ``{"reset": true|false, "last_seq": s}``
     (``reset_prefix_cache``: vLLM publishes ``AllBlocksCleared`` with the next step);
   - end of input -> the process exits 0 at once (``os._exit``: the engine core
@@ -160,7 +160,8 @@ def cached_event_hashes(pool) -> list:
     """The engine hashes (as its events name them) of every block in the GPU prefix cache."""
     from vllm.v1.core.kv_cache_utils import get_block_hash, maybe_convert_block_hash
 
-    return [maybe_convert_block_hash(get_block_hash(k)) for k in pool.cached_block_hash_to_block._cache]
+    hs = [maybe_convert_block_hash(get_block_hash(k)) for k in pool.cached_block_hash_to_block._cache]
+    return [h.hex() if isinstance(h, bytes) else h for h in hs]  # JSON: bytes hashes as hex strings
 
 
 def serve(args, out) -> int:

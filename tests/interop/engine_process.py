@@ -137,6 +137,10 @@ class EngineProcess:
             msg["cache_salt"] = cache_salt
         return self.call(msg)
 
+    def cached_hashes(self) -> list[int | bytes]:
+        """Engine hashes (as its events name them) of every block in the engine's GPU prefix cache."""
+        return [bytes.fromhex(h) if isinstance(h, str) else h for h in self.call({"cmd": "cached"})["hashes"]]
+
     def reset_prefix_cache(self) -> dict[str, Any]:
         return self.call({"cmd": "reset"})
 

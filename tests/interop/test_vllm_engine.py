@@ -133,7 +133,10 @@ def test_router_across_two_engines(start_engine) -> None:
 
     names = ("engine-a", "engine-b")
     # both engines load at once (two processes); the waits below overlap their start-up
-    engines = {n: start_engine(port=free_port(), replay_port=free_port(), num_gpu_blocks=NUM_GPU_BLOCKS) for n in names}
+    # engine-b names blocks by raw 32-byte hashes in its events (VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=0)
+    envs = {"engine-a": {}, "engine-b": {"VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES": "0"}}
+    engines = {n: start_engine(port=free_port(), replay_port=free_port(), num_gpu_blocks=NUM_GPU_BLOCKS,
+                               extra_env=envs[n]) for n in names}
     f = Follower(*names)
     try:
         for n, eng in engines.items():
@@ -159,6 +162,13 @@ def test_router_across_two_engines(start_engine) -> None:
 
         bad = [r for r in f.log if r["predicted"] != r["reported"] or not (r["synced"] or r.get("probe"))]
         assert not bad, f"{len(bad)} of {len(f.log)} mispredicted or unsynced: {bad}\nall: {f.log}"
+        for n, eng in engines.items():  # the index knows each engine's blocks by its own kind of hash
+            cached = eng.cached_hashes()
+            assert {type(h) for h in cached} == ({bytes} if n == "engine-b" else {int}), n
+            with f.sub.lock:
+                known = sum(f.index.content_hash_of(n, h) is not None for h in cached)
+                held = len(f.index.blocks_of(n))
+            assert known == held and held >= len(cached) - 1, (n, known, held, len(cached))
         routed = [r for r in f.log if "system" in r]
         # an idle fleet: the router takes the longest cached prefix whenever one exists
         missed = [r for r in routed if r["reported"] < r["best"]]

@@ -72,7 +72,7 @@ def test_adaptive_gpu_eviction_beats_stock_vllm(start_engine) -> None:
             print(f"{name}: {r}")
             f.published_now[name] = r["last_seq"] + 1
             assert f.sync(name), f.sub.metrics()
-            cached = set(eng.call({"cmd": "cached"})["hashes"])
+            cached = set(eng.cached_hashes())
             with f.sub.lock:
                 held = f.index.blocks_of(name)
                 unknown = [h for h in cached if f.index.content_hash_of(name, h) is None]
