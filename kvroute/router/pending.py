@@ -12,6 +12,7 @@ index only ever holds what engines announced.
 Layout (private; only :class:`PendingPrefixes` touches it)::
 
     _cur, _prev : {content hash -> bitmask of worker slots}   two generations
+    _n_cur, _n_prev : number of set (block, slot) bits in each generation
     _epoch      : floor(clock / ttl_s) of the current generation
 
 Time is cut into epochs of ``ttl_s``.  Decisions go into ``_cur``; when the
@@ -41,14 +42,14 @@ class PendingPrefixes:
         self._clock = clock
         self._cur: dict[int, int] = {}
         self._prev: dict[int, int] = {}
+        self._n_cur = 0
+        self._n_prev = 0
         self._epoch = int(clock() // ttl_s) if ttl_s > 0 else 0
 
     def __len__(self) -> int:
-        """Number of (block, worker) pending entries (a pair in both generations counts once)."""
-        n = 0
-        for h in self._cur.keys() | self._prev.keys():
-            n += bin(self._cur.get(h, 0) | self._prev.get(h, 0)).count("1")
-        return n
+        """Number of (block, worker) pending entries, summed over the two generations (a pair
+        in both counts twice); O(1), because metrics read it under the routing lock."""
+        return self._n_cur + self._n_prev
 
     def expire(self, now: float | None = None) -> None:
         """Rotate generations whose time has come (epochs of ``ttl_s`` on the clock)."""
@@ -60,10 +61,10 @@ class PendingPrefixes:
         if epoch == self._epoch:
             return
         if epoch == self._epoch + 1:
-            self._prev = self._cur
+            self._prev, self._n_prev = self._cur, self._n_cur
         else:  # two or more epochs passed (or the clock went back): everything is old
-            self._prev = {}
-        self._cur = {}
+            self._prev, self._n_prev = {}, 0
+        self._cur, self._n_cur = {}, 0
         self._epoch = epoch
 
     def add(self, slot: int, hashes: Sequence[int]) -> None:
@@ -76,19 +77,29 @@ class PendingPrefixes:
         get = cur.get
         if get(hashes[-1], 0) & bit:
             return  # the whole chain is already pending in this generation (chained hashes)
+        added = 0
         for h in hashes:
-            cur[h] = get(h, 0) | bit
+            m = get(h, 0)
+            if not m & bit:
+                cur[h] = m | bit
+                added += 1
+        self._n_cur += added
 
     def forget(self, slot: int) -> None:
         """Drop every pending entry of one worker slot (worker removed)."""
         nb = ~(1 << slot)
+        dropped = []
         for gen in (self._cur, self._prev):
-            for h in [h for h, m in gen.items() if m >> slot & 1]:
+            hs = [h for h, m in gen.items() if m >> slot & 1]
+            for h in hs:
                 m = gen[h] & nb
                 if m:
                     gen[h] = m
                 else:
                     del gen[h]
+            dropped.append(len(hs))
+        self._n_cur -= dropped[0]
+        self._n_prev -= dropped[1]
 
     def match(self, hashes: Sequence[int]) -> dict[int, int]:
         """{slot: depth} of the longest pending prefix of ``hashes`` per worker slot (depth >= 1).
@@ -107,10 +118,11 @@ class PendingPrefixes:
         return out
 
     def check_invariants(self) -> None:
-        """No empty masks are kept."""
-        for gen in (self._cur, self._prev):
+        """No empty masks are kept; the pair counters equal the set bits of each generation."""
+        for gen, n in ((self._cur, self._n_cur), (self._prev, self._n_prev)):
             for h, m in gen.items():
                 assert m, f"empty pending mask kept for {h:#x}"
+            assert n == sum(bin(m).count("1") for m in gen.values()), "pending pair counter drifted"
 
 
 def _walk(table: dict[int, int], hashes: Sequence[int]) -> dict[int, int]:
