@@ -27,6 +27,7 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from ..router.types import Role
 from .errors import ConfigError
 
 
@@ -127,8 +128,10 @@ class SidecarConfig:
         if len(ids) != len(set(ids)):
             raise ConfigError("worker ids must be unique")
         for w in self.workers:
-            if w.role not in ("both", "prefill", "decode"):
-                raise ConfigError(f"worker {w.id!r}: role must be both, prefill or decode")
+            try:
+                Role.parse(w.role)
+            except ValueError as exc:
+                raise ConfigError(f"worker {w.id!r}: {exc}") from None
 
 
 def parse_worker(doc: Any) -> WorkerConfig:

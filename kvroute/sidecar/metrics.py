@@ -159,7 +159,7 @@ def _flatten_events(doc: Any) -> Iterable[Any]:
         elif isinstance(node, (int, float)):
             put(prefix, labels, float(node))
         elif isinstance(node, dict):
-            if prefix in ("workers", "per_worker"):
+            if prefix == "workers":  # the subscriber's per-stream figures: one label per worker
                 for wid, sub in node.items():
                     walk("worker", sub, {**labels, "worker": str(wid)})
                 return

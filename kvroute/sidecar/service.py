@@ -18,7 +18,7 @@ from typing import Any, Callable
 import msgpack
 import numpy as np
 
-from ..router import Router
+from ..router import Role, Router
 from .errors import BadRequestError, UnknownOpError, wire_name
 from .metrics import Metrics
 
@@ -172,8 +172,10 @@ class Service:
         cap = _need(req, "capacity_blocks", int, optional=True)
         endpoint = _need(req, "endpoint", str, optional=True) or ""
         replay = _need(req, "replay_endpoint", str, optional=True) or ""
-        if role not in ("both", "prefill", "decode"):
-            raise BadRequestError("role must be both, prefill or decode")
+        try:
+            role = Role.parse(role)
+        except ValueError as exc:
+            raise BadRequestError(str(exc)) from None
         if endpoint:  # subscribe first: a refused endpoint leaves the router as it was
             if self.events is None:
                 raise BadRequestError("this service has no KV-event source to subscribe with")
