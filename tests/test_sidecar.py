@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import zmq
 
-from kvroute import InvalidTokensError, block_hashes
+from kvroute import InvalidTokensError, UnknownWorkerError, block_hashes
 from kvroute.router import NoHealthyWorkerError, Router, UnknownRequestError
 from kvroute.sidecar import BadRequestError, KVRouteClient, SidecarConfig, UnknownOpError
 from kvroute.sidecar.config import WorkerConfig, parse_worker
@@ -345,6 +345,42 @@ def test_restart_resumes_event_streams_from_the_saved_positions(tmp_path):
         srv3 = SidecarServer(cfg, context=ctx)
         srv3._restore()
         assert srv3.restored and srv3.resume == {}
+    finally:
+        eng.close()
+        ctx.destroy(linger=0)
+
+
+def test_a_worker_added_at_run_time_with_an_endpoint_is_followed(server):
+    """The server was started with no KV-event endpoint at all; add_worker with one subscribes
+    (the loop thread runs), the engine's events fill the index, and routing follows them."""
+    import os
+    import sys
+    import time
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from fake_engine import FakeEngine
+
+    ctx = zmq.Context()
+    eng = FakeEngine(ctx, block_size=16, capacity=4096)
+    try:
+        with KVRouteClient(server.address, timeout_s=5) as c:
+            assert c.add_worker("c", endpoint=eng.endpoint, replay_endpoint=eng.replay_endpoint) == {"worker": "c"}
+            assert eng.wait_for_subscribers(1, 5000)
+            p = toks(7, 64)
+            eng.request(p)
+            eng.publish()
+            deadline = time.monotonic() + 20
+            while c.stats()["events"]["workers"].get("c", {}).get("next_seq") != 1:
+                assert time.monotonic() < deadline
+                eng.serve_replay(10)  # paces the wait on a real socket
+            d = c.route(p, request_id="r")
+            assert d["worker"] == "c" and d["predicted_cached_tokens"] == 64
+            c.remove_worker("c")
+            with pytest.raises(UnknownWorkerError):
+                c.drain_worker("c")
+            while "c" in c.stats()["events"]["workers"]:  # the loop thread unsubscribes asynchronously
+                assert time.monotonic() < deadline
+                eng.serve_replay(10)
     finally:
         eng.close()
         ctx.destroy(linger=0)
