@@ -273,6 +273,17 @@ def test_a_failed_snapshot_save_still_releases_the_sockets(tmp_path):
     ctx.term()  # returns: no socket of this context is left open
 
 
+@pytest.mark.timeout(60)  # a leaked socket would make ctx.term() hang
+def test_a_failed_start_releases_what_it_opened(server):
+    ctx = zmq.Context()
+    cfg = SidecarConfig(bind=server.address, http_port=0, workers=[WorkerConfig("a", "tcp://127.0.0.1:1")])
+    srv = SidecarServer(cfg, context=ctx)
+    with pytest.raises(zmq.ZMQError):  # the address is taken
+        srv.start()
+    assert srv.sock is None and srv.events.subscriber._closed
+    ctx.term()  # returns: no socket of this context is left open
+
+
 def test_client_timeout_is_typed_and_recovers(server):
     import socket
 

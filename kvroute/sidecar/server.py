@@ -73,6 +73,14 @@ class SidecarServer:
 
     # ----------------------------------------------------------------- start
     def start(self) -> "SidecarServer":
+        """Restore, subscribe, bind and serve HTTP; on any failure release what was opened, then raise."""
+        try:
+            return self._start()
+        except BaseException:
+            self._release()
+            raise
+
+    def _start(self) -> "SidecarServer":
         cfg = self.config
         index = self._restore()
         r = Router((), cfg.block_size, policy=cfg.policy, weights=cfg.weights or None, seed=cfg.seed,
@@ -93,12 +101,11 @@ class SidecarServer:
                 self.events.follow(w.id, w.endpoint, w.replay_endpoint or None, dp_size=w.dp_size, topic=w.topic,
                                    start_seq=start or None)
         self.events.start()
-        sock = self._ctx.socket(zmq.ROUTER)
+        sock = self.sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
         sock.bind(cfg.bind)
         self.address = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
-        self.sock = sock
         if cfg.http_port != 0:  # -1: any free port
             self.http = HTTPEndpoint(cfg.http_host, max(0, cfg.http_port), self.metrics, lambda: health(r, self.events))
             self.http.start()
@@ -184,6 +191,7 @@ class SidecarServer:
         try:
             if self.http is not None:
                 self.http.stop()
+                self.http = None
             if self.config.snapshot and self.router is not None:
                 with self.lock:
                     self.router.index.save(self.config.snapshot)
@@ -191,14 +199,21 @@ class SidecarServer:
                 _save_positions(self.config.snapshot, positions)
                 log.info("saved index snapshot %s (%d entries)", self.config.snapshot, len(self.router.index))
         finally:  # a failed save (disk full, no permission) still releases the sockets, then raises
-            if self.events is not None:
-                try:
-                    self.events.close()
-                except Exception:
-                    log.exception("closing the event subscriber failed")
-            if self.sock is not None:
-                self.sock.close(linger=0)
-                self.sock = None
+            self._release()
+
+    def _release(self) -> None:
+        """Close the subscriber, the HTTP endpoint and the ROUTER socket (idempotent; no snapshot)."""
+        if self.events is not None:
+            try:
+                self.events.close()
+            except Exception:
+                log.exception("closing the event subscriber failed")
+        if self.http is not None:
+            self.http.stop()
+            self.http = None
+        if self.sock is not None:
+            self.sock.close(linger=0)
+            self.sock = None
 
 
 def _snapshot_tag(path: str) -> str:
