@@ -82,8 +82,6 @@ class Weights:
     refresh_requests: int = 64
     #: Admit a block only if its density at age 0 is at least this share of recent victims'.
     admit_ratio: float = 1.0
-    #: Apply admission to prompt tails only (a refused inner block drops the rest of its prompt).
-    admit_tails_only: bool = False
     #: Smoothing weight of victim densities (admission threshold), per eviction.
     victim_ewma: float = 0.01
     #: Density multiplier per block of depth (recompute cost); 0: every block counts the same.
@@ -293,8 +291,6 @@ class Adaptive(EvictionPolicy):
         if m is None:
             return True
         if self._hint.get(key, 0.0) >= thr:
-            return True
-        if self.w.admit_tails_only and (m[1] == self._shared_cls or not (m[1] // self._nf) % 2):
             return True
         return self._density(key, m[1], now) >= self.w.admit_ratio * thr
 
