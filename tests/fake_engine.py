@@ -122,12 +122,26 @@ class FakeEngine:
         for c in new:
             self.gpu[c] = None
             self.gpu.move_to_end(c)
-        parent = self.engine_hash(hs[hit - 1]) if hit else None
-        toks = tuple(tokens[hit * bs : (hit + len(new)) * bs])
-        self.events.append(BlockStored(
-            tuple(self.engine_hash(c) for c in new), parent, toks, bs, Tier.GPU,
-            lora_name=lora_name, extra_keys=tuple((lora_name,) for _ in new) if lora_name else None,
-        ))
+        # Announce each run of blocks this cache did not hold, chained on the block before it.
+        # (A block still cached behind a hole is touched, not announced: announcing it again
+        # would mean a second physical copy, which this one-copy model never holds.)
+        held_before = set(new) - set(missing)
+        i = hit
+        end = hit + len(new)
+        while i < end:
+            if hs[i] in held_before:
+                i += 1
+                continue
+            j = i
+            while j < end and hs[j] not in held_before:
+                j += 1
+            run = hs[i:j]
+            parent = self.engine_hash(hs[i - 1]) if i else None
+            self.events.append(BlockStored(
+                tuple(self.engine_hash(c) for c in run), parent, tuple(tokens[i * bs : j * bs]), bs, Tier.GPU,
+                lora_name=lora_name, extra_keys=tuple((lora_name,) for _ in run) if lora_name else None,
+            ))
+            i = j
         if self.host_capacity:
             self._offload(new)
         return hit

@@ -232,3 +232,42 @@ def test_store_normalises_numpy_hashes_and_refuses_bad_ones(tmp_path):
     assert ix.blocks_of("a") == before and "b" not in ix
     assert ix.remove("a", engine_hashes=[(1 << 64) - 1]) == 1  # the unsigned form of -1
     ix.check_invariants()
+
+
+def test_engine_copies_of_one_block_are_removed_one_by_one():
+    """vLLM recomputes the last block of a fully cached prompt into a second block with the same
+    hash: two BlockStored, later two BlockRemoved.  The block stays until its last copy goes."""
+    ix = KVIndex(4)
+    toks = tuple(prompt(2))
+    stored = BlockStored(block_hashes=(51, 52), parent_block_hash=None, token_ids=toks, block_size=4)
+    ix.apply("a", [stored])
+    dup = BlockStored(block_hashes=(52,), parent_block_hash=51, token_ids=toks[4:], block_size=4)
+    r = ix.apply("a", [dup])
+    assert r.copies_added == 1 and r.stored == 0
+    ix.check_invariants()
+    r = ix.apply("a", [BlockRemoved(block_hashes=(52,))])
+    assert r.copies_released == 1 and r.removed == 0
+    assert ix.match_tokens(list(toks))["a"].total == 2
+    ix.check_invariants()
+    r = ix.apply("a", [BlockRemoved(block_hashes=(52,))])
+    assert r.removed == 1
+    assert ix.match_tokens(list(toks))["a"].total == 1
+    ix.check_invariants()
+
+
+def test_copy_counts_survive_snapshots_and_clear(tmp_path):
+    ix = KVIndex(4)
+    toks = tuple(prompt(1))
+    ev = BlockStored(block_hashes=(61,), parent_block_hash=None, token_ids=toks, block_size=4)
+    ix.apply("a", [ev, ev, ev])
+    ix.save(tmp_path / "s")
+    back = KVIndex.load(tmp_path / "s")
+    for _ in range(2):
+        assert back.apply("a", [BlockRemoved(block_hashes=(61,))]).copies_released == 1
+    assert back.match_tokens(list(toks))["a"].total == 1
+    back.apply("a", [BlockRemoved(block_hashes=(61,))])
+    assert back.match_tokens(list(toks)) == {}
+    ix.apply("a", [AllBlocksCleared()])
+    ix.apply("a", [ev])
+    assert ix.apply("a", [BlockRemoved(block_hashes=(61,))]).removed == 1  # clear forgot the copies
+    ix.check_invariants()

@@ -176,7 +176,7 @@ class _Metrics:
     COUNTERS = (
         "batches", "events", "blocks_stored", "blocks_removed", "blocks_cleared", "orphans", "unknown_removed",
         "ignored_events", "block_size_mismatch", "malformed_events", "gaps", "gaps_closed", "replay_requests",
-        "replay_batches", "restarts", "duplicates",
+        "replay_batches", "restarts", "duplicates", "block_copies_added", "block_copies_released",
     )
     KEYED = ("replays_failed", "resyncs", "decode_errors", "dropped_frames")
 
@@ -626,6 +626,8 @@ class KVEventSubscriber:
             c["blocks_cleared"] += res.cleared
             c["orphans"] += res.orphans
             c["unknown_removed"] += res.unknown_removed
+            c["block_copies_added"] += res.copies_added
+            c["block_copies_released"] += res.copies_released
             c["ignored_events"] += res.ignored
             c["block_size_mismatch"] += res.block_size_mismatch
             c["malformed_events"] += res.malformed

@@ -100,6 +100,10 @@ class ApplyResult:
     unknown_removed: int = 0
     #: Events of groups the index does not track (sliding window etc.).
     ignored: int = 0
+    #: GPU blocks announced again under the same engine hash while held (a second physical copy).
+    copies_added: int = 0
+    #: Removals that released one such copy (the block stays cached).
+    copies_released: int = 0
     #: Stored events whose block size differs from the index's.
     block_size_mismatch: int = 0
     #: Stored events whose token count is not len(block_hashes) * block_size.

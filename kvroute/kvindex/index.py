@@ -96,7 +96,7 @@ class Overlap(NamedTuple):
 class _Worker:
     """Per-worker state.  Owned by :class:`KVIndex`; nothing else mutates it."""
 
-    __slots__ = ("id", "slot", "bit", "blocks", "groups", "has_engine_keys")
+    __slots__ = ("id", "slot", "bit", "blocks", "groups", "has_engine_keys", "copies")
 
     def __init__(self, wid: WorkerId, slot: int) -> None:
         #: The user's id of the worker.
@@ -111,6 +111,11 @@ class _Worker:
         self.groups: set[int | None] = set()
         #: True once any block was stored under an engine hash distinct from its content hash.
         self.has_engine_keys = False
+        #: Extra physical copies of a held GPU block, {(engine hash, tier): n}: an engine that
+        #: recomputes a cached block (vLLM does for the last block of a fully cached prompt)
+        #: announces the same hash again and later removes each copy.  Written only by
+        #: :meth:`KVIndex.apply`; sparse (usually empty).
+        self.copies: dict[tuple[Any, int], int] = {}
 
 
 class KVIndex:
@@ -196,6 +201,7 @@ class KVIndex:
                 self._settle(c, tm)
         w.blocks.clear()
         w.groups.clear()
+        w.copies.clear()
         w.has_engine_keys = False
         return dropped
 
@@ -360,6 +366,8 @@ class KVIndex:
     def _remove_one(self, w: _Worker, k: Any, c: ContentHash, t: int) -> int:
         any_, tiers = self._any, self._tiers
         b = w.bit
+        if w.copies:
+            w.copies.pop((k, t), None)
         tm = tiers.get(c)
         if tm is None:
             if t != _GPU:
@@ -422,12 +430,17 @@ class KVIndex:
                     res.ignored += 1
                     continue
                 t = int(ev.tier)
-                blocks, any_, tiers = w.blocks, self._any, self._tiers
+                blocks, any_, tiers, copies = w.blocks, self._any, self._tiers, w.copies
                 nb = ~w.bit
                 gpu_only = 0
                 for k in ev.block_hashes:
                     c = blocks.get(k)
-                    if c is None:
+                    if copies and (k, t) in copies:  # one of several physical copies goes; the block stays
+                        n = copies.pop((k, t))
+                        if n > 1:
+                            copies[(k, t)] = n - 1
+                        res.copies_released += 1
+                    elif c is None:
                         res.unknown_removed += 1
                     elif t == _GPU and (not tiers or c not in tiers):
                         # hot path: a GPU-only block, whose GPU mask is its any-mask
@@ -488,7 +501,18 @@ class KVIndex:
         tb = ev.token_bytes
         hs = chain_hashes(tokens_to_bytes(ev.token_ids) if tb is None else tb, ev.block_size, seed=seed, extras=extras)
         w.groups.add(ev.group_idx)
+        if t == _GPU and w.blocks and not w.blocks.keys().isdisjoint(keys):
+            res.copies_added += self._count_copies(w, keys, hs, t)
         res.stored += self._store(w, hs, t, keys)
+
+    def _count_copies(self, w: _Worker, keys: Sequence[Any], hs: list, t: int) -> int:
+        """Blocks announced again under the same engine hash while held: one more physical copy each."""
+        n = 0
+        for k, c in zip(keys, hs):
+            if w.blocks.get(k) == c and self._tier_mask(c, t) & w.bit:
+                w.copies[(k, t)] = w.copies.get((k, t), 0) + 1
+                n += 1
+        return n
 
     # ------------------------------------------------------------------- match
     def match(self, hashes: Sequence[int] | np.ndarray) -> dict[WorkerId, Overlap]:
@@ -656,6 +680,10 @@ class KVIndex:
             assert len(vals) == held.get(w.slot, 0), f"worker {w.id!r}: {len(vals)} aliases, {held.get(w.slot, 0)} blocks"
             for c in vals:
                 assert self._any.get(c, 0) & w.bit, f"worker {w.id!r} aliases a block it does not hold"
+            for (k, t), n in w.copies.items():
+                assert n >= 1, f"worker {w.id!r}: copy count {n} kept for {k!r}"
+                c = w.blocks.get(k)
+                assert c is not None and self._tier_mask(c, t) & w.bit, f"worker {w.id!r}: copies of a block it lacks"
 
     # ---------------------------------------------------------------- snapshot
     def _snapshot_body(self) -> dict[str, Any]:
@@ -668,7 +696,8 @@ class KVIndex:
                     if self._tier_mask(c, t) & w.bit:
                         bits |= 1 << t
                 rows.append((c, None if k is c or k == c else k, bits))
-            workers.append((w.id, rows, sorted(g for g in w.groups if g is not None), None in w.groups))
+            copies = [(k, t, n) for (k, t), n in w.copies.items()]
+            workers.append((w.id, rows, sorted(g for g in w.groups if g is not None), None in w.groups, copies))
         return {
             "hash_scheme": HASH_SCHEME_VERSION,
             "block_size": self.block_size,
@@ -725,7 +754,7 @@ class KVIndex:
         if not isinstance(doc, dict) or doc.get("hash_scheme") != HASH_SCHEME_VERSION:
             raise SnapshotError("snapshot was written with another hash scheme")
         idx = cls(doc.get("block_size"), max_blocks_per_worker=doc.get("max_blocks_per_worker"))
-        for wid, rows, groups, none_group in doc["workers"]:
+        for wid, rows, groups, none_group, *rest in doc["workers"]:
             if isinstance(wid, list):
                 wid = tuple(wid)
             w = idx._worker(wid, create=True)
@@ -738,5 +767,7 @@ class KVIndex:
                 for t in range(3):
                     if bits >> t & 1:
                         idx._store(w, [c], t, None if k is None else [k])
+            for k, t, n in rest[0] if rest else ():  # copy counts (absent in older snapshots)
+                w.copies[(k, t)] = n
         idx.check_invariants()
         return idx
