@@ -355,28 +355,32 @@ def _event_fields(ev: KVEvent) -> list[tuple[str, Any]]:
     raise TypeError(f"not a KV event: {type(ev).__name__}")
 
 
+#: Map-header writers by layout: vLLM 0.33's msgspec always writes map16; 0.32 the shortest (fixmap).
+_MAP_HEADERS = {
+    "map16": lambda n: b"\xde" + n.to_bytes(2, "big"),
+    "fixmap": msgpack.Packer().pack_map_header,
+}
+
+
 def encode(batch: EventBatch, *, map_header: str = "map16") -> bytes:
     """Encode a batch in vLLM's wire layout (the inverse of :func:`decode`).
 
     ``map_header="map16"`` writes every event map with a 3-byte map16 header, as
     vLLM 0.33's msgspec encoder does (byte-exact with the brief's sample);
-    ``"fixmap"`` writes msgpack's shortest header, as vLLM 0.32 does.  The rank
-    is written only when not None.  Optional event fields that are None are omitted.
+    ``"fixmap"`` writes msgpack's shortest header, as vLLM 0.32 does.  The batch
+    is always ``[ts, events, dp_rank]`` with nil for no rank, as vLLM writes it.
+    Optional event fields that are None are omitted.
     """
-    if map_header not in ("map16", "fixmap"):
-        raise ValueError(f"map_header must be 'map16' or 'fixmap', not {map_header!r}")
+    header = _MAP_HEADERS.get(map_header)
+    if header is None:
+        raise ValueError(f"map_header must be one of {sorted(_MAP_HEADERS)}, not {map_header!r}")
     pk = msgpack.Packer(use_bin_type=True, autoreset=True)
-    has_rank = batch.dp_rank is not None
-    parts = [pk.pack_array_header(3 if has_rank else 2), pk.pack(float(batch.ts)), pk.pack_array_header(len(batch.events))]
+    parts = [pk.pack_array_header(3), pk.pack(float(batch.ts)), pk.pack_array_header(len(batch.events))]
     for ev in batch.events:
         fields = _event_fields(ev)
-        if map_header == "map16":
-            parts.append(b"\xde" + len(fields).to_bytes(2, "big"))
-        else:
-            parts.append(pk.pack_map_header(len(fields)))
+        parts.append(header(len(fields)))
         for k, v in fields:
             parts.append(pk.pack(k))
             parts.append(pk.pack(v))
-    if has_rank:
-        parts.append(pk.pack(batch.dp_rank))
+    parts.append(pk.pack(batch.dp_rank))
     return b"".join(parts)

@@ -163,7 +163,7 @@ def cases() -> list[tuple[str, str, KVEventBatch]]:
                     stored([as_int(h[0])], None, toks[:bs], bs),
                 ])))
     out.append(("no_rank",
-                "batch without data_parallel_rank (omitted from the array when None)",
+                "batch without data_parallel_rank (nil in the third slot)",
                 KVEventBatch(ts=TS + 7, events=[stored([as_int(h[0])], None, toks[:bs], bs)])))
     out.append(("rank_3_block_32_big_tokens",
                 "data-parallel rank 3, block size 32, token ids past 2**16 and a hash with the top bit set",
@@ -193,12 +193,9 @@ def reencodes_exactly(batch: KVEventBatch) -> bool:
 
     True unless an event carries something kvroute's events do not keep: fields it
     ignores (locality, ownership, session_id, sliding window) or all-nil extra_keys
-    (decoded as None).  A batch without a rank is excluded too: msgspec writes the
-    rank slot as nil (a 3-element array) while kvroute's encoder drops the slot;
-    both decode alike.
+    (decoded as None).  A batch without a rank re-encodes exactly: both write the
+    rank slot as nil (a 3-element array).
     """
-    if batch.data_parallel_rank is None:
-        return False
     for ev in batch.events:
         if isinstance(ev, (BlockStored, BlockRemoved)):
             if ev.locality is not None or ev.ownership is not None:
