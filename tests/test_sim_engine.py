@@ -9,7 +9,7 @@ import pytest
 
 from kvroute.sim.cost import CostModel
 from kvroute.sim.engine import SimConfig, SimConfigError, Simulation, simulate
-from kvroute.sim.trace import Request, ideal_hit_ratio, load_trace, reshape
+from kvroute.traces import Request, ideal_hit_ratio, load_trace, reshape
 from kvroute.sim.workloads import multi_turn_chat, shared_system_prompt
 
 

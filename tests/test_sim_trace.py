@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvroute.kvindex.errors import KVRouteError
-from kvroute.sim.trace import (
+from kvroute.traces import (
     Request,
     TraceError,
     ideal_hit_ratio,

@@ -8,26 +8,18 @@ for shares of the trace's unique blocks).
 """
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any, Callable, Iterable, Sequence
 
-from .base import EvictionError, EvictionPolicy
+from .. import traces
+from ..traces import TraceError  # noqa: F401  (re-exported: callers catch it from here)
+from .base import EvictionPolicy
 from .tiered import TieredCache
-
-#: Trace names resolved inside the package's bundled data.
-BUNDLED = ("mooncake_conversation.jsonl", "mooncake_synthetic.jsonl")
-
-
-class TraceError(EvictionError):
-    """A trace file that is missing or not in the Mooncake format."""
 
 
 @dataclass(frozen=True, slots=True)
 class Request:
-    """One trace row."""
+    """One trace row, as the block-level replay needs it."""
 
     #: Arrival time in seconds.
     ts: float
@@ -35,34 +27,10 @@ class Request:
     keys: tuple[int, ...]
 
 
-def resolve_trace(path: str) -> str:
-    """A path, or a bundled trace's file name (``mooncake_conversation.jsonl``, with or without ``.jsonl``)."""
-    if os.path.exists(path):
-        return path
-    name = os.path.basename(path)
-    if not name.endswith(".jsonl"):
-        name += ".jsonl"
-    if name in BUNDLED:
-        return str(resources.files("kvroute").joinpath("data", name))
-    raise TraceError(f"no trace at {path!r} (bundled: {', '.join(BUNDLED)})")
-
-
 def load_trace(path: str, limit: int | None = None) -> list[Request]:
-    """Read a Mooncake-format trace (path or bundled name); ``limit`` keeps the first rows."""
-    out: list[Request] = []
-    with open(resolve_trace(path), encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if limit is not None and len(out) >= limit:
-                break
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                row = json.loads(line)
-                out.append(Request(float(row["timestamp"]) / 1000.0, tuple(int(h) for h in row["hash_ids"])))
-            except (ValueError, KeyError, TypeError) as e:
-                raise TraceError(f"{path}:{lineno}: not a Mooncake trace row ({e})") from None
-    return out
+    """Read a Mooncake-format trace (path or bundled name, see :mod:`kvroute.traces`);
+    ``limit`` keeps the first rows.  A bad line raises :class:`kvroute.traces.TraceError`."""
+    return [Request(r.arrival_s, r.hash_ids) for r in traces.load_trace(path, limit=limit)]
 
 
 def unique_blocks(reqs: Iterable[Request]) -> int:

@@ -2,7 +2,7 @@
 
 Map of the parts (top floor: may import router, eviction, kvindex):
 
-* :mod:`.trace`     -- Mooncake JSONL traces (path or bundled name), :class:`Request`, :class:`TraceError`.
+* :mod:`kvroute.traces` -- Mooncake JSONL traces (path or bundled name), :class:`Request`, :class:`TraceError` (shared with the eviction replay).
 * :mod:`.workloads` -- generators: shared system prompt, multi-turn chat, agent sessions.
 * :mod:`.cost`      -- :class:`CostModel` (prefill, host reload, decode step, KV transfer) and presets.
 * :mod:`.engine`    -- the discrete-event :class:`Simulation`, :class:`SimConfig`, :func:`simulate`.
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from .cost import PRESETS, CostModel, CostModelError, get_preset
 from .metrics import Records, Summary, summarize
-from .trace import BUNDLED, Request, TraceError, ideal_hit_ratio, load_trace, reshape
+from ..traces import BUNDLED, Request, TraceError, ideal_hit_ratio, load_trace, reshape
 from .workloads import GENERATORS, agent_sessions, multi_turn_chat, shared_system_prompt
 
 __all__ = [

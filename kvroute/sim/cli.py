@@ -81,7 +81,7 @@ def _base_config(o: dict[str, Any]) -> Any:
 
 
 def _workload(o: dict[str, Any]) -> list[Any]:
-    from .trace import load_trace, reshape
+    from ..traces import load_trace, reshape
     from .workloads import from_spec
 
     t = o["trace"]

@@ -45,7 +45,7 @@ from typing import Any, Callable, Sequence
 from ..kvindex.errors import KVRouteError
 from .cost import CostModel, get_preset, DEFAULT_PRESET
 from .metrics import Records, Summary, summarize
-from .trace import Request
+from ..traces import Request
 
 #: The router's own CPU time is measured on this thread's CPU clock (not wall time, which other
 #: processes on a shared machine would inflate).

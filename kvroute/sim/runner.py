@@ -13,7 +13,7 @@ import numpy as np
 
 from .engine import SimConfig, Simulation, simulate
 from .metrics import Summary
-from .trace import Request
+from ..traces import Request
 
 #: (total, description) -> a tqdm-like object with update()/close(), or None.
 ProgressFactory = Callable[[int, str], Any]

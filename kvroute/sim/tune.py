@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Sequence
 from ..kvindex.errors import KVRouteError
 from .engine import SimConfig
 from .runner import configure, run_one
-from .trace import Request
+from ..traces import Request
 
 
 class TuneError(KVRouteError, ValueError):

@@ -1,4 +1,4 @@
-"""Synthetic workload generators that emit the same :class:`~kvroute.sim.trace.Request` records as a trace.
+"""Synthetic workload generators that emit the same :class:`~kvroute.traces.Request` records as a trace.
 
 Each generator is seeded and returns requests sorted by arrival, with fresh
 prefix-chained block ids (a new block id is never reused after another
@@ -20,7 +20,7 @@ import random
 from dataclasses import replace
 from typing import Callable
 
-from .trace import Request, TraceError
+from ..traces import Request, TraceError
 
 
 class _Ids:

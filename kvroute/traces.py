@@ -1,5 +1,10 @@
 """Mooncake-format request traces: loading, validation and reshaping.
 
+One reader for every part that replays traces (the simulator, the eviction
+replay and benches).  It stands beside the ground floor: it imports only
+:mod:`kvroute.kvindex`, so :mod:`kvroute.eviction` and :mod:`kvroute.sim` can
+both use it.
+
 A trace is one JSON object a line::
 
     {"timestamp": ms since start, "input_length": tokens, "output_length": tokens,
@@ -22,7 +27,7 @@ from dataclasses import dataclass, replace
 from importlib import resources
 from typing import Iterable, Sequence
 
-from ..kvindex.errors import KVRouteError
+from .kvindex.errors import KVRouteError
 
 #: Bundled trace name -> file in ``kvroute/data``.
 BUNDLED = {
@@ -72,11 +77,13 @@ class Request:
 
 
 def resolve_trace(trace: str | os.PathLike[str]) -> str:
-    """Path of a trace given as a path or as a bundled name (``conversation``, ``synthetic``)."""
+    """Path of a trace given as a path or a bundled name (``conversation``, ``synthetic``, or a
+    bundled file's name such as ``mooncake_conversation.jsonl``)."""
     name = os.fspath(trace)
-    if name in BUNDLED:
-        return str(resources.files("kvroute").joinpath("data", BUNDLED[name]))
     if not os.path.exists(name):
+        for short, file in BUNDLED.items():
+            if name in (short, file, file.removesuffix(".jsonl")):
+                return str(resources.files("kvroute").joinpath("data", file))
         raise TraceError(f"no such trace file (bundled names: {', '.join(sorted(BUNDLED))})", source=name)
     return name
 
