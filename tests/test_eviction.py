@@ -253,3 +253,52 @@ def test_golden_adaptive_beats_baselines_on_a_prefix():
     got = {n: replay(reqs, cap, n)["prefix_hit_ratio"] for n in ("lru", "arc", "adaptive")}
     assert got["adaptive"] > max(got["lru"], got["arc"])
     assert round(got["lru"], 4) == 0.0585  # pinned: block-level LRU on the first 3,000 requests
+
+
+# ------------------------------------------------------------------ duel
+def test_adaptive_host_duel_shadows_replay_whole_cache_standalone():
+    """The host tier's shadows are standalone caches of GPU + host blocks: with no forgetting,
+    their scores are exactly the hits of learned/LRU/ARC replays at that size, and the leader
+    follows the rule (learned unless an expert beats it by the margin)."""
+    reqs = load_trace("mooncake_conversation.jsonl", limit=400)
+    gpu, host = 60, 240
+    fac = lambda: Adaptive(duel_decay=1.0)  # noqa: E731
+    c = TieredCache(gpu, host, fac, host_policy=fac)
+    g, h = c.policies
+    assert h._shadows is not None and g._verdict is h and g._shadows is None
+    leaders = set()
+    for r in reqs:
+        c.access(r.keys, r.ts)
+        leaders.add(h.leader)
+        c.check_invariants()
+    want = [replay(reqs, gpu + host, p)["stats"]["gpu_hits"] for p in ("lru", "arc")]
+    assert h.scores[1:] == want
+    alone = TieredCache(gpu + host, policy=Adaptive(duel=False))
+    for r in reqs:
+        alone.access(r.keys, r.ts)
+    assert h.scores[0] == alone.stats()["gpu_hits"]
+    best = 1 if want[0] >= want[1] else 2
+    assert h.leader == (best if h.scores[best] > h.scores[0] * (1 + h.w.duel_margin) else 0)
+    assert h.duel_stats["requests"] == len(reqs)
+    # a GPU-only cache (and an engine's tier, which sets no role) runs no duel
+    assert TieredCache(60, policy="adaptive").policies[0]._shadows is None
+
+
+def test_adaptive_gpu_follows_host_verdict():
+    c = TieredCache(3, 12, "adaptive")
+    g, h = c.policies
+    for i in range(6):
+        c.access([100 + i, 200 + i], now=float(i))
+    h.leader = 1  # the whole-cache shadows say LRU: both tiers follow their LRU expert
+    assert g.victim() == g._experts[1].victim() and h.victim() == h._experts[1].victim()
+    assert g.admit(999, 0, 10.0) and h.admit(998, 0, 10.0)
+    h.leader = 2
+    assert g.victim() == g._experts[2].victim()
+    h.leader = 0
+    assert g.victim() == g._learned_victim()
+    for i in range(6, 30):  # the experts stay in step with the real candidates
+        h.leader = i % 3
+        c.access([100 + i, 200 + i], now=float(i))
+        c.check_invariants()
+        assert g._experts[1].candidates() == g.candidates()
+    assert not make_policy("adaptive", duel=False)._experts

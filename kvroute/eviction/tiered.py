@@ -139,7 +139,11 @@ class TieredCache:
             raise EvictionError("the GPU and host tiers need distinct policy instances")
         gp.bind(gpu_blocks)
         if host_blocks:
+            if hasattr(hp, "tier_role"):  # a policy that models the whole cache from its host tier (adaptive)
+                hp.tier_role, hp.upper_capacity = "host", gpu_blocks
             hp.bind(host_blocks)
+            if hasattr(gp, "follow") and type(hp) is type(gp):  # adaptive: GPU follows the host's duel
+                gp.follow(hp)
         #: Capacity per tier in blocks [gpu, host]; fixed.
         self.capacity = (gpu_blocks, host_blocks)
         #: Policy per tier [gpu, host]; only this cache calls their hooks.

@@ -53,6 +53,28 @@ policy learns, online and from the workload alone:
   recompute); 0 by default, because the figures count blocks.
 * **Router hints.**  :meth:`hint` takes ``{key: requests per second}``; a hinted
   block's density is at least its hinted rate (hits per block-second).
+* **Duel with the baselines (two-tier caches).**  The learned density is weak
+  where the cache holds most of the working set (it then mis-orders a few
+  long-gap reuses that plain recency or ARC's frequency list keep), and a host
+  tier puts every total hit ratio in that regime: GPU + host behave as one
+  cache of their summed size whose drops the host policy decides.  So the host
+  tier's instance (``tier_role = "host"``, set by :class:`TieredCache`) runs a
+  duel: three *shadow caches* of GPU + host blocks (learned without duel, LRU,
+  ARC) serve every request on their own, their hits are counted with slow
+  forgetting (``duel_decay`` per request), and the cache follows the expert
+  whose shadow hits most, the learned one unless another beats it by
+  ``duel_margin``.  Following means: victims come from that expert's own
+  ordering of the real candidates (an LRU and an ARC instance fed every hook),
+  and admission is off for LRU/ARC.  The GPU tier's instance follows the host
+  instance's verdict (:meth:`follow`).  This is set dueling (Qureshi et al.,
+  "Adaptive Insertion Policies for High Performance Caching", ISCA'07: leader
+  sets per policy, a counter picks the followers' policy) with full shadow
+  caches in place of leader sets (shadow tags / ghost caches as in ARC,
+  Megiddo & Modha FAST'03; choosing among expert policies by their shadows'
+  hits as in ACME, Ari et al., 2002, and LeCaR, Vietri et al., HotStorage'18).
+  A GPU-only cache (and an engine's tier, which sets no role) runs no duel:
+  there sampled or full shadows misjudged the learned policy at small sizes on
+  the bundled traces and switching mid-trace cost more than it gained.
 
 Only plain data crosses in: no router import.
 """
@@ -66,6 +88,11 @@ from dataclasses import asdict, dataclass
 from typing import Hashable, Mapping, Sequence
 
 from ..base import EvictionPolicy
+from .arc import ARC
+from .lru import LRU
+
+#: Experts of the duel: 0 the learned density (this module), 1 LRU (vLLM order), 2 ARC.
+EXPERTS = ("learned", "lru", "arc")
 
 
 @dataclass(frozen=True)
@@ -99,6 +126,12 @@ class Weights:
     #: Pseudo-counts (reuses at the first age bin) each class starts with: LRU-like until data comes.
     prior_hits: float = 1.0
     prior_lifetimes: float = 4.0
+    #: Duel the learned policy against LRU and ARC on shadow caches and follow the best (False: learned only).
+    duel: bool = True
+    #: Duel: per request, every expert's shadow hit count is multiplied by this (forgetting).
+    duel_decay: float = 0.99995
+    #: Duel: LRU or ARC leads only when its shadow hits exceed the learned one's by this share.
+    duel_margin: float = 0.002
 
 
 # Age bins: [0, 0.25 s), then doubling by sqrt(2) up to about 9 hours.
@@ -169,11 +202,29 @@ class Adaptive(EvictionPolicy):
         #: Turn depth and non-tail class of the request being served (from begin()).
         self._td = 1
         self._base_cls = 0
+        #: Role of the tier this instance serves, "gpu" or "host" (set by the cache before bind()).
+        self.tier_role = "gpu"
+        #: Host tier: capacity of the tier above it (GPU blocks), set by the cache before bind();
+        #: the host tier's shadows model the whole cache (GPU + host blocks).
+        self.upper_capacity = 0
+        #: Duel experts (None, LRU, ARC) fed every hook over the real candidates; None: no duel.
+        self._experts: tuple | None = None
+        #: Decayed duel score per expert (EXPERTS order); higher is better.
+        self.scores = [0.0, 0.0, 0.0]
+        #: Expert whose decisions the cache follows now (index into EXPERTS).
+        self.leader = 0
+        #: GPU tier of a two-tier cache: the host tier's policy whose leader this one follows.
+        self._verdict: "Adaptive | None" = None
+        #: One shadow cache per expert (EXPERTS order), built by bind(); None: no duel.
+        self._shadows: tuple | None = None
+        #: Counters: requests counted by the duel, eviction decisions per leader.
+        self.duel_stats = {"requests": 0, "led": [0, 0, 0]}
 
     # --------------------------------------------------------------- learning
     def bind(self, capacity: int) -> None:
         self.capacity = capacity
         self._ghost_cap = max(self.w.ghost_min, int(self.w.ghost_factor * capacity))
+        self._duel_setup()
 
     def _trim(self, od: OrderedDict) -> None:
         cap = self._ghost_cap
@@ -183,6 +234,8 @@ class Adaptive(EvictionPolicy):
     def begin(self, keys: Sequence[Hashable], now: float) -> None:
         w = self.w
         self._now = now
+        if self._shadows is not None:
+            self._duel(keys, now)
         if self._t0 is None:
             self._t0 = now
         meta, succ, endof = self._meta, self._succ, self._endof
@@ -247,6 +300,40 @@ class Adaptive(EvictionPolicy):
         if self._requests % w.refresh_requests == 1:
             self._refresh(now)
 
+    # ------------------------------------------------------------------ duel
+    def _duel_setup(self) -> None:
+        """The experts (LRU and ARC, fed every hook over the real candidates) and one shadow
+        cache per expert (learned, LRU, ARC) that serves every request on its own."""
+        self._experts = self._shadows = None
+        if not self.w.duel or self.tier_role != "host" or self.capacity < 1:
+            return
+        cap = self.capacity + self.upper_capacity
+        from ..tiered import TieredCache  # the shadows' structure; no import cycle at run time
+
+        self._experts = (None, LRU(), ARC())
+        self._shadows = tuple(TieredCache(cap, policy=p) for p in (Adaptive(self.w, duel=False), LRU(), ARC()))
+
+    def follow(self, host: "Adaptive") -> None:
+        """GPU tier of a two-tier cache: follow the verdict of ``host``'s duel (its shadows model
+        the whole cache), with this tier's own LRU and ARC experts.  Called once, before use."""
+        if not self.w.duel or host._shadows is None:
+            return
+        self._experts = (None, LRU(), ARC())
+        self._verdict = host
+
+    def _duel(self, keys: Sequence[Hashable], now: float) -> None:
+        """Serve the request in every shadow and pick the leader: the expert whose shadow hit
+        most lately (decayed), the learned one unless another beats it by ``duel_margin``."""
+        d = self.w.duel_decay
+        sc = self.scores
+        for i, sh in enumerate(self._shadows):
+            t = sh.start_request(keys, now)
+            sh.finish_request(t, now)
+            sc[i] = sc[i] * d + t.hit
+        best = 1 if sc[1] >= sc[2] else 2
+        self.leader = best if sc[best] > sc[0] * (1.0 + self.w.duel_margin) else 0
+        self.duel_stats["requests"] += 1
+
     def _refresh(self, now: float) -> None:
         """Recompute T and every class's density per age bin."""
         if self._t0 is not None and now > self._t0 and self._ins_count and self.capacity:
@@ -292,6 +379,8 @@ class Adaptive(EvictionPolicy):
             return True
         if self._hint.get(key, 0.0) >= thr:
             return True
+        if self._lead():  # LRU and ARC admit everything
+            return True
         return self._density(key, m[1], now) >= self.w.admit_ratio * thr
 
 
@@ -300,8 +389,30 @@ class Adaptive(EvictionPolicy):
         self._ins_count += 1
         if key not in self._meta:  # a block the policy never saw in begin() (direct use)
             self._meta[key] = [now, self._base_cls, 1]
+        if self._experts is not None:
+            for e in self._experts[1:]:
+                e.on_insert(key, depth, now)
+
+    def on_access(self, key: Hashable, now: float) -> None:
+        if self._experts is not None:
+            for e in self._experts[1:]:
+                e.on_access(key, now)
+
+    def on_release(self, key: Hashable, now: float) -> None:
+        if self._experts is not None:
+            for e in self._experts[1:]:
+                e.on_release(key, now)
 
     def set_candidate(self, key: Hashable, flag: bool) -> None:
+        if self._experts is not None:
+            lru, arc = self._experts[1:]
+            if flag:  # a candidate never inserted (engine adapters): the experts learn it now
+                if key not in lru._rel:
+                    lru.on_insert(key, 0, self._now)
+                if key not in arc._list:
+                    arc.on_insert(key, 0, self._now)
+            lru.set_candidate(key, flag)
+            arc.set_candidate(key, flag)
         if not flag:
             self._cand.pop(key, None)
             return
@@ -329,6 +440,20 @@ class Adaptive(EvictionPolicy):
         return None
 
     def victim(self) -> Hashable | None:
+        """The leading expert's victim; disagreements are remembered for the duel."""
+        lead = self._lead()
+        self.duel_stats["led"][lead] += 1
+        if lead:
+            v = self._experts[lead].victim()
+            if v is not None:
+                return v
+        return self._learned_victim()
+
+    def _lead(self) -> int:
+        """Index of the expert whose decisions this tier follows now."""
+        return self.leader if self._verdict is None else self._verdict.leader
+
+    def _learned_victim(self) -> Hashable | None:
         """The class head with the lowest density (older first among equals)."""
         best = None
         best_v = best_t = best_hd = math.inf
@@ -359,6 +484,9 @@ class Adaptive(EvictionPolicy):
     def on_remove(self, key: Hashable) -> None:
         self._cand.pop(key, None)
         self._res.pop(key, None)
+        if self._experts is not None:
+            for e in self._experts[1:]:
+                e.on_remove(key)
 
     def hint(self, popularity: Mapping[Hashable, float]) -> None:
         """Replace the hinted rates (requests/s per block) with ``popularity``."""
@@ -376,6 +504,8 @@ class Adaptive(EvictionPolicy):
         return {
             "name": self.name, "T": round(self.T, 2), "victim_hd": self._victim_hd,
             "continuation": self.continuation(), "weights": asdict(self.w),
+            "leader": EXPERTS[self.leader], "scores": [round(x, 2) for x in self.scores],
+            "duel": {**self.duel_stats, "led": dict(zip(EXPERTS, self.duel_stats["led"]))},
         }
 
     def continuation(self) -> dict[str, float]:
@@ -387,4 +517,5 @@ class Adaptive(EvictionPolicy):
                 if self._life[c] > self.w.prior_lifetimes:
                     out[f"turn{d + 1}/new{b}"] = round(sum(self._hits[c]) / self._life[c], 3)
         return out
+
 
