@@ -35,10 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import select
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 
@@ -90,23 +87,9 @@ def pct(xs, q):
 
 
 def start_server(cfg_path: str):
-    proc = subprocess.Popen([sys.executable, "-m", "kvroute.cli", "serve", "--config", cfg_path, "--log-level", "WARNING"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    buf = b""
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        r, _, _ = select.select([proc.stdout], [], [], 1.0)
-        if r:
-            chunk = os.read(proc.stdout.fileno(), 65536)
-            if not chunk:
-                break
-            buf += chunk
-            if b"\n" in buf:
-                return proc, json.loads(buf.split(b"\n", 1)[0])
-        if proc.poll() is not None:
-            break
-    proc.kill()
-    raise RuntimeError(f"server failed: {buf!r} {proc.stderr.read()[-2000:]!r}")
+    from kvroute.sidecar.process import spawn_serve
+
+    return spawn_serve(cfg_path, timeout_s=300)
 
 
 class Gen:

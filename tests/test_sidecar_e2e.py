@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -24,6 +23,8 @@ from kvroute.sidecar import BadRequestError, KVRouteClient
 sys.path.insert(0, os.path.dirname(__file__))
 from fake_engine import FakeEngine  # noqa: E402
 
+from kvroute.sidecar.process import spawn_serve  # noqa: E402
+
 BS = 16
 pytestmark = pytest.mark.timeout(180)
 
@@ -33,24 +34,7 @@ def toks(seed: int, n: int) -> list[int]:
 
 
 def start_sidecar(cfg_path: str) -> tuple[subprocess.Popen, dict]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "kvroute.cli", "serve", "--config", cfg_path, "--log-level", "WARNING"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    deadline = time.monotonic() + 60
-    buf = b""
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], 1.0)
-        if ready:
-            chunk = os.read(proc.stdout.fileno(), 65536)
-            if not chunk:
-                break
-            buf += chunk
-            if b"\n" in buf:
-                return proc, json.loads(buf.split(b"\n", 1)[0])
-        if proc.poll() is not None:
-            break
-    proc.kill()
-    raise AssertionError(f"sidecar did not start: {buf!r} {proc.stderr.read()!r}")
+    return spawn_serve(cfg_path, timeout_s=60)
 
 
 def stop_sidecar(proc: subprocess.Popen) -> int:
