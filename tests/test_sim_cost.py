@@ -71,6 +71,12 @@ def test_overrides_are_typed_and_checked():
         m.with_overrides({"prefill_mfu": 0})
     with pytest.raises(CostModelError):
         parse_overrides(["novalue"])
+    # non-finite values and fractional counts are refused (were OverflowError / NaN times)
+    for key, bad in (("n_layers", "inf"), ("hbm_bytes", "inf"), ("prefill_mfu", "nan"), ("tp", "1.5"),
+                     ("prefill_overhead_s", "-inf")):
+        with pytest.raises(CostModelError):
+            m.with_overrides({key: bad})
+    assert m.with_overrides({"tp": "2.0"}).tp == 2 and m.with_overrides({"name": "x"}).name == "x"
     with pytest.raises(KVRouteError):
         get_preset("gpt-5")
     assert dataclasses.asdict(m) == m.to_dict()

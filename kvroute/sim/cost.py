@@ -27,6 +27,7 @@ decode is bound by reading the weights and the batch's KV from HBM.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -150,10 +151,20 @@ class CostModel:
             if k not in fields:
                 raise CostModelError(f"unknown cost constant {k!r}; known: {', '.join(sorted(fields))}")
             cur = getattr(self, k)
+            if isinstance(cur, str):
+                kw[k] = str(v)
+                continue
             try:
-                kw[k] = type(cur)(float(v)) if isinstance(cur, int) and not isinstance(v, int) else type(cur)(v)
+                x = float(v)
             except (TypeError, ValueError) as exc:
                 raise CostModelError(f"bad value for {k}: {v!r} ({exc})") from None
+            if not math.isfinite(x):
+                raise CostModelError(f"bad value for {k}: {v!r} (must be a finite number)")
+            if isinstance(cur, int):
+                if not x.is_integer():
+                    raise CostModelError(f"bad value for {k}: {v!r} (must be an integer)")
+                x = int(x)
+            kw[k] = x
         m = dataclasses.replace(self, **kw)
         m.validate()
         return m
@@ -164,6 +175,8 @@ class CostModel:
             v = getattr(self, f.name)
             if f.name == "name":
                 continue
+            if not math.isfinite(v):
+                raise CostModelError(f"{f.name} must be a finite number, got {v}")
             if f.name.endswith("_s"):
                 if v < 0:
                     raise CostModelError(f"{f.name} must be >= 0, got {v}")
