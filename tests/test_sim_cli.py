@@ -71,6 +71,11 @@ def test_sim_disaggregated_and_preset_and_cost_override():
         (["--preset", "gpt-9"], "unknown preset"),
         (["--cost", "bogus=1"], "unknown cost constant"),
         (["--workers", "0"], "at least one worker"),
+        (["--block-tokens", "0"], "block_tokens"),
+        (["--cost", "n_layers=inf"], "finite"),
+        (["--cost", "prefill_mfu=nan"], "finite"),
+        (["--limit", "-1"], "--limit"),
+        (["--max-blocks", "-1"], "--max-blocks"),
     ],
 )
 def test_sim_bad_input_is_a_clean_error(args, fragment):

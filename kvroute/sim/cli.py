@@ -34,7 +34,7 @@ def _common(f: Any) -> Any:
     opts = [
         click.option("--trace", default="conversation", show_default=True,
                      help="Mooncake JSONL path, a bundled name (conversation, synthetic) or gen:NAME[:k=v,...]."),
-        click.option("--limit", type=int, default=None, help="Use only the first N requests."),
+        click.option("--limit", type=click.IntRange(min=0), default=None, help="Use only the first N requests."),
         click.option("--workers", type=int, default=8, show_default=True, help="Workers in the cluster."),
         click.option("--gpu-blocks", type=int, default=None,
                      help="GPU KV blocks per worker [default: what fits next to the weights in the preset]."),
@@ -47,7 +47,7 @@ def _common(f: Any) -> Any:
         click.option("--cost", "cost_overrides", multiple=True, metavar="KEY=VALUE",
                      help="Override a cost constant (repeatable), e.g. --cost prefill_mfu=0.4."),
         click.option("--block-tokens", type=int, default=512, show_default=True, help="Tokens per trace block (hash id)."),
-        click.option("--max-blocks", type=int, default=None, help="Cut every prompt to its first N blocks."),
+        click.option("--max-blocks", type=click.IntRange(min=1), default=None, help="Cut every prompt to its first N blocks."),
         click.option("--prefill-workers", type=int, default=0, show_default=True,
                      help="Disaggregate: this many prefill workers, the rest decode (0: aggregated)."),
         click.option("--event-lag", type=float, default=0.0, show_default=True,

@@ -114,6 +114,8 @@ class SimConfig:
         return self.host_blocks if self.host_blocks is not None else self.cost.host_blocks(self.block_tokens)
 
     def validate(self) -> None:
+        if self.block_tokens < 1 or self.max_batch < 1:  # first: the capacity defaults divide by block_tokens
+            raise SimConfigError("block_tokens and max_batch must be >= 1")
         if self.workers < 1:
             raise SimConfigError("need at least one worker")
         if self.prefill_workers < 0 or (self.prefill_workers and self.prefill_workers >= self.workers):
@@ -131,8 +133,6 @@ class SimConfig:
             raise SimConfigError("chunked_prefill_tokens must be >= 0")
         if self.event_lag_s < 0:
             raise SimConfigError("event_lag_s must be >= 0")
-        if self.block_tokens < 1 or self.max_batch < 1:
-            raise SimConfigError("block_tokens and max_batch must be >= 1")
 
 
 class _Worker:
