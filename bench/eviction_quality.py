@@ -27,6 +27,7 @@ import time
 
 from kvroute.eviction import LIBCACHESIM_POLICIES, POLICIES
 from kvroute.eviction.replay import capacity_blocks, load_trace, miss_breakdown, replay, unique_blocks
+from kvroute.traces import TraceError
 
 
 def run_policy(reqs, name: str, gpu: int, host: int, lcs_mode: str, explain: bool) -> dict:
@@ -36,8 +37,7 @@ def run_policy(reqs, name: str, gpu: int, host: int, lcs_mode: str, explain: boo
         from kvroute.eviction.policies.libcachesim_wrap import presence_replay
 
         r = presence_replay(reqs, gpu, LIBCACHESIM_POLICIES[name])
-        return {"prefix_hit_ratio": r["prefix"], "gpu_hit_ratio": r["prefix"], "host_hit_ratio": 0.0,
-                "present_hit_ratio": r["present"]}
+        return {"prefix_hit_ratio": r["prefix"], "gpu_hit_ratio": r["prefix"], "host_hit_ratio": 0.0}
     if explain:
         return miss_breakdown(reqs, gpu, name, host)
     r = replay(reqs, gpu, name, host)
@@ -55,9 +55,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--explain", action="store_true", help="attribute the remaining misses (slower)")
     a = ap.parse_args(argv)
-    reqs = load_trace(a.trace, limit=a.limit)
-    uniq = unique_blocks(reqs)
     shares = [s.strip() for s in a.capacity.split(",") if s.strip()]
+    try:
+        if not shares or not all(0 < float(s) < float("inf") for s in shares):
+            raise ValueError
+    except ValueError:
+        ap.error(f"--capacity takes shares (> 0) of the unique blocks, comma-separated; got {a.capacity!r}")
+    if a.host_ratio < 0 or (a.limit is not None and a.limit < 1):
+        ap.error("--host-ratio must be >= 0 and --limit >= 1")
+    try:
+        reqs = load_trace(a.trace, limit=a.limit)
+    except TraceError as exc:
+        ap.error(str(exc))
+    uniq = unique_blocks(reqs)
     names = [p.strip() for p in a.policies.split(",") if p.strip()]
     for n in names:
         if n not in POLICIES and n not in LIBCACHESIM_POLICIES:

@@ -210,20 +210,32 @@ def test_miss_breakdown_adds_up():
         assert r["prefix_hit_ratio"] == pytest.approx(replay(reqs, cap, name)["prefix_hit_ratio"])
 
 
-def test_bench_json_contract(capsys, monkeypatch):
-    monkeypatch.setattr(sys, "argv", [
-        "eviction_quality.py", "--trace", "mooncake_synthetic.jsonl", "--capacity", "0.05,0.25",
-        "--policies", "lru,adaptive", "--host-ratio", "4", "--limit", "300", "--json"])
+def _bench(monkeypatch, *args):
+    monkeypatch.setattr(sys, "argv", ["eviction_quality.py", *args])
     with pytest.raises(SystemExit) as e:
         runpy.run_path(str(ROOT / "bench" / "eviction_quality.py"), run_name="__main__")
-    assert e.value.code == 0
+    return e.value.code
+
+
+@pytest.mark.parametrize("host_ratio", ["4", "0"])
+def test_bench_json_contract(capsys, monkeypatch, host_ratio):
+    names = ["lru", "adaptive"] + [p for p in ("s3fifo",) if p in POLICIES]  # libcachesim's, counted apart
+    assert _bench(monkeypatch, "--trace", "mooncake_synthetic.jsonl", "--capacity", "0.05,0.25", "--policies",
+                  ",".join(names), "--host-ratio", host_ratio, "--limit", "300", "--json") == 0
     out = json.loads(capsys.readouterr().out)
-    assert set(out) == {"lru", "adaptive"}
+    assert set(out) == set(names)
     for pol in out.values():
         assert set(pol) == {"0.05", "0.25"}
         for cell in pol.values():
             assert set(cell) == {"prefix_hit_ratio", "gpu_hit_ratio", "host_hit_ratio"}
             assert cell["prefix_hit_ratio"] == pytest.approx(cell["gpu_hit_ratio"] + cell["host_hit_ratio"])
+
+
+@pytest.mark.parametrize("args", [["--capacity", "x"], ["--capacity", "0"], ["--trace", "/no/such.jsonl"],
+                                  ["--host-ratio", "-1"]])
+def test_bench_bad_input_is_a_usage_error(capsys, monkeypatch, args):
+    assert _bench(monkeypatch, "--policies", "lru", "--limit", "50", *args) == 2
+    assert "error:" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ golden
