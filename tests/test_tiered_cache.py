@@ -78,6 +78,20 @@ def test_index_follows_cache_exactly():
     assert index_state(ix, "w") == {}
 
 
+def test_ticket_from_before_clear_releases_nothing():
+    c = TieredCache(3, 0)
+    old = c.start_request([1, 2, 3], 0)
+    c.clear(1)
+    new = c.start_request([1, 2, 3], 2)  # the same keys, pinned again by a live request
+    c.finish_request(old, 3)  # was a KeyError, or unpinned the live request's blocks
+    assert [c.pinned(k) for k in (1, 2, 3)] == [1, 1, 1]
+    c.check_invariants()
+    assert c.access([4], 4).inserted == 0  # full of pins: nothing evicted
+    c.finish_request(new, 5)
+    assert c.access([4], 6).inserted == 1
+    c.check_invariants()
+
+
 def test_unknown_policy_and_bad_capacity():
     with pytest.raises(UnknownPolicyError):
         TieredCache(4, policy="nope")

@@ -73,6 +73,8 @@ class RequestTicket:
     pinned: list = field(default_factory=list)
     #: True once finish_request ran.
     finished: bool = False
+    #: The cache's clear() count when the request started: a ticket from before a clear pins nothing.
+    epoch: int = 0
 
     @property
     def hit(self) -> int:
@@ -152,6 +154,8 @@ class TieredCache:
         self.on_event = on_event
         self._clock = clock
         self._auto_now = itertools.count()
+        #: Number of clear() calls: tickets started before the latest one hold no pins.
+        self._epoch = 0
         #: key -> tier (0 GPU, 1 host) of every cached block.
         self._tier: dict[Hashable, int] = {}
         #: key -> parent key (None at a chain's start) of every cached block.
@@ -240,7 +244,7 @@ class TieredCache:
         gp.begin(keys, now)
         if self.capacity[1]:
             hp.begin(keys, now)
-        tk = RequestTicket(keys)
+        tk = RequestTicket(keys, epoch=self._epoch)
         st = self._stats
         st["requests"] += 1
         st["blocks"] += len(keys)
@@ -349,6 +353,8 @@ class TieredCache:
             raise EvictionError("request already finished")
         ticket.finished = True
         now = self._now(now)
+        if ticket.epoch != self._epoch:  # its pins went with clear(); the keys may be pinned anew by others
+            return
         gp = self.policies[_GPU]
         pins, tier, kids_gpu, gcand = self._pins, self._tier, self._kids_gpu, self._cand[_GPU]
         for k in reversed(ticket.pinned):
@@ -378,7 +384,8 @@ class TieredCache:
             p.hint(popularity)
 
     def clear(self, now: float | None = None) -> None:
-        """Drop every unpinned-or-not block (an engine's prefix-cache reset); pins are forgotten."""
+        """Drop every block, pinned or not (an engine's prefix-cache reset); pins are forgotten: finishing
+        a request started before the clear is then a no-op."""
         now = self._now(now)
         for t in (_GPU, _HOST):
             pol = self.policies[t]
@@ -391,6 +398,7 @@ class TieredCache:
             d.clear()
         self._n = [0, 0]
         self._pending.clear()
+        self._epoch += 1
         if self.on_event is not None:
             self.on_event(EventBatch(now, (AllBlocksCleared(),)))
 
