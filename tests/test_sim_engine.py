@@ -142,6 +142,15 @@ def test_host_hit_costs_a_reload_by_hand():
     assert rec.first_token[2] - 2.0 == pytest.approx(TOY.prefill_s(1, 7) + TOY.reload_s(7))
 
 
+def test_host_reload_covers_only_the_cached_tail_of_a_partial_last_block():
+    # GPU of 2 blocks: request 1 demotes block 2; request 2 (6 tokens: its last block is partial) hits
+    # block 1 on the GPU and block 2 on the host, of which only 5 - 4 = 1 cached token is reloaded.
+    reqs = [Request(0, 0.0, 8, 1, (1, 2)), Request(1, 1.0, 8, 1, (1, 5)), Request(2, 2.0, 6, 1, (1, 2))]
+    rec = Simulation(reqs, _toy(gpu_blocks=2, host_blocks=10)).run()
+    assert rec.gpu_hit[2] == 1 and rec.host_hit[2] == 1
+    assert rec.first_token[2] - 2.0 == pytest.approx(TOY.prefill_s(1, 5) + TOY.reload_s(1))
+
+
 def test_arrival_cuts_a_decode_run_at_the_next_step_boundary():
     a = Request(0, 0.0, 8, 101, (1, 2))
     t_a = TOY.prefill_s(8)

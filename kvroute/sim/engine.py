@@ -408,7 +408,8 @@ class Simulation:
             hit -= 1
         bt = self.cfg.block_tokens
         cached_tokens = min(hit * bt, r.input_length - 1) if hit else 0
-        host_tokens = min(host * bt, cached_tokens)
+        # the host part is the tail of the cached prefix (cut to input_length - 1 with a partial last block)
+        host_tokens = cached_tokens - min(gpu * bt, cached_tokens)
         new = r.input_length - cached_tokens
         rec = self.rec
         rec.gpu_hit[i] = gpu
