@@ -283,6 +283,18 @@ def test_belady_runs_on_one_worker_only_and_bounds_lru(conversation):
         SimConfig(workers=2, eviction="belady").validate()
 
 
+def test_belady_future_skips_prompts_dropped_as_too_long(conversation):
+    # prompts longer than the GPU are dropped before they reach the cache; the oracle's future must
+    # leave them out, or its request count drifts from the requests it sees (it fell to LRU's hits here)
+    from kvroute.eviction.replay import Request as BlockRequest, replay
+
+    reqs, cap = conversation[:400], 40
+    rec = Simulation(reqs, SimConfig(workers=1, eviction="belady", gpu_blocks=cap, host_blocks=0, serial=True)).run()
+    kept = [BlockRequest(r.arrival_s, r.hash_ids) for r in reqs if len(r.hash_ids) <= cap]
+    assert rec.dropped == len(reqs) - len(kept) > 0
+    assert int(rec.gpu_hit.sum()) == replay(kept, cap, "belady")["stats"]["gpu_hits"]
+
+
 def test_blocks_the_cache_refuses_still_hold_kv_while_the_request_runs(monkeypatch):
     from kvroute import eviction
     from kvroute.eviction.policies.lru import LRU

@@ -616,7 +616,8 @@ def _policy_factory(cfg: SimConfig, requests: Sequence[Request]) -> Callable[[],
     """Zero-argument factory of the eviction policy (with its tuned parameters).
 
     The ``belady`` oracle gets the whole workload's future (every request's
-    blocks in arrival order); it counts requests by its ``begin`` calls, which
+    blocks in arrival order, less those too long for the GPU, which are dropped
+    unseen); it counts requests by its ``begin`` calls, which
     matches that order only on a single cache served first come first served,
     so :meth:`SimConfig.validate` allows it with one prefill worker only (a
     worker's own future depends on the routing).
@@ -625,7 +626,9 @@ def _policy_factory(cfg: SimConfig, requests: Sequence[Request]) -> Callable[[],
 
     params = dict(cfg.eviction_params)
     if cfg.eviction == "belady" and "future" not in params:
-        params["future"] = [r.hash_ids for r in requests]
+        # a prompt longer than the GPU cache is dropped before it reaches the cache: not in its future
+        cap = cfg.resolved_gpu_blocks()
+        params["future"] = [r.hash_ids for r in requests if len(r.hash_ids) <= cap]
     name = cfg.eviction
     return lambda: make_policy(name, **params)
 
