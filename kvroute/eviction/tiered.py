@@ -506,8 +506,9 @@ class TieredCache:
 
     def _evict_gpu(self, v: Hashable, now: float) -> None:
         hp = self.policies[_HOST]
-        if self.capacity[_HOST] and hp.admit(v, self._depth[v], now) and self._host_room_for(v, now):
-            # demote: leave the GPU, join the host; children (all on host) stay linked
+        if self.capacity[_HOST] and hp.admit(v, self._depth[v], now) and self._room_host(now):
+            # demote: leave the GPU, join the host; children (all on host) stay linked.  Making room may
+            # have dropped some of v's host children (host leaves like any other).
             p = self._parent[v]
             d = self._depth[v]
             self._n[_GPU] -= 1
@@ -535,11 +536,6 @@ class TieredCache:
             self._stats["demoted"] += 1
         else:
             self._drop_subtree(v)
-
-    def _host_room_for(self, v: Hashable, now: float) -> bool:
-        """Make room on the host for ``v`` without evicting ``v``'s own host children
-        (they would be dropped anyway if v were dropped, and are its leaves)."""
-        return self._room_host(now)
 
     def _protect_host(self, keys: tuple, i: int) -> list:
         """Take the host part of a request's prefix (from ``keys[i]``) out of the host candidates,
