@@ -22,6 +22,7 @@ A trace is named by a path or by a bundled name (:data:`BUNDLED`), see
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, replace
 from importlib import resources
@@ -119,7 +120,7 @@ def parse_lines(lines: Iterable[str], *, source: str = "<trace>", limit: int | N
         if not isinstance(obj, dict):
             raise TraceError("a trace line must be a JSON object", source=source, line=lineno)
         ts = obj.get("timestamp")
-        if isinstance(ts, bool) or not isinstance(ts, (int, float)) or ts != ts or ts < 0:
+        if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts) or ts < 0:
             raise TraceError(f"field 'timestamp' must be a number >= 0 (ms), got {ts!r}", source=source, line=lineno)
         inp = _int_field(obj, "input_length", source, lineno, minimum=1)
         outp = _int_field(obj, "output_length", source, lineno, minimum=0)
@@ -142,6 +143,9 @@ def load_trace(trace: str | os.PathLike[str], *, limit: int | None = None) -> li
             return parse_lines(f, source=os.fspath(trace), limit=limit)
     except OSError as exc:
         raise TraceError(f"cannot read trace: {exc}", source=os.fspath(trace)) from exc
+    except UnicodeDecodeError as exc:
+        raise TraceError(f"not UTF-8 text ({exc.reason} at byte {exc.start} of a read chunk)",
+                         source=os.fspath(trace)) from None
 
 
 def reshape(requests: Sequence[Request], *, block_tokens: int, max_blocks: int | None = None) -> list[Request]:

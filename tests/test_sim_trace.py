@@ -55,6 +55,8 @@ GOOD = '{"timestamp": 5, "input_length": 600, "output_length": 3, "hash_ids": [1
         ('{"timestamp": 1, "input_length": 5, "output_length": 2, "hash_ids": [1, -3]}', "hash id"),
         ('{"timestamp": 1, "input_length": 5, "output_length": 2, "hash_ids": [1, "a"]}', "hash id"),
         ('{"timestamp": 1, "input_length": 5, "output_length": 2, "hash_ids": [true]}', "hash id"),
+        ('{"timestamp": Infinity, "input_length": 1, "output_length": 1, "hash_ids": [1]}', "timestamp"),
+        ('{"timestamp": NaN, "input_length": 1, "output_length": 1, "hash_ids": [1]}', "timestamp"),
     ],
 )
 def test_bad_line_raises_typed_error_with_its_line_number(tmp_path, bad, fragment):
@@ -71,6 +73,13 @@ def test_bad_line_raises_typed_error_with_its_line_number(tmp_path, bad, fragmen
 def test_missing_trace_is_a_typed_error(tmp_path):
     with pytest.raises(TraceError, match="no such trace"):
         load_trace(tmp_path / "nope.jsonl")
+
+
+def test_trace_that_is_not_utf8_is_a_typed_error(tmp_path):
+    p = tmp_path / "t.jsonl"
+    p.write_bytes(GOOD.encode() + b"\n\xff\xfe\n")
+    with pytest.raises(TraceError, match="UTF-8"):
+        load_trace(p)
 
 
 def test_unsorted_trace_is_sorted_stably_and_renumbered(tmp_path):
