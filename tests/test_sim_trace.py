@@ -158,3 +158,16 @@ def test_from_spec_arguments_and_errors():
         from_spec("gen:agent_sessions:bogus=1")
     with pytest.raises(TraceError):
         from_spec("gen:agent_sessions:n_sessions")
+
+
+@pytest.mark.parametrize("spec", [
+    "gen:multi_turn_chat:n_sessions=2,turns=5-2",          # empty range
+    "gen:multi_turn_chat:n_sessions=2,session_rate=0",     # zero rate
+    "gen:shared_system_prompt:n_requests=2,n_prompts=0",   # nothing to choose from
+    "gen:agent_sessions:n_sessions=2,block_tokens=0",
+    "gen:agent_sessions:n_sessions=2,session_rate=-1",     # arrivals before the start
+    "gen:shared_system_prompt:n_requests=2,system_blocks=0,user_blocks=0-0",  # prompts of no blocks
+])
+def test_from_spec_values_a_generator_cannot_use_are_typed_errors(spec):
+    with pytest.raises(TraceError):
+        from_spec(spec)

@@ -16,6 +16,7 @@ uses it with defaults (``gen:NAME:key=value,...`` overrides).
 """
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import replace
 from typing import Callable
@@ -161,6 +162,12 @@ def from_spec(spec: str) -> list[Request]:
             except ValueError:
                 raise TraceError(f"bad generator value {item!r}") from None
     try:
-        return GENERATORS[parts[1]](**kw)  # type: ignore[arg-type]
-    except TypeError as exc:
+        reqs = GENERATORS[parts[1]](**kw)  # type: ignore[arg-type]
+    except (TypeError, ValueError, ArithmeticError, IndexError) as exc:
+        # unknown keyword, or a value the generator cannot use (empty range, zero rate, no prompts)
         raise TraceError(f"bad generator arguments for {parts[1]}: {exc}") from None
+    for r in reqs:  # what load_trace guarantees for a file, a generated workload must meet too
+        if not r.hash_ids or r.input_length < 1 or r.output_length < 0 or not 0 <= r.arrival_s < math.inf:
+            raise TraceError(f"{spec!r} gives an invalid request (no blocks, "
+                             f"no prompt tokens or a bad arrival time): {r}")
+    return reqs
