@@ -17,6 +17,7 @@ from typing import Any
 from .kvindex import (
     ContentHash,
     EngineHash,
+    InvalidHashError,
     InvalidTokensError,
     KVIndex,
     KVRouteError,
@@ -46,7 +47,7 @@ def __getattr__(name: str) -> Any:  # lazy: keep `import kvroute` light and free
 
 
 __all__ = [
-    "ContentHash", "EngineHash", "InvalidTokensError", "KVIndex", "KVRouteError", "Overlap",
+    "ContentHash", "EngineHash", "InvalidHashError", "InvalidTokensError", "KVIndex", "KVRouteError", "Overlap",
     "SnapshotError", "Tier", "UnknownWorkerError", "block_hashes", "Router", "Decision", "TieredCache",
     "__version__",
 ]
