@@ -76,9 +76,11 @@ def test_sim_disaggregated_and_preset_and_cost_override():
         (["--cost", "prefill_mfu=nan"], "finite"),
         (["--limit", "-1"], "--limit"),
         (["--max-blocks", "-1"], "--max-blocks"),
+        (["--out", "OUT", "--sweep", "nan"], "--sweep"),
     ],
 )
-def test_sim_bad_input_is_a_clean_error(args, fragment):
+def test_sim_bad_input_is_a_clean_error(args, fragment, tmp_path):
+    args = [str(tmp_path / "out") if a == "OUT" else a for a in args]
     res = _run(["sim", "--limit", "10", "--no-progress", "--eviction", "lru"] + args)
     assert res.exit_code != 0
     assert fragment in res.output
@@ -126,6 +128,19 @@ def test_tune_eviction_policy_and_errors(tmp_path):
     (tmp_path / "junk.json").write_text("[1]")
     bad = _run(["sim", "--limit", "10", "--eviction", "lru", "--config", str(tmp_path / "junk.json"), "--no-progress"])
     assert bad.exit_code != 0 and "not a kvroute tune configuration" in bad.output
+
+
+@pytest.mark.parametrize("doc, fragment", [
+    ({"kind": "eviction", "policy": "lru", "params": {"bogus": 1}}, "eviction 'lru'"),
+    ({"kind": "eviction", "policy": "lrfu", "params": {"lam": "x"}}, "eviction 'lrfu'"),
+    ({"kind": "routing", "policy": "kvroute", "params": {"bogus": 1}}, "routing 'kvroute'"),
+])
+def test_config_with_parameters_the_policy_lacks_is_a_clean_error(tmp_path, doc, fragment):
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps(doc))
+    res = _run(["sim", "--limit", "10", "--workers", "1", "--routing", "kvroute", "--eviction", doc["policy"]
+                if doc["kind"] == "eviction" else "lru", "--no-progress", "--config", str(p)])
+    assert res.exit_code != 0 and fragment in res.output
 
 
 def test_eviction_all_skips_the_oracle_on_a_cluster():

@@ -166,8 +166,8 @@ def sim(routing: str, eviction: str | None, out_dir: str | None, sweep: str, as_
             factors = [float(x) for x in sweep.split(",") if x.strip()] if out_dir else []
         except ValueError:
             raise click.BadParameter(f"not a list of numbers: {sweep!r}", param_hint="--sweep") from None
-        if any(f <= 0 for f in factors):
-            raise click.BadParameter("capacity factors must be > 0", param_hint="--sweep")
+        if not all(0 < f < float("inf") for f in factors):  # also refuses nan
+            raise click.BadParameter("capacity factors must be finite numbers > 0", param_hint="--sweep")
         runs = len(routes) * len(evicts) + len(factors) * len(evicts)
         bar = _SharedBar(runs * len(reqs), not no_progress)
         try:

@@ -219,7 +219,10 @@ class Simulation:
         roles = {}
         if self.disaggregated:
             roles = {wid: ("prefill" if i < npre else "decode") for i, wid in enumerate(wids)}
-        self.router = _make_router(Router, wids, config, roles, lambda: self.now)
+        try:
+            self.router = _make_router(Router, wids, config, roles, lambda: self.now)
+        except (TypeError, ValueError) as exc:  # a tuned configuration's unknown or bad weight
+            raise SimConfigError(f"routing {config.routing!r} with {config.router_params}: {exc}") from None
         self.index = self.router.index
         self.workers: list[_Worker] = []
         self.by_id: dict[Any, _Worker] = {}
@@ -228,10 +231,13 @@ class Simulation:
             dec = not self.disaggregated or i >= npre
             cache = None
             if pre:
-                cache = TieredCache(
-                    self.gpu_blocks, self.host_blocks, policy=_policy_factory(config, requests),
-                    on_event=None,
-                )
+                try:
+                    cache = TieredCache(
+                        self.gpu_blocks, self.host_blocks, policy=_policy_factory(config, requests),
+                        on_event=None,
+                    )
+                except (TypeError, ValueError) as exc:  # a tuned configuration's unknown or bad parameter
+                    raise SimConfigError(f"eviction {config.eviction!r} with {config.eviction_params}: {exc}") from None
             w = _Worker(i, wid, cache, pre, dec)
             if cache is not None:
                 # the cache's events wait in the worker's outbox until the prefill that caused them is done
