@@ -77,6 +77,8 @@ def test_sim_disaggregated_and_preset_and_cost_override():
         (["--limit", "-1"], "--limit"),
         (["--max-blocks", "-1"], "--max-blocks"),
         (["--out", "OUT", "--sweep", "nan"], "--sweep"),
+        (["--rate-scale", "nan"], "rate_scale"),
+        (["--event-lag", "nan"], "event_lag_s"),
     ],
 )
 def test_sim_bad_input_is_a_clean_error(args, fragment, tmp_path):

@@ -120,8 +120,8 @@ class SimConfig:
             raise SimConfigError("need at least one worker")
         if self.prefill_workers < 0 or (self.prefill_workers and self.prefill_workers >= self.workers):
             raise SimConfigError("prefill_workers must leave at least one decode worker")
-        if self.rate_scale <= 0:
-            raise SimConfigError("rate_scale must be > 0")
+        if not 0 < self.rate_scale < math.inf:  # also refuses nan
+            raise SimConfigError("rate_scale must be a finite number > 0")
         if self.resolved_gpu_blocks() < 1:
             raise SimConfigError("gpu_blocks must be >= 1 (the model does not fit the GPU?)")
         if self.resolved_host_blocks() < 0:
@@ -131,8 +131,8 @@ class SimConfig:
                                  "one (prefill) worker only")
         if self.chunked_prefill_tokens < 0:
             raise SimConfigError("chunked_prefill_tokens must be >= 0")
-        if self.event_lag_s < 0:
-            raise SimConfigError("event_lag_s must be >= 0")
+        if not 0 <= self.event_lag_s < math.inf:
+            raise SimConfigError("event_lag_s must be a finite number >= 0")
 
 
 class _Worker:
