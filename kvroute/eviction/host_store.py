@@ -131,8 +131,14 @@ class HostBlockStore:
         for b in new:
             self._slot[b] = self._free.pop()
         slots = [self._slot[b] for b in block_ids]
-        idx = self._t.tensor(slots, dtype=self._t.long)
-        self.pool.index_copy_(0, idx, blocks.to("cpu", non_blocking=non_blocking and self.pinned))
+        if blocks.device.type == "cpu":
+            self.pool.index_copy_(0, self._t.tensor(slots, dtype=self._t.long), blocks)
+        else:
+            # straight into the pool, one copy per block: an asynchronous device-to-host copy into a
+            # temporary followed by a CPU-side index_copy_ would read the temporary before it is filled
+            nb = non_blocking and self.pinned
+            for j, slot in enumerate(slots):
+                self.pool[slot].copy_(blocks[j], non_blocking=nb)
         return slots
 
     def get(self, block_id: Hashable, out: Any = None, *, non_blocking: bool = False) -> Any:
