@@ -30,6 +30,10 @@ from kvroute.eviction.replay import capacity_blocks, load_trace, miss_breakdown,
 from kvroute.traces import TraceError
 
 
+#: Fields of every ``--json`` cell (a contract: scripts compare figures through them).
+JSON_FIELDS = ("prefix_hit_ratio", "gpu_hit_ratio", "host_hit_ratio")
+
+
 def run_policy(reqs, name: str, gpu: int, host: int, lcs_mode: str, explain: bool) -> dict:
     if name in LIBCACHESIM_POLICIES and lcs_mode == "presence" and not host:
         if name not in POLICIES:
@@ -37,7 +41,8 @@ def run_policy(reqs, name: str, gpu: int, host: int, lcs_mode: str, explain: boo
         from kvroute.eviction.policies.libcachesim_wrap import presence_replay
 
         r = presence_replay(reqs, gpu, LIBCACHESIM_POLICIES[name])
-        return {"prefix_hit_ratio": r["prefix"], "gpu_hit_ratio": r["prefix"], "host_hit_ratio": 0.0}
+        return {"prefix_hit_ratio": r["prefix"], "gpu_hit_ratio": r["prefix"], "host_hit_ratio": 0.0,
+                "present_hit_ratio": r["present"]}
     if explain:
         return miss_breakdown(reqs, gpu, name, host)
     r = replay(reqs, gpu, name, host)
@@ -82,8 +87,10 @@ def main(argv: list[str] | None = None) -> int:
             host = int(round(a.host_ratio * gpu))
             out[n][s] = run_policy(reqs, n, gpu, host, a.lcs_mode, a.explain)
         secs[n] = time.perf_counter() - t0
-    if a.json:
-        print(json.dumps(out, indent=1, sort_keys=False))
+    if a.json:  # the contract's three fields (plus the miss attribution with --explain)
+        keep = JSON_FIELDS + (("misses",) if a.explain else ())
+        print(json.dumps({n: {s: {k: c[k] for k in keep if k in c} for s, c in cells.items()}
+                          for n, cells in out.items()}, indent=1))
         return 0
     print(f"# {a.trace}: {len(reqs)} requests, {sum(len(r.keys) for r in reqs)} block accesses, "
           f"{uniq} unique blocks; host ratio {a.host_ratio:g}")
@@ -116,6 +123,11 @@ def main(argv: list[str] | None = None) -> int:
                 best = max(out[b][s]["prefix_hit_ratio"] for b in base)
                 row.append(f"{out['adaptive'][s]['prefix_hit_ratio'] - best:+.4f}".rjust(22))
             print("adaptive".ljust(10) + "".join(row))
+    present = [n for n in names if "present_hit_ratio" in out[n][shares[0]]]
+    if present:
+        print("\nblocks libcachesim held (a hit only when the whole prefix up to them was held too)")
+        for n in present:
+            print(n.ljust(10) + "".join(f"{out[n][s]['present_hit_ratio']:.4f}".rjust(22) for s in shares))
     if a.explain:
         print("\nwhere the misses come from (shares of all block accesses)")
         for n in names:
