@@ -210,6 +210,23 @@ def test_miss_breakdown_adds_up():
         assert r["prefix_hit_ratio"] == pytest.approx(replay(reqs, cap, name)["prefix_hit_ratio"])
 
 
+def test_miss_breakdown_counts_blocks_stored_on_the_host_as_admitted(monkeypatch):
+    from kvroute.eviction.policies.lru import LRU
+    from kvroute.eviction.replay import Request
+
+    class GpuRefuses(LRU):
+        tier_role = "gpu"  # the cache sets "host" on its host tier's instance
+
+        def admit(self, key, depth, now):
+            return self.tier_role == "host"
+
+    monkeypatch.setitem(POLICIES, "gpu_refuses", GpuRefuses)
+    # block 1 is refused by the GPU but stored on the host, then dropped from the host by block 2
+    reqs = [Request(0.0, (1,)), Request(1.0, (2,)), Request(2.0, (1,))]
+    r = miss_breakdown(reqs, 1, "gpu_refuses", host_blocks=1)
+    assert r["misses"]["not admitted"] == 0 and r["misses"]["evicted <30s"] == pytest.approx(1 / 3)
+
+
 def _bench(monkeypatch, *args):
     monkeypatch.setattr(sys, "argv", ["eviction_quality.py", *args])
     with pytest.raises(SystemExit) as e:

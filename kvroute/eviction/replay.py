@@ -123,7 +123,7 @@ def miss_breakdown(
                     if age < edge:
                         miss["evicted " + label] += 1
                         break
-        stop = hit + t.inserted
+        stop = hit + t.inserted + t.stored_host  # blocks refused by the GPU may still be cached on the host
         if cache.stats()["refused"] > refused_before:
             refused_at.update(keys[stop:])
         refused_at.difference_update(keys[:stop])
