@@ -27,6 +27,7 @@ import time
 
 from kvroute.eviction import LIBCACHESIM_POLICIES, POLICIES
 from kvroute.eviction.replay import capacity_blocks, load_trace, miss_breakdown, replay, unique_blocks
+from kvroute.kvindex.errors import KVRouteError
 from kvroute.traces import TraceError
 
 
@@ -85,7 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         for s in shares:
             gpu = capacity_blocks(float(s), uniq)
             host = int(round(a.host_ratio * gpu))
-            out[n][s] = run_policy(reqs, n, gpu, host, a.lcs_mode, a.explain)
+            try:
+                out[n][s] = run_policy(reqs, n, gpu, host, a.lcs_mode, a.explain)
+            except KVRouteError as exc:  # e.g. a libcachesim policy below its smallest capacity
+                ap.error(f"{n} at capacity {s} ({gpu} blocks): {exc}")
         secs[n] = time.perf_counter() - t0
     if a.json:  # the contract's three fields (plus the miss attribution with --explain)
         keep = JSON_FIELDS + (("misses",) if a.explain else ())

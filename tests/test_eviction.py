@@ -248,6 +248,12 @@ def test_bench_json_contract(capsys, monkeypatch, host_ratio):
             assert cell["prefix_hit_ratio"] == pytest.approx(cell["gpu_hit_ratio"] + cell["host_hit_ratio"])
 
 
+@pytest.mark.skipif("wtinylfu" not in POLICIES, reason="libcachesim not installed")
+def test_bench_policy_below_its_smallest_capacity_is_a_usage_error(capsys, monkeypatch):
+    assert _bench(monkeypatch, "--policies", "wtinylfu", "--limit", "50", "--capacity", "0.01") == 2
+    assert "needs at least" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args", [["--capacity", "x"], ["--capacity", "0"], ["--trace", "/no/such.jsonl"],
                                   ["--host-ratio", "-1"]])
 def test_bench_bad_input_is_a_usage_error(capsys, monkeypatch, args):
