@@ -130,6 +130,13 @@ def test_tune_eviction_policy_and_errors(tmp_path):
     (tmp_path / "junk.json").write_text("[1]")
     bad = _run(["sim", "--limit", "10", "--eviction", "lru", "--config", str(tmp_path / "junk.json"), "--no-progress"])
     assert bad.exit_code != 0 and "not a kvroute tune configuration" in bad.output
+    for objective in ("extra", "per_worker_requests"):  # Summary fields that are not numbers
+        bad = _run(["tune", "--limit", "10", "--workers", "1", "--policy", "dynamo", "--objective", objective,
+                    "--budget", "1", "-o", str(tmp_path / "x.json")])
+        assert bad.exit_code != 0 and "unknown objective" in bad.output
+    (tmp_path / "binary.json").write_bytes(b"\xff\xfe{")
+    bad = _run(["sim", "--limit", "10", "--eviction", "lru", "--config", str(tmp_path / "binary.json"), "--no-progress"])
+    assert bad.exit_code != 0 and "cannot read configuration" in bad.output
 
 
 @pytest.mark.parametrize("doc, fragment", [

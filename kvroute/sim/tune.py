@@ -115,7 +115,8 @@ def tune_policy(
         space.update({k: v for k, v in calibrated_router_params(policy, base.cost).items() if k in space})
     from .metrics import Summary
 
-    if objective not in {f.name for f in dataclasses.fields(Summary)} or objective in ("routing", "eviction"):
+    if objective not in {f.name for f in dataclasses.fields(Summary)} \
+            or objective in ("routing", "eviction", "per_worker_requests", "extra"):  # not numbers
         raise TuneError(f"unknown objective {objective!r}; use a numeric Summary field such as ttft_mean_s")
     sign = -1.0 if objective.endswith(MAXIMISE_SUFFIXES) else 1.0
     if budget < 1:
@@ -186,7 +187,7 @@ def load_configs(paths: Iterable[str]) -> dict[tuple[str, str], dict[str, Any]]:
         try:
             with open(p, encoding="utf-8") as f:
                 doc = json.load(f)
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, ValueError) as exc:  # ValueError: bad JSON, or not UTF-8
             raise TuneError(f"cannot read configuration {p}: {exc}") from None
         if not isinstance(doc, dict) or doc.get("kind") not in ("routing", "eviction") \
                 or not isinstance(doc.get("policy"), str) or not isinstance(doc.get("params"), dict):
