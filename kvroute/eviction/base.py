@@ -10,7 +10,9 @@ Calls the cache makes (``bind(capacity)`` once, first), in the order they happen
 
     begin(keys, now)                 a request arrives with these block keys (chain order)
     admit(key, depth, now) -> bool   may a missing block be cached? (admission)
-    on_insert(key, depth, now)       a block entered this tier (it is pinned: not a candidate)
+    on_insert(key, depth, now)       a block entered this tier (not a candidate until
+                                     set_candidate(key, True): a GPU insert is pinned, a host
+                                     insert is offered at once when it has no cached child)
     on_access(key, now)              a cached block was hit (it is pinned first)
     on_release(key, now)             the request is done with a block; called in
                                      reverse chain order, so a prompt's tail is
