@@ -92,6 +92,15 @@ def test_ticket_from_before_clear_releases_nothing():
     c.check_invariants()
 
 
+def test_another_caches_ticket_is_refused():
+    a, b = TieredCache(3, 0), TieredCache(3, 0)
+    t = a.start_request([1, 2], 0)
+    with pytest.raises(EvictionError, match="another cache"):
+        b.finish_request(t, 1)  # was a KeyError (or unpinned b's blocks when b held the same keys)
+    a.finish_request(t, 1)
+    a.check_invariants()
+
+
 def test_unknown_policy_and_bad_capacity():
     with pytest.raises(UnknownPolicyError):
         TieredCache(4, policy="nope")

@@ -75,6 +75,8 @@ class RequestTicket:
     finished: bool = False
     #: The cache's clear() count when the request started: a ticket from before a clear pins nothing.
     epoch: int = 0
+    #: The cache that issued it (finish_request refuses another cache's ticket).
+    owner: Any = field(default=None, repr=False, compare=False)
 
     @property
     def hit(self) -> int:
@@ -244,7 +246,7 @@ class TieredCache:
         gp.begin(keys, now)
         if self.capacity[1]:
             hp.begin(keys, now)
-        tk = RequestTicket(keys, epoch=self._epoch)
+        tk = RequestTicket(keys, epoch=self._epoch, owner=self)
         st = self._stats
         st["requests"] += 1
         st["blocks"] += len(keys)
@@ -349,6 +351,8 @@ class TieredCache:
 
     def finish_request(self, ticket: RequestTicket, now: float | None = None) -> None:
         """Unpin a request's blocks in reverse chain order (its tail becomes evictable first)."""
+        if ticket.owner is not self:
+            raise EvictionError("this ticket was issued by another cache")
         if ticket.finished:
             raise EvictionError("request already finished")
         ticket.finished = True
