@@ -1,7 +1,6 @@
 """Trace loading, validation, reshaping and the workload generators of kvroute.sim."""
 from __future__ import annotations
 
-import json
 
 import pytest
 from hypothesis import given, settings

@@ -250,7 +250,7 @@ class TieredCache:
         st = self._stats
         st["requests"] += 1
         st["blocks"] += len(keys)
-        tier, parent, pins, depth = self._tier, self._parent, self._pins, self._depth
+        tier, parent, pins = self._tier, self._parent, self._pins
         gcand = self._cand[_GPU]
         pinned = tk.pinned
         n = len(keys)
