@@ -27,7 +27,9 @@ How vLLM's calls map onto :class:`kvroute.eviction.EvictionPolicy`:
 * ``on_request_finished(key_groups, ...)`` -> ``begin(keys)`` with the request's
   keys in prefix order (the policy learns per request, after the fact), then
   ``on_access`` for reused chunks and ``on_release`` tail first; consecutive keys
-  give the prefix relations.
+  give the prefix relations, kept in a
+  :class:`kvroute.eviction.prefix_links.PrefixLinks` (a chunk whose predecessor
+  was evicted remembers it and is linked again when that key is stored again).
 * ``mark_evictable`` / ``mark_non_evictable`` (transfer ref counts) ->
   ``set_candidate``: a chunk is a candidate when it is evictable and no resident
   chunk extends it (leaves first, as in :class:`kvroute.eviction.TieredCache`).
@@ -51,6 +53,7 @@ from vllm.v1.kv_offload.cpu.policies.base import CachePolicy, ChunkStatus, order
 
 from kvroute.adapters.vllm_plugin import NOW_KEY, UnsupportedVLLMError
 from kvroute.eviction import make_policy
+from kvroute.eviction.prefix_links import PrefixLinks
 
 __all__ = [
     "ENV_CPU_POLICY", "KVRouteCachePolicy", "KVRouteLRU", "KVRouteLFU", "KVRouteLRFU", "KVRouteARC", "KVRouteAdaptive",
@@ -88,9 +91,9 @@ class KVRouteCachePolicy(CachePolicy):
         self.chunks: dict[Hashable, ChunkStatus] = {}
         #: Resident chunks with ref_cnt 0 (evictable), oldest first (for the fallback).
         self._evictable: OrderedDict[Hashable, None] = OrderedDict()
-        #: Prefix relations among resident chunks: key -> parent key; key -> resident children.
-        self._parent: dict[Hashable, Hashable] = {}
-        self._children: dict[Hashable, set] = {}
+        #: Prefix relations among resident chunks (same keys as ``chunks``): added by ``insert``,
+        #: linked by ``on_request_finished`` (consecutive keys), unlinked by ``_drop``, cleared by ``clear``.
+        self.links = PrefixLinks()
         #: Keys the policy is offered as candidates right now.
         self._cand: set[Hashable] = set()
         #: Resident chunks the policy did not admit (evicted first).
@@ -114,23 +117,10 @@ class KVRouteCachePolicy(CachePolicy):
 
     def _refresh(self, key: Hashable) -> None:
         """Offer ``key`` as a candidate iff it is resident, evictable, admitted and a leaf."""
-        want = key in self._evictable and key not in self._refused and not self._children.get(key)
+        want = key in self._evictable and key not in self._refused and self.links.is_leaf(key)
         if want != (key in self._cand):
             (self._cand.add if want else self._cand.discard)(key)
             self.policy.set_candidate(key, want)
-
-    def _unlink(self, key: Hashable) -> Hashable | None:
-        """Drop ``key``'s prefix relations; returns its parent (which may become a leaf)."""
-        for child in self._children.pop(key, ()):
-            self._parent.pop(child, None)
-        p = self._parent.pop(key, None)
-        if p is not None:
-            sibs = self._children.get(p)
-            if sibs is not None:
-                sibs.discard(key)
-                if not sibs:
-                    del self._children[p]
-        return p
 
     def _drop(self, key: Hashable) -> None:
         """``key`` leaves the tier (evicted or removed)."""
@@ -140,9 +130,10 @@ class KVRouteCachePolicy(CachePolicy):
         if key in self._cand:
             self._cand.discard(key)
         self.policy.on_remove(key)
-        p = self._unlink(key)
-        if p is not None:
-            self._refresh(p)
+        if key in self.links:
+            p = self.links.unlink(key)
+            if p is not None:  # it just became a leaf
+                self._refresh(p)
 
     # ------------------------------------------------------ CachePolicy API
     def get(self, key: Any) -> ChunkStatus | None:
@@ -150,6 +141,8 @@ class KVRouteCachePolicy(CachePolicy):
 
     def insert(self, key: Any, chunk: ChunkStatus) -> None:
         self.chunks[key] = chunk
+        if key not in self.links:
+            self.links.add(key)  # resident children remembering it are linked to it again
         self.policy.on_insert(key, 0, self.now)
         if chunk.ref_cnt == 0:
             self._evictable[key] = None
@@ -194,9 +187,8 @@ class KVRouteCachePolicy(CachePolicy):
         touched = []
         for k in keys:
             if k in self.chunks:
-                if prev is not None and k not in self._parent and prev in self.chunks and prev != k:
-                    self._parent[k] = prev
-                    self._children.setdefault(prev, set()).add(k)
+                if prev is not None and prev != k and prev in self.chunks and self.links.parent(k) is None \
+                        and self.links.link(k, prev) is not None:  # prev just stopped being a leaf
                     self._refresh(prev)
                 if k in reused_keys:
                     pol.on_access(k, now)
@@ -232,9 +224,9 @@ class KVRouteCachePolicy(CachePolicy):
                 continue
             chosen.append(k)
             taken.add(k)
-            p = self._parent.get(k)  # its parent may become a leaf for the next pick
+            p = self.links.parent(k)  # its parent may become a leaf for the next pick
             if p is not None and p not in taken and p in self._evictable and p not in self._refused \
-                    and self._children.get(p, set()) <= taken and p not in self._cand:
+                    and self.links.children(p) <= taken and p not in self._cand:
                 self._cand.add(p)
                 pol.set_candidate(p, True)
         fallback = 0
@@ -270,8 +262,7 @@ class KVRouteCachePolicy(CachePolicy):
     def clear(self) -> None:
         self.chunks.clear()
         self._evictable.clear()
-        self._parent.clear()
-        self._children.clear()
+        self.links.clear()
         self._cand.clear()
         self._refused.clear()
         self.policy = self._new_policy()

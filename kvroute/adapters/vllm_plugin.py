@@ -32,7 +32,11 @@ Map of the parts:
   a request holding block ``i`` holds blocks ``0..i``, so every free block has
   only free or evicted children and the deepest free block of a chain is
   always a leaf; should that ever fail, the oldest free cached block is
-  evicted instead and counted in ``stats["fallback_evictions"]``.
+  evicted instead and counted in ``stats["fallback_evictions"]``.  The
+  relations live in a :class:`kvroute.eviction.prefix_links.PrefixLinks`: a
+  block whose parent left (a fallback eviction, a connector's
+  ``evict_blocks``) remembers it and is linked again when vLLM re-caches that
+  hash, since vLLM's lookup then reaches it through the parent again.
 * ``_install`` -- wraps ``BlockPool.__init__`` (swap the queue),
   ``cache_full_blocks`` (inserts), ``touch`` (hits), ``reset_prefix_cache`` and
   ``evict_blocks`` (state resync), and ``KVCacheManager.get_computed_blocks``
@@ -56,6 +60,7 @@ import time
 from collections import OrderedDict, deque
 from typing import Any, Hashable, Iterable
 
+from kvroute.eviction.prefix_links import PrefixLinks
 from kvroute.kvindex.errors import KVRouteError
 
 __all__ = ["ENV_POLICY", "NOW_KEY", "SUPPORTED_VLLM", "PolicyFreeQueue", "UnsupportedVLLMError", "install", "register"]
@@ -95,9 +100,9 @@ class PolicyFreeQueue:
         #: Tracked cached blocks (free or in use): key -> block, block id -> key.
         self._block_of: dict[Hashable, Any] = {}
         self._key_of: dict[int, Hashable] = {}
-        #: Prefix relations of tracked blocks: key -> parent key, key -> set of child keys.
-        self._parent: dict[Hashable, Hashable | None] = {}
-        self._children: dict[Hashable, set] = {}
+        #: Prefix relations of tracked blocks (same keys as ``_block_of``); written by ``_track``,
+        #: ``_forget`` and ``on_reset``.  An evicted parent re-cached later re-links its children.
+        self.links = PrefixLinks()
         #: Blocks vLLM cached but the policy refused (untracked until evicted): block id -> key, key -> block id.
         self._refused_ids: dict[int, Hashable] = {}
         self._refused_keys: dict[Hashable, int] = {}
@@ -263,7 +268,7 @@ class PolicyFreeQueue:
         for key in list(self._block_of):
             self.policy.on_remove(key)
         self._uncached.extend([*self._refused.values(), *self._dups.values(), *self._free.values()])
-        for d in (self._refused, self._dups, self._free, self._block_of, self._key_of, self._parent, self._children):
+        for d in (self._refused, self._dups, self._free, self._block_of, self._key_of, self.links):
             d.clear()
         self._refused_ids.clear()
         self._refused_keys.clear()
@@ -293,18 +298,14 @@ class PolicyFreeQueue:
     def _track(self, b: Any, key: Hashable, parent: Hashable | None) -> None:
         self._block_of[key] = b
         self._key_of[b.block_id] = key
-        if parent is not None and parent in self._block_of:
-            self._parent[key] = parent
-            self._children.setdefault(parent, set()).add(key)
-            if parent in self._free:  # a request extended a free block's content through a duplicate
-                self.policy.set_candidate(parent, False)
-        else:
-            self._parent[key] = None
+        p = self.links.add(key, parent)
+        if p is not None and p in self._free:  # a request extended a free block's content through a duplicate
+            self.policy.set_candidate(p, False)
 
     def _release(self, key: Hashable, b: Any) -> None:
         self.policy.on_release(key, self.now)
         self._free[key] = b
-        if not self._children.get(key):
+        if self.links.is_leaf(key):
             self.policy.set_candidate(key, True)
 
     def _forget(self, key: Hashable) -> None:
@@ -312,17 +313,9 @@ class PolicyFreeQueue:
         b = self._block_of.pop(key)
         self._key_of.pop(b.block_id, None)
         self.policy.on_remove(key)
-        for child in self._children.pop(key, ()):
-            self._parent[child] = None
-        p = self._parent.pop(key, None)
-        if p is not None:
-            sibs = self._children.get(p)
-            if sibs is not None:
-                sibs.discard(key)
-                if not sibs:
-                    del self._children[p]
-                    if p in self._free:
-                        self.policy.set_candidate(p, True)
+        p = self.links.unlink(key)
+        if p is not None and p in self._free:
+            self.policy.set_candidate(p, True)
 
 
 # --------------------------------------------------------------------- install

@@ -68,7 +68,8 @@ def run(policy: str, module: str | None, reqs: list[Request], cap: int) -> dict:
         res["stats"] = dict(pol.stats)
         assert set(pol.chunks) == resident
         assert pol._cand <= set(pol._evictable), "a candidate that is not evictable"
-        assert all(not pol._children.get(k) for k in pol._cand), "a candidate with resident children"
+        assert all(pol.links.is_leaf(k) for k in pol._cand), "a candidate with resident children"
+        pol.links.check_invariants()
     return res
 
 
