@@ -81,15 +81,17 @@ Only plain data crosses in: no router import.
 from __future__ import annotations
 
 import bisect
+import functools
 import heapq
 import math
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from typing import Hashable, Mapping, Sequence
 
-from ..base import EvictionPolicy
+from ..base import EvictionError, EvictionPolicy
 from .arc import ARC
 from .lru import LRU
+from ..shadow import ShadowCache, Votes
 
 #: Experts of the duel: 0 the learned density (this module), 1 LRU (vLLM order), 2 ARC.
 EXPERTS = ("learned", "lru", "arc")
@@ -123,6 +125,9 @@ class Weights:
     freq_edges: tuple = (2,)
     #: Densities within a factor ``2 ** density_quantum`` tie, and the older block goes (0: exact).
     density_quantum: float = 0.5
+    #: Shrinkage: pseudo-lifetimes with which a class's reuse hazard per age bin is pulled toward its
+    #: group's (and a group's toward all classes'); sparse classes follow their group, rich ones their data.
+    shrink: float = 20.0
     #: Pseudo-counts (reuses at the first age bin) each class starts with: LRU-like until data comes.
     prior_hits: float = 1.0
     prior_lifetimes: float = 4.0
@@ -130,8 +135,25 @@ class Weights:
     duel: bool = True
     #: Duel: per request, every expert's shadow hit count is multiplied by this (forgetting).
     duel_decay: float = 0.99995
-    #: Duel: LRU or ARC leads only when its shadow hits exceed the learned one's by this share.
-    duel_margin: float = 0.002
+    #: Duel: the leader changes only when another expert's shadow hits exceed the leader's by this share
+    #: (the learned expert leads first).  A switch costs about a cache turnover of hits (the new leader's
+    #: blocks must be fetched again), so only a clear, lasting lead is worth one.
+    duel_margin: float = 0.05
+
+    def __post_init__(self) -> None:
+        bad = [f"{n}={getattr(self, n)!r}" for n in (
+            "ghost_factor", "admit_ratio", "depth_cost", "horizon_factor", "density_quantum", "shrink",
+            "prior_hits", "duel_margin") if not getattr(self, n) >= 0]
+        bad += [f"{n}={getattr(self, n)!r}" for n in ("ghost_min", "half_life_accesses", "refresh_requests",
+                                                       "max_turn_class") if not getattr(self, n) >= 1]
+        if not 0 < self.victim_ewma <= 1:
+            bad.append(f"victim_ewma={self.victim_ewma!r}")
+        if not 0 < self.duel_decay <= 1:
+            bad.append(f"duel_decay={self.duel_decay!r}")
+        if not self.prior_lifetimes >= self.prior_hits:
+            bad.append(f"prior_lifetimes={self.prior_lifetimes!r} < prior_hits")
+        if bad:
+            raise EvictionError("adaptive: invalid weights: " + ", ".join(bad))
 
 
 # Age bins: [0, 0.25 s), then doubling by sqrt(2) up to about 9 hours.
@@ -142,6 +164,63 @@ _NBINS = len(_MIDS)
 
 def _bin(age: float) -> int:
     return bisect.bisect_right(_EDGES, age) - 1 if age < _EDGES[-1] else _NBINS - 1
+
+
+#: Width in seconds of the time slots in which open lifetimes are counted by start time.
+_SLOT = 4.0
+
+
+def _at_risk(hits: list, gone: list, open_: dict, now: float) -> list:
+    """Lifetimes of one class that reached each age bin (Kaplan-Meier's risk set).
+
+    ``hits[j]``: lifetimes that ended in a reuse at age bin ``j``; ``gone[j]``: lifetimes censored at
+    bin ``j`` (they left the ghost unreused); ``open_``: open lifetimes per start slot, censored at
+    their current age (one still in bin ``j`` counts half there).  Dividing reuses by this risk set
+    instead of by all accesses keeps young data from reading as "never reused" while reuses at long
+    ages are still to come.
+    """
+    ob = [0.0] * _NBINS
+    for s, n in open_.items():
+        ob[_bin(now - (s + 0.5) * _SLOT)] += n
+    risk = [0.0] * _NBINS
+    acc = 0.0
+    for j in range(_NBINS - 1, -1, -1):
+        risk[j] = acc + hits[j] + gone[j] + 0.5 * ob[j]
+        acc += hits[j] + gone[j] + ob[j]
+    return risk
+
+
+def _shrunk(hits: list, risk: list, prior: list, k: float) -> list:
+    """Hazard per bin, ``hits / risk``, pulled toward ``prior`` with ``k`` pseudo-lifetimes (empirical
+    Bayes): a bin with little data follows the prior, one with much data its own counts."""
+    return [(hits[j] + k * prior[j]) / (risk[j] + k) if risk[j] + k > 0 else prior[j] for j in range(_NBINS)]
+
+
+def _density(lam: list, T: float) -> list:
+    """Hit density per age bin from hazards ``lam`` over the horizon ``T`` (LHD).
+
+    From age ``a`` (bin ``i``), with ``S`` the survival since ``a``, the reuses expected within the
+    horizon are ``sum S_j * lam_j`` over bins up to ``a + T``; the space they use is
+    ``sum S_j * lam_j * (mid_j - a)`` plus ``T`` for every lifetime still unreused at the horizon; the
+    density is their ratio.
+    """
+    hd = [0.0] * _NBINS
+    for i in range(_NBINS):
+        a = _EDGES[i] if i < len(_EDGES) else _MIDS[-1]
+        lim = a + T
+        surv = 1.0
+        got = space = 0.0
+        for j in range(i, _NBINS):
+            mj = _MIDS[j]
+            if mj > lim:
+                break
+            pj = surv * lam[j]
+            got += pj
+            space += pj * max(mj - a, 0.125)
+            surv -= pj
+        space += max(1.0 - got, 0.0) * T
+        hd[i] = got / space if space > 0 else 0.0
+    return hd
 
 
 class Adaptive(EvictionPolicy):
@@ -163,11 +242,17 @@ class Adaptive(EvictionPolicy):
         self.nclasses = nt * nb * 2 * nf + 1
         self._nb = nb
         self._shared_cls = self.nclasses - 1
-        #: Learned: reuses per class and age bin; lifetimes (accesses) per class.
+        #: Learned (survival data per class): reuses by age bin (lifetimes that ended in a reuse), lifetimes
+        #: that left the ghost unreused by age bin (censored), and lifetimes still open (the block's last
+        #: access is in the ghost) counted per time slot of their start; all accesses per class.
+        #: Kept by begin() and _trim_meta() only.
         self._hits = [[0.0] * _NBINS for _ in range(self.nclasses)]
+        self._gone = [[0.0] * _NBINS for _ in range(self.nclasses)]
+        self._open: list[dict[int, int]] = [{} for _ in range(self.nclasses)]
         self._life = [0.0] * self.nclasses
         for c in range(self.nclasses):
             self._hits[c][0] = w.prior_hits
+            self._gone[c][-1] = max(w.prior_lifetimes - w.prior_hits, 0.0)
             self._life[c] = w.prior_lifetimes
         #: Density table per class and age bin (recomputed every refresh_requests).
         self._hd = [[1.0] * _NBINS for _ in range(self.nclasses)]
@@ -211,12 +296,18 @@ class Adaptive(EvictionPolicy):
         self._experts: tuple | None = None
         #: Decayed duel score per expert (EXPERTS order); higher is better.
         self.scores = [0.0, 0.0, 0.0]
-        #: Expert whose decisions the cache follows now (index into EXPERTS).
+        #: Expert whose decisions the cache follows now (index into EXPERTS); changed by _set_leader only.
         self.leader = 0
         #: GPU tier of a two-tier cache: the host tier's policy whose leader this one follows.
         self._verdict: "Adaptive | None" = None
         #: One shadow cache per expert (EXPERTS order), built by bind(); None: no duel.
         self._shadows: tuple | None = None
+        #: Which shadows hold each of this tier's candidates, and the drop order that follows (the
+        #: host tier's own shadows, or the host tier's for the GPU tier of a two-tier cache); None: no duel.
+        #: Kept by set_candidate, on_remove, the shadows' callbacks and _duel (the leader).
+        self._votes: Votes | None = None
+        #: Host tier: the Votes the shadows' callbacks keep (this tier's and the GPU tier's).
+        self._listeners: list[Votes] = []
         #: Counters: requests counted by the duel, eviction decisions per leader.
         self.duel_stats = {"requests": 0, "led": [0, 0, 0]}
 
@@ -230,6 +321,33 @@ class Adaptive(EvictionPolicy):
         cap = self._ghost_cap
         while len(od) > cap:
             od.popitem(last=False)
+
+    def _trim_meta(self, now: float) -> None:
+        """Bound the ghost; a lifetime that leaves it unreused is censored at its age."""
+        meta, cap, gone = self._meta, self._ghost_cap, self._gone
+        while len(meta) > cap:
+            _, (t, c, _f) = meta.popitem(last=False)
+            self._close(c, t)
+            gone[c][_bin(now - t)] += 1.0
+
+    def _new_meta(self, key: Hashable, t: float, c: int) -> list:
+        """Ghost entry for a block the policy meets outside begin() (a resident block whose entry the ghost
+        dropped, or one an engine tier stores directly): an open lifetime of class ``c`` from ``t``."""
+        m = self._meta[key] = [t, c, 1]
+        op = self._open[c]
+        s = int(t // _SLOT)
+        op[s] = op.get(s, 0) + 1
+        return m
+
+    def _close(self, c: int, t: float) -> None:
+        """A lifetime of class ``c`` that started at ``t`` is no longer open."""
+        d = self._open[c]
+        s = int(t // _SLOT)
+        n = d[s] - 1
+        if n:
+            d[s] = n
+        else:
+            del d[s]
 
     def begin(self, keys: Sequence[Hashable], now: float) -> None:
         w = self.w
@@ -258,11 +376,13 @@ class Adaptive(EvictionPolicy):
         self._base_cls = tdc * 2 * nf
         hits, life = self._hits, self._life
         shared = self._shared_cls
+        slot = int(now // _SLOT)
         prev = None
         for i, k in enumerate(keys):
             old = meta.get(k)
             if old is not None:
                 hits[old[1]][_bin(now - old[0])] += 1.0
+                self._close(old[1], old[0])
                 meta.move_to_end(k)
                 f = old[2] + 1
             else:
@@ -274,6 +394,8 @@ class Adaptive(EvictionPolicy):
                 c = (tdc * 2 + (1 if i == n - 1 else 0)) * nf + (bisect.bisect_right(fedges, f) if nf > 1 else 0)
             meta[k] = [now, c, f]
             life[c] += 1.0
+            op = self._open[c]
+            op[slot] = op.get(slot, 0) + 1
             if prev is not None:
                 ps = succ.get(prev)
                 if ps is None:
@@ -290,10 +412,11 @@ class Adaptive(EvictionPolicy):
             self._accesses = 0
             for c in range(self.nclasses):
                 self._life[c] *= 0.5
-                h = self._hits[c]
+                h, g = self._hits[c], self._gone[c]
                 for j in range(_NBINS):
                     h[j] *= 0.5
-        self._trim(meta)
+                    g[j] *= 0.5
+        self._trim_meta(now)
         self._trim(succ)
         self._trim(endof)
         self._requests += 1
@@ -308,10 +431,12 @@ class Adaptive(EvictionPolicy):
         if not self.w.duel or self.tier_role != "host" or self.capacity < 1:
             return
         cap = self.capacity + self.upper_capacity
-        from ..tiered import TieredCache  # the shadows' structure; no import cycle at run time
-
         self._experts = (None, LRU(), ARC())
-        self._shadows = tuple(TieredCache(cap, policy=p) for p in (Adaptive(self.w, duel=False), LRU(), ARC()))
+        self._shadows = tuple(
+            ShadowCache(cap, p, functools.partial(self._shadow_add, i), functools.partial(self._shadow_drop, i))
+            for i, p in enumerate((Adaptive(self.w, duel=False), LRU(), ARC())))
+        self._votes = Votes(self._shadows)
+        self._listeners = [self._votes]
 
     def follow(self, host: "Adaptive") -> None:
         """GPU tier of a two-tier cache: follow the verdict of ``host``'s duel (its shadows model
@@ -320,6 +445,25 @@ class Adaptive(EvictionPolicy):
             return
         self._experts = (None, LRU(), ARC())
         self._verdict = host
+        self._votes = Votes(host._shadows)
+        self._votes.set_leader(host.leader)
+        host._listeners.append(self._votes)
+
+    def _set_leader(self, i: int) -> None:
+        """Host tier: follow expert ``i`` (both tiers' drop orders are re-sorted)."""
+        self.leader = i
+        for v in self._listeners:
+            v.set_leader(i)
+
+    def _shadow_add(self, i: int, key: Hashable) -> None:
+        """Shadow ``i`` holds ``key`` (again)."""
+        for v in self._listeners:
+            v.held(i, key)
+
+    def _shadow_drop(self, i: int, key: Hashable) -> None:
+        """Shadow ``i`` dropped ``key``."""
+        for v in self._listeners:
+            v.dropped(i, key)
 
     def _duel(self, keys: Sequence[Hashable], now: float) -> None:
         """Serve the request in every shadow and pick the leader: the expert whose shadow hit
@@ -330,8 +474,9 @@ class Adaptive(EvictionPolicy):
             t = sh.start_request(keys, now)
             sh.finish_request(t, now)
             sc[i] = sc[i] * d + t.hit
-        best = 1 if sc[1] >= sc[2] else 2
-        self.leader = best if sc[best] > sc[0] * (1.0 + self.w.duel_margin) else 0
+        best = max(range(len(sc)), key=sc.__getitem__)
+        if sc[best] > sc[self.leader] * (1.0 + self.w.duel_margin):  # hysteresis: a switch costs hits
+            self._set_leader(best)
         self.duel_stats["requests"] += 1
 
     def _refresh(self, now: float) -> None:
@@ -340,28 +485,30 @@ class Adaptive(EvictionPolicy):
             rate = self._ins_count / (now - self._t0)
             self.T = max(1.0, self.capacity / rate)
         T = self.T * self.w.horizon_factor
+        k = self.w.shrink
+        hits = self._hits
+        risk = [_at_risk(hits[c], self._gone[c], self._open[c], now) for c in range(self.nclasses)]
+        # hazards: every class shrinks toward its group (same tail flag and use count, any turn depth or
+        # new-part size), every group toward all classes; the shared class toward all classes
+        groups: dict[int, list[int]] = {}
         for c in range(self.nclasses):
-            h = self._hits[c]
-            total = self._life[c]
-            hd = self._hd[c]
-            # suffix sums over bins
-            surv = total  # lifetimes still unreused at the start of bin i
-            for i in range(_NBINS):
-                a = _EDGES[i] if i < len(_EDGES) else _MIDS[-1]
-                lim = a + T
-                got = 0.0
-                space = 0.0
-                for j in range(i, _NBINS):
-                    mj = _MIDS[j]
-                    if mj > lim:
-                        break
-                    got += h[j]
-                    space += h[j] * max(mj - a, 0.125)
-                space += max(surv - got, 0.0) * T
-                hd[i] = got / space if space > 0 else 0.0
-                surv -= h[i]
-                if surv < 0:
-                    surv = 0.0
+            groups.setdefault(self._group(c), []).append(c)
+        def pooled(cs: list[int]) -> tuple[list, list]:
+            return ([sum(hits[c][j] for c in cs) for j in range(_NBINS)],
+                    [sum(risk[c][j] for c in cs) for j in range(_NBINS)])
+        ah, ar = pooled(list(range(self.nclasses)))
+        top = [ah[j] / ar[j] if ar[j] > 0 else 0.0 for j in range(_NBINS)]
+        for cs in groups.values():
+            gh, gr = pooled(cs)
+            glam = _shrunk(gh, gr, top, k)
+            for c in cs:
+                self._hd[c] = _density(_shrunk(hits[c], risk[c], glam, k), T)
+
+    def _group(self, c: int) -> int:
+        """Group of class ``c`` for shrinkage: its tail flag and use-count bucket (-1: shared class)."""
+        if c == self._shared_cls:
+            return -1
+        return c % (2 * self._nf)
 
     # ------------------------------------------------------------------ cache
     def _density(self, key: Hashable, cls: int, t_last: float) -> float:
@@ -371,8 +518,12 @@ class Adaptive(EvictionPolicy):
         return v
 
     def admit(self, key: Hashable, depth: int, now: float) -> bool:
+        if len(self._res) < self.capacity:
+            return True
+        if self._votes is not None:  # two tiers: keep what the leading expert's whole-cache shadow keeps
+            return self._votes.holds(key) or key in self._hint
         thr = self._victim_hd
-        if thr is None or len(self._res) < self.capacity:
+        if thr is None:
             return True
         m = self._meta.get(key)
         if m is None:
@@ -388,7 +539,7 @@ class Adaptive(EvictionPolicy):
         self._res[key] = depth
         self._ins_count += 1
         if key not in self._meta:  # a block the policy never saw in begin() (direct use)
-            self._meta[key] = [now, self._base_cls, 1]
+            self._new_meta(key, now, self._base_cls)
         if self._experts is not None:
             for e in self._experts[1:]:
                 e.on_insert(key, depth, now)
@@ -413,12 +564,14 @@ class Adaptive(EvictionPolicy):
                     arc.on_insert(key, 0, self._now)
             lru.set_candidate(key, flag)
             arc.set_candidate(key, flag)
+        if self._votes is not None:
+            (self._votes.add if flag else self._votes.discard)(key)
         if not flag:
             self._cand.pop(key, None)
             return
         m = self._meta.get(key)
         if m is None:
-            m = self._meta[key] = [self._now, 0, 1]
+            m = self._new_meta(key, self._now, 0)
         self._seq += 1
         r = self._hint.get(key)
         if r is not None:  # hinted blocks wait in their own heap, lowest rate first
@@ -443,6 +596,10 @@ class Adaptive(EvictionPolicy):
         """The leading expert's victim; disagreements are remembered for the duel."""
         lead = self._lead()
         self.duel_stats["led"][lead] += 1
+        if self._votes is not None:  # two tiers: first the blocks the shadows have dropped
+            v = self._votes.victim()
+            if v is not None:
+                return v
         if lead:
             v = self._experts[lead].victim()
             if v is not None:
@@ -484,6 +641,8 @@ class Adaptive(EvictionPolicy):
     def on_remove(self, key: Hashable) -> None:
         self._cand.pop(key, None)
         self._res.pop(key, None)
+        if self._votes is not None:
+            self._votes.discard(key)
         if self._experts is not None:
             for e in self._experts[1:]:
                 e.on_remove(key)
