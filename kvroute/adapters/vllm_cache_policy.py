@@ -59,6 +59,8 @@ __all__ = [
     "ENV_CPU_POLICY", "KVRouteCachePolicy", "KVRouteLRU", "KVRouteLFU", "KVRouteLRFU", "KVRouteARC", "KVRouteAdaptive",
 ]
 
+#: Requests remembered between their first store and their end (see KVRouteCachePolicy._begin_early).
+_MAX_BEGUN = 65536
 #: Environment variable naming the policy of :class:`KVRouteCachePolicy`.
 ENV_CPU_POLICY = "KVROUTE_VLLM_CPU_EVICTION"
 #: vLLM releases whose CachePolicy interface this module implements.
@@ -100,6 +102,9 @@ class KVRouteCachePolicy(CachePolicy):
         self._refused: set[Hashable] = set()
         #: Current clock (seconds).
         self.now = 0.0
+        #: Requests whose prompt the policy was shown at their first store (req_id -> keys shown), so
+        #: on_request_finished does not show it again; oldest first, bounded (aborted requests never finish).
+        self._begun: OrderedDict[str, int] = OrderedDict()
         #: Counters.
         self.stats = {"evictions": 0, "refused": 0, "fallback_evictions": 0, "requests": 0}
 
@@ -157,8 +162,28 @@ class KVRouteCachePolicy(CachePolicy):
             if k in self.chunks:
                 self.policy.on_access(k, now)
 
+    def _begin_early(self, req_context: Any, now: float) -> None:
+        """Show the policy a request's prompt before its first store evicts anything.
+
+        vLLM calls a CachePolicy's request hook (``on_request_finished``) only after the request's
+        blocks were stored, and stores evict: without this, the policy would pick victims with the
+        request's own hit prefix still looking old, and learn the request's class too late to admit
+        its blocks by it.  The prompt is read from the keys the scheduler registered on the request
+        (``ReqContext``'s key positions, vLLM 0.32); keys registered later (chunked prefill) are not
+        shown again."""
+        rid = getattr(req_context, "req_id", None)
+        positions = getattr(req_context, "_offload_key_positions", None)
+        if rid is None or not isinstance(positions, dict) or not positions or rid in self._begun:
+            return
+        keys = [k for k, _ in sorted(positions.items(), key=lambda kv: kv[1])]
+        self.policy.begin(keys, now)
+        self._begun[rid] = len(keys)
+        while len(self._begun) > _MAX_BEGUN:
+            self._begun.popitem(last=False)
+
     def on_store_miss(self, keys: Iterable[Any], req_context: Any) -> None:
         now = self._tick(req_context)
+        self._begin_early(req_context, now)
         keys = list(keys)
         positions = [req_context.get_offload_key_position(k) for k in keys]
         if None not in positions:
@@ -182,7 +207,8 @@ class KVRouteCachePolicy(CachePolicy):
         keys = order_request_keys(key_groups, req_context)
         pol = self.policy
         self.stats["requests"] += 1
-        pol.begin(keys, now)
+        if self._begun.pop(getattr(req_context, "req_id", None), None) is None:
+            pol.begin(keys, now)
         prev = None
         touched = []
         for k in keys:
@@ -265,6 +291,7 @@ class KVRouteCachePolicy(CachePolicy):
         self.links.clear()
         self._cand.clear()
         self._refused.clear()
+        self._begun.clear()
         self.policy = self._new_policy()
 
     def mark_evictable(self, key: Any) -> None:

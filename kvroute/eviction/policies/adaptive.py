@@ -256,7 +256,8 @@ class Adaptive(EvictionPolicy):
             self._life[c] = w.prior_lifetimes
         #: Density table per class and age bin (recomputed every refresh_requests).
         self._hd = [[1.0] * _NBINS for _ in range(self.nclasses)]
-        #: Ghost + resident metadata: key -> [last access time, class]; oldest first.
+        #: Ghost + resident metadata: key -> [last access time, class, uses seen (0: provisional, see
+        #: _new_meta)]; oldest first.  Kept by begin(), _new_meta() and _trim_meta() only.
         self._meta: OrderedDict = OrderedDict()
         #: Prompt-end markers: key -> turn depth of the request whose prompt ended there.
         self._endof: OrderedDict = OrderedDict()
@@ -331,9 +332,12 @@ class Adaptive(EvictionPolicy):
             gone[c][_bin(now - t)] += 1.0
 
     def _new_meta(self, key: Hashable, t: float, c: int) -> list:
-        """Ghost entry for a block the policy meets outside begin() (a resident block whose entry the ghost
-        dropped, or one an engine tier stores directly): an open lifetime of class ``c`` from ``t``."""
-        m = self._meta[key] = [t, c, 1]
+        """Provisional ghost entry (use count 0) for a block the policy meets outside begin(): a resident
+        block whose entry the ghost dropped, or one an engine tier stored before the request that
+        brought it reached begin() (vLLM's CPU tier calls the policy's request hook only when the
+        request finishes).  begin() then counts the block's use as its first, not as a reuse at age 0.
+        It opens a lifetime of class ``c`` from ``t``."""
+        m = self._meta[key] = [t, c, 0]
         op = self._open[c]
         s = int(t // _SLOT)
         op[s] = op.get(s, 0) + 1
@@ -360,7 +364,7 @@ class Adaptive(EvictionPolicy):
         n = len(keys)
         # turn depth: the deepest previously seen block of this prompt
         m = 0
-        while m < n and keys[m] in meta:
+        while m < n and (e := meta.get(keys[m])) is not None and e[2]:
             m += 1
         td = 1
         if m:
@@ -369,24 +373,27 @@ class Adaptive(EvictionPolicy):
             if d is not None and len(succ.get(b, ())) <= 2:
                 td = d + 1
         self._td = td
-        newb = bisect.bisect_right(w.new_block_edges, n - m)
-        tdc = ((min(td, w.max_turn_class) - 1) * self._nb + newb)
+        tdc = self._request_class(keys, now, td, n - m)
         nf = self._nf
         fedges = w.freq_edges
         self._base_cls = tdc * 2 * nf
         hits, life = self._hits, self._life
         shared = self._shared_cls
+        cand = self._cand
         slot = int(now // _SLOT)
         prev = None
         for i, k in enumerate(keys):
             old = meta.get(k)
-            if old is not None:
-                hits[old[1]][_bin(now - old[0])] += 1.0
+            if old is None:
+                f = 1
+            else:
                 self._close(old[1], old[0])
                 meta.move_to_end(k)
-                f = old[2] + 1
-            else:
-                f = 1
+                if old[2]:  # a reuse
+                    hits[old[1]][_bin(now - old[0])] += 1.0
+                    f = old[2] + 1
+                else:  # provisional (stored by an engine before its request reached begin): first use
+                    f = 1
             s = succ.get(k)
             if s is not None and len(s) > 2:
                 c = shared
@@ -396,6 +403,11 @@ class Adaptive(EvictionPolicy):
             life[c] += 1.0
             op = self._open[c]
             op[slot] = op.get(slot, 0) + 1
+            e = cand.get(k)
+            if e is not None and e[0] >= 0:  # an unpinned candidate (engine tiers): re-file it by class and time
+                self._seq += 1
+                cand[k] = (c, self._seq)
+                heapq.heappush(self._heaps[c], (now, self._seq, k))
             if prev is not None:
                 ps = succ.get(prev)
                 if ps is None:
@@ -422,6 +434,13 @@ class Adaptive(EvictionPolicy):
         self._requests += 1
         if self._requests % w.refresh_requests == 1:
             self._refresh(now)
+
+    def _request_class(self, keys: Sequence[Hashable], now: float, depth: int, new_blocks: int) -> int:
+        """Request class (0 .. max_turn_class * (len(new_block_edges) + 1) - 1) of a prompt from its turn
+        depth and the size of its new part.  The one place a request's features become a class:
+        ``bench/eviction_ceiling.py`` overrides it to measure what better features would be worth."""
+        w = self.w
+        return (min(depth, w.max_turn_class) - 1) * self._nb + bisect.bisect_right(w.new_block_edges, new_blocks)
 
     # ------------------------------------------------------------------ duel
     def _duel_setup(self) -> None:
