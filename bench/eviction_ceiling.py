@@ -148,12 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--classes", type=int, default=6, help="quantile classes of a predictor's score")
     ap.add_argument("--sigmas", default="0.25,0.5,0.75,1.0,1.5,2.5", help="noise levels of the noisy oracles")
     ap.add_argument("--block-tokens", type=int, default=512, help="tokens per block of the trace (Mooncake: 512)")
+    ap.add_argument("--limit", type=int, default=None, help="replay only the first N requests")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
 
     t0 = time.perf_counter()
-    rows = traces.load_trace(a.trace)
+    rows = traces.load_trace(a.trace, limit=a.limit)
     reqs = [Request(r.arrival_s, r.hash_ids) for r in rows]
     cap = capacity_blocks(a.capacity, unique_blocks(reqs))
     info = structure(rows, a.block_tokens)

@@ -420,3 +420,20 @@ def test_density_by_hand():
     assert hd[j + 1] == 0.0  # past the reuse: nothing more to expect
     # a horizon shorter than the reuse: no hit within it, density 0
     assert A._density(lam, m / 4)[0] == 0.0
+
+
+def test_ceiling_bench_orders_predictors_by_quality(capsys, monkeypatch):
+    """bench/eviction_ceiling.py: the same learned policy gains with the quality of its continuation
+    classes (perfect > sharp noisy > blurred noisy), and the AUCs it reports follow the noise."""
+    monkeypatch.setattr(sys, "argv", ["eviction_ceiling.py", "--limit", "2000", "--capacity", "0.05",
+                                      "--sigmas", "0.25,3", "--json"])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(str(ROOT / "bench" / "eviction_ceiling.py"), run_name="__main__")
+    assert e.value.code == 0
+    out = json.loads(capsys.readouterr().out)
+    rows = {r["name"]: r for r in out["rows"]}
+    hit = {n: r["prefix_hit_ratio"] for n, r in rows.items()}
+    assert hit["belady"] >= hit["oracle (continued)"] > hit["noisy sigma=0.25"] > hit["noisy sigma=3"]
+    assert hit["oracle (continued)"] > hit["adaptive"] > hit["lru"]
+    assert rows["noisy sigma=0.25"]["auc"] > 0.95 and rows["noisy sigma=3"]["auc"] < 0.7
+    assert 0 < out["continued_share"] < 1 and out["blocks"] > 0

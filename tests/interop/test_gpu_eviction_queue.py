@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvroute.adapters.vllm_plugin import ENV_POLICY, PolicyFreeQueue, UnsupportedVLLMError, install, register
+from kvroute.adapters.vllm_plugin import ENV_ADMISSION, ENV_POLICY, PolicyFreeQueue, UnsupportedVLLMError, install, register
 from kvroute.eviction import make_policy
 
 
@@ -136,6 +136,23 @@ def test_refused_blocks_are_reused_first() -> None:
     p.run(chain("c", 3), 2.0)  # 1 uncached + the 2 refused blocks: nothing admitted is evicted
     assert set(p.evicted) == {"b/1", "b/2"}
     assert p.run(chain("a", 3), 3.0) == 2
+
+
+def test_without_admission_every_block_is_tracked() -> None:
+    """The engine default (admission off): the policy is never asked, nothing is refused."""
+    p = Pool(8, "lru")
+    p.q = PolicyFreeQueue(p.blocks[1:], NoAdmit("b/1"), 7, admission=False)
+    p.run(chain("a", 3), 0.0)
+    p.run(chain("b", 3), 1.0)
+    assert p.q.stats["refused"] == 0 and p.q.snapshot()["refused_free"] == 0
+    p.run(chain("c", 3), 2.0)  # 1 uncached block, then LRU leaves: a's tail first
+    assert p.evicted == ["a/2", "a/1"]
+
+
+def test_bad_admission_flag_is_refused_loudly(monkeypatch) -> None:
+    monkeypatch.setenv(ENV_ADMISSION, "yes")
+    with pytest.raises(UnsupportedVLLMError, match=ENV_ADMISSION):
+        install("lru")
 
 
 def test_a_refused_block_hit_again_is_admitted() -> None:
