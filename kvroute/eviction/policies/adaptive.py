@@ -21,11 +21,18 @@ policy learns, online and from the workload alone:
   prefix popularity, as ARC's second list) and whether it is *shared*
   (branching).  Like the per-category reuse prediction of "KVCache in the
   wild" (Wang et al., ATC'25).
-* **Reuse-time distributions.**  For every class, a histogram (log-spaced age
-  bins) of the time from an access to the block's next access, and the number
-  of accesses, from a ghost table of recently seen blocks (bounded, several
-  times the capacity), so learning does not depend on what the cache kept.
-  Counts are halved periodically to follow drift.
+* **Reuse-time survival.**  For every class, the lifetimes of its blocks (from
+  an access to the next) per log-spaced age bin, from a ghost table of recently
+  seen blocks (bounded, several times the capacity), so learning does not
+  depend on what the cache kept: those that ended in a reuse, and those
+  *censored* (still open, or dropped from the ghost unreused).  The reuse
+  hazard per bin is the Kaplan-Meier estimate (reuses / lifetimes that reached
+  the bin; Kaplan & Meier, JASA 1958), so young data does not read as "never
+  reused" while reuses at long ages are still to come.  Each class's hazards
+  are shrunk toward its group's (same tail flag and use count) and a group's
+  toward all classes' with ``shrink`` pseudo-lifetimes (empirical Bayes, as in
+  hierarchical smoothing of sparse contexts), so sparse classes follow their
+  group.  Counts are halved periodically to follow drift.
 * **Hit density** (LHD: Beckmann, Chen, Cidon, NSDI'18): the value of a block of
   class ``c`` at age ``a`` (time since its last access) is the expected hits
   per block-second of cache it will use, over the cache's characteristic time
@@ -48,33 +55,34 @@ policy learns, online and from the workload alone:
 * **Admission.**  A missing block whose class density at age 0 is below that of
   recent victims is not cached (it would be the next victim anyway), and with
   it the rest of its prompt; the tail of a first turn is the typical case.
+  (An engine's GPU pool must still hold such a block while its request runs;
+  the vLLM GPU plugin therefore leaves admission off by default.)
 * **Recompute cost.**  ``Weights.depth_cost`` scales a block's density by
   ``1 + depth_cost * depth`` (attention makes deeper blocks dearer to
   recompute); 0 by default, because the figures count blocks.
 * **Router hints.**  :meth:`hint` takes ``{key: requests per second}``; a hinted
   block's density is at least its hinted rate (hits per block-second).
-* **Duel with the baselines (two-tier caches).**  The learned density is weak
-  where the cache holds most of the working set (it then mis-orders a few
-  long-gap reuses that plain recency or ARC's frequency list keep), and a host
-  tier puts every total hit ratio in that regime: GPU + host behave as one
-  cache of their summed size whose drops the host policy decides.  So the host
-  tier's instance (``tier_role = "host"``, set by :class:`TieredCache`) runs a
-  duel: three *shadow caches* of GPU + host blocks (learned without duel, LRU,
-  ARC) serve every request on their own, their hits are counted with slow
-  forgetting (``duel_decay`` per request), and the cache follows the expert
-  whose shadow hits most, the learned one unless another beats it by
-  ``duel_margin``.  Following means: victims come from that expert's own
-  ordering of the real candidates (an LRU and an ARC instance fed every hook),
-  and admission is off for LRU/ARC.  The GPU tier's instance follows the host
-  instance's verdict (:meth:`follow`).  This is set dueling (Qureshi et al.,
-  "Adaptive Insertion Policies for High Performance Caching", ISCA'07: leader
-  sets per policy, a counter picks the followers' policy) with full shadow
-  caches in place of leader sets (shadow tags / ghost caches as in ARC,
-  Megiddo & Modha FAST'03; choosing among expert policies by their shadows'
-  hits as in ACME, Ari et al., 2002, and LeCaR, Vietri et al., HotStorage'18).
-  A GPU-only cache (and an engine's tier, which sets no role) runs no duel:
-  there sampled or full shadows misjudged the learned policy at small sizes on
-  the bundled traces and switching mid-trace cost more than it gained.
+* **Two tiers: one cache of their summed size, run by the leading expert.**
+  GPU + host keep a block as long as either holds it, so their total hits are
+  those of one cache of the summed size.  The host tier's instance
+  (``tier_role = "host"``, set by :class:`TieredCache`) runs three *shadow
+  caches* of GPU + host blocks (learned without duel, LRU, ARC;
+  :class:`~kvroute.eviction.shadow.ShadowCache`) that serve every request on
+  their own, and scores each by its hits with slow forgetting (``duel_decay``
+  per request).  Both tiers follow the leader's shadow *contents*
+  (:class:`~kvroute.eviction.shadow.Votes`): they demote / drop first what that
+  shadow has dropped (among those, what the others dropped too), and admit
+  what it holds; with the leader fixed, GPU + host hit as often as its shadow.
+  Only among blocks every shadow holds does the leader's own ordering pick
+  (the learned density, or an LRU / ARC instance fed every hook).  The leader
+  starts as the learned expert and changes only when another shadow beats it
+  by ``duel_margin`` (5%): a switch costs about a cache turnover of hits.
+  This is set dueling (Qureshi et al., "Adaptive Insertion Policies for High
+  Performance Caching", ISCA'07) with full shadow caches in place of leader
+  sets (ghost caches as in ARC, Megiddo & Modha FAST'03; experts chosen by
+  their shadows' hits as in ACME, Ari et al., 2002, and LeCaR, Vietri et al.,
+  HotStorage'18).  A GPU-only cache (and an engine's tier, which sets no role)
+  runs no duel.
 
 Only plain data crosses in: no router import.
 """
