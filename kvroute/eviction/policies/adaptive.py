@@ -17,7 +17,7 @@ policy learns, online and from the workload alone:
   previously seen prefix: second turns that add a few blocks continue about
   half the time, those that paste eight or more almost never), whether the
   block is the prompt's *tail* (the last block, which a next turn does not
-  reuse when it is partial), how often the block was used (once, or more:
+  reuse when it is partial), how often the block was used (once, 2-3 times, 4 or more:
   prefix popularity, as ARC's second list) and whether it is *shared*
   (branching).  Like the per-category reuse prediction of "KVCache in the
   wild" (Wang et al., ATC'25).
@@ -129,8 +129,8 @@ class Weights:
     max_turn_class: int = 6
     #: Size classes of a prompt's new part (blocks after its longest previously seen prefix).
     new_block_edges: tuple = (4, 8)
-    #: Use-count classes (accesses seen, ghost included): edges of the buckets.
-    freq_edges: tuple = (2,)
+    #: Use-count classes (accesses seen, ghost included): edges of the buckets (once, 2-3, 4 or more).
+    freq_edges: tuple = (2, 4)
     #: Densities within a factor ``2 ** density_quantum`` tie, and the older block goes (0: exact).
     density_quantum: float = 0.5
     #: Shrinkage: pseudo-lifetimes with which a class's reuse hazard per age bin is pulled toward its
