@@ -286,6 +286,8 @@ class Adaptive(EvictionPolicy):
         self._heaps: list[list] = [[] for _ in range(self.nclasses)]
         self._cand: dict[Hashable, tuple[int, int]] = {}
         self._seq = 0
+        #: Heap entries pushed since the last compaction (stale ones included); see _push.
+        self._pushed = 0
         #: Hinted rates: key -> requests per second (router's cluster-wide view).
         self._hint: dict[Hashable, float] = {}
         #: Candidate heap of hinted blocks: (rate, seq, key).
@@ -415,7 +417,7 @@ class Adaptive(EvictionPolicy):
             if e is not None and e[0] >= 0:  # an unpinned candidate (engine tiers): re-file it by class and time
                 self._seq += 1
                 cand[k] = (c, self._seq)
-                heapq.heappush(self._heaps[c], (now, self._seq, k))
+                self._push(self._heaps[c], (now, self._seq, k))
             if prev is not None:
                 ps = succ.get(prev)
                 if ps is None:
@@ -603,11 +605,26 @@ class Adaptive(EvictionPolicy):
         r = self._hint.get(key)
         if r is not None:  # hinted blocks wait in their own heap, lowest rate first
             self._cand[key] = (-1, self._seq)
-            heapq.heappush(self._hint_heap, (r, self._seq, key))
+            self._push(self._hint_heap, (r, self._seq, key))
             return
         c = m[1]
         self._cand[key] = (c, self._seq)
-        heapq.heappush(self._heaps[c], (m[0], self._seq, key))
+        self._push(self._heaps[c], (m[0], self._seq, key))
+
+    def _push(self, heap: list, entry: tuple) -> None:
+        """Push a candidate entry; drop the stale ones (re-filed, pinned, removed) once they outnumber
+        the live ones, as :class:`HeapPolicy` does.  Victims come from Votes first in a two-tier cache, so
+        _head() alone would rarely reach them and the heaps would grow with every request."""
+        heapq.heappush(heap, entry)
+        self._pushed += 1
+        if self._pushed > 4 * len(self._cand) + 1024:
+            cand = self._cand
+            n = 0
+            for h in (*self._heaps, self._hint_heap):
+                h[:] = [e for e in h if (x := cand.get(e[2])) is not None and x[1] == e[1]]
+                heapq.heapify(h)
+                n += len(h)
+            self._pushed = n
 
     def _head(self, c: int):
         h, cand = (self._heaps[c] if c >= 0 else self._hint_heap), self._cand
