@@ -387,6 +387,21 @@ def test_adaptive_candidate_heaps_stay_bounded_in_two_tiers():
         live = sum(1 for h in (*p._heaps, p._hint_heap) for e in h if p._cand.get(e[2], (0, -1))[1] == e[1])
         assert live == p.candidates()  # compaction keeps every live entry
 
+
+def test_gpu_tier_describe_reports_the_duel_it_follows():
+    """Regression: replay reports policies[0].describe(), the GPU tier, whose own leader and scores
+    never move (it follows the host tier's duel): it said "learned" with zero scores while following ARC."""
+    c = TieredCache(3, 12, "adaptive")
+    g, h = c.policies
+    for i in range(12):
+        c.access([100, 200 + i], now=float(i))  # block 100 is hit from the second request on
+    h._set_leader(2)
+    d = g.describe()
+    assert d["leader"] == h.describe()["leader"] == "arc"
+    assert d["scores"] == [round(x, 2) for x in h.scores] and max(d["scores"]) > 0
+    assert d["duel"]["requests"] == 12
+    assert make_policy("adaptive").describe()["leader"] == "learned"
+
 # ------------------------------------------------------------------ learned survival estimates
 def test_at_risk_counts_open_lifetimes_only_up_to_their_age():
     """Kaplan-Meier risk sets: lifetimes still open at a young age do not count against the reuse

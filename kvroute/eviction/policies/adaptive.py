@@ -704,11 +704,15 @@ class Adaptive(EvictionPolicy):
         return len(self._cand)
 
     def describe(self) -> dict:
+        """Learned state; the duel's leader, scores and request count are the host tier's when this
+        is the GPU tier of a two-tier cache (which follows that duel), its own eviction counts per leader."""
+        duel = self._verdict or self
         return {
             "name": self.name, "T": round(self.T, 2), "victim_hd": self._victim_hd,
             "continuation": self.continuation(), "weights": asdict(self.w),
-            "leader": EXPERTS[self.leader], "scores": [round(x, 2) for x in self.scores],
-            "duel": {**self.duel_stats, "led": dict(zip(EXPERTS, self.duel_stats["led"]))},
+            "leader": EXPERTS[self._lead()], "scores": [round(x, 2) for x in duel.scores],
+            "duel": {**self.duel_stats, "requests": duel.duel_stats["requests"],
+                     "led": dict(zip(EXPERTS, self.duel_stats["led"]))},
         }
 
     def continuation(self) -> dict[str, float]:
