@@ -354,7 +354,9 @@ def test_adaptive_gpu_follows_host_verdict():
         for tier in (g, h):
             v = tier.victim()
             if tier._votes.victim() is not None:  # a candidate the leading shadow dropped goes first
-                assert v not in sh or tier._votes._mask[v] >> lead & 1 == 0
+                assert v == tier._votes.victim()
+                if any(k not in sh for k in tier._votes._mask):
+                    assert v not in sh
             elif lead:
                 assert v == tier._experts[lead].victim()
             else:
@@ -401,6 +403,24 @@ def test_gpu_tier_describe_reports_the_duel_it_follows():
     assert d["scores"] == [round(x, 2) for x in h.scores] and max(d["scores"]) > 0
     assert d["duel"]["requests"] == 12
     assert make_policy("adaptive").describe()["leader"] == "learned"
+
+
+def test_tiers_drop_first_what_the_leading_shadow_dropped():
+    """The follow rule itself, on both tiers and every leader (in the test above the shadows and the
+    tiers agree, so Votes never has a victim there): once the leading shadow drops one of a tier's
+    candidates, that candidate is the tier's next victim, whatever the tier's own ordering says."""
+    c = TieredCache(3, 12, "adaptive")
+    g, h = c.policies
+    for i in range(12):
+        c.access([100 + i, 200 + i], now=float(i))
+    for lead in (1, 2, 0):
+        h._set_leader(lead)
+        sh = h._shadows[lead]
+        for tier in (g, h):
+            k = next(k for k in tier._votes._mask if k in sh and not sh._kids.get(k) and k not in sh._pins)
+            sh._drop_subtree(k)
+            tier._votes.check_invariants()
+            assert tier.victim() == k
 
 # ------------------------------------------------------------------ learned survival estimates
 def test_at_risk_counts_open_lifetimes_only_up_to_their_age():
