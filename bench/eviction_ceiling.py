@@ -23,8 +23,10 @@ future would be worth to it:
 
 A request's *parent* is the request that last held the deepest block of its
 prompt seen before, unless that block starts more than two distinct
-continuations (a shared prefix such as a system prompt): the rule the policy
-itself uses to count turn depth.  ``continued`` is having a child.
+continuations (a shared prefix such as a system prompt).  The policy's own
+turn depth is close to this but narrower: it counts a turn only when that
+block ended (or was next to the end of) an earlier prompt, and only while the
+block is in its ghost table.  ``continued`` is having a child.
 
 The AUCs are computed from ranks (Mann-Whitney), weighted by request.
 """

@@ -164,7 +164,8 @@ def test_adaptive_depth_cost_and_overrides():
     assert p.w.depth_cost == 0.5
     with pytest.raises(TypeError):
         make_policy("adaptive", no_such_weight=1)
-    for bad in ({"shrink": -1.0}, {"duel_decay": 0.0}, {"refresh_requests": 0}, {"horizon_factor": float("nan")}):
+    for bad in ({"shrink": -1.0}, {"duel_decay": 0.0}, {"refresh_requests": 0}, {"horizon_factor": float("nan")},
+                {"freq_edges": (4, 2)}, {"new_block_edges": (0, 8)}):
         with pytest.raises(EvictionError, match="invalid weights"):
             make_policy("adaptive", **bad)
 
@@ -487,3 +488,18 @@ def test_ceiling_bench_orders_predictors_by_quality(capsys, monkeypatch):
     assert hit["oracle (continued)"] > hit["adaptive"] > hit["lru"]
     assert rows["noisy sigma=0.25"]["auc"] > 0.95 and rows["noisy sigma=3"]["auc"] < 0.7
     assert 0 < out["continued_share"] < 1 and out["blocks"] > 0
+
+
+def test_negative_ages_fall_in_the_first_bin():
+    """A lifetime opened in the current time slot before its midpoint, or a clock that went backwards,
+    has a negative age: it is age 0, not the oldest bin (bisect would give -1, the last bin)."""
+    from kvroute.eviction.policies import adaptive as A
+
+    assert A._bin(-5.0) == 0 and A._bin(0.0) == 0 and A._bin(1e9) == A._NBINS - 1
+    now = 250 * A._SLOT + 0.5  # ten lifetimes opened 0.5 s ago, in the slot starting at 250 * _SLOT
+    risk = A._at_risk([0.0] * A._NBINS, [0.0] * A._NBINS, {250: 10}, now)  # slot midpoint is in the future
+    assert risk[-1] == 0.0 and risk[0] == 5.0  # open in bin 0: half counts there, none in the oldest
+    p = Adaptive()
+    p.begin([1, 2], 10.0)
+    p.begin([1, 2], 4.0)  # out-of-order clock: a reuse at age 0
+    assert sum(p._hits[c][-1] for c in range(p.nclasses)) == 0.0

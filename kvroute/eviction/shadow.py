@@ -56,7 +56,8 @@ class Votes:
     ones the leader holds but others have dropped (the leader must give up some
     block it holds: the others' votes pick which).  A candidate every shadow
     holds gets no level here: the leader's own ordering picks among those.
-    Within a level, the candidate that got there first goes first.  Agreeing
+    Within a level, the candidate that got there first goes first (after a
+    change of leader, the order in which they became candidates).  Agreeing
     experts thus decide together, and a change of leader (which :meth:`set_leader`
     re-sorts, O(candidates)) moves the cache toward the new leader's contents
     through the blocks they disagree on first.

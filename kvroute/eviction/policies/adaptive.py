@@ -158,6 +158,10 @@ class Weights:
             bad.append(f"victim_ewma={self.victim_ewma!r}")
         if not 0 < self.duel_decay <= 1:
             bad.append(f"duel_decay={self.duel_decay!r}")
+        for n in ("new_block_edges", "freq_edges"):
+            e = tuple(getattr(self, n))
+            if any(not isinstance(x, int) or x < 1 for x in e) or list(e) != sorted(set(e)):
+                bad.append(f"{n}={e!r} (positive ints, increasing)")
         if not self.prior_lifetimes >= self.prior_hits:
             bad.append(f"prior_lifetimes={self.prior_lifetimes!r} < prior_hits")
         if bad:
@@ -171,6 +175,10 @@ _NBINS = len(_MIDS)
 
 
 def _bin(age: float) -> int:
+    """Age bin of ``age`` seconds; a negative age (a clock that went backwards, or a lifetime opened
+    in the current time slot before its midpoint) is age 0."""
+    if age <= 0.0:
+        return 0
     return bisect.bisect_right(_EDGES, age) - 1 if age < _EDGES[-1] else _NBINS - 1
 
 
