@@ -49,11 +49,12 @@ Admission is off by default (``KVROUTE_VLLM_GPU_ADMISSION=1`` turns it on).
 vLLM must compute every block of a prompt into a GPU block, so a refused block
 still takes a block away from the cache while its request runs (a victim is
 evicted for it); it only goes first afterwards.  Measured on the real CPU
-engine (3,000 conversation requests, 5% of their unique blocks), ``adaptive``
-reached a block hit ratio of 0.0917 with admission and 0.1020 without (stock
-vLLM 0.0585); without admission the engine matches kvroute's offline replay
-exactly (0.1020), with it the offline replay (which never stores a refused
-block) says 0.1126.  With admission on: when a request is first scheduled
+engine (3,000 conversation requests, 5% of their unique blocks; commit
+10c2b05), ``adaptive`` reached a block hit ratio of 0.0917 with admission and
+0.1020 without (stock vLLM 0.0585); without admission the engine matches
+kvroute's offline replay exactly, with it the offline replay (which never
+stores a refused block) said 0.1126.  Current figures: docs/eviction.md,
+"Inside real vLLM".  With admission on: when a request is first scheduled
 (before vLLM allocates, and so evicts, anything for it) the policy is asked to
 admit its missing blocks in chain order, as ``TieredCache`` asks; from the
 first refusal on, the request's new blocks are still cached by vLLM (its
