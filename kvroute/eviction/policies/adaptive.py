@@ -258,6 +258,12 @@ class Adaptive(EvictionPolicy):
         self.nclasses = nt * nb * 2 * nf + 1
         self._nb = nb
         self._shared_cls = self.nclasses - 1
+        #: Shrinkage groups (fixed): the classes with the same tail flag and use-count bucket (any turn
+        #: depth or new-part size), and the shared class alone.
+        by: dict[int, list[int]] = {}
+        for c in range(self.nclasses - 1):
+            by.setdefault(c % (2 * nf), []).append(c)
+        self._groups: list[list[int]] = [*by.values(), [self._shared_cls]]
         #: Learned (survival data per class): reuses by age bin (lifetimes that ended in a reuse), lifetimes
         #: that left the ghost unreused by age bin (censored), and lifetimes still open (the block's last
         #: access is in the ghost) counted per time slot of their start; all accesses per class.
@@ -525,27 +531,18 @@ class Adaptive(EvictionPolicy):
         k = self.w.shrink
         hits = self._hits
         risk = [_at_risk(hits[c], self._gone[c], self._open[c], now) for c in range(self.nclasses)]
-        # hazards: every class shrinks toward its group (same tail flag and use count, any turn depth or
-        # new-part size), every group toward all classes; the shared class toward all classes
-        groups: dict[int, list[int]] = {}
-        for c in range(self.nclasses):
-            groups.setdefault(self._group(c), []).append(c)
+        # hazards: every class shrinks toward its group (see _groups), every group toward all classes
         def pooled(cs: list[int]) -> tuple[list, list]:
             return ([sum(hits[c][j] for c in cs) for j in range(_NBINS)],
                     [sum(risk[c][j] for c in cs) for j in range(_NBINS)])
         ah, ar = pooled(list(range(self.nclasses)))
         top = [ah[j] / ar[j] if ar[j] > 0 else 0.0 for j in range(_NBINS)]
-        for cs in groups.values():
+        for cs in self._groups:
             gh, gr = pooled(cs)
             glam = _shrunk(gh, gr, top, k)
             for c in cs:
                 self._hd[c] = _density(_shrunk(hits[c], risk[c], glam, k), T)
 
-    def _group(self, c: int) -> int:
-        """Group of class ``c`` for shrinkage: its tail flag and use-count bucket (-1: shared class)."""
-        if c == self._shared_cls:
-            return -1
-        return c % (2 * self._nf)
 
     # ------------------------------------------------------------------ cache
     def _density(self, key: Hashable, cls: int, t_last: float) -> float:
