@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import runpy
 import sys
 from pathlib import Path
@@ -299,16 +300,18 @@ def test_golden_adaptive_beats_baselines_on_a_prefix():
 def test_adaptive_host_duel_shadows_replay_whole_cache_standalone():
     """The host tier's shadows are standalone caches of GPU + host blocks: with no forgetting,
     their scores are exactly the hits of learned/LRU/ARC replays at that size, and the leader
-    follows the rule (it changes only to an expert that beats it by the margin)."""
+    follows the rule (it changes only to an expert that beats it by the margin, significantly)."""
     reqs = load_trace("mooncake_conversation.jsonl", limit=400)
     gpu, host = 60, 240
-    fac = lambda: Adaptive(duel_decay=1.0, duel_margin=0.002)  # noqa: E731
+    fac = lambda: Adaptive(duel_decay=1.0, duel_margin=0.002, duel_z=0.5)  # noqa: E731
     c = TieredCache(gpu, host, fac, host_policy=fac)
     g, h = c.policies
     assert h._shadows is not None and g._verdict is h and g._shadows is None
     for r in reqs:
         c.access(r.keys, r.ts)
-        assert max(h.scores) <= h.scores[h.leader] * (1 + h.w.duel_margin)
+        best = max(range(3), key=h.scores.__getitem__)
+        assert not (h.scores[best] > h.scores[h.leader] * (1 + h.w.duel_margin)
+                    and h._surplus[best] > h.w.duel_z * math.sqrt(h._surplus_sq[best]))
         c.check_invariants()
         h._votes.check_invariants()
         g._votes.check_invariants()
@@ -321,6 +324,75 @@ def test_adaptive_host_duel_shadows_replay_whole_cache_standalone():
     assert h.duel_stats["requests"] == len(reqs)
     # a GPU-only cache (and an engine's tier, which sets no role) runs no duel
     assert TieredCache(60, policy="adaptive").policies[0]._shadows is None
+
+
+class _StubShadow:
+    """Stands in for a ShadowCache in the duel: each request hits as the script says."""
+
+    def __init__(self, hits):
+        self.hits = iter(hits)
+
+    def start_request(self, keys, now):
+        return type("T", (), {"hit": next(self.hits)})()
+
+    def finish_request(self, t, now):
+        pass
+
+
+def _scripted_duel(script, **w):
+    """The host tier's duel fed scripted per-request hits (one row per request: learned, LRU, ARC);
+    returns the leader after each request."""
+    h = Adaptive(**w)
+    h.tier_role = "host"
+    h.bind(8)
+    h._shadows = tuple(_StubShadow([row[i] for row in script]) for i in range(3))
+    out = []
+    for n in range(len(script)):
+        h._duel([n], float(n))
+        out.append(h.leader)
+    return out
+
+
+def test_duel_ignores_a_lucky_lead_and_follows_a_significant_one():
+    """A lead far above the margin but from one request is not significant (surplus 10, sd 10); a
+    steady one-block lead is (surplus n > 2 sqrt(n) from n = 5 on); with duel_z=0 the margin alone
+    decides.  After a switch the test starts over against the new leader."""
+    lucky = [(0, 10, 0)] + [(5, 5, 5)] * 20
+    assert set(_scripted_duel(lucky)) == {0}
+    assert _scripted_duel(lucky, duel_z=0.0)[0] == 1
+    steady = [(10, 10, 11)] * 10
+    assert _scripted_duel(steady) == [0, 0, 0, 0, 2, 2, 2, 2, 2, 2]
+    # the surplus counts since the last switch (request 4): the learned expert trails by 5 after request
+    # 9, and with +2 a request it is significantly ahead after nine more (13 > 2 sqrt(41)), not eight
+    # (11 < 2 sqrt(37)), though its score leads from the sixth on
+    back = steady + [(12, 10, 10)] * 10
+    lead = _scripted_duel(back, duel_margin=0.0, duel_decay=1.0)
+    assert lead[9] == 2 and lead.index(0, 10) == 18 and lead[-1] == 0
+
+
+class _Frozen(Adaptive):
+    """A learned expert gone wrong: once full, it admits nothing (its shadow, built from ``type(self)``,
+    does the same), so it keeps the first blocks it saw for ever."""
+
+    def admit(self, key, depth, now):
+        return len(self._res) < self.capacity if self._votes is None else super().admit(key, depth, now)
+
+
+def test_duel_switches_when_the_learned_expert_is_clearly_worse():
+    """A learned expert that stops admitting loses significantly to LRU and ARC: the cache follows
+    one of them, and hits more than with the duel off."""
+    # two phases of five hot 8-block prefixes each, every request with two blocks of its own
+    reqs = [[1000 * (i // 300) + 10 * (i % 5) + j for j in range(8)] + [10**6 + 2 * i, 10**6 + 2 * i + 1]
+            for i in range(600)]
+    gpu, host = 10, 40
+    c = TieredCache(gpu, host, _Frozen, host_policy=_Frozen)
+    off = TieredCache(gpu, host, lambda: _Frozen(duel=False), host_policy=lambda: _Frozen(duel=False))
+    for i, keys in enumerate(reqs):
+        c.access(keys, float(i))
+        off.access(keys, float(i))
+    assert c.policies[1].leader != 0
+    on, no = c.stats(), off.stats()
+    assert on["gpu_hits"] + on["host_hits"] > no["gpu_hits"] + no["host_hits"]
 
 
 @pytest.mark.parametrize("leader", [0, 1, 2])

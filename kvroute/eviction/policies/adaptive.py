@@ -76,7 +76,11 @@ policy learns, online and from the workload alone:
   Only among blocks every shadow holds does the leader's own ordering pick
   (the learned density, or an LRU / ARC instance fed every hook).  The leader
   starts as the learned expert and changes only when another shadow beats it
-  by ``duel_margin`` (5%): a switch costs about a cache turnover of hits.
+  by ``duel_margin`` (5%) *and* significantly: its hit surplus over the leader,
+  summed request by request since the last switch, exceeds ``duel_z`` (2) times
+  the root of the summed squared differences.  A switch costs about a cache
+  turnover of hits, and on the bundled traces every switch the margin alone
+  allowed came from a lead of a few lucky requests early on, and cost hits.
   This is set dueling (Qureshi et al., "Adaptive Insertion Policies for High
   Performance Caching", ISCA'07) with full shadow caches in place of leader
   sets (ghost caches as in ARC, Megiddo & Modha FAST'03; experts chosen by
@@ -147,11 +151,15 @@ class Weights:
     #: (the learned expert leads first).  A switch costs about a cache turnover of hits (the new leader's
     #: blocks must be fetched again), so only a clear, lasting lead is worth one.
     duel_margin: float = 0.05
+    #: Duel: ... and only when that lead is significant: the expert's surplus of hits over the leader,
+    #: summed request by request (decayed), exceeds ``duel_z`` times the root of the summed squared
+    #: per-request differences (a one-sided sign-free z-test; 0: the margin alone decides).
+    duel_z: float = 2.0
 
     def __post_init__(self) -> None:
         bad = [f"{n}={getattr(self, n)!r}" for n in (
             "ghost_factor", "admit_ratio", "depth_cost", "horizon_factor", "density_quantum", "shrink",
-            "prior_hits", "duel_margin") if not getattr(self, n) >= 0]
+            "prior_hits", "duel_margin", "duel_z") if not getattr(self, n) >= 0]
         bad += [f"{n}={getattr(self, n)!r}" for n in ("ghost_min", "half_life_accesses", "refresh_requests",
                                                        "max_turn_class") if not getattr(self, n) >= 1]
         if not 0 < self.victim_ewma <= 1:
@@ -321,6 +329,10 @@ class Adaptive(EvictionPolicy):
         self._experts: tuple | None = None
         #: Decayed duel score per expert (EXPERTS order); higher is better.
         self.scores = [0.0, 0.0, 0.0]
+        #: Per expert, since the leader last changed (decayed like the scores): the sum of its per-request
+        #: hit surplus over the leader, and the sum of that surplus squared (the significance test).
+        self._surplus = [0.0, 0.0, 0.0]
+        self._surplus_sq = [0.0, 0.0, 0.0]
         #: Expert whose decisions the cache follows now (index into EXPERTS); changed by _set_leader only.
         self.leader = 0
         #: GPU tier of a two-tier cache: the host tier's policy whose leader this one follows.
@@ -477,7 +489,7 @@ class Adaptive(EvictionPolicy):
         self._experts = (None, LRU(), ARC())
         self._shadows = tuple(
             ShadowCache(cap, p, functools.partial(self._shadow_add, i), functools.partial(self._shadow_drop, i))
-            for i, p in enumerate((Adaptive(self.w, duel=False), LRU(), ARC())))
+            for i, p in enumerate((type(self)(self.w, duel=False), LRU(), ARC())))
         self._votes = Votes(self._shadows)
         self._listeners = [self._votes]
 
@@ -493,8 +505,11 @@ class Adaptive(EvictionPolicy):
         host._listeners.append(self._votes)
 
     def _set_leader(self, i: int) -> None:
-        """Host tier: follow expert ``i`` (both tiers' drop orders are re-sorted)."""
+        """Host tier: follow expert ``i`` (both tiers' drop orders are re-sorted); the significance
+        test starts over against the new leader."""
         self.leader = i
+        self._surplus = [0.0] * len(self.scores)
+        self._surplus_sq = [0.0] * len(self.scores)
         for v in self._listeners:
             v.set_leader(i)
 
@@ -510,15 +525,25 @@ class Adaptive(EvictionPolicy):
 
     def _duel(self, keys: Sequence[Hashable], now: float) -> None:
         """Serve the request in every shadow and pick the leader: the expert whose shadow hit
-        most lately (decayed), the learned one unless another beats it by ``duel_margin``."""
-        d = self.w.duel_decay
-        sc = self.scores
+        most lately (decayed), the learned one unless another beats it by ``duel_margin`` with a
+        significant lead (``duel_z``)."""
+        w = self.w
+        d = w.duel_decay
+        sc, su, sq = self.scores, self._surplus, self._surplus_sq
+        hit = [0] * len(sc)
         for i, sh in enumerate(self._shadows):
             t = sh.start_request(keys, now)
             sh.finish_request(t, now)
             sc[i] = sc[i] * d + t.hit
+            hit[i] = t.hit
+        lead = self.leader
+        for i in range(len(sc)):
+            x = hit[i] - hit[lead]
+            su[i] = su[i] * d + x
+            sq[i] = sq[i] * d + x * x
         best = max(range(len(sc)), key=sc.__getitem__)
-        if sc[best] > sc[self.leader] * (1.0 + self.w.duel_margin):  # hysteresis: a switch costs hits
+        # hysteresis: a switch costs hits, and early leads (few requests, few evictions) are mostly noise
+        if sc[best] > sc[lead] * (1.0 + w.duel_margin) and su[best] > w.duel_z * math.sqrt(sq[best]):
             self._set_leader(best)
         self.duel_stats["requests"] += 1
 
