@@ -415,6 +415,52 @@ def test_two_tiers_hold_what_the_leading_shadow_holds(leader):
     c.check_invariants()
 
 
+def test_clear_starts_the_duel_shadows_over_too():
+    """An engine's prefix-cache reset empties the shadows as well (they model this cache), so after it
+    GPU + host again hit as often as the leader's shadow; the learned state and the scores stay."""
+    reqs = load_trace("mooncake_conversation.jsonl", limit=1200)
+    fac = lambda: Adaptive(duel_margin=1e9)  # noqa: E731
+    c = TieredCache(300, 1200, fac, host_policy=fac)
+    g, h = c.policies
+    for r in reqs[:600]:
+        c.access(r.keys, r.ts)
+    scores, learned = list(h.scores), len(h._meta)
+    c.clear(reqs[600].ts)
+    assert all(len(sh) == 0 for sh in h._shadows) and len(h._votes) == len(g._votes) == 0
+    assert h.scores == scores and len(h._meta) == learned
+    c.check_invariants()
+    before, shadow_before = c.stats(), h._shadows[0].stats()["gpu_hits"]
+    for r in reqs[600:]:
+        c.access(r.keys, r.ts)
+        h._votes.check_invariants()
+        g._votes.check_invariants()
+    st = c.stats()
+    got = st["gpu_hits"] + st["host_hits"] - before["gpu_hits"] - before["host_hits"]
+    assert got > 0 and got == pytest.approx(h._shadows[0].stats()["gpu_hits"] - shadow_before, rel=0.002)
+    c.check_invariants()
+
+
+def test_hints_leave_the_duel_order_alone():
+    """Regression: hint() re-filed a candidate by dropping and re-adding it, which moved it to the back
+    of its Votes level (protecting it, even when its hint was withdrawn) and re-filed the experts."""
+    reqs = load_trace("mooncake_conversation.jsonl", limit=400)
+    c = TieredCache(60, 240, "adaptive", host_policy="adaptive")
+    g, h = c.policies
+    for r in reqs:
+        c.access(r.keys, r.ts)
+    order = lambda p: [list(lv) for lv in p._votes._levels]  # noqa: E731
+    before = [order(p) for p in (g, h)]
+    cands = [k for k in h._cand][:5] + [k for k in g._cand][:5]
+    assert any(before[0]) and any(before[1])
+    for p in (g, h):
+        p.hint({k: 50.0 for k in cands})
+        p.hint({})
+    assert [order(p) for p in (g, h)] == before
+    for p in (g, h):
+        p._votes.check_invariants()
+    c.check_invariants()
+
+
 def test_adaptive_gpu_follows_host_verdict():
     c = TieredCache(3, 12, "adaptive")
     g, h = c.policies

@@ -102,6 +102,10 @@ class EvictionPolicy:
     def on_remove(self, key: Hashable) -> None:
         """``key`` left this tier (the cache calls it after :meth:`victim` picked it, too)."""
 
+    def on_clear(self) -> None:
+        """The cache dropped every block at once (an engine's prefix-cache reset), after calling
+        :meth:`on_remove` for each; what was learned about the workload may stay."""
+
     def hint(self, popularity: Mapping[Hashable, float]) -> None:
         """Popularity hints (requests/s per block) from a cluster-wide view; ignored by default."""
 

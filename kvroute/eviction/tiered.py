@@ -397,6 +397,7 @@ class TieredCache:
                 if kt == t:
                     pol.on_remove(k)
             self._cand[t].clear()
+            pol.on_clear()
         self._protected.clear()
         for d in (self._tier, self._parent, self._depth, self._kids, self._kids_gpu, self._pins):
             d.clear()

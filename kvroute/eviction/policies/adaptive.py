@@ -628,6 +628,10 @@ class Adaptive(EvictionPolicy):
         if not flag:
             self._cand.pop(key, None)
             return
+        self._file(key)
+
+    def _file(self, key: Hashable) -> None:
+        """File candidate ``key`` in the learned expert's heaps: by class and last access, or by hinted rate."""
         m = self._meta.get(key)
         if m is None:
             m = self._new_meta(key, self._now, 0)
@@ -721,14 +725,20 @@ class Adaptive(EvictionPolicy):
             for e in self._experts[1:]:
                 e.on_remove(key)
 
+    def on_clear(self) -> None:
+        """The duel's shadows model this cache, so they start over empty too (their policies keep what
+        they learned, and the scores stay: the experts' records on this workload still count)."""
+        if self._shadows is not None:
+            for sh in self._shadows:
+                sh.clear()
+
     def hint(self, popularity: Mapping[Hashable, float]) -> None:
         """Replace the hinted rates (requests/s per block) with ``popularity``."""
         new = {k: float(v) for k, v in popularity.items() if v > 0}
         moved = [k for k in set(self._hint) | set(new) if k in self._cand and self._hint.get(k) != new.get(k)]
         self._hint = new
-        for k in moved:  # re-file candidates whose hint changed
-            self.set_candidate(k, False)
-            self.set_candidate(k, True)
+        for k in moved:  # re-file candidates whose hint changed (the learned heaps only: the experts'
+            self._file(k)  # and the duel's orders do not look at hints)
 
     def candidates(self) -> int:
         return len(self._cand)
