@@ -34,6 +34,18 @@ def test_sim_json_contract_and_all_routing_policies():
         assert r["completed"] == 200
 
 
+def test_sim_gpu_admission_is_off_unless_asked():
+    """The simulated GPU tier takes every block, as an engine's pool does; --gpu-admission lets the
+    policy refuse (adaptive's admission then changes the outcome)."""
+    from kvroute.sim.engine import SimConfig
+
+    assert SimConfig().gpu_admission is False
+    args = ["sim", "--trace", "conversation", "--limit", "1500", "--workers", "2", "--routing", "kvroute",
+            "--eviction", "adaptive", "--gpu-blocks", "300", "--host-blocks", "0", "--json", "--no-progress"]
+    off, on = (json.loads(_run(a).stdout)["results"][0] for a in (args, args + ["--gpu-admission"]))
+    assert off["gpu_hit_ratio"] != on["gpu_hit_ratio"]
+
+
 def test_sim_table_csv_json_and_plots(tmp_path):
     out = tmp_path / "out"
     res = _run(["sim", "--trace", "gen:shared_system_prompt:n_requests=150", "--workers", "3",

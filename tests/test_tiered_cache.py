@@ -128,3 +128,8 @@ def test_gpu_refusal_stores_straight_to_host():
     no_host = TieredCache(4, 0, RefuseDeep())
     t = no_host.access([1, 2, 3, 4, 5], now=0)
     assert (t.inserted, t.stored_host, t.uncached) == (2, 0, 3)
+    # an engine's GPU pool cannot refuse: the policy is not asked, every block it has room for goes in
+    engine = TieredCache(4, 2, RefuseDeep(), host_policy="lru", gpu_admission=False)
+    t = engine.access([1, 2, 3, 4, 5], now=0)
+    assert (t.inserted, t.stored_host, t.uncached) == (4, 0, 1) and engine.stats()["refused"] == 0
+    engine.check_invariants()

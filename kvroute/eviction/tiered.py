@@ -20,6 +20,9 @@ Rules (checked by :meth:`TieredCache.check_invariants`):
   until :meth:`TieredCache.finish_request`).
 * Admission: blocks the GPU policy refuses (and the rest of their prompt) are
   stored straight on the host when the host policy admits them, else not cached.
+  An engine's GPU pool cannot refuse (every block a request computes is in a
+  GPU block while it runs): ``gpu_admission=False`` models that, the GPU tier
+  then takes every block it has room for and its policy only orders evictions.
 
 A request is served in two calls (the simulator interleaves many)::
 
@@ -123,6 +126,7 @@ class TieredCache:
         host_policy: "str | EvictionPolicy | Callable[[], EvictionPolicy] | None" = None,
         on_event: Callable[[EventBatch], Any] | None = None,
         clock: Callable[[], float] | None = None,
+        gpu_admission: bool = True,
     ) -> None:
         if not isinstance(gpu_blocks, int) or gpu_blocks < 0 or not isinstance(host_blocks, int) or host_blocks < 0:
             raise EvictionError(f"capacities must be non-negative ints, got {gpu_blocks!r}, {host_blocks!r}")
@@ -152,6 +156,9 @@ class TieredCache:
         self.capacity = (gpu_blocks, host_blocks)
         #: Policy per tier [gpu, host]; only this cache calls their hooks.
         self.policies = (gp, hp)
+        #: Whether the GPU policy's admit() is asked (False: an engine's GPU pool, which must take every
+        #: block a request computes; the host tier's admission still applies); fixed.
+        self.gpu_admission = gpu_admission
         #: Event sink (None: no events are built).
         self.on_event = on_event
         self._clock = clock
@@ -294,7 +301,7 @@ class TieredCache:
                 if k in tier:
                     st["conflicts"] += 1
                     break
-                if not gp.admit(k, i, now):
+                if self.gpu_admission and not gp.admit(k, i, now):
                     st["refused"] += 1
                     if self.capacity[_HOST]:
                         tk.stored_host = self._store_host(keys, i, prev, now)

@@ -56,6 +56,9 @@ def _common(f: Any) -> Any:
                      help="Chunked prefill with this token budget per step (vLLM's max_num_batched_tokens); 0: off."),
         click.option("--serial", is_flag=True, help="Serve requests one at a time (ignore timestamps)."),
         click.option("--vllm-last-block", is_flag=True, help="Count a fully cached prompt one block short, as vLLM does."),
+        click.option("--gpu-admission", is_flag=True,
+                     help="Let the eviction policy refuse blocks on the GPU tier (an engine's GPU pool cannot: off by "
+                          "default, the policy then only orders GPU evictions; host-tier admission always applies)."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed of the router's tie-breaking."),
         click.option("--config", "configs", multiple=True, type=click.Path(exists=True, dir_okay=False),
                      help="A tuned configuration written by `kvroute tune` (repeatable)."),
@@ -76,7 +79,7 @@ def _base_config(o: dict[str, Any]) -> Any:
         workers=o["workers"], gpu_blocks=o["gpu_blocks"], host_blocks=o["host_blocks"],
         block_tokens=o["block_tokens"], rate_scale=o["rate_scale"], cost=cost, serial=o["serial"],
         vllm_last_block=o["vllm_last_block"], prefill_workers=o["prefill_workers"], seed=o["seed"],
-        event_lag_s=o["event_lag"], chunked_prefill_tokens=o["chunked_prefill"],
+        event_lag_s=o["event_lag"], chunked_prefill_tokens=o["chunked_prefill"], gpu_admission=o["gpu_admission"],
     )
 
 

@@ -86,6 +86,10 @@ class SimConfig:
     serial: bool = False
     #: Count a fully cached prompt as one block short (vLLM recomputes its last block).
     vllm_last_block: bool = False
+    #: Let the eviction policy refuse blocks on the GPU tier.  False (default): as in an engine, whose GPU
+    #: pool holds every block a request computes while it runs; the policy then only orders GPU evictions
+    #: (host-tier admission applies either way).
+    gpu_admission: bool = False
     #: Prefill pool size for prefill/decode disaggregation (0: aggregated workers).
     prefill_workers: int = 0
     #: Most requests decoding at once on a worker (vLLM's max_num_seqs).
@@ -234,7 +238,7 @@ class Simulation:
                 try:
                     cache = TieredCache(
                         self.gpu_blocks, self.host_blocks, policy=_policy_factory(config, requests),
-                        on_event=None,
+                        on_event=None, gpu_admission=config.gpu_admission,
                     )
                 except (TypeError, ValueError) as exc:  # a tuned configuration's unknown or bad parameter
                     raise SimConfigError(f"eviction {config.eviction!r} with {config.eviction_params}: {exc}") from None
