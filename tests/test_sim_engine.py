@@ -289,7 +289,8 @@ def test_belady_future_skips_prompts_dropped_as_too_long(conversation):
     from kvroute.eviction.replay import Request as BlockRequest, replay
 
     reqs, cap = conversation[:400], 40
-    rec = Simulation(reqs, SimConfig(workers=1, eviction="belady", gpu_blocks=cap, host_blocks=0, serial=True)).run()
+    rec = Simulation(reqs, SimConfig(workers=1, eviction="belady", gpu_blocks=cap, host_blocks=0, serial=True,
+                                      gpu_admission=True)).run()  # as the offline replay
     kept = [BlockRequest(r.arrival_s, r.hash_ids) for r in reqs if len(r.hash_ids) <= cap]
     assert rec.dropped == len(reqs) - len(kept) > 0
     assert int(rec.gpu_hit.sum()) == replay(kept, cap, "belady")["stats"]["gpu_hits"]
@@ -308,11 +309,14 @@ def test_blocks_the_cache_refuses_still_hold_kv_while_the_request_runs(monkeypat
     monkeypatch.setitem(eviction.POLICIES, "refuse_all", RefuseAll)
     a = Request(0, 0.0, 12, 11, (1, 2, 3))
     b = Request(1, 0.0, 12, 1, (7, 8, 9))
-    sim = Simulation([a, b], _toy(gpu_blocks=4, eviction="refuse_all"))
+    sim = Simulation([a, b], _toy(gpu_blocks=4, eviction="refuse_all", gpu_admission=True))
     rec = sim.run()
     assert len(sim.workers[0].cache) == 0  # nothing was cached ...
     assert rec.first_token[1] == pytest.approx(rec.finish[0] + TOY.prefill_s(12))  # ... yet B waited for A's KV
     assert sim.workers[0].private == 0
+    engine = Simulation([a, b], _toy(gpu_blocks=4, eviction="refuse_all"))  # default: the GPU pool cannot refuse
+    engine.run()
+    assert len(engine.workers[0].cache) > 0
 
 
 def test_disaggregated_load_balance_is_measured_over_the_prefill_pool():
