@@ -20,6 +20,9 @@ future would be worth to it:
   prompt blocks, fill of the last block, and the gaps to the previous turn and
   the one before it.  It is fitted on the trace itself, so it bounds what online
   learning from these features can reach from above.
+* ``fitted (+ response length)``: the same with the request's output length
+  added, which an engine knows when the request finishes, before its blocks
+  become eviction candidates.
 
 A request's *parent* is the request that last held the deepest block of its
 prompt seen before, unless that block starts more than two distinct
@@ -97,7 +100,9 @@ def structure(rows: list, block_tokens: int = 512) -> dict:
     blocks = np.array([len(r.hash_ids) for r in rows])
     fill = np.array([r.input_length % block_tokens for r in rows])
     feats = np.column_stack([depth, new, blocks, fill, gap1, gap2]).astype(float)
-    return {"parent": parent, "depth": depth, "continued": cont, "features": feats, "blocks": blocks}
+    output = np.array([float(r.output_length) for r in rows])
+    return {"parent": parent, "depth": depth, "continued": cont, "features": feats, "blocks": blocks,
+            "output": output}
 
 
 def auc(score: np.ndarray, y: np.ndarray) -> float:
@@ -133,14 +138,16 @@ def run_labelled(reqs: list[Request], cap: int, labels: list[int], k: int) -> fl
     return st["gpu_hits"] / max(1, st["blocks"])
 
 
-def fitted_scores(info: dict, seed: int) -> np.ndarray | None:
+def fitted_scores(info: dict, seed: int, response: bool = False) -> np.ndarray | None:
+    """Out-of-fold continuation scores from the arrival features (and the response length)."""
     try:
         from sklearn.ensemble import HistGradientBoostingClassifier
         from sklearn.model_selection import cross_val_predict
     except ImportError:
         return None
     clf = HistGradientBoostingClassifier(max_iter=200, learning_rate=0.05, random_state=seed)
-    return cross_val_predict(clf, info["features"], info["continued"], cv=5, method="predict_proba")[:, 1]
+    x = np.column_stack([info["features"], info["output"]]) if response else info["features"]
+    return cross_val_predict(clf, x, info["continued"], cv=5, method="predict_proba")[:, 1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     def add(name: str, hit: float, a_uc: float | None = None) -> None:
         out["rows"].append({"name": name, "auc": None if a_uc is None else round(a_uc, 3), "prefix_hit_ratio": round(hit, 4)})
         if not a.json:
-            print(f"  {name:<24} auc {'-' if a_uc is None else f'{a_uc:.3f}':>5}   hit {hit:.4f}", flush=True)
+            print(f"  {name:<27} auc {'-' if a_uc is None else f'{a_uc:.3f}':>5}   hit {hit:.4f}", flush=True)
 
     if not a.json:
         print(f"{a.trace}: {len(reqs)} requests, capacity {a.capacity:g} = {cap} blocks; "
@@ -191,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
             print("  fitted: skipped, scikit-learn is not installed")
     else:
         add("fitted (arrival features)", run_labelled(reqs, cap, cut(fs, a.classes), a.classes), auc(fs, y))
+        fr = fitted_scores(info, a.seed, response=True)
+        add("fitted (+ response length)", run_labelled(reqs, cap, cut(fr, a.classes), a.classes), auc(fr, y))
     lru = out["rows"][0]["prefix_hit_ratio"]
     bel = out["rows"][2]["prefix_hit_ratio"]
     for r in out["rows"]:
@@ -213,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
               f"AUC {'n/a' if need is None else f'{need:.3f}'}; {out['seconds']} s")
         for r in out["rows"]:
             if r["gap_closed"] is not None and not math.isnan(r["gap_closed"]):
-                print(f"  {r['name']:<24} closes {r['gap_closed']:.0%} of the gap")
+                print(f"  {r['name']:<27} closes {r['gap_closed']:.0%} of the gap")
     return 0
 
 
