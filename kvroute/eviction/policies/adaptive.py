@@ -80,7 +80,7 @@ policy learns, online and from the workload alone:
   summed request by request since the last switch, exceeds ``duel_z`` (2) times
   the root of the summed squared differences.  A switch costs about a cache
   turnover of hits, and on the bundled traces every switch the margin alone
-  allowed came from a lead of a few lucky requests early on, and cost hits.
+  allowed followed a lead that did not last, and cost hits.
   This is set dueling (Qureshi et al., "Adaptive Insertion Policies for High
   Performance Caching", ISCA'07) with full shadow caches in place of leader
   sets (ghost caches as in ARC, Megiddo & Modha FAST'03; experts chosen by
@@ -152,8 +152,9 @@ class Weights:
     #: blocks must be fetched again), so only a clear, lasting lead is worth one.
     duel_margin: float = 0.05
     #: Duel: ... and only when that lead is significant: the expert's surplus of hits over the leader,
-    #: summed request by request (decayed), exceeds ``duel_z`` times the root of the summed squared
-    #: per-request differences (a one-sided sign-free z-test; 0: the margin alone decides).
+    #: summed request by request since the last switch (decayed), exceeds ``duel_z`` times the root of
+    #: the summed squared per-request differences (a one-sided test on the paired differences, their
+    #: mean taken as 0 under the null; 0: the margin alone decides).
     duel_z: float = 2.0
 
     def __post_init__(self) -> None:
