@@ -428,6 +428,15 @@ def test_clear_starts_the_duel_shadows_over_too():
     c.clear(reqs[600].ts)
     assert all(len(sh) == 0 for sh in h._shadows) and len(h._votes) == len(g._votes) == 0
     assert h.scores == scores and len(h._meta) == learned
+    # on its own (candidates still there), the hook recomputes both tiers' votes: every shadow dropped all
+    other = TieredCache(300, 1200, fac, host_policy=fac)
+    for r in reqs[:300]:
+        other.access(r.keys, r.ts)
+    og, oh = other.policies
+    oh.on_clear()
+    for v in (og._votes, oh._votes):
+        v.check_invariants()
+        assert len(v) and all(m == 0b111 for m in v._mask.values())
     c.check_invariants()
     before, shadow_before = c.stats(), h._shadows[0].stats()["gpu_hits"]
     for r in reqs[600:]:

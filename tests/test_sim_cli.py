@@ -37,9 +37,11 @@ def test_sim_json_contract_and_all_routing_policies():
 def test_sim_gpu_admission_is_off_unless_asked():
     """The simulated GPU tier takes every block, as an engine's pool does; --gpu-admission lets the
     policy refuse (adaptive's admission then changes the outcome)."""
-    from kvroute.sim.engine import SimConfig
+    from kvroute.sim.engine import SimConfig, SimConfigError
 
     assert SimConfig().gpu_admission is False
+    with pytest.raises(SimConfigError):
+        SimConfig(gpu_admission="no").validate()
     args = ["sim", "--trace", "conversation", "--limit", "1500", "--workers", "2", "--routing", "kvroute",
             "--eviction", "adaptive", "--gpu-blocks", "300", "--host-blocks", "0", "--json", "--no-progress"]
     off, on = (json.loads(_run(a).stdout)["results"][0] for a in (args, args + ["--gpu-admission"]))

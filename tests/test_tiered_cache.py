@@ -108,6 +108,11 @@ def test_unknown_policy_and_bad_capacity():
         TieredCache(-1)
 
 
+def test_gpu_admission_flag_must_be_a_bool():
+    with pytest.raises(EvictionError):
+        TieredCache(4, gpu_admission="no")
+
+
 def test_gpu_refusal_stores_straight_to_host():
     from kvroute.eviction.policies.lru import LRU
 

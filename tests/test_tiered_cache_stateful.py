@@ -202,10 +202,11 @@ _OTHER = sorted(n for n in POLICIES if n not in ("lru", "belady") and not n.star
 
 
 class AnyPolicyInvariants(RuleBasedStateMachine):
-    @initialize(gpu=st.integers(1, 6), host=st.integers(0, 6), name=st.sampled_from(_OTHER))
-    def setup(self, gpu, host, name):
+    @initialize(gpu=st.integers(1, 6), host=st.integers(0, 6), name=st.sampled_from(_OTHER),
+                gpu_admission=st.booleans())
+    def setup(self, gpu, host, name, gpu_admission):
         self.ix = KVIndex()
-        self.cache = TieredCache(gpu, host, name, on_event=index_follower(self.ix, "w"))
+        self.cache = TieredCache(gpu, host, name, on_event=index_follower(self.ix, "w"), gpu_admission=gpu_admission)
         self.open: list = []
         self.now = 0.0
 
@@ -229,9 +230,22 @@ class AnyPolicyInvariants(RuleBasedStateMachine):
     def hint(self, keys, rate):
         self.cache.hint({k: rate for k in keys})
 
+    @rule()
+    def clear(self):  # an engine's prefix-cache reset; tickets still open release nothing afterwards
+        self.cache.clear(self.now)
+        assert self.cache.blocks() == {}
+        if not self.cache.gpu_admission:
+            assert self.cache.stats()["refused"] == 0
+
     @invariant()
     def consistent(self):
         self.cache.check_invariants()
+        for pol in self.cache.policies:  # adaptive's two tiers follow the duel's shadows
+            if getattr(pol, "_votes", None) is not None:
+                pol._votes.check_invariants()
+                assert set(pol._votes._mask) == set(pol._cand)
+        if not self.cache.gpu_admission:
+            assert self.cache.stats()["refused"] == 0
         blocks = {k: int(t) for k, t in self.cache.blocks().items()}
         assert index_tiers(self.ix) == blocks
         if not self.open:

@@ -282,6 +282,7 @@ class PolicyFreeQueue:
         """vLLM dropped every hash (prefix-cache reset): all free blocks are uncached now."""
         for key in list(self._block_of):
             self.policy.on_remove(key)
+        self.policy.on_clear()
         self._uncached.extend([*self._refused.values(), *self._dups.values(), *self._free.values()])
         for d in (self._refused, self._dups, self._free, self._block_of, self._key_of, self.links):
             d.clear()

@@ -20,6 +20,8 @@ Calls the cache makes (``bind(capacity)`` once, first), in the order they happen
     set_candidate(key, flag)         the block may (True) / may no longer (False) be evicted
     victim() -> key | None           pick one candidate; the cache then removes it
     on_remove(key)                   a block left this tier (evicted, demoted, promoted)
+    on_clear()                       every block left at once (a prefix-cache reset), after
+                                     on_remove(key) for each
     hint(popularity)                 optional: {key: requests per second} from a router's
                                      cluster-wide view (plain data, no router import)
 

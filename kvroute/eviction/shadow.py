@@ -11,7 +11,8 @@ or drops, which this subclass reports through two callbacks.
 A shadow is GPU-only (one tier): a block leaves it only through
 ``TieredCache._remove`` (an eviction drops the victim's subtree block by
 block), and enters it only through ``TieredCache._add``; those are the two
-methods overridden here.
+methods overridden here.  The exception is ``clear()`` (the real cache was
+reset), which reports nothing: its owner then calls :meth:`Votes.rebuild`.
 """
 from __future__ import annotations
 
@@ -128,6 +129,18 @@ class Votes:
         m = self._mask.get(key)
         if m is not None and not m >> i & 1:
             self._move(key, m, m | 1 << i)
+
+    def rebuild(self) -> None:
+        """Recompute every candidate's mask from the shadows (after a shadow changed without reporting
+        it, such as a clear()), and the levels with them."""
+        for key in self._mask:
+            self._mask[key] = sum(1 << i for i, sh in enumerate(self.shadows) if key not in sh)
+        for lv in self._levels:
+            lv.clear()
+        for key, m in self._mask.items():
+            p = self._prio(m)
+            if p:
+                self._levels[p][key] = None
 
     def set_leader(self, leader: int) -> None:
         """Follow shadow ``leader`` from now on (re-sorts every candidate)."""

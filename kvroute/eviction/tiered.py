@@ -130,6 +130,8 @@ class TieredCache:
     ) -> None:
         if not isinstance(gpu_blocks, int) or gpu_blocks < 0 or not isinstance(host_blocks, int) or host_blocks < 0:
             raise EvictionError(f"capacities must be non-negative ints, got {gpu_blocks!r}, {host_blocks!r}")
+        if not isinstance(gpu_admission, bool):
+            raise EvictionError(f"gpu_admission must be a bool, got {gpu_admission!r}")
         gp = _make_policy(policy)
         if host_policy is None:
             if not host_blocks:

@@ -122,6 +122,8 @@ class SimConfig:
             raise SimConfigError("block_tokens and max_batch must be >= 1")
         if self.workers < 1:
             raise SimConfigError("need at least one worker")
+        if not isinstance(self.gpu_admission, bool):
+            raise SimConfigError(f"gpu_admission must be a bool, got {self.gpu_admission!r}")
         if self.prefill_workers < 0 or (self.prefill_workers and self.prefill_workers >= self.workers):
             raise SimConfigError("prefill_workers must leave at least one decode worker")
         if not 0 < self.rate_scale < math.inf:  # also refuses nan

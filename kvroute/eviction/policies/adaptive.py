@@ -152,9 +152,9 @@ class Weights:
     #: blocks must be fetched again), so only a clear, lasting lead is worth one.
     duel_margin: float = 0.05
     #: Duel: ... and only when that lead is significant: the expert's surplus of hits over the leader,
-    #: summed request by request since the last switch (decayed), exceeds ``duel_z`` times the root of
-    #: the summed squared per-request differences (a one-sided test on the paired differences, their
-    #: mean taken as 0 under the null; 0: the margin alone decides).
+    #: summed request by request since the last switch (weighted by ``duel_decay`` per request), exceeds
+    #: ``duel_z`` times the root of the summed squared weighted per-request differences (a one-sided
+    #: test on the paired differences, their mean taken as 0 under the null; 0: the margin alone decides).
     duel_z: float = 2.0
 
     def __post_init__(self) -> None:
@@ -482,7 +482,8 @@ class Adaptive(EvictionPolicy):
     # ------------------------------------------------------------------ duel
     def _duel_setup(self) -> None:
         """The experts (LRU and ARC, fed every hook over the real candidates) and one shadow
-        cache per expert (learned, LRU, ARC) that serves every request on its own."""
+        cache per expert (learned, LRU, ARC) that serves every request on its own.  The learned shadow
+        is built as ``type(self)(self.w, duel=False)``: a subclass that runs a duel must take that call."""
         self._experts = self._shadows = None
         if not self.w.duel or self.tier_role != "host" or self.capacity < 1:
             return
@@ -538,10 +539,11 @@ class Adaptive(EvictionPolicy):
             sc[i] = sc[i] * d + t.hit
             hit[i] = t.hit
         lead = self.leader
+        d2 = d * d  # the squares carry the squared weights (a weighted sum's variance)
         for i in range(len(sc)):
             x = hit[i] - hit[lead]
             su[i] = su[i] * d + x
-            sq[i] = sq[i] * d + x * x
+            sq[i] = sq[i] * d2 + x * x
         best = max(range(len(sc)), key=sc.__getitem__)
         # hysteresis: a switch costs hits, and early leads (few requests, few evictions) are mostly noise
         if sc[best] > sc[lead] * (1.0 + w.duel_margin) and su[best] > w.duel_z * math.sqrt(sq[best]):
@@ -728,10 +730,14 @@ class Adaptive(EvictionPolicy):
 
     def on_clear(self) -> None:
         """The duel's shadows model this cache, so they start over empty too (their policies keep what
-        they learned, and the scores stay: the experts' records on this workload still count)."""
+        they learned, and the scores stay: the experts' records on this workload still count).  A shadow's
+        clear() reports no drops, so both tiers' votes are recomputed (empty after TieredCache.clear(),
+        which removes every candidate first)."""
         if self._shadows is not None:
             for sh in self._shadows:
                 sh.clear()
+            for v in self._listeners:
+                v.rebuild()
 
     def hint(self, popularity: Mapping[Hashable, float]) -> None:
         """Replace the hinted rates (requests/s per block) with ``popularity``."""
