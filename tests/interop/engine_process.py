@@ -40,11 +40,42 @@ START_TIMEOUT_S = 300.0
 REQUEST_TIMEOUT_S = 60.0
 
 
+#: Ports free_port() has handed out in this process (never handed out twice).
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    """Lowest port of the kernel's ephemeral range (ports the OS hands to bind(0) and connect())."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """A TCP port nobody listens on right now (bound and released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port nobody listens on right now, on any interface (engines bind ``tcp://*:port``).
+
+    Picked below the ephemeral range, so that engines starting at the same time cannot take it for their
+    own auto-assigned sockets before the engine it is meant for binds it (a bind(0) port came from that
+    range, and a CI run lost an engine to "Address already in use"), and never the same port twice."""
+    low = _ephemeral_low()
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(max(1024, low - 12000), low)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    with socket.socket() as s:  # fall back on the kernel's choice
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    _HANDED_OUT.add(port)
+    return port
 
 
 def vllm_env_or_reason() -> tuple[str, str] | str:
