@@ -46,6 +46,19 @@ def test_sim_gpu_admission_is_off_unless_asked():
             "--eviction", "adaptive", "--gpu-blocks", "300", "--host-blocks", "0", "--json", "--no-progress"]
     off, on = (json.loads(_run(a).stdout)["results"][0] for a in (args, args + ["--gpu-admission"]))
     assert off["gpu_hit_ratio"] != on["gpu_hit_ratio"]
+    assert off["extra"]["cache_stats"]["refused"] == 0 < on["extra"]["cache_stats"]["refused"]
+    assert "eviction_leaders" not in off["extra"]  # one tier: no duel
+
+
+def test_sim_reports_cache_counters_and_the_duel_leaders():
+    res = _run(["sim", "--trace", "conversation", "--limit", "200", "--workers", "2", "--routing", "kvroute",
+                "--eviction", "adaptive,lru", "--json", "--no-progress"])
+    ad, lru = json.loads(res.stdout)["results"]
+    for r in (ad, lru):
+        st = r["extra"]["cache_stats"]
+        assert st["requests"] == 200 and st["gpu_hits"] + st["host_hits"] <= st["blocks"]
+        assert (st["gpu_hits"] + st["host_hits"]) / st["blocks"] == pytest.approx(r["prefix_hit_ratio"], abs=0.02)
+    assert sum(ad["extra"]["eviction_leaders"].values()) == 2 and "eviction_leaders" not in lru["extra"]
 
 
 def test_sim_table_csv_json_and_plots(tmp_path):

@@ -645,6 +645,25 @@ def _policy_factory(cfg: SimConfig, requests: Sequence[Request]) -> Callable[[],
     return lambda: make_policy(name, **params)
 
 
+def _cache_report(sim: Simulation) -> dict[str, Any]:
+    """The workers' cache counters, summed (``TieredCache.stats()``: hits, inserted, refused, demoted...),
+    and, for a policy that follows a duel of experts (``adaptive`` on two tiers), how many workers' caches
+    ended following each expert."""
+    caches = [w.cache for w in sim.workers if w.cache is not None]
+    totals: dict[str, int] = {}
+    leaders: dict[str, int] = {}
+    for c in caches:
+        for k, v in c.stats().items():
+            totals[k] = totals.get(k, 0) + v
+        lead = c.policies[-1].describe().get("leader") if c.capacity[1] else None
+        if lead is not None:
+            leaders[lead] = leaders.get(lead, 0) + 1
+    out: dict[str, Any] = {"cache_stats": totals}
+    if leaders:
+        out["eviction_leaders"] = leaders
+    return out
+
+
 def simulate(requests: Sequence[Request], config: SimConfig, *, progress: Callable[[int], Any] | None = None) -> Summary:
     """Run one simulation and summarise it."""
     t0 = time.perf_counter()
@@ -658,6 +677,7 @@ def simulate(requests: Sequence[Request], config: SimConfig, *, progress: Callab
         "rate_scale": config.rate_scale,
         "preset": config.cost.name,
         "prefill_workers": config.prefill_workers,
+        **_cache_report(sim),
     })
     s.records = rec  # type: ignore[attr-defined]  # per-request records (not serialised)
     return s
