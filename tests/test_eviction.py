@@ -617,6 +617,48 @@ def test_ceiling_bench_orders_predictors_by_quality(capsys, monkeypatch):
     assert 0 < out["continued_share"] < 1 and out["blocks"] > 0
 
 
+def _open_lifetimes(p):
+    return sum(sum(d.values()) for d in p._open)
+
+
+def test_extend_adds_a_response_to_its_request():
+    """An engine's response blocks (hashed as they are generated) join their request: used once in its
+    class, the prompt's old tail stops being the tail, and a next turn counts their reuse as hits and
+    finds its turn depth through them.  Without extend they would be strangers to the policy."""
+    def turn(extend):
+        p = Adaptive()
+        p.bind(100)
+        p.begin([1, 2, 3], 0.0)
+        nf = p._nf
+        tail_cls = p._meta[3][1]
+        assert tail_cls // nf % 2 == 1
+        if extend:
+            p.extend([1, 2, 3, 4, 5], 3, 1.0)
+            assert p._meta[3][1] == tail_cls - nf  # same request class, no longer the tail
+            assert p._meta[4][1] == tail_cls - nf and p._meta[5][1] == tail_cls and p._meta[5][2] == 1
+            assert p._endof[5] == 1 and p._succ[3] == (4,)
+            p.extend([1, 2, 3, 4, 5], 0, 1.0)  # no-ops
+            p.extend([1, 2, 3, 4, 5], 5, 1.0)
+        assert _open_lifetimes(p) == len(p._meta)
+        before = sum(map(sum, p._hits))
+        p.begin([1, 2, 3, 4, 5, 6, 7], 10.0)  # the next turn
+        assert _open_lifetimes(p) == len(p._meta)
+        return sum(map(sum, p._hits)) - before, p._td
+    assert turn(True) == (5, 2)   # prompt and response reused, second turn
+    assert turn(False) == (3, 2)  # only the prompt counts as reused
+
+
+def test_extend_after_an_engine_stored_the_response_counts_a_first_use():
+    p = Adaptive()
+    p.bind(100)
+    p.begin([1, 2, 3], 0.0)
+    p.on_insert(4, 3, 0.5)  # the engine stored the response block before the request finished
+    assert p._meta[4][2] == 0  # provisional
+    p.extend([1, 2, 3, 4], 3, 1.0)
+    assert p._meta[4][2] == 1 and sum(map(sum, p._hits)) == sum(h[0] for h in p._hits)  # no reuse recorded
+    assert _open_lifetimes(p) == len(p._meta)
+
+
 def test_negative_ages_fall_in_the_first_bin():
     """A lifetime opened in the current time slot before its midpoint, or a clock that went backwards,
     has a negative age: it is age 0, not the oldest bin (bisect would give -1, the last bin)."""

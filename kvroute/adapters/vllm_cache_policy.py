@@ -169,8 +169,9 @@ class KVRouteCachePolicy(CachePolicy):
         blocks were stored, and stores evict: without this, the policy would pick victims with the
         request's own hit prefix still looking old, and learn the request's class too late to admit
         its blocks by it.  The prompt is read from the keys the scheduler registered on the request
-        (``ReqContext``'s key positions, vLLM 0.32); keys registered later (chunked prefill) are not
-        shown again."""
+        (``ReqContext``'s key positions, vLLM 0.32: the prompt's blocks are hashed when the request is
+        created).  The keys registered later, the blocks of its response, reach the policy's ``extend``
+        when the request finishes."""
         rid = getattr(req_context, "req_id", None)
         positions = getattr(req_context, "_offload_key_positions", None)
         if rid is None or not isinstance(positions, dict) or not positions or rid in self._begun:
@@ -207,8 +208,11 @@ class KVRouteCachePolicy(CachePolicy):
         keys = order_request_keys(key_groups, req_context)
         pol = self.policy
         self.stats["requests"] += 1
-        if self._begun.pop(getattr(req_context, "req_id", None), None) is None:
+        shown = self._begun.pop(getattr(req_context, "req_id", None), None)
+        if shown is None:
             pol.begin(keys, now)
+        elif shown < len(keys):  # its response's blocks, hashed as it was generated
+            pol.extend(keys, shown, now)
         prev = None
         touched = []
         for k in keys:

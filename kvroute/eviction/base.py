@@ -22,6 +22,8 @@ Calls the cache makes (``bind(capacity)`` once, first), in the order they happen
     on_remove(key)                   a block left this tier (evicted, demoted, promoted)
     on_clear()                       every block left at once (a prefix-cache reset), after
                                      on_remove(key) for each
+    extend(keys, start, now)         engines only: keys[start:] joined the request's chain
+                                     (its response's blocks)
     hint(popularity)                 optional: {key: requests per second} from a router's
                                      cluster-wide view (plain data, no router import)
 
@@ -81,6 +83,10 @@ class EvictionPolicy:
 
     def begin(self, keys: Sequence[Hashable], now: float) -> None:
         """A request arrives; ``keys`` are all its blocks in chain order."""
+
+    def extend(self, keys: Sequence[Hashable], start: int, now: float) -> None:
+        """``keys[start:]`` joined the chain of the request whose ``keys[:start]`` :meth:`begin` saw (an
+        engine's response blocks, hashed as they are generated); ignored by default."""
 
     def admit(self, key: Hashable, depth: int, now: float) -> bool:
         """Whether a missing block may be cached in this tier (default: always)."""

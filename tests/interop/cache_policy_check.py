@@ -91,6 +91,29 @@ def atomic_probe(cap: int = 4) -> dict:
     return {"atomic": True, "evicted_tail_first": [keys.index(k) for k, _ in got]}
 
 
+def response_probe() -> dict:
+    """A request's response blocks, registered and stored after its prompt's (vLLM hashes them as it
+    generates), reach the policy when the request finishes: used once like the prompt, and the prompt's
+    old last block is no longer the tail."""
+    mgr = CPUOffloadingManager(num_chunks=16, cache_policy="KVRouteAdaptive", cache_policy_module_path=MODULE)
+    prompt = [key_of(2000 + i) for i in range(3)]
+    resp = [key_of(2100 + i) for i in range(2)]
+    ctx = ReqContext(req_id="r", kv_transfer_params={"kvroute_now": 1.0})
+    for i, k in enumerate(prompt):
+        ctx.set_offload_key_position(k, (i + 1) * BLOCK_TOKENS)
+    mgr.on_new_request(ctx)
+    out = mgr.prepare_store(prompt, ctx)
+    mgr.complete_store(out.keys_to_store, ctx)
+    for i, k in enumerate(resp):  # generated later
+        ctx.set_offload_key_position(k, (len(prompt) + i + 1) * BLOCK_TOKENS)
+    out = mgr.prepare_store(resp, ctx)
+    mgr.complete_store(out.keys_to_store, ctx)
+    mgr.on_request_finished(ctx)
+    pol = mgr._policy.policy
+    return {"uses": [pol._meta[k][2] for k in prompt + resp],
+            "tail": [pol._meta[k][1] // pol._nf % 2 for k in (prompt[-1], resp[-1])]}
+
+
 def main(argv: list[str]) -> int:
     n = int(argv[1]) if len(argv) > 1 else 1000
     cut = int(argv[2]) if len(argv) > 2 else 16
@@ -102,6 +125,7 @@ def main(argv: list[str]) -> int:
                          ("KVRouteAdaptive", MODULE)]:
         out[name] = run(name, module, reqs, cap)
     out["probe"] = atomic_probe()
+    out["response_probe"] = response_probe()
     print(json.dumps(out))
     return 0
 

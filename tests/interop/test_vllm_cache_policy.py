@@ -41,3 +41,5 @@ def test_kvroute_cache_policies_in_vllm_offload_manager(vllm_env) -> None:
     assert out["KVRouteARC"]["hit_ratio"] > out["lru"]["hit_ratio"]
     assert out["KVRouteAdaptive"]["stats"]["refused"] > 0
     assert out["probe"] == {"atomic": True, "evicted_tail_first": [3, 2]}
+    # a response's blocks, registered after the first store, are shown to the policy at the end (extend)
+    assert out["response_probe"] == {"uses": [1, 1, 1, 1, 1], "tail": [0, 1]}

@@ -411,15 +411,68 @@ class Adaptive(EvictionPolicy):
                 td = d + 1
         self._td = td
         tdc = self._request_class(keys, now, td, n - m)
+        self._base_cls = tdc * 2 * self._nf
+        self._see(keys, 0, tdc, now)
+        self._ended(keys, td, n, now)
+        self._requests += 1
+        if self._requests % w.refresh_requests == 1:
+            self._refresh(now)
+
+    def extend(self, keys: Sequence[Hashable], start: int, now: float) -> None:
+        """``keys[start:]`` joined the chain of a request whose ``keys[:start]`` :meth:`begin` saw: the
+        blocks of its response, which an engine hashes as it generates them and a next turn reuses.  They
+        are used once by that request, in its class; its old last block stops being its tail, and the
+        request's end marker (turn depth) moves to the new last block.  A no-op unless
+        ``0 < start < len(keys)``."""
+        n = len(keys)
+        if not 0 < start < n:
+            return
+        self._now = now
         nf = self._nf
-        fedges = w.freq_edges
-        self._base_cls = tdc * 2 * nf
+        last_key = keys[start - 1]
+        last = self._meta.get(last_key)
+        td = self._endof.get(last_key, 1)
+        if last is None or last[1] == self._shared_cls:
+            tdc = self._request_class(keys, now, td, n - start)
+        else:
+            c = last[1]
+            tdc = c // (2 * nf)
+            if c // nf % 2:  # it was the prompt's tail: its open lifetime moves to the non-tail class
+                self._reclass(last_key, last, c - nf)
+        self._see(keys, start, tdc, now)
+        self._ended(keys, td, n - start, now)
+
+    def _reclass(self, key: Hashable, m: list, c: int) -> None:
+        """Move ``key``'s open lifetime (ghost entry ``m``) to class ``c``."""
+        old = m[1]
+        self._close(old, m[0])
+        self._life[old] -= 1.0
+        self._life[c] += 1.0
+        op = self._open[c]
+        s = int(m[0] // _SLOT)
+        op[s] = op.get(s, 0) + 1
+        m[1] = c
+        e = self._cand.get(key)
+        if e is not None and e[0] >= 0:
+            self._seq += 1
+            self._cand[key] = (c, self._seq)
+            self._push(self._heaps[c], (m[0], self._seq, key))
+
+    def _see(self, keys: Sequence[Hashable], start: int, tdc: int, now: float) -> None:
+        """Account one use of each of ``keys[start:]`` by a request of class ``tdc`` (``keys[:start]``
+        precede them in the chain): close their previous lifetimes (a reuse, or a provisional entry's first
+        use), open new ones in their class, re-file unpinned candidates, and record successors."""
+        meta, succ = self._meta, self._succ
+        n = len(keys)
+        nf = self._nf
+        fedges = self.w.freq_edges
         hits, life = self._hits, self._life
         shared = self._shared_cls
         cand = self._cand
         slot = int(now // _SLOT)
-        prev = None
-        for i, k in enumerate(keys):
+        prev = keys[start - 1] if start else None
+        for i in range(start, n):
+            k = keys[i]
             old = meta.get(k)
             if old is None:
                 f = 1
@@ -452,11 +505,17 @@ class Adaptive(EvictionPolicy):
                 elif k not in ps and len(ps) < 3:
                     succ[prev] = ps + (k,)
             prev = k
+
+    def _ended(self, keys: Sequence[Hashable], td: int, used: int, now: float) -> None:
+        """After a request's blocks were seen: its end markers (turn depth ``td``), the access count
+        (``used`` blocks; counts are halved every ``half_life_accesses``), and the ghost's bounds."""
+        w, endof = self.w, self._endof
+        n = len(keys)
         if n >= 2:
             endof[keys[-2]] = td
         if n:
             endof[keys[-1]] = td
-        self._accesses += n
+        self._accesses += used
         if self._accesses >= w.half_life_accesses:
             self._accesses = 0
             for c in range(self.nclasses):
@@ -466,11 +525,8 @@ class Adaptive(EvictionPolicy):
                     h[j] *= 0.5
                     g[j] *= 0.5
         self._trim_meta(now)
-        self._trim(succ)
+        self._trim(self._succ)
         self._trim(endof)
-        self._requests += 1
-        if self._requests % w.refresh_requests == 1:
-            self._refresh(now)
 
     def _request_class(self, keys: Sequence[Hashable], now: float, depth: int, new_blocks: int) -> int:
         """Request class (0 .. max_turn_class * (len(new_block_edges) + 1) - 1) of a prompt from its turn
