@@ -119,8 +119,9 @@ class PolicyFreeQueue:
         self._refused_keys: dict[Hashable, int] = {}
         #: Requests whose new blocks from a chain position on are refused: id -> first refused position.
         self._refuse_from: OrderedDict[Any, int] = OrderedDict()
-        #: Requests already announced to the policy (``begin`` once per request).
-        self._begun: OrderedDict[Any, bool] = OrderedDict()
+        #: Requests already announced to the policy (``begin`` once per request): id -> blocks of its chain
+        #: the policy has seen (the prompt's, then each response block ``on_cached`` passes to ``extend``).
+        self._begun: OrderedDict[Any, int] = OrderedDict()
         #: The eviction policy (one instance per pool).
         self.policy = policy
         #: Whether the policy's admission is asked (fixed; the engine install passes ``ENV_ADMISSION``).
@@ -220,7 +221,7 @@ class PolicyFreeQueue:
         self.now = time.monotonic() if now is None else float(now)
         if request_id in self._begun:
             return
-        self._begun[request_id] = True
+        self._begun[request_id] = len(keys)
         if len(self._begun) > 65536:
             self._begun.popitem(last=False)
         self.stats["requests"] += 1
@@ -260,7 +261,14 @@ class PolicyFreeQueue:
             prev = key
 
     def on_cached(self, request_id: Any, blocks: list[Any], lo: int, hi: int) -> None:
-        """vLLM gave blocks ``lo..hi-1`` of a request's chain their hashes."""
+        """vLLM gave blocks ``lo..hi-1`` of a request's chain their hashes.  Those past the prompt
+        ``begin`` showed (its response, hashed as it is generated) are shown to the policy's ``extend``."""
+        shown = self._begun.get(request_id)
+        if shown is not None and shown < hi:
+            keys = [b.block_hash for b in blocks[:hi]]
+            if None not in keys:
+                self.policy.extend(keys, shown, self.now)
+                self._begun[request_id] = hi
         refuse_from = self._refuse_from.get(request_id, hi)
         for i in range(lo, hi):
             b = blocks[i]

@@ -35,11 +35,12 @@ class Pool:
         self.evicted: list[str] = []
         self.rid = 0
 
-    def run(self, keys: list[str], now: float) -> int:
-        """Serve one prompt of len(keys) full blocks; returns vLLM's hit in blocks."""
+    def run(self, keys: list[str], now: float, prompt: int | None = None) -> int:
+        """Serve one prompt of len(keys) full blocks; returns vLLM's hit in blocks.  With ``prompt``, only
+        the first ``prompt`` keys are the prompt (announced at scheduling), the rest its response."""
         self.rid += 1
         rid = self.rid
-        self.q.begin(rid, keys, now)
+        self.q.begin(rid, keys[:prompt], now)
         hit = []
         for k in keys[: len(keys) - 1]:  # vLLM always recomputes the last block of a full hit
             b = self.cached.get(k)
@@ -93,6 +94,19 @@ def test_tail_evicted_first_and_leaves_only() -> None:
     assert p.evicted == ["a/3", "a/2"]
     assert p.run(chain("a", 4), 3.0) == 2  # a/0 and a/1 survived
     assert p.q.stats["fallback_evictions"] == 0
+
+
+def test_response_blocks_join_their_request() -> None:
+    """Blocks vLLM caches past the prompt it announced (the response's) reach the policy's extend: used
+    once in the request's class, the last one the tail; the next turn reuses them as hits."""
+    p = Pool(20, "adaptive")
+    p.run(chain("a", 5), 0.0, prompt=3)
+    pol = p.q.policy
+    assert [pol._meta[k][2] for k in chain("a", 5)] == [1] * 5  # none provisional
+    assert [pol._meta[k][1] // pol._nf % 2 for k in chain("a", 5)] == [0, 0, 0, 0, 1]
+    before = sum(map(sum, pol._hits))
+    assert p.run(chain("a", 7), 10.0) == 5
+    assert sum(map(sum, pol._hits)) - before == 5 and pol._td == 2
 
 
 def test_hit_takes_block_out_of_candidates() -> None:
