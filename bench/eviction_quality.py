@@ -52,7 +52,8 @@ def run_policy(reqs, name: str, gpu: int, host: int, lcs_mode: str, explain: boo
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--trace", default="mooncake_conversation.jsonl", help="path, or a bundled trace name")
+    ap.add_argument("--trace", default="mooncake_conversation.jsonl",
+                    help="path, a bundled trace name, or a generated workload gen:NAME[:k=v,...] (as kvroute sim)")
     ap.add_argument("--capacity", default="0.01,0.05,0.1,0.25", help="shares of the trace's unique blocks")
     ap.add_argument("--policies", default="lru,lfu,lrfu,arc,belady,adaptive")
     ap.add_argument("--host-ratio", type=float, default=0.0, help="host tier size as a multiple of the GPU's")
@@ -70,7 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     if a.host_ratio < 0 or (a.limit is not None and a.limit < 1):
         ap.error("--host-ratio must be >= 0 and --limit >= 1")
     try:
-        reqs = load_trace(a.trace, limit=a.limit)
+        if a.trace.startswith("gen:"):  # a generated workload (kvroute.sim.workloads), e.g. held-out checks
+            from kvroute.eviction.replay import Request
+            from kvroute.sim.workloads import from_spec
+
+            reqs = [Request(r.arrival_s, r.hash_ids) for r in from_spec(a.trace)][: a.limit]
+        else:
+            reqs = load_trace(a.trace, limit=a.limit)
     except TraceError as exc:
         ap.error(str(exc))
     uniq = unique_blocks(reqs)

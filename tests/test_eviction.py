@@ -260,8 +260,16 @@ def test_bench_policy_below_its_smallest_capacity_is_a_usage_error(capsys, monke
     assert "needs at least" in capsys.readouterr().err
 
 
+def test_bench_takes_a_generated_workload(capsys, monkeypatch):
+    """--trace gen:NAME[:k=v] replays one of kvroute sim's generated workloads (the held-out checks)."""
+    assert _bench(monkeypatch, "--trace", "gen:multi_turn_chat:n_sessions=300", "--capacity", "0.05",
+                  "--policies", "lru,adaptive", "--json") == 0
+    out = json.loads(capsys.readouterr().out)
+    assert 0 < out["lru"]["0.05"]["prefix_hit_ratio"] < out["adaptive"]["0.05"]["prefix_hit_ratio"] < 1
+
+
 @pytest.mark.parametrize("args", [["--capacity", "x"], ["--capacity", "0"], ["--trace", "/no/such.jsonl"],
-                                  ["--host-ratio", "-1"]])
+                                  ["--host-ratio", "-1"], ["--trace", "gen:nope"]])
 def test_bench_bad_input_is_a_usage_error(capsys, monkeypatch, args):
     assert _bench(monkeypatch, "--policies", "lru", "--limit", "50", *args) == 2
     assert "error:" in capsys.readouterr().err
