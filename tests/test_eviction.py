@@ -478,11 +478,16 @@ def test_hints_leave_the_duel_order_alone():
     c.check_invariants()
 
 
-def test_adaptive_gpu_follows_host_verdict():
+def _small_two_tier():
+    """A 3 + 12 block two-tier adaptive cache after twelve two-block requests."""
     c = TieredCache(3, 12, "adaptive")
-    g, h = c.policies
     for i in range(12):
         c.access([100 + i, 200 + i], now=float(i))
+    return c, *c.policies
+
+
+def test_adaptive_gpu_follows_host_verdict():
+    c, g, h = _small_two_tier()
     for lead in (1, 2, 0):
         h._set_leader(lead)
         assert g._votes.leader == lead and h._votes.leader == lead
@@ -545,10 +550,7 @@ def test_tiers_drop_first_what_the_leading_shadow_dropped():
     """The follow rule itself, on both tiers and every leader (in the test above the shadows and the
     tiers agree, so Votes never has a victim there): once the leading shadow drops one of a tier's
     candidates, that candidate is the tier's next victim, whatever the tier's own ordering says."""
-    c = TieredCache(3, 12, "adaptive")
-    g, h = c.policies
-    for i in range(12):
-        c.access([100 + i, 200 + i], now=float(i))
+    c, g, h = _small_two_tier()
     for lead in (1, 2, 0):
         h._set_leader(lead)
         sh = h._shadows[lead]

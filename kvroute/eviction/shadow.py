@@ -92,11 +92,7 @@ class Votes:
         """``key`` became a candidate of the tier."""
         if key in self._mask:
             return
-        m = 0
-        for i, sh in enumerate(self.shadows):
-            if key not in sh:
-                m |= 1 << i
-        self._mask[key] = m
+        m = self._mask[key] = self._mask_of(key)
         p = self._prio(m)
         if p:
             self._levels[p][key] = None
@@ -130,11 +126,12 @@ class Votes:
         if m is not None and not m >> i & 1:
             self._move(key, m, m | 1 << i)
 
-    def rebuild(self) -> None:
-        """Recompute every candidate's mask from the shadows (after a shadow changed without reporting
-        it, such as a clear()), and the levels with them."""
-        for key in self._mask:
-            self._mask[key] = sum(1 << i for i, sh in enumerate(self.shadows) if key not in sh)
+    def _mask_of(self, key: Hashable) -> int:
+        """Bitmask of the shadows that do not hold ``key``."""
+        return sum(1 << i for i, sh in enumerate(self.shadows) if key not in sh)
+
+    def _refile(self) -> None:
+        """Put every candidate in its level again (after the leader or the masks changed), O(candidates)."""
         for lv in self._levels:
             lv.clear()
         for key, m in self._mask.items():
@@ -142,17 +139,19 @@ class Votes:
             if p:
                 self._levels[p][key] = None
 
+    def rebuild(self) -> None:
+        """Recompute every candidate's mask from the shadows (after a shadow changed without reporting
+        it, such as a clear()), and the levels with them."""
+        for key in self._mask:
+            self._mask[key] = self._mask_of(key)
+        self._refile()
+
     def set_leader(self, leader: int) -> None:
         """Follow shadow ``leader`` from now on (re-sorts every candidate)."""
         if leader == self.leader:
             return
         self.leader = leader
-        for lv in self._levels:
-            lv.clear()
-        for key, m in self._mask.items():
-            p = self._prio(m)
-            if p:
-                self._levels[p][key] = None
+        self._refile()
 
     def victim(self) -> Hashable | None:
         """The candidate to drop first, or None when every shadow holds every candidate."""

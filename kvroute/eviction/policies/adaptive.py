@@ -375,10 +375,14 @@ class Adaptive(EvictionPolicy):
         request finishes).  begin() then counts the block's use as its first, not as a reuse at age 0.
         It opens a lifetime of class ``c`` from ``t``."""
         m = self._meta[key] = [t, c, 0]
+        self._opened(c, t)
+        return m
+
+    def _opened(self, c: int, t: float) -> None:
+        """A lifetime of class ``c`` starting at ``t`` is open (the twin of :meth:`_close`)."""
         op = self._open[c]
         s = int(t // _SLOT)
         op[s] = op.get(s, 0) + 1
-        return m
 
     def _close(self, c: int, t: float) -> None:
         """A lifetime of class ``c`` that started at ``t`` is no longer open."""
@@ -448,9 +452,7 @@ class Adaptive(EvictionPolicy):
         self._close(old, m[0])
         self._life[old] -= 1.0
         self._life[c] += 1.0
-        op = self._open[c]
-        s = int(m[0] // _SLOT)
-        op[s] = op.get(s, 0) + 1
+        self._opened(c, m[0])
         m[1] = c
         e = self._cand.get(key)
         if e is not None and e[0] >= 0:
