@@ -3,12 +3,14 @@
 
     python bench/eviction_quality.py --trace mooncake_conversation.jsonl \\
         --capacity 0.01,0.05,0.1,0.25 --policies lru,lfu,lrfu,arc,s3fifo,sieve,wtinylfu,belady,adaptive \\
-        [--host-ratio 4] [--limit N] [--json] [--explain]
+        [--host-ratio 4] [--no-gpu-admission] [--limit N] [--json] [--explain]
 
 Each policy replays the trace (requests in order, one cache) at each capacity,
 given as a share of the trace's unique blocks; a request's hit is its longest
 cached prefix.  ``--host-ratio R`` adds a host tier of R x the GPU capacity
-(GPU hits, host hits).  libcachesim's policies (s3fifo, sieve, wtinylfu,
+(GPU hits, host hits).  ``--no-gpu-admission`` makes the GPU tier take every
+block, as an engine's pool must (a block the policy would refuse still displaces
+a victim; policies only order evictions).  libcachesim's policies (s3fifo, sieve, wtinylfu,
 lcs_arc, lcs_lru) are counted by default on libcachesim's own cache with prefix
 semantics (``--lcs-mode presence``: the longest prefix libcachesim holds), or
 followed inside kvroute's cache (``--lcs-mode follow``, always with a host tier).
@@ -35,7 +37,8 @@ from kvroute.traces import TraceError
 JSON_FIELDS = ("prefix_hit_ratio", "gpu_hit_ratio", "host_hit_ratio")
 
 
-def run_policy(reqs, name: str, gpu: int, host: int, lcs_mode: str, explain: bool) -> dict:
+def run_policy(reqs, name: str, gpu: int, host: int, lcs_mode: str, explain: bool,
+               gpu_admission: bool = True) -> dict:
     if name in LIBCACHESIM_POLICIES and lcs_mode == "presence" and not host:
         if name not in POLICIES:
             raise SystemExit(f"{name}: libcachesim is not installed (pip install libcachesim)")
@@ -45,8 +48,8 @@ def run_policy(reqs, name: str, gpu: int, host: int, lcs_mode: str, explain: boo
         return {"prefix_hit_ratio": r["prefix"], "gpu_hit_ratio": r["prefix"], "host_hit_ratio": 0.0,
                 "present_hit_ratio": r["present"]}
     if explain:
-        return miss_breakdown(reqs, gpu, name, host)
-    r = replay(reqs, gpu, name, host)
+        return miss_breakdown(reqs, gpu, name, host, gpu_admission=gpu_admission)
+    r = replay(reqs, gpu, name, host, gpu_admission=gpu_admission)
     return {k: r[k] for k in ("prefix_hit_ratio", "gpu_hit_ratio", "host_hit_ratio")}
 
 
@@ -59,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host-ratio", type=float, default=0.0, help="host tier size as a multiple of the GPU's")
     ap.add_argument("--limit", type=int, default=None, help="replay only the first N requests")
     ap.add_argument("--lcs-mode", choices=("presence", "follow"), default="presence")
+    ap.add_argument("--no-gpu-admission", dest="gpu_admission", action="store_false",
+                    help="the GPU tier takes every block, as an engine's GPU pool must (policies only order "
+                         "evictions); libcachesim's policies in presence mode run on their own cache, unchanged")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--explain", action="store_true", help="attribute the remaining misses (slower)")
     a = ap.parse_args(argv)
@@ -94,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             gpu = capacity_blocks(float(s), uniq)
             host = int(round(a.host_ratio * gpu))
             try:
-                out[n][s] = run_policy(reqs, n, gpu, host, a.lcs_mode, a.explain)
+                out[n][s] = run_policy(reqs, n, gpu, host, a.lcs_mode, a.explain, a.gpu_admission)
             except KVRouteError as exc:  # e.g. a libcachesim policy below its smallest capacity
                 ap.error(f"{n} at capacity {s} ({gpu} blocks): {exc}")
         secs[n] = time.perf_counter() - t0
@@ -104,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
                           for n, cells in out.items()}, indent=1))
         return 0
     print(f"# {a.trace}: {len(reqs)} requests, {sum(len(r.keys) for r in reqs)} block accesses, "
-          f"{uniq} unique blocks; host ratio {a.host_ratio:g}")
+          f"{uniq} unique blocks; host ratio {a.host_ratio:g}"
+          + ("" if a.gpu_admission else "; no GPU admission (an engine's GPU pool)"))
     print("policy".ljust(10) + "".join(f"{s:>22}" for s in shares) + "   seconds")
     for n in names:
         cells = []

@@ -268,6 +268,25 @@ def test_bench_takes_a_generated_workload(capsys, monkeypatch):
     assert 0 < out["lru"]["0.05"]["prefix_hit_ratio"] < out["adaptive"]["0.05"]["prefix_hit_ratio"] < 1
 
 
+def test_bench_no_gpu_admission_models_an_engine_pool(capsys, monkeypatch):
+    """--no-gpu-admission: the GPU takes every block (a refusal still displaces a victim), as in
+    ``replay(..., gpu_admission=False)``; LRU, which refuses nothing, is unchanged."""
+    reqs = load_trace("mooncake_synthetic.jsonl", limit=1500)
+    gpu = capacity_blocks(0.05, unique_blocks(reqs))
+    engine = replay(reqs, gpu, "adaptive", gpu_admission=False)
+    offline = replay(reqs, gpu, "adaptive")
+    assert engine["stats"]["refused"] == 0 < offline["stats"]["refused"]
+    assert engine["prefix_hit_ratio"] != offline["prefix_hit_ratio"]
+    out = {}
+    for flag in ([], ["--no-gpu-admission"]):
+        assert _bench(monkeypatch, "--trace", "mooncake_synthetic.jsonl", "--capacity", "0.05", "--policies",
+                      "lru,adaptive", "--limit", "1500", "--json", *flag) == 0
+        out[bool(flag)] = json.loads(capsys.readouterr().out)
+    assert out[True]["adaptive"]["0.05"]["prefix_hit_ratio"] == engine["prefix_hit_ratio"]
+    assert out[False]["adaptive"]["0.05"]["prefix_hit_ratio"] == offline["prefix_hit_ratio"]
+    assert out[True]["lru"] == out[False]["lru"]
+
+
 @pytest.mark.parametrize("args", [["--capacity", "x"], ["--capacity", "0"], ["--trace", "/no/such.jsonl"],
                                   ["--host-ratio", "-1"], ["--trace", "gen:nope"]])
 def test_bench_bad_input_is_a_usage_error(capsys, monkeypatch, args):

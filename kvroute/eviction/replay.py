@@ -63,10 +63,14 @@ def replay(
     host_blocks: int = 0,
     *,
     on_event: Callable[[Any], Any] | None = None,
+    gpu_admission: bool = True,
 ) -> dict[str, Any]:
-    """Replay requests in order; returns hit ratios (over all blocks) and the cache's counters."""
+    """Replay requests in order; returns hit ratios (over all blocks) and the cache's counters.
+
+    ``gpu_admission=False``: the GPU tier takes every block (an engine's pool, see :class:`TieredCache`)."""
     fac = make_tier_policy(policy, reqs)
-    cache = TieredCache(gpu_blocks, host_blocks, fac, host_policy=fac, on_event=on_event)
+    cache = TieredCache(gpu_blocks, host_blocks, fac, host_policy=fac, on_event=on_event,
+                        gpu_admission=gpu_admission)
     start, finish = cache.start_request, cache.finish_request
     for r in reqs:
         t = start(r.keys, r.ts)
@@ -87,7 +91,8 @@ MISS_AGE_BINS = ((30.0, "<30s"), (120.0, "30-120s"), (480.0, "120-480s"), (float
 
 
 def miss_breakdown(
-    reqs: Sequence[Request], gpu_blocks: int, policy: str = "lru", host_blocks: int = 0
+    reqs: Sequence[Request], gpu_blocks: int, policy: str = "lru", host_blocks: int = 0, *,
+    gpu_admission: bool = True,
 ) -> dict[str, Any]:
     """:func:`replay` plus where the misses come from, as shares of all block accesses.
 
@@ -97,7 +102,7 @@ def miss_breakdown(
     since their previous use (``evicted <30s`` ...).  ``hit + cold + the rest = 1``.
     """
     fac = make_tier_policy(policy, reqs)
-    cache = TieredCache(gpu_blocks, host_blocks, fac, host_policy=fac)
+    cache = TieredCache(gpu_blocks, host_blocks, fac, host_policy=fac, gpu_admission=gpu_admission)
     last: dict[int, float] = {}
     refused_at: set[int] = set()
     miss: dict[str, int] = {"cold": 0, "not admitted": 0}
