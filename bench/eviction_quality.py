@@ -10,8 +10,8 @@ given as a share of the trace's unique blocks; a request's hit is its longest
 cached prefix.  ``--host-ratio R`` adds a host tier of R x the GPU capacity
 (GPU hits, host hits).  ``--no-gpu-admission`` makes the GPU tier take every
 block, as an engine's pool must (a block the policy would refuse still displaces
-a victim; policies only order evictions).  libcachesim's policies (s3fifo, sieve, wtinylfu,
-lcs_arc, lcs_lru) are counted by default on libcachesim's own cache with prefix
+a victim; policies only order evictions).  libcachesim's policies (s3fifo,
+sieve, wtinylfu, lcs_arc, lcs_lru) are counted by default on libcachesim's own cache with prefix
 semantics (``--lcs-mode presence``: the longest prefix libcachesim holds), or
 followed inside kvroute's cache (``--lcs-mode follow``, always with a host tier).
 
