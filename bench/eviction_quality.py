@@ -11,9 +11,10 @@ cached prefix.  ``--host-ratio R`` adds a host tier of R x the GPU capacity
 (GPU hits, host hits).  ``--no-gpu-admission`` makes the GPU tier take every
 block, as an engine's pool must (a block the policy would refuse still displaces
 a victim; policies only order evictions).  libcachesim's policies (s3fifo,
-sieve, wtinylfu, lcs_arc, lcs_lru) are counted by default on libcachesim's own cache with prefix
-semantics (``--lcs-mode presence``: the longest prefix libcachesim holds), or
-followed inside kvroute's cache (``--lcs-mode follow``, always with a host tier).
+sieve, wtinylfu, lcs_arc, lcs_lru) are counted by default on libcachesim's own
+cache with prefix semantics (``--lcs-mode presence``: the longest prefix
+libcachesim holds), or followed inside kvroute's cache (``--lcs-mode follow``,
+always with a host tier).
 
 ``--json`` prints ``{policy: {capacity: {"prefix_hit_ratio": x, "gpu_hit_ratio": y,
 "host_hit_ratio": z}}}``; otherwise a table, the share of the LRU-to-Belady gap
