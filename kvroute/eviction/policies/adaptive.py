@@ -755,7 +755,10 @@ class Adaptive(EvictionPolicy):
         best_v = best_t = best_hd = math.inf
         now = self._now
         q = self.w.density_quantum
+        heaps = self._heaps
         for c in range(-1, self.nclasses):
+            if not (heaps[c] if c >= 0 else self._hint_heap):  # most classes have no candidate
+                continue
             e = self._head(c)
             if e is None:
                 continue
