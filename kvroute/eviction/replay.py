@@ -56,6 +56,14 @@ def make_tier_policy(name: str, reqs: Sequence[Request]) -> Callable[[], Evictio
     return lambda: make_policy(name)
 
 
+def _replay_cache(reqs: Sequence[Request], gpu_blocks: int, policy: str, host_blocks: int,
+                  gpu_admission: bool, on_event: Callable[[Any], Any] | None = None) -> TieredCache:
+    """The cache :func:`replay` and :func:`miss_breakdown` run: ``policy`` on both tiers."""
+    fac = make_tier_policy(policy, reqs)
+    return TieredCache(gpu_blocks, host_blocks, fac, host_policy=fac, on_event=on_event,
+                       gpu_admission=gpu_admission)
+
+
 def replay(
     reqs: Sequence[Request],
     gpu_blocks: int,
@@ -68,9 +76,7 @@ def replay(
     """Replay requests in order; returns hit ratios (over all blocks) and the cache's counters.
 
     ``gpu_admission=False``: the GPU tier takes every block (an engine's pool, see :class:`TieredCache`)."""
-    fac = make_tier_policy(policy, reqs)
-    cache = TieredCache(gpu_blocks, host_blocks, fac, host_policy=fac, on_event=on_event,
-                        gpu_admission=gpu_admission)
+    cache = _replay_cache(reqs, gpu_blocks, policy, host_blocks, gpu_admission, on_event)
     start, finish = cache.start_request, cache.finish_request
     for r in reqs:
         t = start(r.keys, r.ts)
@@ -101,8 +107,7 @@ def miss_breakdown(
     (the policy refused them at their previous use), or evicted, by the time
     since their previous use (``evicted <30s`` ...).  ``hit + cold + the rest = 1``.
     """
-    fac = make_tier_policy(policy, reqs)
-    cache = TieredCache(gpu_blocks, host_blocks, fac, host_policy=fac, gpu_admission=gpu_admission)
+    cache = _replay_cache(reqs, gpu_blocks, policy, host_blocks, gpu_admission)
     last: dict[int, float] = {}
     refused_at: set[int] = set()
     miss: dict[str, int] = {"cold": 0, "not admitted": 0}
