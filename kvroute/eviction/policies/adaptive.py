@@ -455,10 +455,8 @@ class Adaptive(EvictionPolicy):
         self._opened(c, m[0])
         m[1] = c
         e = self._cand.get(key)
-        if e is not None and e[0] >= 0:
-            self._seq += 1
-            self._cand[key] = (c, self._seq)
-            self._push(self._heaps[c], (m[0], self._seq, key))
+        if e is not None and e[0] >= 0:  # a candidate in a class heap (hinted ones wait in the hint heap)
+            self._file(key)
 
     def _see(self, keys: Sequence[Hashable], start: int, tdc: int, now: float) -> None:
         """Account one use of each of ``keys[start:]`` by a request of class ``tdc`` (``keys[:start]``
