@@ -30,12 +30,12 @@ from .policies import (
 )
 from .policy import Policy
 from .router import DEFAULT_PENDING_TTL_S, Router
-from .types import Candidate, Choice, Decision, FleetView, Role, RouteRequest, WorkerState, WorkerStatus
+from .types import Candidate, Choice, Decision, FleetView, Role, RouteHints, RouteRequest, WorkerState, WorkerStatus
 
 __all__ = [
     "Router", "Decision", "POLICIES", "Policy", "KVRouteWeights", "DynamoWeights", "SGLangWeights",
     "LLMDWeights", "PrebleWeights", "DecodeWeights", "PendingPrefixes", "Candidate", "Choice", "FleetView",
-    "RouteRequest", "Role", "WorkerState", "WorkerStatus", "RouterError", "NoHealthyWorkerError",
+    "RouteRequest", "RouteHints", "Role", "WorkerState", "WorkerStatus", "RouterError", "NoHealthyWorkerError",
     "UnknownRequestError", "DuplicateRequestError", "UnknownPolicyError", "UnknownWorkerError",
     "DEFAULT_PENDING_TTL_S",
 ]

@@ -23,7 +23,7 @@ import heapq
 import random
 import threading
 import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Collection, Iterable, Sequence
 
 import numpy as np
 
@@ -34,7 +34,7 @@ from .errors import DuplicateRequestError, NoHealthyWorkerError, UnknownPolicyEr
 from .pending import PendingPrefixes
 from .policies import POLICIES
 from .policy import Policy
-from .types import Candidate, Decision, FleetView, Role, RouteRequest, WorkerState, WorkerStatus
+from .types import Candidate, Decision, FleetView, Role, RouteHints, RouteRequest, WorkerState, WorkerStatus
 
 #: llm-d's speculative-entry lifetime (BRIEF section 4).
 DEFAULT_PENDING_TTL_S = 2.0
@@ -266,14 +266,30 @@ class Router:
         lora_name: str | None = None,
         cache_salt: str | None = None,
         mm_hashes: Iterable[Any] | None = None,
+        hints: RouteHints | None = None,
+        exclude: Collection[Any] = (),
     ) -> Decision:
         """Hash a prompt (same scheme as the index) and :meth:`route_hashes` it."""
         hs = block_hash_list(token_ids, self.block_size, lora_name=lora_name, cache_salt=cache_salt, mm_hashes=mm_hashes)
         n = token_ids.size if isinstance(token_ids, np.ndarray) else len(token_ids)
-        return self.route_hashes(hs, num_tokens=int(n), request_id=request_id)
+        return self.route_hashes(hs, num_tokens=int(n), request_id=request_id, hints=hints, exclude=exclude)
 
-    def route_hashes(self, hashes: Sequence[int] | np.ndarray, *, num_tokens: int, request_id: Any) -> Decision:
-        """Route a prompt given its chained content hashes (one per full block) and its length."""
+    def route_hashes(
+        self,
+        hashes: Sequence[int] | np.ndarray,
+        *,
+        num_tokens: int,
+        request_id: Any,
+        hints: RouteHints | None = None,
+        exclude: Collection[Any] = (),
+    ) -> Decision:
+        """Route a prompt given its chained content hashes (one per full block) and its length.
+
+        ``hints``: client hints, handed to the policy in :class:`RouteRequest` and
+        returned in the :class:`Decision`.  ``exclude``: workers not to choose for
+        this request (a caller retrying after a worker failed it); they stay
+        healthy for other requests.
+        """
         hs = hashes.tolist() if isinstance(hashes, np.ndarray) else hashes
         if num_tokens < 0:
             raise ValueError("num_tokens must be >= 0")
@@ -289,6 +305,8 @@ class Router:
             if request_id in self._requests:
                 raise DuplicateRequestError(f"request {request_id!r} is already in flight")
             prefill_pool, decode_pool = self._pools()
+            if exclude:
+                prefill_pool = [s for s in prefill_pool if s.id not in exclude]
             if not prefill_pool:
                 raise NoHealthyWorkerError("no healthy worker can take a prefill")
             if self._disaggregated and not decode_pool:
@@ -308,7 +326,7 @@ class Router:
                     cands.append(Candidate(s, pd, ov.gpu, ov.host, ov.disk, pd - ov.total))
                 else:
                     cands.append(Candidate(s, ov.total, ov.gpu, ov.host, ov.disk, 0))
-            req = RouteRequest(request_id, num_tokens, nb, bs)
+            req = RouteRequest(request_id, num_tokens, nb, bs, hints)
             fleet = FleetView(cands, self._rng, now)
             choice = self.policy.choose(req, fleet)
             chosen = next((c for c in cands if c.worker == choice.worker), None)
@@ -344,6 +362,7 @@ class Router:
                 prefill_worker=ps.id if self._disaggregated else None,
                 decode_worker=ds.id if self._disaggregated else None,
                 decode_costs=decode_costs,
+                hints=hints,
             )
 
     def _commit(self, rid: Any, ps: WorkerState, ds: WorkerState, uncached: int, nb: int, now: float) -> None:

@@ -158,6 +158,25 @@ class RouteRequest:
     num_blocks: int
     #: Tokens per KV block.
     block_size: int
+    #: Client hints (session id, user, expected return), plain data; None when the caller gave none.
+    hints: "RouteHints | None" = None
+
+
+@dataclass(frozen=True, slots=True)
+class RouteHints:
+    """What a client says about a request beyond its prompt, passed as plain data.
+
+    Set by the serving path (``x-session-id`` header, the OpenAI ``user`` field)
+    or a library caller; policies may read it, and whoever wires the eviction
+    side can hand it on (the router never interprets it itself).
+    """
+
+    #: The client's conversation/session id (``x-session-id``), if any.
+    session_id: str | None = None
+    #: The OpenAI ``user`` field, if any.
+    user: str | None = None
+    #: Seconds until the client expects to send this session's next request, if it said.
+    expected_return_s: float | None = None
 
 
 @dataclass(slots=True)
@@ -214,6 +233,8 @@ class Decision:
     decode_worker: WorkerId | None = None
     #: Decode-pool costs, when pools are disaggregated.
     decode_costs: dict[Any, float] = field(default_factory=dict)
+    #: The client hints the request was routed with (None: none given).
+    hints: RouteHints | None = None
 
     @property
     def predicted_by_tier(self) -> dict[str, int]:

