@@ -1,4 +1,4 @@
-"""The ``kvroute`` command line: ``sim``, ``tune``, ``serve`` and ``demo``.
+"""The ``kvroute`` command line: ``sim``, ``tune``, ``serve``, ``proxy`` and ``demo``.
 
 Subcommands are loaded lazily from the package that owns them, so ``kvroute
 --help`` stays fast and the CLI module imports nothing heavy.
@@ -15,6 +15,7 @@ LAZY_COMMANDS = {
     "tune": "kvroute.sim.cli:tune",
     "serve": "kvroute.sidecar.cli:serve",
     "demo": "kvroute.demo:demo",
+    "proxy": "kvroute.serving.cli:proxy",
 }
 
 
