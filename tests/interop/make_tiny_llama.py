@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 #: Vocabulary size of the trained tokenizer; the driver draws token ids below it.
 VOCAB_SIZE = 512
@@ -41,11 +42,10 @@ CHAT_TEMPLATE = (
 )
 
 
-def build(out: Path) -> None:
-    """Write tokenizer files, config and random weights to ``out``."""
-    import torch
+def build_tokenizer(out: Path) -> Any:
+    """Train the tokenizer and write its files (and the chat template) to ``out``; no torch needed."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -71,15 +71,26 @@ def build(out: Path) -> None:
     fast.chat_template = CHAT_TEMPLATE
     out.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(out))
+    return fast
+
+
+def build(out: Path, *, hidden_size: int = 128, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+          intermediate_size: int = 256, max_positions: int = 8192) -> None:
+    """Write tokenizer files, config and random weights to ``out`` (the defaults: the interop model;
+    ``bench/real_cluster.py`` asks for a larger one so that prefill dominates)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    fast = build_tokenizer(out)
     cfg = LlamaConfig(
         vocab_size=len(fast),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        max_position_embeddings=8192,  # trace replays send prompts of up to ~7.7k tokens
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=hidden_size // heads,
+        max_position_embeddings=max_positions,  # trace replays send prompts of up to ~7.7k tokens
         bos_token_id=1,
         eos_token_id=2,
         torch_dtype="bfloat16",
@@ -90,8 +101,13 @@ def build(out: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
+    """usage: make_tiny_llama.py OUT_DIR [hidden_size layers heads kv_heads intermediate_size]"""
     out = Path(argv[1] if len(argv) > 1 else "tinyllama")
-    build(out)
+    if len(argv) > 2:
+        h, l, a, kv, inter = (int(x) for x in argv[2:7])
+        build(out, hidden_size=h, layers=l, heads=a, kv_heads=kv, intermediate_size=inter)
+    else:
+        build(out)
     print(f"tiny llama written to {out}", file=sys.stderr)
     return 0
 
