@@ -125,8 +125,8 @@ class Proxy:
         #: Prediction check totals (also in /metrics), for tests and the bench.
         self.checked = 0
         self.exact = 0
-        #: Last few mismatches (request id, predicted, reported), for debugging.
-        self.mismatches: list[tuple[str, int, int]] = []
+        #: Last few mispredictions (request id, engine, predicted, reported), shown in /health.
+        self.mismatches: list[tuple[str, str, int, int]] = []
 
     # -------------------------------------------------------------- app
     def app(self) -> web.Application:
@@ -175,12 +175,15 @@ class Proxy:
 
     def health_doc(self) -> dict[str, Any]:
         stale = {str(w) for w in self.events.stale_workers()} if self.events is not None else set()
+        streams = self.events.metrics().get("workers", {}) if self.events is not None else {}
         engines = []
         for spec in self.pool.specs:
             h = self.pool.health[spec.name]
+            st = streams.get(spec.name) or {}
             engines.append({"name": spec.name, "url": spec.url, "healthy": not h.unhealthy,
                             "consecutive_failures": h.consecutive_failures, "reason": h.reason or None,
-                            "events": spec.events is not None, "events_stale": spec.name in stale})
+                            "events": spec.events is not None, "events_stale": spec.name in stale,
+                            "event_batches": st.get("batches", 0), "events_replaying": bool(st.get("replaying"))})
         healthy = [e for e in engines if e["healthy"]]
         reasons = [f"{e['name']}: unhealthy ({e['reason']})" for e in engines if not e["healthy"]]
         reasons += [f"{e['name']}: KV events lost, index not trusted" for e in engines if e["events_stale"]]
@@ -188,7 +191,9 @@ class Proxy:
                     for e in engines if not e["events"]]
         status = "down" if not healthy else ("degraded" if reasons else "ok")
         return {"status": status, "reasons": reasons, "engines": engines, "in_flight": self.router.in_flight(),
-                "prediction_checked": self.checked, "prediction_exact": self.exact}
+                "prediction_checked": self.checked, "prediction_exact": self.exact,
+                "recent_mispredictions": [{"request_id": r, "engine": w, "predicted": p, "reported": c}
+                                          for r, w, p, c in self.mismatches[-10:]]}
 
     async def metrics_page(self, request: web.Request) -> web.Response:
         self.metrics.healthy_engines.set(len(self.router.healthy_workers()))
@@ -410,7 +415,7 @@ class Proxy:
             self.metrics.prediction_exact.inc()
             self.exact += 1
         else:
-            self.mismatches = (self.mismatches + [(req.rid, predicted, cached)])[-50:]
+            self.mismatches = (self.mismatches + [(req.rid, str(req.decision.worker), predicted, cached)])[-50:]
 
 
 def predicted_engine_cached(decision: Any, n_tokens: int, block_size: int) -> int:

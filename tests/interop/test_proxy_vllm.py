@@ -181,19 +181,23 @@ def test_proxy_predictions_equal_engine_cached_tokens(engines: list[ServeProcess
     proxy = ProxyProcess(engines)
     try:
         system = "you are a helpful assistant. " + _text(random.Random(0), 120)
-        # the shared system prompt first, alone: concurrent first uses of one prefix race the engine's events
-        for i in range(2):
-            st, _ = proxy.post("/v1/chat/completions", {"model": "tiny", "max_tokens": 2,
-                                                        "messages": [{"role": "system", "content": system},
-                                                                     {"role": "user", "content": f"warm {i}"}]})
-            assert st == 200
+        # The shared system prompt is cached on both engines first (directly, not through the proxy), and the
+        # proxy has applied those events: two concurrent first uses of one prefix on one engine race the
+        # engine's own events (the second may hit blocks the first computed a moment ago), which no router
+        # can predict; that case is measured by bench/real_cluster.py, not asserted here.
+        for e in engines:  # chats and completions render the system text differently: warm both forms
+            e.post("/v1/chat/completions", {"model": "tiny", "max_tokens": 1, "messages": [
+                {"role": "system", "content": system}, {"role": "user", "content": "warm"}]})
+            e.post("/v1/completions", {"model": "tiny", "max_tokens": 1, "prompt": system + " warm"})
+        wait_until(lambda: all(x["event_batches"] > 0 and not x["events_replaying"]
+                               for x in proxy.health()["engines"]), 30, "the warm-up's events")
         with ThreadPoolExecutor(6) as ex:
             results = list(ex.map(lambda s: _session(proxy, s, system, 6), range(12)))
-        n = 2 + sum(len(r) for r in results)
+        n = sum(len(r) for r in results)
         h = proxy.health()
         assert h["in_flight"] == 0
         assert h["prediction_checked"] == n, h
-        assert h["prediction_exact"] == n, (h, proxy.stop())
+        assert h["prediction_exact"] == n, json.dumps(h["recent_mispredictions"])
         assert proxy.metric("kvroute_proxy_prompt_token_mismatch_total") == 0
         hits = proxy.metric("kvroute_proxy_prediction_error_tokens_count")
         assert hits == n
