@@ -138,7 +138,9 @@ def test_shared_prefixes_stick_and_load_is_released(tokenizer_dir):
             for fam in range(4):
                 ids = tok.encode_chat(_conversation(fam, 0))
                 held = {w: ov.total for w, ov in g.router.index.match(block_hash_list(ids, BLOCK)).items() if ov.total}
-                assert held == {first[fam]: len(ids) // BLOCK}, (fam, held)
+                # the whole prompt on the backend that answered; at most the shared system-prompt head elsewhere
+                assert held.pop(first[fam]) == len(ids) // BLOCK, (fam, held)
+                assert all(n < len(ids) // BLOCK for n in held.values()), (fam, held)
             # follow-up turns of each conversation, concurrently: they stick to their backend
             calls = [router.acompletion(model=MODEL, messages=_conversation(fam, turns))
                      for turns in (1, 2) for fam in range(4)]
