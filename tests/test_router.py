@@ -386,3 +386,18 @@ def test_membership_changes_concurrent_with_routing():
     t.join()
     assert not errors
     r.index.check_invariants()
+
+
+def test_route_exclude_skips_workers_for_one_request_only() -> None:
+    from kvroute.router import NoHealthyWorkerError, RouteHints
+
+    r = Router(["a", "b"], 16, policy="round_robin")
+    toks = list(range(64))
+    assert r.route(toks, request_id=1, exclude={"a"}).worker == "b"
+    assert r.route(toks, request_id=2, exclude={"b"}).worker == "a"
+    with pytest.raises(NoHealthyWorkerError):
+        r.route(toks, request_id=3, exclude={"a", "b"})
+    assert r.in_flight() == 2  # the refused request left nothing behind
+    d = r.route(toks, request_id=4, hints=RouteHints(session_id="s1", user="u"))
+    assert d.hints == RouteHints(session_id="s1", user="u")
+    assert sorted(r.healthy_workers()) == ["a", "b"]

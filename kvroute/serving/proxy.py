@@ -175,7 +175,9 @@ class Proxy:
 
     def health_doc(self) -> dict[str, Any]:
         stale = {str(w) for w in self.events.stale_workers()} if self.events is not None else set()
-        streams = self.events.metrics().get("workers", {}) if self.events is not None else {}
+        em = self.events.metrics() if self.events is not None else {}
+        streams = em.get("workers", {})
+        lag = em.get("lag_seconds") or {}
         engines = []
         for spec in self.pool.specs:
             h = self.pool.health[spec.name]
@@ -192,6 +194,7 @@ class Proxy:
         status = "down" if not healthy else ("degraded" if reasons else "ok")
         return {"status": status, "reasons": reasons, "engines": engines, "in_flight": self.router.in_flight(),
                 "prediction_checked": self.checked, "prediction_exact": self.exact,
+                "event_lag_s": {"mean": lag["sum"] / lag["count"] if lag.get("count") else None, "max": lag.get("max")},
                 "recent_mispredictions": [{"request_id": r, "engine": w, "predicted": p, "reported": c}
                                           for r, w, p, c in self.mismatches[-10:]]}
 
