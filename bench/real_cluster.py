@@ -314,7 +314,7 @@ def main() -> int:
     max_len = max(len(p) for p in prompts) + args.max_output + 64
     log(f"slice: {len(reqs)} requests over {reqs[-1].arrival_s / args.rate_scale:.0f} s, prompts up to {max_len} tokens")
     extra = ["--num-gpu-blocks-override", str(args.gpu_blocks), "--max-num-batched-tokens", str(args.max_batched_tokens),
-             "--max-num-seqs", "64"]
+             "--max-num-seqs", "64", "--enforce-eager"]
     engines = [ServeProcess(py, model, port=free_port(), events_port=free_port(), replay_port=free_port(),
                             block_size=VLLM_BLOCK, max_model_len=max(4096, max_len), extra_args=extra,
                             env={"VLLM_SERVER_DEV_MODE": "1"}).start() for _ in range(args.engines)]

@@ -37,8 +37,9 @@ BLOCK = 32
 
 
 def _engine(py: str, model: str) -> ServeProcess:
+    # --enforce-eager: no torch.compile warm-up, so a start (and the restart below) takes seconds, not minutes
     return ServeProcess(py, model, port=free_port(), events_port=free_port(), replay_port=free_port(),
-                        block_size=BLOCK, max_model_len=4096)
+                        block_size=BLOCK, max_model_len=4096, extra_args=["--enforce-eager"])
 
 
 @pytest.fixture(scope="module")
@@ -242,7 +243,7 @@ def test_engine_killed_mid_run_then_restarted(engines: list[ServeProcess]) -> No
         wait_until(lambda: len(statuses) >= mark + 20, 120, "traffic continuing on e0")
         assert all(s == 200 for s in statuses[mark:]), statuses[mark:]
         routed_e1 = proxy.metric('kvroute_proxy_routed_total{engine="e1"}')
-        victim.start().wait_ready()
+        victim.start().wait_ready(400)
         wait_until(lambda: proxy.health()["engines"][1]["healthy"], 30, "e1 probed back")
         wait_until(lambda: proxy.metric('kvroute_proxy_routed_total{engine="e1"}') > routed_e1 + 3, 120,
                    "e1 used again")
