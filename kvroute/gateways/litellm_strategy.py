@@ -60,20 +60,29 @@ FAILED_KEY = "kvroute_failed_deployments"
 
 
 class HFTokenizer:
-    """The engine's tokenization from a local Hugging Face model directory (vLLM's way; no download)."""
+    """The engine's tokenization from a local Hugging Face model directory (no download).
+
+    A thin face over :class:`kvroute.serving.tokenize.EngineTokenizer`, which
+    renders messages exactly as vLLM does (content normalisation, tool dumps,
+    the chat template); the proxy and this strategy share it.
+    """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        from transformers import AutoTokenizer
+        from ..serving.tokenize import EngineTokenizer
 
+        #: The shared engine tokenizer (read-only).
+        self.engine = EngineTokenizer.from_pretrained(path)
         #: The transformers tokenizer (read-only).
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        self.tokenizer = self.engine.hf
 
     def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        body: dict[str, Any] = {"messages": messages}
+        if tools:
+            body["tools"] = tools
+        return self.engine.encode_chat(body)
 
     def encode_prompt(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text))
+        return self.engine.encode_completion({"prompt": text})[0]
 
 
 def _chat_encoder(tokenize: Any) -> Callable[[list[dict], Any], Sequence[int]]:
