@@ -53,6 +53,8 @@ from engine_process import free_port  # noqa: E402
 from serve_process import ServeProcess  # noqa: E402
 
 VLLM_BLOCK = 32
+#: Token ids are drawn from [10, VOCAB) (set from the model's config: the trained vocabulary is small).
+VOCAB = 350
 
 
 def log(*a: Any) -> None:
@@ -223,7 +225,7 @@ def fit_cost(engine: ServeProcess, model_dir: str, gpu_blocks: int) -> tuple[Any
     ns, ts = [], []
     for n in (128, 512, 1024, 2048, 3072, 4000):
         for _ in range(2):
-            ids = [rng.randrange(10, 500) for _ in range(n)]
+            ids = [rng.randrange(10, VOCAB) for _ in range(n)]
             t0 = time.perf_counter()
             post(engine.url + "/v1/completions", {"model": "tiny", "prompt": ids, "max_tokens": 1})
             ns.append(n)
@@ -240,7 +242,7 @@ def fit_cost(engine: ServeProcess, model_dir: str, gpu_blocks: int) -> tuple[Any
             import aiohttp
 
             async with aiohttp.ClientSession() as s:
-                bodies = [{"model": "tiny", "prompt": [rng.randrange(10, 500) for _ in range(64)], "max_tokens": 33,
+                bodies = [{"model": "tiny", "prompt": [rng.randrange(10, VOCAB) for _ in range(64)], "max_tokens": 33,
                            "ignore_eos": True, "stream": True} for _ in range(batch)]
                 return list(await asyncio.gather(*(stream_one(s, engine.url + "/v1/completions", x) for x in bodies)))
         rs = asyncio.run(run())
@@ -272,7 +274,7 @@ def proxy_overhead(engine: ServeProcess, n: int = 30) -> dict[str, Any]:
             direct, via = [], []
             async with aiohttp.ClientSession() as s:
                 for i in range(2 * n):
-                    body = {"model": "tiny", "prompt": [rng.randrange(10, 500) for _ in range(64)], "max_tokens": 1,
+                    body = {"model": "tiny", "prompt": [rng.randrange(10, VOCAB) for _ in range(64)], "max_tokens": 1,
                             "stream": True}
                     url = engine.url if i % 2 == 0 else p.url
                     r = await stream_one(s, url + "/v1/completions", body)
@@ -310,7 +312,10 @@ def main() -> int:
     py = vllm_python()
     model = bench_model(py, args.hidden, args.layers)
     trace = resolve_trace(args.trace)
-    reqs, prompts = load_slice(trace, args.start, args.requests, args.block_tokens, args.max_blocks, args.max_output)
+    global VOCAB
+    VOCAB = json.loads(Path(model, "config.json").read_text())["vocab_size"]
+    reqs, prompts = load_slice(trace, args.start, args.requests, args.block_tokens, args.max_blocks, args.max_output,
+                               vocab=VOCAB)
     max_len = max(len(p) for p in prompts) + args.max_output + 64
     log(f"slice: {len(reqs)} requests over {reqs[-1].arrival_s / args.rate_scale:.0f} s, prompts up to {max_len} tokens")
     extra = ["--num-gpu-blocks-override", str(args.gpu_blocks), "--max-num-batched-tokens", str(args.max_batched_tokens),
