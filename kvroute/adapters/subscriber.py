@@ -47,6 +47,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import logging
+import os
 import queue
 import threading
 import time
@@ -92,6 +93,16 @@ def _check_endpoint(ctx: zmq.Context, endpoint: str) -> None:
     """
     if "://*" in endpoint:
         raise EndpointError(f"{endpoint!r} is a bind address; give the engine's host to connect to")
+    scheme, sep, rest = endpoint.partition("://")
+    if scheme == "tcp" and sep:
+        # ZMQ connects to ports nothing can listen on (0, above 65535) and retries forever
+        host, colon, port = rest.rpartition(":")
+        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise EndpointError(f"{endpoint!r}: a tcp endpoint is tcp://HOST:PORT with PORT in 1..65535")
+    elif scheme == "ipc" and sep:
+        d = os.path.dirname(rest) or "."
+        if not os.path.isdir(d):
+            raise EndpointError(f"{endpoint!r}: directory {d!r} does not exist, so no engine can bind there")
     probe = ctx.socket(zmq.SUB)
     try:
         probe.connect(endpoint)

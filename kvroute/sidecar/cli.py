@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from .config import SidecarConfig, parse_worker
+from ..kvindex import SnapshotError
 from .errors import ConfigError
 
 
@@ -64,4 +65,7 @@ def serve(config_path: str | None, weights: tuple[str, ...], workers: tuple[str,
     try:
         srv.serve_forever()
     finally:
-        srv.close()
+        try:
+            srv.close()
+        except (OSError, SnapshotError) as exc:  # e.g. the snapshot's directory went away while serving
+            raise click.ClickException(f"could not save the snapshot {cfg.snapshot!r}: {exc}") from None

@@ -41,6 +41,7 @@ from ..kvindex import KVIndex, SnapshotError
 from ..kvindex.atomic import atomic_write
 from ..router import Router
 from .config import SidecarConfig
+from .errors import ConfigError
 from .metrics import HTTPEndpoint, Metrics
 from .service import Service, health
 
@@ -82,6 +83,7 @@ class SidecarServer:
 
     def _start(self) -> "SidecarServer":
         cfg = self.config
+        check_snapshot_path(cfg.snapshot)
         index = self._restore()
         r = Router((), cfg.block_size, policy=cfg.policy, weights=cfg.weights or None, seed=cfg.seed,
                    index=index, pending_ttl_s=cfg.pending_ttl_s, lock=self.lock,
@@ -214,6 +216,20 @@ class SidecarServer:
         if self.sock is not None:
             self.sock.close(linger=0)
             self.sock = None
+
+
+def check_snapshot_path(path: str) -> None:
+    """Raise :class:`ConfigError` unless a snapshot can be written at ``path`` ("" = none):
+    found at start, not as a lost snapshot at shutdown."""
+    if not path:
+        return
+    if os.path.isdir(path):
+        raise ConfigError(f"snapshot path {path!r} is a directory; give a file name")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ConfigError(f"snapshot path {path!r}: directory {parent!r} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"snapshot path {path!r}: directory {parent!r} is not writable")
 
 
 def _snapshot_tag(path: str) -> str:

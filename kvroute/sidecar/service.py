@@ -90,7 +90,7 @@ class Service:
         try:
             try:
                 req = msgpack.unpackb(payload, raw=False, strict_map_key=False, use_list=True,
-                                      max_bin_len=16 * MAX_TOKENS, max_array_len=MAX_TOKENS, max_str_len=1 << 20,
+                                      max_bin_len=4 * MAX_TOKENS, max_array_len=MAX_TOKENS, max_str_len=1 << 20,
                                       max_map_len=64)
             except Exception as exc:
                 raise BadRequestError(f"not valid msgpack: {exc}") from None
@@ -138,18 +138,28 @@ class Service:
             if isinstance(toks, (bytes, bytearray)):
                 if len(toks) % 4:
                     raise BadRequestError("'token_ids' as bytes must be uint32 little-endian (length % 4 == 0)")
+                if len(toks) > 4 * MAX_TOKENS:
+                    raise BadRequestError(f"prompt of {len(toks) // 4} tokens; at most {MAX_TOKENS} per request")
                 arr = np.frombuffer(toks, dtype="<u4")
             elif isinstance(toks, list):
+                if bool in set(map(type, toks)):  # msgpack true/false would hash as tokens 1/0
+                    raise BadRequestError("'token_ids' must be ints, not booleans")
                 arr = toks
             else:
                 raise BadRequestError("'token_ids' must be a list of ints or uint32-LE bytes")
+            if not len(arr):
+                raise BadRequestError("empty prompt: 'token_ids' has no tokens")
             d = r.route(arr, request_id=rid, lora_name=lora, cache_salt=salt)
         else:
             if not isinstance(hashes, list) or not all(isinstance(h, int) and not isinstance(h, bool) and 0 <= h < 1 << 64 for h in hashes):
                 raise BadRequestError("'hashes' must be a list of unsigned 64-bit ints")
             n = _need(req, "num_tokens", int)
-            if n < 0:
-                raise BadRequestError("'num_tokens' must be >= 0")
+            if not 0 <= n <= MAX_TOKENS:
+                raise BadRequestError(f"'num_tokens' must lie in [0, {MAX_TOKENS}], got {n}")
+            if len(hashes) * r.block_size > MAX_TOKENS:
+                raise BadRequestError(f"{len(hashes)} block hashes are more than {MAX_TOKENS} tokens")
+            if not hashes and not n:
+                raise BadRequestError("empty prompt: no 'hashes' and 'num_tokens' 0")
             d = r.route_hashes(hashes, num_tokens=n, request_id=rid)
         if self.metrics is not None:
             self.metrics.observe_decision(d)
