@@ -491,6 +491,7 @@ class KVEventSubscriber:
                     continue
                 handled += 1
                 st.last_rx = self._clock()
+                st.ever_connected = True  # a message proves it, even before the monitor says so
                 if kind is _REPLAY:
                     self._on_replay(st, frames)
                     if st.dealer is not sock:  # timed out / replaced while reading

@@ -54,6 +54,8 @@ class Metrics:
                               registry=self.registry)
         self.prompt = Counter("kvroute_prompt_tokens", "Prompt tokens routed", registry=self.registry)
         self._decision_children: dict[Any, Any] = {}
+        #: The sidecar's :class:`~kvroute.sidecar.health.HealthMonitor` (its last reasons are exported), or None.
+        self.monitor: Any = None
         self.registry.register(_StateCollector(self))
 
     def index_stats(self) -> dict[str, Any]:
@@ -130,6 +132,13 @@ class _StateCollector:
         stale = GaugeMetricFamily("kvroute_stale_workers", "Workers whose index is known wrong until events rebuild it")
         stale.add_metric([], float(len(ev.stale_workers())) if ev is not None else 0.0)
         yield stale
+        if self.m.monitor is not None:
+            bad = GaugeMetricFamily("kvroute_worker_health_reason",
+                                    "1 per (worker, reason) that makes /health degraded", labels=["worker", "reason"])
+            for w, rs in self.m.monitor.reasons().items():
+                for reason in rs:
+                    bad.add_metric([str(w), reason], 1.0)
+            yield bad
         if ev is not None:
             try:
                 yield from _flatten_events(ev.metrics())

@@ -43,7 +43,8 @@ from ..router import Router
 from .config import SidecarConfig
 from .errors import ConfigError
 from .metrics import HTTPEndpoint, Metrics
-from .service import Service, health
+from .health import HealthConfig, HealthMonitor
+from .service import Service
 
 log = logging.getLogger("kvroute.sidecar")
 
@@ -61,6 +62,8 @@ class SidecarServer:
         self.events: Any = None
         self.metrics: Metrics | None = None
         self.service: Service | None = None
+        #: Per-worker health reasons and the router's cache credit (checked from the serve loop).
+        self.monitor: HealthMonitor | None = None
         self.http: HTTPEndpoint | None = None
         self.sock: zmq.Socket | None = None
         #: The address actually bound (resolves ``tcp://host:0`` / ``*`` wildcards).
@@ -96,7 +99,9 @@ class SidecarServer:
         # always: workers with an endpoint may also be added at run time (the add_worker op)
         self.events = self._make_events(index)
         self.metrics = Metrics(r, self.events)
-        self.service = Service(r, self.metrics, self.events)
+        self.monitor = HealthMonitor(r, self.events, HealthConfig(cfg.health_silence_s, cfg.health_connect_grace_s))
+        self.metrics.monitor = self.monitor
+        self.service = Service(r, self.metrics, self.events, monitor=self.monitor)
         for w in cfg.workers:
             if w.endpoint:
                 start = {rank: seq for (wid, rank), seq in self.resume.items() if wid == w.id}
@@ -109,7 +114,7 @@ class SidecarServer:
         sock.bind(cfg.bind)
         self.address = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
         if cfg.http_port != 0:  # -1: any free port
-            self.http = HTTPEndpoint(cfg.http_host, max(0, cfg.http_port), self.metrics, lambda: health(r, self.events))
+            self.http = HTTPEndpoint(cfg.http_host, max(0, cfg.http_port), self.metrics, self.monitor.health)
             self.http.start()
         gc.collect()
         gc.freeze()  # the restored index is long-lived: keep it out of every future GC pass
@@ -146,8 +151,10 @@ class SidecarServer:
     # ----------------------------------------------------------------- loop
     def serve_forever(self, poll_ms: int = 100) -> None:
         sock, handle = self.sock, self.service.handle  # type: ignore[union-attr]
+        tick = self.monitor.tick if self.monitor is not None else (lambda: None)
         assert sock is not None
         while not self._stop.is_set():
+            tick()
             if not sock.poll(poll_ms, zmq.POLLIN):
                 continue
             for _ in range(1024):  # drain what is there, then check the stop flag

@@ -20,6 +20,7 @@ import numpy as np
 
 from ..router import Role, Router
 from .errors import BadRequestError, UnknownOpError, wire_name
+from .health import HealthMonitor, health_doc
 from .metrics import Metrics
 
 log = logging.getLogger("kvroute.sidecar")
@@ -59,13 +60,15 @@ class Service:
     """Routing requests in, replies out (see the module docstring)."""
 
     def __init__(self, router: Router, metrics: Metrics | None = None, events: Any = None,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 clock: Callable[[], float] = time.perf_counter, monitor: HealthMonitor | None = None) -> None:
         #: The router all decisions come from.
         self.router = router
         #: Prometheus metrics (observed only).
         self.metrics = metrics
         #: The KV-event source (a KVEventSubscriber wrapper) or None when no worker publishes events.
         self.events = events
+        #: Per-worker health (told about every decision; answers the ``health`` op), or None.
+        self.monitor = monitor
         self._clock = clock
         self.OPS: dict[str, Callable[[dict], Any]] = {
             "route": self.op_route,
@@ -163,6 +166,8 @@ class Service:
             d = r.route_hashes(hashes, num_tokens=n, request_id=rid)
         if self.metrics is not None:
             self.metrics.observe_decision(d)
+        if self.monitor is not None:
+            self.monitor.note_routed(d.worker)
         out = d.to_dict()
         if not req.get("costs", True):
             out.pop("costs")
@@ -235,20 +240,15 @@ class Service:
         return out
 
     def op_health(self, req: dict | None = None) -> dict:
+        if self.monitor is not None:
+            return self.monitor.health()
         return health(self.router, self.events)
 
 
 def health(router: Router, events: Any) -> dict:
-    """``ok`` when some worker is healthy and its index is trusted; ``degraded`` when some are stale; ``down`` otherwise."""
-    healthy = router.healthy_workers()
-    stale = sorted(map(str, events.stale_workers())) if events is not None else []
-    if not healthy:
-        status = "down"
-    elif stale:
-        status = "degraded"
-    else:
-        status = "ok"
-    return {"status": status, "healthy_workers": len(healthy), "workers": len(router.workers()), "stale_workers": stale}
+    """The health document without a monitor: ``ok``, ``degraded`` when some worker is stale, ``down``
+    without a healthy worker (:func:`kvroute.sidecar.health.health_doc`)."""
+    return health_doc(router, events)
 
 
 def _wire_keys(doc: Any) -> Any:
