@@ -126,3 +126,53 @@ def test_a_busy_http_port_is_named():
             HTTPEndpoint("127.0.0.1", first.port, Metrics(r), lambda: {"status": "ok"})
     finally:
         first.httpd.server_close()
+
+
+def test_a_huge_route_does_not_hold_up_other_clients(tmp_path):
+    """Client A sends maximal prompts (2**21 tokens as a msgpack list: ~0.2 s of decoding, hashing
+    and matching each); client B's small requests, sent right after, are answered before A's
+    reply: big requests run beside the request loop, not in it.  (Timing figures: bench/sidecar_stall.py.)"""
+    import threading
+
+    import zmq
+
+    from kvroute.sidecar.config import WorkerConfig
+
+    cfg = SidecarConfig(bind="tcp://127.0.0.1:*", http_port=0, workers=[WorkerConfig("a"), WorkerConfig("b")])
+    srv = SidecarServer(cfg, context=zmq.Context()).start()
+    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_ms": 20}, daemon=True)
+    t.start()
+    ctx = zmq.Context()
+    try:
+        big, small = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
+        for s in (big, small):
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(srv.address)
+        def huge(n):
+            return msgpack.packb({"op": "route", "id": n, "request_id": n, "token_ids": list(range(MAX_TOKENS))},
+                                 use_bin_type=True)
+
+        big.send_multipart([b"", huge("big1")])
+        big.send_multipart([b"", huge("big2")])  # fully received while big1 is handled
+        assert big.poll(20_000)
+        assert msgpack.unpackb(big.recv_multipart()[-1], raw=False)["id"] == "big1"
+        for i in range(5):  # the server now works on big2 (or has it queued)
+            small.send_multipart([b"", msgpack.packb({"op": "route", "id": i, "request_id": i, "token_ids": [1] * 64})])
+        order = []
+        poller = zmq.Poller()
+        poller.register(big, zmq.POLLIN)
+        poller.register(small, zmq.POLLIN)
+        while len(order) < 6:
+            ready = dict(poller.poll(20_000))
+            assert ready, order
+            for s in (small, big):
+                if s in ready:
+                    rep = msgpack.unpackb(s.recv_multipart()[-1], raw=False)
+                    assert rep["ok"], rep
+                    order.append(rep["id"])
+        assert order[-1] == "big2", order
+    finally:
+        ctx.destroy(linger=0)
+        srv.stop()
+        t.join(10)
+        srv.close()
