@@ -26,9 +26,11 @@ counted; the loop never stops on bad input.
 from __future__ import annotations
 
 import gc
+import itertools
 import json
 import logging
 import os
+import queue
 import signal
 import threading
 from typing import Any
@@ -153,33 +155,72 @@ class SidecarServer:
         sock, handle = self.sock, self.service.handle  # type: ignore[union-attr]
         tick = self.monitor.tick if self.monitor is not None else (lambda: None)
         assert sock is not None
-        while not self._stop.is_set():
-            tick()
-            if not sock.poll(poll_ms, zmq.POLLIN):
+        lane = _BigLane(self._ctx, handle)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(lane.rx, zmq.POLLIN)
+        #: client identity -> its requests in the big lane: its later requests follow them there,
+        #: so one client's replies keep their order
+        in_lane: dict[bytes, int] = {}
+        try:
+            while not self._stop.is_set():
+                tick()
+                ready = dict(poller.poll(poll_ms))
+                if lane.rx in ready:
+                    self._send_lane_replies(lane, in_lane)
+                if sock in ready:
+                    self._serve_batch(sock, handle, lane, in_lane)
+        finally:
+            lane.close()
+            self._send_lane_replies(lane, in_lane)
+            lane.rx.close(linger=0)
+
+    def _send_lane_replies(self, lane: "_BigLane", in_lane: dict[bytes, int]) -> None:
+        sock = self.sock
+        while True:
+            try:
+                frames = lane.rx.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            n = in_lane.get(frames[0], 1) - 1
+            if n:
+                in_lane[frames[0]] = n
+            else:
+                in_lane.pop(frames[0], None)
+            try:
+                sock.send_multipart(frames, zmq.NOBLOCK)  # type: ignore[union-attr]
+            except zmq.ZMQError:
+                self.dropped_frames += 1
+
+    def _serve_batch(self, sock: zmq.Socket, handle: Any, lane: "_BigLane", in_lane: dict[bytes, int]) -> None:
+        """Answer what the ROUTER socket holds (up to 1,024 requests); big ones go to the lane."""
+        for _ in range(1024):  # drain what is there, then check the stop flag
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                break
+            if len(frames) == 3 and frames[1] == b"":
+                env, payload = frames[:2], frames[2]
+            elif len(frames) == 2:
+                env, payload = frames[:1], frames[1]
+            elif len(frames) >= 2:
+                env, payload = frames[:1], None
+            else:
+                self.dropped_frames += 1
                 continue
-            for _ in range(1024):  # drain what is there, then check the stop flag
-                try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
-                except zmq.Again:
-                    break
-                if len(frames) == 3 and frames[1] == b"":
-                    env, payload = frames[:2], frames[2]
-                elif len(frames) == 2:
-                    env, payload = frames[:1], frames[1]
-                elif len(frames) >= 2:
-                    env, payload = frames[:1], None
-                else:
-                    self.dropped_frames += 1
-                    continue
-                if payload is None:
-                    reply = msgpack.packb({"id": None, "ok": False, "error": {
-                        "type": "BadRequest", "message": f"expected [b'', payload] or [payload], got {len(frames) - 1} frames"}})
-                else:
-                    reply = handle(payload)
-                try:
-                    sock.send_multipart(env + [reply], zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    self.dropped_frames += 1
+            if payload is None:
+                reply = msgpack.packb({"id": None, "ok": False, "error": {
+                    "type": "BadRequest", "message": f"expected [b'', payload] or [payload], got {len(frames) - 1} frames"}})
+            elif len(payload) > BIG_REQUEST_BYTES or env[0] in in_lane:
+                in_lane[env[0]] = in_lane.get(env[0], 0) + 1
+                lane.put(env, payload)
+                continue
+            else:
+                reply = handle(payload)
+            try:
+                sock.send_multipart(env + [reply], zmq.NOBLOCK)
+            except zmq.ZMQError:
+                self.dropped_frames += 1
 
     def stop(self) -> None:
         """Ask :meth:`serve_forever` to return (thread- and signal-safe)."""
@@ -223,6 +264,52 @@ class SidecarServer:
         if self.sock is not None:
             self.sock.close(linger=0)
             self.sock = None
+
+
+#: Requests with a payload larger than this (about 16k tokens as bytes) are handled by the big-request
+#: thread, beside the request loop: one maximal prompt (2**21 tokens, ~0.1-0.2 s of decoding, hashing
+#: and matching) must not hold up every other client.  Small requests never wait behind it, except for
+#: the router lock, which the big request holds only while it matches the index (bench/sidecar_stall.py).
+BIG_REQUEST_BYTES = 64 << 10
+
+
+class _BigLane:
+    """One thread answering big requests in arrival order; replies come back to the request loop
+    over an inproc PUSH/PULL pair (the ROUTER socket is only ever touched by the loop's thread)."""
+
+    _ids = itertools.count()
+
+    def __init__(self, ctx: zmq.Context, handle: Any) -> None:
+        addr = f"inproc://kvroute-big-lane-{id(self)}-{next(self._ids)}"
+        #: Replies ``env + [reply]``, read by the request loop.
+        self.rx = ctx.socket(zmq.PULL)
+        self.rx.setsockopt(zmq.LINGER, 0)
+        self.rx.bind(addr)
+        self._ctx, self._addr, self._handle = ctx, addr, handle
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="kvroute-big-requests", daemon=True)
+        self._thread.start()
+
+    def put(self, env: list[bytes], payload: bytes) -> None:
+        self._q.put((env, payload))
+
+    def _run(self) -> None:
+        tx = self._ctx.socket(zmq.PUSH)
+        tx.setsockopt(zmq.LINGER, 0)
+        tx.connect(self._addr)
+        try:
+            while True:
+                item = self._q.get()
+                if item is None:
+                    return
+                env, payload = item
+                tx.send_multipart(env + [self._handle(payload)])  # handle() never raises
+        finally:
+            tx.close(linger=1000)  # the last replies reach the loop before it closes ``rx``
+
+    def close(self) -> None:
+        self._q.put(None)
+        self._thread.join()
 
 
 def check_snapshot_path(path: str) -> None:
