@@ -31,6 +31,14 @@ are applied in sequence order starting at 0:
   stream's index entries are cleared and ``next`` goes back to 0.  A live seq
   below the stream's first expected one (``start_seq``) is always a restart.
 
+Gaps give up in a loop: after a lost gap the stream goes on from its first
+buffered batch, and a second hole further on is requested at once (not at the
+engine's next batch).  A batch applied always leaves the buffer (an overrun
+can jump onto a batch buffered live).  The batch at seq 0 starts an engine's
+history: entries the index held for the stream before it (a re-added worker,
+a snapshot without positions) are cleared first, so a replayed history never
+counts as second physical copies.
+
 Resync = clear the stream's entries in the index, mark it *stale* and
 *incomplete*, continue from the next batch available.  A stale stream becomes
 fresh again after ``rebuild_batches`` contiguous batches applied without
@@ -302,15 +310,20 @@ class KVEventSubscriber:
         ``replay_endpoint`` (None: gaps cannot be replayed).  In the index the
         worker is ``worker_id`` when it has one rank, else ``(worker_id, rank)``.
         Re-adding a known worker replaces its subscription: the new stream starts
-        at seq 0 again, so the engine's buffered history is replayed over the
-        entries the index already has (stores are idempotent), or, if that
-        history is gone, the resync rule clears them.
+        at seq 0 again.  Entries the index already holds for it are *unverified*
+        (:meth:`stream_status`) and its history is requested at once: the batch
+        at seq 0 (an engine's cache is empty before it) replaces them, or, if that
+        history is gone, the resync rule clears them.  They are never counted
+        as second physical copies.
 
         ``start_seq`` (per rank, or one int for every rank) resumes a stream
         instead: the first batch expected is that seq, and the index's entries
         for the worker are trusted as they are.  Use it with an index restored
         from a snapshot taken together with :meth:`positions` (under
-        :attr:`lock`): the batches published since are replayed on the first gap.
+        :attr:`lock`): the batches published since are requested at once.
+
+        Endpoints are checked here (:class:`EndpointError`): bind addresses, tcp
+        ports outside 1..65535 and ipc paths in a missing directory are refused.
         """
         if self._closed:
             raise RuntimeError("subscriber is closed")
