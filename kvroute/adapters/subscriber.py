@@ -412,7 +412,7 @@ class KVEventSubscriber:
             with self.lock:
                 self._streams[(worker, rank)] = st
                 self._by_key[key] = st
-                held = key in self.index and bool(self.index.blocks_of(key))
+                held = self.index.holds_any(key)
                 self.index.add_worker(key)
                 # entries from before this stream: trusted only when it resumes at their position
                 st.unverified = held and first == 0
