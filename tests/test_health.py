@@ -23,14 +23,7 @@ from kvroute.sidecar.metrics import Metrics
 from kvroute.sidecar.service import Service
 
 from fake_engine import FakeEngine
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 100.0
-
-    def __call__(self) -> float:
-        return self.t
+from test_subscriber import FakeClock as Clock
 
 
 @pytest.fixture

@@ -14,27 +14,11 @@ import random
 import time
 
 from kvroute.adapters.subscriber import KVEventSubscriber
-from kvroute.kvindex import KVIndex, block_hash_list
+from kvroute.kvindex import KVIndex
 
+from chaos_soak import over_predicted
 from fake_engine import FakeEngine
 from test_subscriber import attach, caught_up, ctx, make_sub, prompts, pump  # noqa: F401 (ctx: fixture)
-
-
-def over_predicted(index, key, eng, tokens_list):
-    """Prompts for which the index claims more cached prefix blocks than the engine holds."""
-    truth = eng.true_blocks()
-    bad = 0
-    for toks in tokens_list:
-        hs = block_hash_list(toks, eng.block_size)
-        ov = index.match(hs).get(key)
-        got = ov.total if ov is not None else 0
-        true = 0
-        for h in hs:
-            if h not in truth:
-                break
-            true += 1
-        bad += got > true
-    return bad
 
 
 def test_overrun_onto_a_buffered_batch_does_not_loop(ctx):
@@ -68,6 +52,20 @@ def test_overrun_onto_a_buffered_batch_does_not_loop(ctx):
     eng.close()
 
 
+def follow_some(ctx, eng, ps, path=None):
+    """A subscriber follows ``eng`` through ``ps``; with ``path``, its index is saved there (no positions)."""
+    sub = make_sub(ctx)
+    attach(sub, eng)
+    for p in ps:
+        eng.request(p)
+        eng.publish()
+    pump(sub, [eng], caught_up(sub, eng))
+    if path is not None:
+        with sub.lock:
+            sub.index.save(path)
+    return sub
+
+
 def test_readding_a_live_worker_does_not_make_phantom_copies(ctx):
     """add_worker again with the same endpoints: the history replayed from seq 0 lands on the
     entries the index holds.  Before the fix each held block became a second copy, so the
@@ -75,12 +73,7 @@ def test_readding_a_live_worker_does_not_make_phantom_copies(ctx):
     eng = FakeEngine(ctx, capacity=16)
     rnd = random.Random(22)
     ps = list(prompts(rnd, 60))
-    with make_sub(ctx) as sub:
-        attach(sub, eng)
-        for p in ps[:20]:
-            eng.request(p)
-            eng.publish()
-        pump(sub, [eng], caught_up(sub, eng))
+    with follow_some(ctx, eng, ps[:20]) as sub:
         attach(sub, eng)  # re-add, same endpoints
         for p in ps[20:]:  # evicts most of what was held before the re-add
             eng.request(p)
@@ -89,7 +82,7 @@ def test_readding_a_live_worker_does_not_make_phantom_copies(ctx):
         m = sub.metrics()
         assert m["block_copies_added"] == 0, m
         assert sub.index.blocks_of("w") == eng.true_blocks()
-        assert over_predicted(sub.index, "w", eng, ps) == 0
+        assert over_predicted(sub.index, "w", eng.true_blocks(), ps, eng.block_size) == 0
         assert sub.stale_workers() == set()
         sub.index.check_invariants()
     eng.close()
@@ -101,14 +94,7 @@ def test_restored_snapshot_without_positions_does_not_make_phantom_copies(ctx, t
     eng = FakeEngine(ctx, capacity=16)
     rnd = random.Random(23)
     ps = list(prompts(rnd, 60))
-    with make_sub(ctx) as sub:
-        attach(sub, eng)
-        for p in ps[:20]:
-            eng.request(p)
-            eng.publish()
-        pump(sub, [eng], caught_up(sub, eng))
-        with sub.lock:
-            sub.index.save(tmp_path / "ix.snap")
+    follow_some(ctx, eng, ps[:20], tmp_path / "ix.snap").close()
     ix = KVIndex.load(tmp_path / "ix.snap")
     with KVEventSubscriber(ix, context=ctx) as sub2:
         sub2.add_worker("w", eng.endpoint, eng.replay_endpoint)  # no start_seq: from 0
@@ -120,7 +106,7 @@ def test_restored_snapshot_without_positions_does_not_make_phantom_copies(ctx, t
         m = sub2.metrics()
         assert m["block_copies_added"] == 0, m
         assert ix.blocks_of("w") == eng.true_blocks()
-        assert over_predicted(ix, "w", eng, ps) == 0
+        assert over_predicted(ix, "w", eng.true_blocks(), ps, eng.block_size) == 0
     eng.close()
 
 
