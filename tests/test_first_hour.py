@@ -39,7 +39,7 @@ def _check_figure(fig, n_series):
 def test_plots_keep_16_series_apart_with_legends_outside_and_labelled_ticks():
     rng = np.random.default_rng(0)
     n = 16
-    ttfts = {f"policy{i}/lru": rng.uniform(0.2, 0.9, 200) for i in range(n)}  # inside one decade on a log axis
+    ttfts = {f"policy{i}/lru": rng.uniform(0.2, 0.9, 40) for i in range(n)}  # inside one decade on a log axis
     _check_figure(ttft_figure(ttfts), n)
     curve = {f"policy{i}/lru": [(100, 0.1 + i / 100), (300, 0.2 + i / 100), (800, 0.3 + i / 100)] for i in range(n)}
     _check_figure(capacity_figure(curve), n)
