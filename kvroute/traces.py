@@ -139,6 +139,8 @@ def parse_lines(lines: Iterable[str], *, source: str = "<trace>", limit: int | N
             back += 1
             first_back = first_back or lineno
         latest = max(latest, ts)
+    if not out and limit != 0:
+        raise TraceError("the trace has no requests (an empty file, or only blank lines)", source=source)
     if back:  # replayed in arrival order; the file's own order is not kept, so say so
         log.warning("%s: %d of %d requests have a timestamp earlier than a line before them (first at line %d); "
                     "they are replayed sorted by timestamp", source, back, len(out), first_back)
@@ -151,15 +153,12 @@ def load_trace(trace: str | os.PathLike[str], *, limit: int | None = None) -> li
     path = resolve_trace(trace)
     try:
         with open(path, encoding="utf-8") as f:
-            reqs = parse_lines(f, source=os.fspath(trace), limit=limit)
+            return parse_lines(f, source=os.fspath(trace), limit=limit)
     except OSError as exc:
         raise TraceError(f"cannot read trace: {exc}", source=os.fspath(trace)) from exc
     except UnicodeDecodeError as exc:
         raise TraceError(f"not UTF-8 text ({exc.reason} at byte {exc.start} of a read chunk)",
                          source=os.fspath(trace)) from None
-    if not reqs and limit != 0:
-        raise TraceError("the trace has no requests (an empty file, or only blank lines)", source=os.fspath(trace))
-    return reqs
 
 
 def reshape(requests: Sequence[Request], *, block_tokens: int, max_blocks: int | None = None) -> list[Request]:
