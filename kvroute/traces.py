@@ -22,6 +22,7 @@ A trace is named by a path or by a bundled name (:data:`BUNDLED`), see
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, replace
@@ -29,6 +30,8 @@ from importlib import resources
 from typing import Iterable, Sequence
 
 from .kvindex.errors import KVRouteError
+
+log = logging.getLogger("kvroute.traces")
 
 #: Bundled trace name -> file in ``kvroute/data``.
 BUNDLED = {
@@ -107,6 +110,7 @@ def parse_lines(lines: Iterable[str], *, source: str = "<trace>", limit: int | N
     Raises :class:`TraceError` with the line number of the first bad line.
     """
     out: list[Request] = []
+    back, first_back, latest = 0, 0, -math.inf
     for lineno, raw in enumerate(lines, 1):
         if limit is not None and len(out) >= limit:
             break
@@ -131,6 +135,15 @@ def parse_lines(lines: Iterable[str], *, source: str = "<trace>", limit: int | N
             if isinstance(h, bool) or not isinstance(h, int) or h < 0 or h >= 1 << 64:
                 raise TraceError(f"hash id {h!r} is not an unsigned 64-bit integer", source=source, line=lineno)
         out.append(Request(len(out), float(ts) / 1000.0, inp, outp, tuple(hs)))
+        if ts < latest:
+            back += 1
+            first_back = first_back or lineno
+        latest = max(latest, ts)
+    if not out and limit != 0:
+        raise TraceError("the trace has no requests (an empty file, or only blank lines)", source=source)
+    if back:  # replayed in arrival order; the file's own order is not kept, so say so
+        log.warning("%s: %d of %d requests have a timestamp earlier than a line before them (first at line %d); "
+                    "they are replayed sorted by timestamp", source, back, len(out), first_back)
     out.sort(key=lambda r: r.arrival_s)
     return [r if r.request_id == i else replace(r, request_id=i) for i, r in enumerate(out)]
 

@@ -263,10 +263,12 @@ def test_client_raises_remote_error_on_a_garbled_reply():
 
 @pytest.mark.timeout(60)  # a leaked socket would make ctx.term() hang
 def test_a_failed_snapshot_save_still_releases_the_sockets(tmp_path):
-    cfg = SidecarConfig(bind="tcp://127.0.0.1:*", http_port=0, snapshot=str(tmp_path / "no-such-dir" / "s.snap"),
+    (tmp_path / "gone").mkdir()
+    cfg = SidecarConfig(bind="tcp://127.0.0.1:*", http_port=0, snapshot=str(tmp_path / "gone" / "s.snap"),
                         workers=[WorkerConfig("a")])
     ctx = zmq.Context()
     srv = SidecarServer(cfg, context=ctx).start()
+    (tmp_path / "gone").rmdir()  # (a missing directory at start is refused: test_sidecar_limits)
     with pytest.raises(OSError):
         srv.close()
     assert srv.sock is None and srv.events.subscriber._closed

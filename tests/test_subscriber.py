@@ -51,6 +51,7 @@ def pump(sub, engines, until, timeout_s=10.0):
     while not until():
         assert time.monotonic() < deadline, f"timed out; metrics={sub.metrics()}"
         sub.poll(5)
+        sub.check_invariants()
         for e in engines:
             e.serve_replay(0)
 

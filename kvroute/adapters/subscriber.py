@@ -31,6 +31,14 @@ are applied in sequence order starting at 0:
   stream's index entries are cleared and ``next`` goes back to 0.  A live seq
   below the stream's first expected one (``start_seq``) is always a restart.
 
+Gaps give up in a loop: after a lost gap the stream goes on from its first
+buffered batch, and a second hole further on is requested at once (not at the
+engine's next batch).  A batch applied always leaves the buffer (an overrun
+can jump onto a batch buffered live).  The batch at seq 0 starts an engine's
+history: entries the index held for the stream before it (a re-added worker,
+a snapshot without positions) are cleared first, so a replayed history never
+counts as second physical copies.
+
 Resync = clear the stream's entries in the index, mark it *stale* and
 *incomplete*, continue from the next batch available.  A stale stream becomes
 fresh again after ``rebuild_batches`` contiguous batches applied without
@@ -47,6 +55,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import logging
+import os
 import queue
 import threading
 import time
@@ -56,6 +65,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import xxhash
 import zmq
+import zmq.utils.monitor
 
 from kvroute.kvindex import AllBlocksCleared, KVIndex, KVRouteError, WorkerId
 
@@ -74,6 +84,8 @@ _instance_ids = itertools.count()
 #: cannot reach the new state).  ``overrun`` keeps reading the replay (its later batches are
 #: wanted), ``incomplete`` comes with the end marker, ``timeout`` has already closed it.
 _ABANDONS_REPLAY = frozenset({"pending_overflow", "no_endpoint", "unreachable"})
+#: What a socket of a stream carries (values of ``KVEventSubscriber._by_socket``).
+_LIVE, _REPLAY, _MONITOR = "live", "replay", "monitor"
 
 
 class EndpointError(KVRouteError, ValueError):
@@ -89,6 +101,16 @@ def _check_endpoint(ctx: zmq.Context, endpoint: str) -> None:
     """
     if "://*" in endpoint:
         raise EndpointError(f"{endpoint!r} is a bind address; give the engine's host to connect to")
+    scheme, sep, rest = endpoint.partition("://")
+    if scheme == "tcp" and sep:
+        # ZMQ connects to ports nothing can listen on (0, above 65535) and retries forever
+        host, colon, port = rest.rpartition(":")
+        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise EndpointError(f"{endpoint!r}: a tcp endpoint is tcp://HOST:PORT with PORT in 1..65535")
+    elif scheme == "ipc" and sep:
+        d = os.path.dirname(rest) or "."
+        if not os.path.isdir(d):
+            raise EndpointError(f"{endpoint!r}: directory {d!r} does not exist, so no engine can bind there")
     probe = ctx.socket(zmq.SUB)
     try:
         probe.connect(endpoint)
@@ -142,7 +164,8 @@ class _Stream:
     __slots__ = (
         "worker", "rank", "key", "endpoint", "replay_endpoint", "topic", "sub", "dealer",
         "next_seq", "origin", "last_live", "pending", "pending_bytes", "replay_deadline", "replay_trigger", "digests", "digest_order",
-        "stale", "complete", "clean", "batches", "last_ts",
+        "stale", "complete", "clean", "batches", "last_ts", "unverified", "added_at", "last_rx", "connected",
+        "ever_connected", "disconnected_at", "mismatch", "monitor",
     )
 
     def __init__(self, worker: WorkerId, rank: int, key: Any, endpoint: str, replay_endpoint: str | None, topic: bytes) -> None:
@@ -168,6 +191,17 @@ class _Stream:
         self.clean = 0  #: contiguous orphan-free batches since the last resync
         self.batches = 0  #: batches applied
         self.last_ts: float | None = None  #: ``ts`` of the last batch applied
+        #: The index holds entries for this key from before this stream (a re-added worker, a
+        #: snapshot restored without usable positions) that its history has not yet replaced.
+        self.unverified = False
+        self.added_at = 0.0  #: clock() when the stream was added
+        self.last_rx: float | None = None  #: clock() of the last message received (live or replay)
+        self.connected = False  #: the SUB socket has a live connection (ZMQ socket monitor)
+        self.ever_connected = False  #: it had one at some point
+        self.disconnected_at: float | None = None  #: clock() when the last connection went away
+        #: The last batch with stored blocks had blocks of another size than the index's (all dropped).
+        self.mismatch = False
+        self.monitor: zmq.Socket | None = None  #: PAIR socket of the SUB socket's monitor
 
 
 class _Metrics:
@@ -242,7 +276,8 @@ class KVEventSubscriber:
         self._own_ctx = context is None
         self._ctx = context or zmq.Context()
         self._streams: dict[tuple[WorkerId, int], _Stream] = {}
-        self._by_socket: dict[zmq.Socket, tuple[_Stream, bool]] = {}  # socket -> (stream, is_replay)
+        self._by_key: dict[Any, _Stream] = {}  # index key -> stream (loop thread writes, under lock)
+        self._by_socket: dict[zmq.Socket, tuple[_Stream, str]] = {}  # socket -> (stream, _LIVE/_REPLAY/_MONITOR)
         self._poller = zmq.Poller()
         self._m = _Metrics()
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
@@ -275,15 +310,20 @@ class KVEventSubscriber:
         ``replay_endpoint`` (None: gaps cannot be replayed).  In the index the
         worker is ``worker_id`` when it has one rank, else ``(worker_id, rank)``.
         Re-adding a known worker replaces its subscription: the new stream starts
-        at seq 0 again, so the engine's buffered history is replayed over the
-        entries the index already has (stores are idempotent), or, if that
-        history is gone, the resync rule clears them.
+        at seq 0 again.  Entries the index already holds for it are *unverified*
+        (:meth:`stream_status`) and its history is requested at once: the batch
+        at seq 0 (an engine's cache is empty before it) replaces them, or, if that
+        history is gone, the resync rule clears them.  They are never counted
+        as second physical copies.
 
         ``start_seq`` (per rank, or one int for every rank) resumes a stream
         instead: the first batch expected is that seq, and the index's entries
         for the worker are trusted as they are.  Use it with an index restored
         from a snapshot taken together with :meth:`positions` (under
-        :attr:`lock`): the batches published since are replayed on the first gap.
+        :attr:`lock`): the batches published since are requested at once.
+
+        Endpoints are checked here (:class:`EndpointError`): bind addresses, tcp
+        ports outside 1..65535 and ipc paths in a missing directory are refused.
         """
         if self._closed:
             raise RuntimeError("subscriber is closed")
@@ -362,17 +402,34 @@ class KVEventSubscriber:
                 sock.close(linger=0)
             raise EndpointError(f"worker {worker!r}: cannot subscribe: {exc}") from None
         self._drop_worker(worker, forget=False)
+        now = self._clock()
         for (rank, key, ep, rep, first), sub in zip(specs, socks):
             st = _Stream(worker, rank, key, ep, rep, topic)
             st.next_seq = first
             st.origin = first
             st.sub = sub
+            st.added_at = now
             with self.lock:
                 self._streams[(worker, rank)] = st
-            self._by_socket[sub] = (st, False)
-            self._poller.register(sub, zmq.POLLIN)
-            with self.lock:
+                self._by_key[key] = st
+                held = self.index.holds_any(key)
                 self.index.add_worker(key)
+                # entries from before this stream: trusted only when it resumes at their position
+                st.unverified = held and first == 0
+            self._by_socket[sub] = (st, _LIVE)
+            self._poller.register(sub, zmq.POLLIN)
+            try:
+                mon = sub.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+            except zmq.ZMQError:  # no monitor (e.g. out of sockets): connection state stays unknown
+                mon = None
+            if mon is not None:
+                st.monitor = mon
+                self._by_socket[mon] = (st, _MONITOR)
+                self._poller.register(mon, zmq.POLLIN)
+            if held and rep is not None:
+                # confirm (or replace) the held entries now, not at the engine's next batch: the
+                # replay from ``first`` brings whatever was published while nobody listened
+                self._request_replay(st)
 
     def _cmd_remove(self, worker: WorkerId, forget: bool) -> None:
         self._drop_worker(worker, forget=forget)
@@ -381,10 +438,17 @@ class KVEventSubscriber:
         for sk in [sk for sk in self._streams if sk[0] == worker]:
             with self.lock:
                 st = self._streams.pop(sk)
-            for sock in (st.sub, st.dealer):
+                if self._by_key.get(st.key) is st:
+                    del self._by_key[st.key]
+            if st.monitor is not None and st.sub is not None:
+                try:
+                    st.sub.disable_monitor()
+                except zmq.ZMQError:
+                    pass
+            for sock in (st.sub, st.dealer, st.monitor):
                 if sock is not None:
                     self._close_socket(sock)
-            st.sub = st.dealer = None
+            st.sub = st.dealer = st.monitor = None
             if forget:
                 with self.lock:
                     if st.key in self.index:
@@ -427,7 +491,7 @@ class KVEventSubscriber:
             entry = self._by_socket.get(sock)
             if entry is None:
                 continue
-            st, is_replay = entry
+            st, kind = entry
             for _ in range(self.config.max_burst):
                 if st.sub is None:  # the stream was dropped while handling
                     break
@@ -435,13 +499,18 @@ class KVEventSubscriber:
                     frames = sock.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     break
+                if kind is _MONITOR:
+                    self._on_monitor(st, frames)
+                    continue
                 handled += 1
-                if is_replay:
+                st.last_rx = self._clock()
+                st.ever_connected = True  # a message proves it, even before the monitor says so
+                if kind is _REPLAY:
                     self._on_replay(st, frames)
+                    if st.dealer is not sock:  # timed out / replaced while reading
+                        break
                 else:
                     self._on_live(st, frames)
-                if is_replay and st.dealer is not sock:  # timed out / replaced while reading
-                    break
         self._expire_replays()
         return handled
 
@@ -504,6 +573,20 @@ class KVEventSubscriber:
     def _drop(self, reason: str) -> None:
         with self.lock:
             self._m.bump("dropped_frames", reason)
+
+    def _on_monitor(self, st: _Stream, frames: list[bytes]) -> None:
+        """A ZMQ socket-monitor event of the stream's SUB socket: connected / disconnected."""
+        try:
+            ev = zmq.utils.monitor.parse_monitor_message(frames)["event"]
+        except Exception:
+            return
+        with self.lock:
+            if ev == zmq.EVENT_CONNECTED:
+                st.connected = st.ever_connected = True
+                st.disconnected_at = None
+            elif ev == zmq.EVENT_DISCONNECTED:
+                st.connected = False
+                st.disconnected_at = self._clock()
 
     def _on_live(self, st: _Stream, frames: list[bytes]) -> None:
         if len(frames) != 3:
@@ -597,6 +680,9 @@ class KVEventSubscriber:
     def _apply(self, st: _Stream, seq: int, payload: bytes) -> None:
         m = self._m
         st.next_seq = seq + 1
+        buffered = st.pending.pop(seq, None)  # an overrun can jump onto a batch buffered live
+        if buffered is not None:
+            st.pending_bytes -= len(buffered)
         dg = st.digests
         dg[seq] = _xxh3(payload)
         st.digest_order.append(seq)
@@ -611,6 +697,13 @@ class KVEventSubscriber:
             self._resync(st, "decode_error")
             return
         with self.lock:
+            if seq == 0 and st.key in self.index:
+                # seq 0 is the first batch of an engine process: its cache was empty.  Entries
+                # held from before (a re-added worker, a snapshot restored without usable
+                # positions) are replaced by this history, never counted as second copies.
+                self.index.clear(st.key)
+                st.unverified = False
+                st.complete = True
             try:
                 res = self.index.apply(st.key, batch)
             except Exception:  # defensive: a decoded batch the index cannot take is a lost batch
@@ -632,6 +725,10 @@ class KVEventSubscriber:
             c["block_size_mismatch"] += res.block_size_mismatch
             c["malformed_events"] += res.malformed
             m.lag(self._wall() - batch.ts)
+            if res.block_size_mismatch:
+                st.mismatch = True
+            elif res.stored:
+                st.mismatch = False
         st.batches += 1
         st.last_ts = batch.ts
         if any(type(ev) is AllBlocksCleared for ev in batch.events):
@@ -655,6 +752,7 @@ class KVEventSubscriber:
                 self.index.clear(st.key)
             self._m.bump("resyncs", reason)
             st.stale = True
+            st.unverified = False
         st.complete = False
         st.clean = 0
 
@@ -665,6 +763,7 @@ class KVEventSubscriber:
             if st.key in self.index:
                 self.index.clear(st.key)
             st.stale = False
+            st.unverified = False
         st.complete = True
         st.clean = 0
         st.next_seq = 0
@@ -678,9 +777,14 @@ class KVEventSubscriber:
         self._on_batch(st, seq, payload, live=False)  # as the first batch of a new stream
 
     def _request_replay(self, st: _Stream) -> None:
+        failure = self._send_replay(st)
+        if failure is not None:
+            self._give_up_gap(st, failure)
+
+    def _send_replay(self, st: _Stream) -> str | None:
+        """Ask for every batch from ``next_seq``; None, or why the request cannot be sent."""
         if st.replay_endpoint is None:
-            self._give_up_gap(st, "no_endpoint")
-            return
+            return "no_endpoint"
         if st.dealer is None:
             d = None
             try:  # no socket to spare (EMFILE) or a connect ZMQ refuses: the gap cannot be replayed
@@ -690,20 +794,19 @@ class KVEventSubscriber:
             except zmq.ZMQError:
                 if d is not None:
                     d.close(linger=0)
-                self._give_up_gap(st, "unreachable")
-                return
+                return "unreachable"
             st.dealer = d
-            self._by_socket[d] = (st, True)
+            self._by_socket[d] = (st, _REPLAY)
             self._poller.register(d, zmq.POLLIN)
         try:
             st.dealer.send_multipart([b"", st.next_seq.to_bytes(8, "big")], zmq.NOBLOCK)
         except zmq.ZMQError:
-            self._give_up_gap(st, "unreachable")
-            return
+            return "unreachable"
         st.replay_deadline = self._clock() + self.config.replay_timeout_s
         st.replay_trigger = max(st.pending) if st.pending else st.next_seq
         with self.lock:
             self._m.c["replay_requests"] += 1
+        return None
 
     def _replay_ended(self, st: _Stream) -> None:
         if st.replay_deadline is None:
@@ -735,21 +838,65 @@ class KVEventSubscriber:
                     self._give_up_gap(st, "timeout")
 
     def _give_up_gap(self, st: _Stream, reason: str, jump_to: int | None = None) -> None:
-        """The batches from next_seq on are lost: resync and continue after them."""
-        with self.lock:
-            self._m.bump("replays_failed", reason)
-        log.warning("worker %r rank %d: gap at seq %d cannot be replayed (%s); resyncing", st.worker, st.rank, st.next_seq, reason)
-        self._resync(st, reason)
-        if reason in _ABANDONS_REPLAY:
-            self._cancel_replay(st)
-        target = jump_to if jump_to is not None else (min(st.pending) if st.pending else st.next_seq)
-        st.next_seq = target
-        for s in [s for s in st.pending if s < target]:
-            st.pending_bytes -= len(st.pending.pop(s))
-        if jump_to is None:
+        """The batches from next_seq on are lost: resync and continue after them.
+
+        Without ``jump_to`` the stream goes on from its first buffered batch; if the
+        buffer still has a hole after that run, the hole is requested at once (a
+        second gap must not wait for the engine's next batch), and a hole that cannot
+        be requested is given up in turn (a loop, not recursion: thousands of holes).
+        """
+        while True:
+            with self.lock:
+                self._m.bump("replays_failed", reason)
+            log.warning("worker %r rank %d: gap at seq %d cannot be replayed (%s); resyncing",
+                        st.worker, st.rank, st.next_seq, reason)
+            self._resync(st, reason)
+            if reason in _ABANDONS_REPLAY:
+                self._cancel_replay(st)
+            target = jump_to if jump_to is not None else (min(st.pending) if st.pending else st.next_seq)
+            st.next_seq = target
+            for s in [s for s in st.pending if s < target]:
+                st.pending_bytes -= len(st.pending.pop(s))
+            if jump_to is not None:
+                return  # an overrun: the replay goes on delivering from ``target``
             self._drain(st, recovered=False)
+            if not st.pending or st.replay_deadline is not None:
+                return
+            failure = self._send_replay(st)
+            if failure is None:
+                return
+            reason = failure
 
     # ----------------------------------------------------------------- metrics
+    def stream_status(self) -> dict[Any, dict[str, Any]]:
+        """Per index key, what health checks need (times on the injected ``clock``):
+        ``worker``, ``added_at``, ``last_rx`` (last message received, or None), ``connected``,
+        ``ever_connected``, ``disconnected_at``, ``monitored`` (connection state known),
+        ``stale``, ``unverified``, ``block_size_mismatch``, ``now``."""
+        with self.lock:
+            now = self._clock()
+            return {st.key: {
+                "worker": st.worker, "added_at": st.added_at, "last_rx": st.last_rx, "connected": st.connected,
+                "ever_connected": st.ever_connected, "disconnected_at": st.disconnected_at,
+                "monitored": st.monitor is not None, "stale": st.stale, "unverified": st.unverified,
+                "block_size_mismatch": st.mismatch, "now": now,
+            } for st in self._streams.values()}
+
+    def last_received(self, key: Any) -> float | None:
+        """clock() of the last message received for an index key (None: never, or unknown key).
+        Cheap (two dict reads): the sidecar calls it on every routing decision."""
+        st = self._by_key.get(key)
+        return None if st is None else st.last_rx
+
+    def check_invariants(self) -> None:
+        """Every buffered batch lies ahead of its stream's next_seq; byte counts and replay state agree."""
+        with self.lock:
+            for st in self._streams.values():
+                assert all(s > st.next_seq for s in st.pending), f"{st.key!r}: buffered seq <= next {st.next_seq}"
+                assert st.pending_bytes == sum(map(len, st.pending.values())), f"{st.key!r}: pending_bytes drifted"
+                assert st.replay_deadline is None or st.dealer is not None, f"{st.key!r}: replay without a socket"
+                assert self._by_key.get(st.key) is st
+
     def metrics(self) -> dict[str, Any]:
         """A plain-dict snapshot of every counter (names in ``docs/events.md``)."""
         with self.lock:
@@ -767,6 +914,9 @@ class KVEventSubscriber:
                     "complete": st.complete,
                     "batches": st.batches,
                     "last_ts": st.last_ts,
+                    "unverified": st.unverified,
+                    "connected": st.connected,
+                    "block_size_mismatch": st.mismatch,
                 }
             out["workers"] = workers
             out["stale_workers"] = sum(1 for w in workers.values() if w["stale"])

@@ -606,6 +606,11 @@ class KVIndex:
         w = self._worker(worker)
         return {c: frozenset(t for t in _TIERS if self._tier_mask(c, int(t)) & w.bit) for c in w.blocks.values()}
 
+    def holds_any(self, worker: WorkerId) -> bool:
+        """Whether a known worker holds at least one block (O(1); False for an unknown worker)."""
+        w = self._workers.get(worker)
+        return w is not None and bool(w.blocks)
+
     # ------------------------------------------------------------------- stats
     def stats(self) -> dict[str, Any]:
         """Entries, workers and an estimate of the bytes the index uses; O(workers), not O(entries)."""

@@ -125,6 +125,9 @@ class Router:
         self._next_slot = 0
         self._order = 0
         self._requests: dict[Any, _Flight] = {}
+        #: Workers whose index entries are not credited (health: the router is blind to their
+        #: cache); set through :meth:`set_cache_credited` only.
+        self._uncredited: set[Any] = set()
         self._prefill_pool: list[WorkerState] | None = None
         self._decode_pool: list[WorkerState] | None = None
         self._disaggregated = False
@@ -228,6 +231,23 @@ class Router:
                 s.capacity_blocks = capacity_blocks or None
             s.reported_at = self._clock()
 
+    def set_cache_credited(self, worker: Any, credited: bool) -> None:
+        """Whether the router counts ``worker``'s cached blocks (index overlap) when routing.
+
+        The sidecar's health monitor turns credit off for a worker whose events it cannot
+        trust (endpoint never connected, silent stream, block-size mismatch) and back on when
+        the reason clears; the worker stays routable, by load alone.  Pending (speculative)
+        prefixes the router itself recorded still count."""
+        with self.lock:
+            if credited:
+                self._uncredited.discard(worker)
+            else:
+                self._uncredited.add(worker)
+
+    def cache_credited(self, worker: Any) -> bool:
+        with self.lock:
+            return worker not in self._uncredited
+
     def workers(self) -> list[Any]:
         with self.lock:
             return list(self._states)
@@ -314,6 +334,8 @@ class Router:
             pending = self._pending
             pending.expire(now)
             overlaps = self.index.match(hs) if hs else {}
+            if self._uncredited and overlaps:
+                overlaps = {w: o for w, o in overlaps.items() if w not in self._uncredited}
             pend = pending.match(hs) if (hs and self.policy.uses_pending) else {}
             slot_of = self._slot
             cands = []

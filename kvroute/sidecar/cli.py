@@ -14,25 +14,41 @@ from typing import Any
 import click
 
 from .config import SidecarConfig, parse_worker
+from ..kvindex import SnapshotError
 from .errors import ConfigError
 
 
+_DEFAULTS = SidecarConfig()
+
+
+def _d(name: str) -> str:
+    """`` [default: X]`` for a config field: flags default to None (= the config file's value, else this)."""
+    v = getattr(_DEFAULTS, name)
+    return f" [default: {v if v != '' else 'none'}]"
+
+
 @click.command("serve")
-@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="TOML or JSON config file.")
-@click.option("--bind", help="ZMQ ROUTER endpoint for routing requests (default tcp://127.0.0.1:5600).")
-@click.option("--http-port", type=int, help="Port of /metrics and /health (0 = off, -1 = any free port).")
-@click.option("--http-host", help="Interface of the HTTP endpoint.")
-@click.option("--block-size", type=int, help="Tokens per KV block (must match the engines).")
-@click.option("--policy", help="Routing policy: kvroute, dynamo, sglang, llmd, preble, round_robin, least_loaded, power_of_two.")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
+              help="TOML or JSON config file; flags override its values.")
+@click.option("--bind", help="ZMQ ROUTER endpoint for routing requests." + _d("bind"))
+@click.option("--http-port", type=int, help="Port of /metrics and /health (0 = off, -1 = any free port)." + _d("http_port"))
+@click.option("--http-host", help="Interface of the HTTP endpoint." + _d("http_host"))
+@click.option("--block-size", type=int, help="Tokens per KV block (must match the engines)." + _d("block_size"))
+@click.option("--policy", help="Routing policy: kvroute, dynamo, sglang, llmd, preble, round_robin, least_loaded, "
+                               "power_of_two." + _d("policy"))
 @click.option("--weight", "weights", multiple=True, metavar="NAME=VALUE", help="Override one policy weight (repeatable).")
-@click.option("--snapshot", help="Index snapshot path: restored on start, written on shutdown.")
-@click.option("--seed", type=int, help="Seed of tie-breaking.")
-@click.option("--pending-ttl", "pending_ttl_s", type=float, help="Seconds a routed prompt counts as pending.")
+@click.option("--snapshot", help="Index snapshot path: restored on start, written on shutdown." + _d("snapshot"))
+@click.option("--seed", type=int, help="Seed of tie-breaking." + _d("seed"))
+@click.option("--pending-ttl", "pending_ttl_s", type=float, help="Seconds a routed prompt counts as pending." + _d("pending_ttl_s"))
 @click.option("--request-ttl", "request_ttl_s", type=float,
-              help="Seconds after which a request whose finish never came is released (0 = never; default 3600).")
+              help="Seconds after which a request whose finish never came is released (0 = never)." + _d("request_ttl_s"))
+@click.option("--health-silence", "health_silence_s", type=float,
+              help="Seconds a worker routed to may stay silent before /health reports it." + _d("health_silence_s"))
+@click.option("--health-connect-grace", "health_connect_grace_s", type=float,
+              help="Seconds an event endpoint may stay unconnected before /health reports it." + _d("health_connect_grace_s"))
 @click.option("--worker", "workers", multiple=True, metavar="ID=ENDPOINT[,REPLAY]",
               help="A worker and its KV-event endpoint (repeatable; adds to the config's workers).")
-@click.option("--log-level", help="DEBUG, INFO, WARNING ...")
+@click.option("--log-level", help="DEBUG, INFO, WARNING ..." + _d("log_level"))
 def serve(config_path: str | None, weights: tuple[str, ...], workers: tuple[str, ...], **flags: Any) -> None:
     """Run the KV-aware routing sidecar (see docs/protocol.md)."""
     try:
@@ -64,4 +80,7 @@ def serve(config_path: str | None, weights: tuple[str, ...], workers: tuple[str,
     try:
         srv.serve_forever()
     finally:
-        srv.close()
+        try:
+            srv.close()
+        except (OSError, SnapshotError) as exc:  # e.g. the snapshot's directory went away while serving
+            raise click.ClickException(f"could not save the snapshot {cfg.snapshot!r}: {exc}") from None

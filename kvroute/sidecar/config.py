@@ -79,6 +79,10 @@ class SidecarConfig:
     workers: list[WorkerConfig] = field(default_factory=list)
     #: Log level name.
     log_level: str = "INFO"
+    #: A worker routed to whose event stream stays silent this long is reported (``/health`` reason ``silent``).
+    health_silence_s: float = 30.0
+    #: An event endpoint not connected this long is reported (``never_connected`` / ``disconnected``).
+    health_connect_grace_s: float = 10.0
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> "SidecarConfig":
@@ -122,6 +126,10 @@ class SidecarConfig:
         if isinstance(self.request_ttl_s, bool) or not isinstance(self.request_ttl_s, (int, float)) \
                 or not self.request_ttl_s >= 0:
             raise ConfigError(f"request_ttl_s must be a number >= 0 (0: never), got {self.request_ttl_s!r}")
+        for name in ("health_silence_s", "health_connect_grace_s"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise ConfigError(f"{name} must be a number > 0, got {v!r}")
         if not isinstance(self.weights, dict):
             raise ConfigError("weights must be a table")
         ids = [w.id for w in self.workers]

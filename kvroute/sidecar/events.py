@@ -8,7 +8,10 @@ index and in decisions as ``(id, rank)`` (a msgpack array on the wire).
 """
 from __future__ import annotations
 
-from typing import Any
+import time
+from typing import Any, Callable
+
+import zmq
 
 from ..adapters.subscriber import KVEventSubscriber
 from ..kvindex import KVIndex
@@ -17,9 +20,10 @@ from ..kvindex import KVIndex
 class EventSource:
     """Follow / unfollow workers' KV-event endpoints; expose the subscriber's metrics."""
 
-    def __init__(self, index: KVIndex, lock: Any) -> None:
+    def __init__(self, index: KVIndex, lock: Any, *, context: zmq.Context | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         #: The subscriber (owns its sockets and loop thread).
-        self.subscriber = KVEventSubscriber(index, lock=lock)
+        self.subscriber = KVEventSubscriber(index, lock=lock, context=context, clock=clock)
         self.lock = lock
 
     def start(self) -> None:
@@ -48,6 +52,12 @@ class EventSource:
 
     def stale_workers(self) -> set[Any]:
         return self.subscriber.stale_workers()
+
+    def stream_status(self) -> dict[Any, dict[str, Any]]:
+        return self.subscriber.stream_status()
+
+    def last_received(self, key: Any) -> float | None:
+        return self.subscriber.last_received(key)
 
     def close(self) -> None:
         self.subscriber.close()

@@ -26,9 +26,11 @@ counted; the loop never stops on bad input.
 from __future__ import annotations
 
 import gc
+import itertools
 import json
 import logging
 import os
+import queue
 import signal
 import threading
 from typing import Any
@@ -41,8 +43,10 @@ from ..kvindex import KVIndex, SnapshotError
 from ..kvindex.atomic import atomic_write
 from ..router import Router
 from .config import SidecarConfig
+from .errors import ConfigError
 from .metrics import HTTPEndpoint, Metrics
-from .service import Service, health
+from .health import HealthConfig, HealthMonitor
+from .service import Service
 
 log = logging.getLogger("kvroute.sidecar")
 
@@ -60,6 +64,8 @@ class SidecarServer:
         self.events: Any = None
         self.metrics: Metrics | None = None
         self.service: Service | None = None
+        #: Per-worker health reasons and the router's cache credit (checked from the serve loop).
+        self.monitor: HealthMonitor | None = None
         self.http: HTTPEndpoint | None = None
         self.sock: zmq.Socket | None = None
         #: The address actually bound (resolves ``tcp://host:0`` / ``*`` wildcards).
@@ -82,6 +88,7 @@ class SidecarServer:
 
     def _start(self) -> "SidecarServer":
         cfg = self.config
+        check_snapshot_path(cfg.snapshot)
         index = self._restore()
         r = Router((), cfg.block_size, policy=cfg.policy, weights=cfg.weights or None, seed=cfg.seed,
                    index=index, pending_ttl_s=cfg.pending_ttl_s, lock=self.lock,
@@ -94,7 +101,9 @@ class SidecarServer:
         # always: workers with an endpoint may also be added at run time (the add_worker op)
         self.events = self._make_events(index)
         self.metrics = Metrics(r, self.events)
-        self.service = Service(r, self.metrics, self.events)
+        self.monitor = HealthMonitor(r, self.events, HealthConfig(cfg.health_silence_s, cfg.health_connect_grace_s))
+        self.metrics.monitor = self.monitor
+        self.service = Service(r, self.metrics, self.events, monitor=self.monitor)
         for w in cfg.workers:
             if w.endpoint:
                 start = {rank: seq for (wid, rank), seq in self.resume.items() if wid == w.id}
@@ -107,7 +116,7 @@ class SidecarServer:
         sock.bind(cfg.bind)
         self.address = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
         if cfg.http_port != 0:  # -1: any free port
-            self.http = HTTPEndpoint(cfg.http_host, max(0, cfg.http_port), self.metrics, lambda: health(r, self.events))
+            self.http = HTTPEndpoint(cfg.http_host, max(0, cfg.http_port), self.metrics, self.monitor.health)
             self.http.start()
         gc.collect()
         gc.freeze()  # the restored index is long-lived: keep it out of every future GC pass
@@ -144,33 +153,74 @@ class SidecarServer:
     # ----------------------------------------------------------------- loop
     def serve_forever(self, poll_ms: int = 100) -> None:
         sock, handle = self.sock, self.service.handle  # type: ignore[union-attr]
+        tick = self.monitor.tick if self.monitor is not None else (lambda: None)
         assert sock is not None
-        while not self._stop.is_set():
-            if not sock.poll(poll_ms, zmq.POLLIN):
+        lane = _BigLane(self._ctx, handle)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(lane.rx, zmq.POLLIN)
+        #: client identity -> its requests in the big lane: its later requests follow them there,
+        #: so one client's replies keep their order
+        in_lane: dict[bytes, int] = {}
+        try:
+            while not self._stop.is_set():
+                tick()
+                ready = dict(poller.poll(poll_ms))
+                if lane.rx in ready:
+                    self._send_lane_replies(lane, in_lane)
+                if sock in ready:
+                    self._serve_batch(sock, handle, lane, in_lane)
+        finally:
+            lane.close()
+            self._send_lane_replies(lane, in_lane)
+            lane.rx.close(linger=0)
+
+    def _send_lane_replies(self, lane: "_BigLane", in_lane: dict[bytes, int]) -> None:
+        sock = self.sock
+        while True:
+            try:
+                frames = lane.rx.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            n = in_lane.get(frames[0], 1) - 1
+            if n:
+                in_lane[frames[0]] = n
+            else:
+                in_lane.pop(frames[0], None)
+            try:
+                sock.send_multipart(frames, zmq.NOBLOCK)  # type: ignore[union-attr]
+            except zmq.ZMQError:
+                self.dropped_frames += 1
+
+    def _serve_batch(self, sock: zmq.Socket, handle: Any, lane: "_BigLane", in_lane: dict[bytes, int]) -> None:
+        """Answer what the ROUTER socket holds (up to 1,024 requests); big ones go to the lane."""
+        for _ in range(1024):  # drain what is there, then check the stop flag
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                break
+            if len(frames) == 3 and frames[1] == b"":
+                env, payload = frames[:2], frames[2]
+            elif len(frames) == 2:
+                env, payload = frames[:1], frames[1]
+            elif len(frames) >= 2:
+                env, payload = frames[:1], None
+            else:
+                self.dropped_frames += 1
                 continue
-            for _ in range(1024):  # drain what is there, then check the stop flag
-                try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
-                except zmq.Again:
-                    break
-                if len(frames) == 3 and frames[1] == b"":
-                    env, payload = frames[:2], frames[2]
-                elif len(frames) == 2:
-                    env, payload = frames[:1], frames[1]
-                elif len(frames) >= 2:
-                    env, payload = frames[:1], None
-                else:
-                    self.dropped_frames += 1
-                    continue
-                if payload is None:
-                    reply = msgpack.packb({"id": None, "ok": False, "error": {
-                        "type": "BadRequest", "message": f"expected [b'', payload] or [payload], got {len(frames) - 1} frames"}})
-                else:
-                    reply = handle(payload)
-                try:
-                    sock.send_multipart(env + [reply], zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    self.dropped_frames += 1
+            if payload is None:
+                reply = msgpack.packb({"id": None, "ok": False, "error": {
+                    "type": "BadRequest", "message": f"expected [b'', payload] or [payload], got {len(frames) - 1} frames"}})
+            elif len(payload) > BIG_REQUEST_BYTES or env[0] in in_lane:
+                in_lane[env[0]] = in_lane.get(env[0], 0) + 1
+                lane.put(env, payload)
+                continue
+            else:
+                reply = handle(payload)
+            try:
+                sock.send_multipart(env + [reply], zmq.NOBLOCK)
+            except zmq.ZMQError:
+                self.dropped_frames += 1
 
     def stop(self) -> None:
         """Ask :meth:`serve_forever` to return (thread- and signal-safe)."""
@@ -214,6 +264,66 @@ class SidecarServer:
         if self.sock is not None:
             self.sock.close(linger=0)
             self.sock = None
+
+
+#: Requests with a payload larger than this (about 16k tokens as bytes) are handled by the big-request
+#: thread, beside the request loop: one maximal prompt (2**21 tokens, ~0.1-0.2 s of decoding, hashing
+#: and matching) must not hold up every other client.  Small requests never wait behind it, except for
+#: the router lock, which the big request holds only while it matches the index (bench/sidecar_stall.py).
+BIG_REQUEST_BYTES = 64 << 10
+
+
+class _BigLane:
+    """One thread answering big requests in arrival order; replies come back to the request loop
+    over an inproc PUSH/PULL pair (the ROUTER socket is only ever touched by the loop's thread)."""
+
+    _ids = itertools.count()
+
+    def __init__(self, ctx: zmq.Context, handle: Any) -> None:
+        addr = f"inproc://kvroute-big-lane-{id(self)}-{next(self._ids)}"
+        #: Replies ``env + [reply]``, read by the request loop.
+        self.rx = ctx.socket(zmq.PULL)
+        self.rx.setsockopt(zmq.LINGER, 0)
+        self.rx.bind(addr)
+        self._ctx, self._addr, self._handle = ctx, addr, handle
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="kvroute-big-requests", daemon=True)
+        self._thread.start()
+
+    def put(self, env: list[bytes], payload: bytes) -> None:
+        self._q.put((env, payload))
+
+    def _run(self) -> None:
+        tx = self._ctx.socket(zmq.PUSH)
+        tx.setsockopt(zmq.LINGER, 0)
+        tx.connect(self._addr)
+        try:
+            while True:
+                item = self._q.get()
+                if item is None:
+                    return
+                env, payload = item
+                tx.send_multipart(env + [self._handle(payload)])  # handle() never raises
+        finally:
+            tx.close(linger=1000)  # the last replies reach the loop before it closes ``rx``
+
+    def close(self) -> None:
+        self._q.put(None)
+        self._thread.join()
+
+
+def check_snapshot_path(path: str) -> None:
+    """Raise :class:`ConfigError` unless a snapshot can be written at ``path`` ("" = none):
+    found at start, not as a lost snapshot at shutdown."""
+    if not path:
+        return
+    if os.path.isdir(path):
+        raise ConfigError(f"snapshot path {path!r} is a directory; give a file name")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise ConfigError(f"snapshot path {path!r}: directory {parent!r} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"snapshot path {path!r}: directory {parent!r} is not writable")
 
 
 def _snapshot_tag(path: str) -> str:

@@ -20,6 +20,7 @@ import numpy as np
 
 from ..router import Role, Router
 from .errors import BadRequestError, UnknownOpError, wire_name
+from .health import HealthMonitor, health_doc
 from .metrics import Metrics
 
 log = logging.getLogger("kvroute.sidecar")
@@ -59,13 +60,15 @@ class Service:
     """Routing requests in, replies out (see the module docstring)."""
 
     def __init__(self, router: Router, metrics: Metrics | None = None, events: Any = None,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 clock: Callable[[], float] = time.perf_counter, monitor: HealthMonitor | None = None) -> None:
         #: The router all decisions come from.
         self.router = router
         #: Prometheus metrics (observed only).
         self.metrics = metrics
         #: The KV-event source (a KVEventSubscriber wrapper) or None when no worker publishes events.
         self.events = events
+        #: Per-worker health (told about every decision; answers the ``health`` op), or None.
+        self.monitor = monitor
         self._clock = clock
         self.OPS: dict[str, Callable[[dict], Any]] = {
             "route": self.op_route,
@@ -90,7 +93,7 @@ class Service:
         try:
             try:
                 req = msgpack.unpackb(payload, raw=False, strict_map_key=False, use_list=True,
-                                      max_bin_len=16 * MAX_TOKENS, max_array_len=MAX_TOKENS, max_str_len=1 << 20,
+                                      max_bin_len=4 * MAX_TOKENS, max_array_len=MAX_TOKENS, max_str_len=1 << 20,
                                       max_map_len=64)
             except Exception as exc:
                 raise BadRequestError(f"not valid msgpack: {exc}") from None
@@ -138,21 +141,33 @@ class Service:
             if isinstance(toks, (bytes, bytearray)):
                 if len(toks) % 4:
                     raise BadRequestError("'token_ids' as bytes must be uint32 little-endian (length % 4 == 0)")
+                if len(toks) > 4 * MAX_TOKENS:
+                    raise BadRequestError(f"prompt of {len(toks) // 4} tokens; at most {MAX_TOKENS} per request")
                 arr = np.frombuffer(toks, dtype="<u4")
             elif isinstance(toks, list):
+                if bool in set(map(type, toks)):  # msgpack true/false would hash as tokens 1/0
+                    raise BadRequestError("'token_ids' must be ints, not booleans")
                 arr = toks
             else:
                 raise BadRequestError("'token_ids' must be a list of ints or uint32-LE bytes")
+            if not len(arr):
+                raise BadRequestError("empty prompt: 'token_ids' has no tokens")
             d = r.route(arr, request_id=rid, lora_name=lora, cache_salt=salt)
         else:
             if not isinstance(hashes, list) or not all(isinstance(h, int) and not isinstance(h, bool) and 0 <= h < 1 << 64 for h in hashes):
                 raise BadRequestError("'hashes' must be a list of unsigned 64-bit ints")
             n = _need(req, "num_tokens", int)
-            if n < 0:
-                raise BadRequestError("'num_tokens' must be >= 0")
+            if not 0 <= n <= MAX_TOKENS:
+                raise BadRequestError(f"'num_tokens' must lie in [0, {MAX_TOKENS}], got {n}")
+            if len(hashes) * r.block_size > MAX_TOKENS:
+                raise BadRequestError(f"{len(hashes)} block hashes are more than {MAX_TOKENS} tokens")
+            if not hashes and not n:
+                raise BadRequestError("empty prompt: no 'hashes' and 'num_tokens' 0")
             d = r.route_hashes(hashes, num_tokens=n, request_id=rid)
         if self.metrics is not None:
             self.metrics.observe_decision(d)
+        if self.monitor is not None:
+            self.monitor.note_routed(d.worker)
         out = d.to_dict()
         if not req.get("costs", True):
             out.pop("costs")
@@ -225,20 +240,15 @@ class Service:
         return out
 
     def op_health(self, req: dict | None = None) -> dict:
+        if self.monitor is not None:
+            return self.monitor.health()
         return health(self.router, self.events)
 
 
 def health(router: Router, events: Any) -> dict:
-    """``ok`` when some worker is healthy and its index is trusted; ``degraded`` when some are stale; ``down`` otherwise."""
-    healthy = router.healthy_workers()
-    stale = sorted(map(str, events.stale_workers())) if events is not None else []
-    if not healthy:
-        status = "down"
-    elif stale:
-        status = "degraded"
-    else:
-        status = "ok"
-    return {"status": status, "healthy_workers": len(healthy), "workers": len(router.workers()), "stale_workers": stale}
+    """The health document without a monitor: ``ok``, ``degraded`` when some worker is stale, ``down``
+    without a healthy worker (:func:`kvroute.sidecar.health.health_doc`)."""
+    return health_doc(router, events)
 
 
 def _wire_keys(doc: Any) -> Any:

@@ -61,6 +61,8 @@ def table(results: Sequence[Summary]) -> str:
     line = lambda cells: "  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     out = [line(head), line(["-" * w for w in widths])]
     out += [line(r) for r in rows]
+    if any(c.endswith("*") for row in rows for c in row):
+        out.append("* lowest TTFT in its column (mean, p99) among these runs")
     return "\n".join(out)
 
 
@@ -113,6 +115,102 @@ def write_outputs(
     return paths
 
 
+#: Line styles cycled once the colours run out: 10 colours x 4 dash patterns, each with its own marker,
+#: keep 40 series apart (16+ policy pairs are common with ``--routing all --eviction all``).
+_DASHES = ("-", "--", ":", "-.")
+_MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "<", ">", "h")
+
+
+def series_style(i: int) -> dict[str, Any]:
+    """Matplotlib keyword arguments of the ``i``-th series: colour, dash pattern and marker together."""
+    return {"color": f"C{i % 10}", "linestyle": _DASHES[(i // 10) % len(_DASHES)],
+            "marker": _MARKERS[i % len(_MARKERS)]}
+
+
+def _legend_outside(ax: Any, n: int) -> None:
+    """Legend to the right of the axes, never over the data (saved with ``bbox_inches="tight"``)."""
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False,
+              ncol=1 if n <= 20 else 2)
+
+
+def _log_ticks(axis: Any, lo: float, hi: float) -> None:
+    """Labelled ticks on a log axis whatever its span (a span inside one decade has no major tick)."""
+    import matplotlib.ticker as mt
+
+    if not (lo > 0 and hi > lo):
+        return
+    ticks = sorted({float(f"{t:.2g}") for t in np.geomspace(lo, hi, 5)})
+    axis.set_major_locator(mt.FixedLocator(ticks))
+    axis.set_major_formatter(mt.FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(mt.NullFormatter())
+
+
+def ttft_figure(ttfts: Mapping[str, np.ndarray], title: str = "") -> Any:
+    """The TTFT CDF figure (one styled series per label)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4), dpi=80)
+    lo, hi = math.inf, 0.0
+    for i, (label, xs) in enumerate(ttfts.items()):
+        xs = np.sort(np.asarray(xs, dtype=float))
+        xs = xs[xs > 0]
+        if xs.size:
+            ax.plot(xs, np.arange(1, xs.size + 1) / xs.size, label=label, lw=1.3, markevery=max(1, xs.size // 8),
+                    markersize=4, **series_style(i))
+            lo, hi = min(lo, xs[0]), max(hi, xs[-1])
+    ax.set_xscale("log")
+    _log_ticks(ax.xaxis, lo, hi)
+    ax.set_xlabel("TTFT (s, log)")
+    ax.set_ylabel("share of requests")
+    ax.set_title(("TTFT CDF " + title).strip(), fontsize=10)
+    ax.grid(alpha=0.3)
+    _legend_outside(ax, len(ttfts))
+    return fig
+
+
+def capacity_figure(capacity_curve: Mapping[str, Sequence[tuple[int, float]]], title: str = "") -> Any:
+    """Prefix hit ratio against GPU capacity, one styled series per label."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4), dpi=80)
+    xs_all = []
+    for i, (label, pts) in enumerate(capacity_curve.items()):
+        pts = sorted(pts)
+        xs_all += [x for x, _ in pts]
+        ax.plot([x for x, _ in pts], [y for _, y in pts], label=label, lw=1.3, markersize=4, **series_style(i))
+    ax.set_xscale("log")
+    if xs_all:
+        _log_ticks(ax.xaxis, min(xs_all), max(xs_all))
+    ax.set_xlabel("GPU blocks per worker (host tier scaled alike; log)")
+    ax.set_ylabel("prefix hit ratio")
+    ax.set_title(("hit ratio vs capacity " + title).strip(), fontsize=10)
+    ax.grid(alpha=0.3)
+    _legend_outside(ax, len(capacity_curve))
+    return fig
+
+
+def load_figure(results: Sequence[Summary], title: str = "") -> Any:
+    """Requests per worker, one bar group per worker (ticks on the workers), one styled bar set per run."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 3), dpi=80)
+    n = len(results)
+    width = 0.8 / n
+    n_workers = max(len(r.per_worker_requests) for r in results)
+    hatches = ("", "//", "..", "xx")
+    for j, r in enumerate(results):
+        xs = np.arange(len(r.per_worker_requests)) + (j - (n - 1) / 2) * width
+        ax.bar(xs, r.per_worker_requests, width=width, label=f"{r.routing}/{r.eviction}",
+               color=f"C{j % 10}", hatch=hatches[(j // 10) % len(hatches)], edgecolor="white", linewidth=0.3)
+    ax.set_xticks(np.arange(n_workers))
+    ax.set_xticklabels([str(w) for w in range(n_workers)])
+    ax.set_xlabel("worker")
+    ax.set_ylabel("requests")
+    ax.set_title(("load per worker " + title).strip(), fontsize=10)
+    _legend_outside(ax, n)
+    return fig
+
+
 def plot(
     out_dir: str,
     results: Sequence[Summary],
@@ -129,53 +227,15 @@ def plot(
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    paths = []
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=80)
-    for label, xs in ttfts.items():
-        xs = np.sort(np.asarray(xs))
-        if xs.size:
-            ax.plot(xs, np.arange(1, xs.size + 1) / xs.size, label=label, lw=1.4)
-    ax.set_xscale("log")
-    ax.set_xlabel("TTFT (s, log)")
-    ax.set_ylabel("share of requests")
-    ax.set_title(("TTFT CDF " + title).strip(), fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    p = os.path.join(out_dir, "ttft_cdf.png")
-    fig.savefig(p)
-    plt.close(fig)
-    paths.append(p)
+    figs = [("ttft_cdf.png", ttft_figure(ttfts, title))]
     if capacity_curve:
-        fig, ax = plt.subplots(figsize=(6, 4), dpi=80)
-        for label, pts in capacity_curve.items():
-            pts = sorted(pts)
-            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=label, lw=1.4)
-        ax.set_xscale("log")
-        ax.set_xlabel("GPU blocks per worker (host tier scaled alike; log)")
-        ax.set_ylabel("prefix hit ratio")
-        ax.set_title(("hit ratio vs capacity " + title).strip(), fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        p = os.path.join(out_dir, "hit_vs_capacity.png")
-        fig.savefig(p)
-        plt.close(fig)
-        paths.append(p)
+        figs.append(("hit_vs_capacity.png", capacity_figure(capacity_curve, title)))
     if results and results[0].per_worker_requests:
-        fig, ax = plt.subplots(figsize=(6, 3), dpi=80)
-        n = len(results)
-        width = 0.8 / n
-        for j, r in enumerate(results):
-            xs = np.arange(len(r.per_worker_requests)) + j * width
-            ax.bar(xs, r.per_worker_requests, width=width, label=f"{r.routing}/{r.eviction}")
-        ax.set_xlabel("worker")
-        ax.set_ylabel("requests")
-        ax.set_title(("load per worker " + title).strip(), fontsize=10)
-        ax.legend(fontsize=6, ncol=2)
-        fig.tight_layout()
-        p = os.path.join(out_dir, "load_balance.png")
-        fig.savefig(p)
+        figs.append(("load_balance.png", load_figure(results, title)))
+    paths = []
+    for name, fig in figs:
+        p = os.path.join(out_dir, name)
+        fig.savefig(p, bbox_inches="tight")
         plt.close(fig)
         paths.append(p)
     return paths

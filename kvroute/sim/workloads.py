@@ -16,6 +16,7 @@ uses it with defaults (``gen:NAME:key=value,...`` overrides).
 """
 from __future__ import annotations
 
+import inspect
 import math
 import random
 from dataclasses import replace
@@ -161,11 +162,19 @@ def from_spec(spec: str) -> list[Request]:
                     kw[k] = int(v)
             except ValueError:
                 raise TraceError(f"bad generator value {item!r}") from None
+    known = [n for n, p in inspect.signature(GENERATORS[parts[1]]).parameters.items()
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = sorted(set(kw) - set(known))
+    if unknown:
+        raise TraceError(f"unknown parameter{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} for gen:{parts[1]}; "
+                         f"it takes: {', '.join(known)}")
     try:
         reqs = GENERATORS[parts[1]](**kw)  # type: ignore[arg-type]
     except (TypeError, ValueError, ArithmeticError, IndexError) as exc:
         # unknown keyword, or a value the generator cannot use (empty range, zero rate, no prompts)
         raise TraceError(f"bad generator arguments for {parts[1]}: {exc}") from None
+    if not reqs:
+        raise TraceError(f"{spec!r} generates no requests")
     for r in reqs:  # what load_trace guarantees for a file, a generated workload must meet too
         if not r.hash_ids or r.input_length < 1 or r.output_length < 0 or not 0 <= r.arrival_s < math.inf:
             raise TraceError(f"{spec!r} gives an invalid request (no blocks, "
