@@ -222,31 +222,44 @@ def fit_cost(engine: ServeProcess, model_dir: str, gpu_blocks: int) -> tuple[Any
     kvh, hd = cfg["num_key_value_heads"], cfg.get("head_dim") or d // cfg["num_attention_heads"]
     P = L * (4 * d * d * (1 + kvh * hd / d) / 2 + 3 * d * inter) + 2 * vocab * d  # q,o + k,v + MLP + embeddings
     rng = random.Random(99)
+    sizes = (256, 1024, 2048, 3072, 4000)
     ns, ts = [], []
-    for n in (128, 512, 1024, 2048, 3072, 4000):
-        for _ in range(2):
+    for n in sizes:
+        samples = []
+        for _ in range(3):
             ids = [rng.randrange(10, VOCAB) for _ in range(n)]
             t0 = time.perf_counter()
             post(engine.url + "/v1/completions", {"model": "tiny", "prompt": ids, "max_tokens": 1})
-            ns.append(n)
-            ts.append(time.perf_counter() - t0)
-    A = np.array([[1.0, n, n * n] for n in ns])
-    o, a, b = np.linalg.lstsq(A, np.array(ts), rcond=None)[0]
+            samples.append(time.perf_counter() - t0)
+        ns.append(n)
+        ts.append(statistics.median(samples))  # a noisy machine: the median of three
+    # t = o + a n + b n^2 with every coefficient >= 0 (drop a term whose free fit goes negative)
+    terms = [0, 1, 2]
+    while True:
+        A = np.array([[float(n) ** k for k in terms] for n in ns])
+        coef = np.linalg.lstsq(A, np.array(ts), rcond=None)[0]
+        if all(c >= 0 for c in coef) or len(terms) == 1:
+            break
+        terms.pop(int(np.argmin(coef)))
+    full = dict(zip(terms, coef))
+    o, a, b = (max(0.0, float(full.get(k, 0.0))) for k in (0, 1, 2))
     a = max(a, 1e-9)
     f_eff = 2 * P / a
     d_eff = max(1.0, b * f_eff / (2 * L))
-    # decode: one step per token after the first, at batch 1 and 4
+    # decode: one step per token after the first, at batch 1 and 4 (median over the streams, two rounds)
     steps = {}
     for batch in (1, 4):
-        async def run() -> list[dict[str, Any]]:
-            import aiohttp
+        per = []
+        for _ in range(2):
+            async def run() -> list[dict[str, Any]]:
+                import aiohttp
 
-            async with aiohttp.ClientSession() as s:
-                bodies = [{"model": "tiny", "prompt": [rng.randrange(10, VOCAB) for _ in range(64)], "max_tokens": 33,
-                           "ignore_eos": True, "stream": True} for _ in range(batch)]
-                return list(await asyncio.gather(*(stream_one(s, engine.url + "/v1/completions", x) for x in bodies)))
-        rs = asyncio.run(run())
-        steps[batch] = statistics.fmean((r["e2e"] - r["ttft"]) / 32 for r in rs)
+                async with aiohttp.ClientSession() as s:
+                    bodies = [{"model": "tiny", "prompt": [rng.randrange(10, VOCAB) for _ in range(64)],
+                               "max_tokens": 33, "ignore_eos": True, "stream": True} for _ in range(batch)]
+                    return list(await asyncio.gather(*(stream_one(s, engine.url + "/v1/completions", x) for x in bodies)))
+            per += [(r["e2e"] - r["ttft"]) / 32 for r in asyncio.run(run())]
+        steps[batch] = statistics.median(per)
     c = max(1e-6, (steps[4] - steps[1]) / 3)
     od = max(0.0, steps[1] - c)
     base = CostModel()
