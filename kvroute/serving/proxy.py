@@ -44,6 +44,7 @@ from prometheus_client import generate_latest
 from ..router import Router
 from ..router.errors import NoHealthyWorkerError, UnknownRequestError
 from ..router.types import RouteHints
+from ..sidecar.health import REASONS, HealthMonitor
 from .engines import EnginePool, EngineSpec
 from .errors import (BadRequestError, EngineFailedError, ModelNotFoundError, NoEngineError, ServingError,
                      UnsupportedContentError)
@@ -109,13 +110,16 @@ class Proxy:
     """The aiohttp application and everything it owns; see the module docstring."""
 
     def __init__(self, router: Router, tokenizer: EngineTokenizer, pool: EnginePool, config: ProxyConfig,
-                 *, events: Any = None, metrics: ProxyMetrics | None = None) -> None:
+                 *, events: Any = None, metrics: ProxyMetrics | None = None, health_config: Any = None) -> None:
         self.router = router
         self.tokenizer = tokenizer
         self.pool = pool
         self.config = config
         #: The KV-event subscriber (None when no engine publishes events); read for /health.
         self.events = events
+        #: Per-engine reasons the index is blind (never connected, silent while routed to, block-size
+        #: mismatch, unverified, stale); it also stops crediting a blind engine's cache in the router.
+        self.monitor = HealthMonitor(router, events, health_config) if events is not None else None
         self.metrics = metrics or ProxyMetrics()
         self.pool.on_failure = lambda name, reason: self.metrics.engine_failures.labels(name, reason).inc()
         self._ids = itertools.count()
@@ -147,6 +151,14 @@ class Proxy:
             self._tasks.append(asyncio.create_task(self.pool.scrape_loop(
                 self._session, lambda name: self.metrics.scrape_failures.labels(name).inc())))
         self.metrics.healthy_engines.set(len(self.router.healthy_workers()))
+        if self.monitor is not None:
+            self._tasks.append(asyncio.create_task(self._monitor_loop()))
+
+    async def _monitor_loop(self) -> None:
+        assert self.monitor is not None
+        while True:
+            await asyncio.sleep(self.monitor.config.check_interval_s)
+            self.monitor.check()
 
     async def _cleanup(self, app: web.Application) -> None:
         for t in self._tasks:
@@ -187,8 +199,11 @@ class Proxy:
                             "events": spec.events is not None, "events_stale": spec.name in stale,
                             "event_batches": st.get("batches", 0), "events_replaying": bool(st.get("replaying"))})
         healthy = [e for e in engines if e["healthy"]]
+        blind = self.monitor.check() if self.monitor is not None else {}
+        for e in engines:
+            e["index_reasons"] = blind.get(e["name"], [])
         reasons = [f"{e['name']}: unhealthy ({e['reason']})" for e in engines if not e["healthy"]]
-        reasons += [f"{e['name']}: KV events lost, index not trusted" for e in engines if e["events_stale"]]
+        reasons += [f"{e['name']}: {r} ({REASONS[r][1]})" for e in engines for r in e["index_reasons"]]
         reasons += [f"{e['name']}: no KV events configured (predictions from routing decisions only)"
                     for e in engines if not e["events"]]
         status = "down" if not healthy else ("degraded" if reasons else "ok")
@@ -290,6 +305,8 @@ class Proxy:
             raise NoEngineError(f"no engine can take the request: {exc}", code="no_healthy_engine") from exc
         req.decision = d
         req.routed = True
+        if self.monitor is not None:
+            self.monitor.note_routed(d.worker)
         self.metrics.routed.labels(str(d.worker)).inc()
         return self.pool[d.worker]
 

@@ -276,3 +276,33 @@ def test_models_health_metrics_endpoints(engine_tokenizer: Any) -> None:
             assert "kvroute_proxy_prediction_error_tokens_bucket" in text
             assert 'kvroute_proxy_requests_total{endpoint="completions",status="200"} 1.0' in text
     run(go())
+
+
+def test_blind_engine_is_reported_and_its_cache_not_credited(engine_tokenizer: Any) -> None:
+    """An engine whose KV-event endpoint never connects: /health names it and the router stops crediting it."""
+    import time
+
+    from conftest import closed_port
+    from kvroute.adapters.subscriber import KVEventSubscriber
+    from kvroute.router import Router
+    from kvroute.serving.engines import EnginePool, EngineSpec
+    from kvroute.serving.proxy import Proxy, ProxyConfig
+    from kvroute.sidecar.health import HealthConfig
+
+    router = Router(["e0"], 16)
+    events = KVEventSubscriber(router.index, lock=router.lock)
+    events.add_worker("e0", f"tcp://127.0.0.1:{closed_port()}")
+    events.start()
+    try:
+        spec = EngineSpec("e0", "http://127.0.0.1:1", events="tcp://127.0.0.1:1")
+        proxy = Proxy(router, engine_tokenizer, EnginePool(router, [spec]), ProxyConfig(served_models=("tiny",)),
+                      events=events, health_config=HealthConfig(connect_grace_s=0.0))
+        deadline = time.monotonic() + 5
+        while "never_connected" not in proxy.health_doc()["engines"][0]["index_reasons"]:
+            assert time.monotonic() < deadline, proxy.health_doc()
+            time.sleep(0.05)
+        doc = proxy.health_doc()
+        assert doc["status"] == "degraded" and any("never_connected" in r for r in doc["reasons"])
+        assert router.cache_credited("e0") is False
+    finally:
+        events.close()
