@@ -25,7 +25,7 @@ What it does, in one run:
    the engines' capacity, batch and chunk sizes, and reports the simulator's
    TTFT next to the real one.
 
-Usage: python bench/real_cluster.py [--json] [--engines 2] [--requests 160] [--policies kvroute,dynamo,round_robin,least_loaded]
+Usage: python bench/real_cluster.py [--json] [--engines 2] [--requests 1000] [--rate-scale 4] [--policies kvroute,dynamo,round_robin,least_loaded]
 Prints a table, or with ``--json`` the contract document
 ``{"results": [{"routing", "ttft_mean_s", "ttft_p99_s", "prefix_hit_ratio", "sim_ttft_mean_s", ...}],
 "prediction_exact_share": x, ...}``.  Takes 10-20 minutes on 2 cores.
@@ -211,8 +211,13 @@ class Proxy:
 
 
 # ----------------------------------------------------------------- calibration
-def fit_cost(engine: ServeProcess, model_dir: str, gpu_blocks: int) -> tuple[Any, dict[str, Any]]:
-    """Fit the simulator's CostModel to the engine (see the module docstring)."""
+def fit_cost(engines: list[ServeProcess], model_dir: str, gpu_blocks: int) -> tuple[Any, dict[str, Any]]:
+    """Fit the simulator's CostModel to the engines (see the module docstring).
+
+    Every engine is timed at once, as they run in the replay (they share the machine's cores), and
+    the median over engines and repetitions is fitted."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import numpy as np
 
     from kvroute.sim.cost import CostModel
@@ -224,15 +229,23 @@ def fit_cost(engine: ServeProcess, model_dir: str, gpu_blocks: int) -> tuple[Any
     rng = random.Random(99)
     sizes = (256, 1024, 2048, 3072, 4000)
     ns, ts = [], []
-    for n in sizes:
-        samples = []
+
+    def time_prefills(engine: ServeProcess, n: int, seed: int) -> list[float]:
+        r = random.Random(seed)
+        out = []
         for _ in range(3):
-            ids = [rng.randrange(10, VOCAB) for _ in range(n)]
+            ids = [r.randrange(10, VOCAB) for _ in range(n)]
             t0 = time.perf_counter()
             post(engine.url + "/v1/completions", {"model": "tiny", "prompt": ids, "max_tokens": 1})
-            samples.append(time.perf_counter() - t0)
-        ns.append(n)
-        ts.append(statistics.median(samples))  # a noisy machine: the median of three
+            out.append(time.perf_counter() - t0)
+        return out
+
+    with ThreadPoolExecutor(len(engines)) as ex:
+        for n in sizes:
+            samples = [t for ts_ in ex.map(lambda ie: time_prefills(ie[1], n, 1000 * n + ie[0]), enumerate(engines))
+                       for t in ts_]
+            ns.append(n)
+            ts.append(statistics.median(samples))  # a noisy machine: the median over engines and repetitions
     # t = o + a n + b n^2 with every coefficient >= 0 (drop a term whose free fit goes negative)
     terms = [0, 1, 2]
     while True:
@@ -257,7 +270,8 @@ def fit_cost(engine: ServeProcess, model_dir: str, gpu_blocks: int) -> tuple[Any
                 async with aiohttp.ClientSession() as s:
                     bodies = [{"model": "tiny", "prompt": [rng.randrange(10, VOCAB) for _ in range(64)],
                                "max_tokens": 33, "ignore_eos": True, "stream": True} for _ in range(batch)]
-                    return list(await asyncio.gather(*(stream_one(s, engine.url + "/v1/completions", x) for x in bodies)))
+                    return list(await asyncio.gather(*(stream_one(s, e.url + "/v1/completions", x)
+                                                       for e in engines for x in bodies)))
             per += [(r["e2e"] - r["ttft"]) / 32 for r in asyncio.run(run())]
         steps[batch] = statistics.median(per)
     c = max(1e-6, (steps[4] - steps[1]) / 3)
@@ -307,11 +321,11 @@ def main() -> int:
     ap.add_argument("--engines", type=int, default=2)
     ap.add_argument("--trace", default="conversation")
     ap.add_argument("--start", type=int, default=0, help="First request of the slice.")
-    ap.add_argument("--requests", type=int, default=160)
+    ap.add_argument("--requests", type=int, default=1000)
     ap.add_argument("--block-tokens", type=int, default=64, help="Tokens per trace block (hash id).")
     ap.add_argument("--max-blocks", type=int, default=48, help="Trace blocks per prompt at most.")
     ap.add_argument("--max-output", type=int, default=8)
-    ap.add_argument("--rate-scale", type=float, default=1.0)
+    ap.add_argument("--rate-scale", type=float, default=4.0)
     ap.add_argument("--gpu-blocks", type=int, default=600, help="KV blocks (of 32 tokens) per engine.")
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=2)
@@ -341,7 +355,7 @@ def main() -> int:
         for e in engines:
             e.wait_ready(600)
         log("engines ready; calibrating")
-        cost, fit = fit_cost(engines[0], model, args.gpu_blocks)
+        cost, fit = fit_cost(engines, model, args.gpu_blocks)
         doc["fit"] = fit
         log(f"fit: {json.dumps(fit)[:400]}")
         doc["overhead"] = proxy_overhead(engines[0])
