@@ -174,7 +174,12 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     def pct(p: float) -> float:
         return ttft[min(len(ttft) - 1, int(round(p * (len(ttft) - 1))))] if ttft else float("nan")
 
-    return {"requests": len(results), "ok": len(ok), "ttft_mean_s": statistics.fmean(ttft) if ttft else float("nan"),
+    failed: dict[str, int] = {}
+    for r in results:
+        if r not in ok:
+            key = str(r.get("error") or r["status"])[:80]
+            failed[key] = failed.get(key, 0) + 1
+    return {"requests": len(results), "ok": len(ok), "failed": failed, "ttft_mean_s": statistics.fmean(ttft) if ttft else float("nan"),
             "ttft_p50_s": pct(0.5), "ttft_p99_s": pct(0.99), "prefix_hit_ratio": cached / prompt if prompt else 0.0,
             "throughput_tok_s": out_tok / span if span else 0.0,
             "e2e_mean_s": statistics.fmean(r["e2e"] for r in ok) if ok else float("nan")}
@@ -290,7 +295,7 @@ def fit_cost(engines: list[ServeProcess], model_dir: str, gpu_blocks: int) -> tu
     return cost, fit
 
 
-def proxy_overhead(engine: ServeProcess, n: int = 30) -> dict[str, Any]:
+def proxy_overhead(engine: ServeProcess, n: int = 100) -> dict[str, Any]:
     """p50 TTFT of fresh 64-token streams, direct vs through a proxy that knows only this engine."""
     p = Proxy([engine], "kvroute", {})
     rng = random.Random(5)
@@ -311,7 +316,8 @@ def proxy_overhead(engine: ServeProcess, n: int = 30) -> dict[str, Any]:
     finally:
         p.stop()
     return {"direct_ttft_p50_s": statistics.median(direct), "proxy_ttft_p50_s": statistics.median(via),
-            "added_p50_ms": 1000 * (statistics.median(via) - statistics.median(direct)), "samples": n}
+            "added_p50_ms": 1000 * (statistics.median(via) - statistics.median(direct)), "samples": n,
+            "load_average": os.getloadavg()[0]}
 
 
 # ---------------------------------------------------------------------- main
@@ -326,7 +332,7 @@ def main() -> int:
     ap.add_argument("--max-blocks", type=int, default=48, help="Trace blocks per prompt at most.")
     ap.add_argument("--max-output", type=int, default=8)
     ap.add_argument("--rate-scale", type=float, default=4.0)
-    ap.add_argument("--gpu-blocks", type=int, default=600, help="KV blocks (of 32 tokens) per engine.")
+    ap.add_argument("--gpu-blocks", type=int, default=3000, help="KV blocks (of 32 tokens) per engine.")
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--policies", default="kvroute,dynamo,round_robin,least_loaded")
