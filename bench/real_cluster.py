@@ -14,9 +14,11 @@ What it does, in one run:
 4. measures the proxy's own overhead: the same fresh 64-token streaming
    requests sent alternately to engine 0 directly and through a proxy that
    knows only engine 0 (p50 of TTFT, both ways);
-5. replays a slice of a bundled Mooncake trace (each trace block = ``--block-tokens``
-   tokens drawn from the block id, prompts capped at ``--max-blocks`` blocks, outputs
-   at ``--max-output`` tokens, arrival times divided by ``--rate-scale``) through
+5. replays a slice of a bundled trace (default: the first 1,000 requests of the agentic
+   coding sessions; each trace block = ``--block-tokens`` tokens drawn from the block id,
+   prompts cut to their first ``--max-blocks`` blocks (the sessions' system, tools and
+   first turns: what a CPU engine can prefill), outputs at ``--max-output`` tokens,
+   arrival times compressed to last ``--duration`` seconds) through
    ``kvroute proxy --policy P`` for each policy, engines' caches reset in between,
    streaming with usage: TTFT mean / p50 / p99, prefix hit ratio (engine-reported
    cached tokens / prompt tokens), output throughput, and the proxy's prediction
@@ -25,7 +27,7 @@ What it does, in one run:
    the engines' capacity, batch and chunk sizes, and reports the simulator's
    TTFT next to the real one.
 
-Usage: python bench/real_cluster.py [--json] [--engines 2] [--requests 1000] [--rate-scale 4] [--policies kvroute,dynamo,round_robin,least_loaded]
+Usage: python bench/real_cluster.py [--json] [--engines 2] [--trace agentic] [--requests 1000] [--duration 60] [--policies kvroute,dynamo,round_robin,least_loaded]
 Prints a table, or with ``--json`` the contract document
 ``{"results": [{"routing", "ttft_mean_s", "ttft_p99_s", "prefix_hit_ratio", "sim_ttft_mean_s", ...}],
 "prediction_exact_share": x, ...}``.  Takes 10-20 minutes on 2 cores.
@@ -90,9 +92,15 @@ def load_slice(trace: str, start: int, count: int, block_tokens: int, max_blocks
     """The trace slice as simulator requests (arrivals from 0) and as token-id prompts (one list a request)."""
     from dataclasses import replace
 
-    from kvroute.traces import load_trace, reshape
+    import gzip
 
-    reqs = load_trace(trace, limit=start + count)[start:start + count]
+    from kvroute.traces import load_trace, parse_lines, reshape
+
+    if str(trace).endswith(".gz"):
+        with gzip.open(trace, "rt") as f:
+            reqs = parse_lines(f.read().splitlines(), source=str(trace), limit=start + count)[start:start + count]
+    else:
+        reqs = load_trace(trace, limit=start + count)[start:start + count]
     reqs = reshape(reqs, block_tokens=block_tokens, max_blocks=max_blocks)
     t0 = reqs[0].arrival_s
     reqs = [replace(r, request_id=i, arrival_s=r.arrival_s - t0, output_length=max(2, min(r.output_length, max_output)))
@@ -108,6 +116,24 @@ def load_slice(trace: str, start: int, count: int, block_tokens: int, max_blocks
             ids += blocks[h]
         prompts.append(ids)
     return reqs, prompts
+
+
+def resolve_named_trace(name: str) -> str:
+    """A bundled trace by name (``agentic`` is the gzipped agentic coding sessions) or a path."""
+    from kvroute.traces import TraceError, resolve_trace
+
+    data = ROOT / "kvroute" / "data"
+    if name == "agentic":
+        for p in (data / "agentic_coding_dev.jsonl.gz", ROOT.parent / "shared" / "traces" / "agentic_coding_dev.jsonl.gz"):
+            if p.is_file():
+                return str(p)
+        raise SystemExit("the agentic trace is not bundled in this checkout")
+    try:
+        return resolve_trace(name)
+    except TraceError:
+        if Path(name).is_file():
+            return name
+        raise
 
 
 # ------------------------------------------------------------------ HTTP helpers
@@ -325,14 +351,17 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--engines", type=int, default=2)
-    ap.add_argument("--trace", default="conversation")
+    ap.add_argument("--trace", default="agentic",
+                    help="conversation, synthetic, agentic (the bundled agentic coding sessions) or a path (.jsonl[.gz]).")
     ap.add_argument("--start", type=int, default=0, help="First request of the slice.")
     ap.add_argument("--requests", type=int, default=1000)
     ap.add_argument("--block-tokens", type=int, default=64, help="Tokens per trace block (hash id).")
-    ap.add_argument("--max-blocks", type=int, default=48, help="Trace blocks per prompt at most.")
+    ap.add_argument("--max-blocks", type=int, default=64, help="Trace blocks per prompt at most.")
     ap.add_argument("--max-output", type=int, default=8)
-    ap.add_argument("--rate-scale", type=float, default=4.0)
-    ap.add_argument("--gpu-blocks", type=int, default=3000, help="KV blocks (of 32 tokens) per engine.")
+    ap.add_argument("--rate-scale", type=float, default=None,
+                    help="Divide arrival times by this (default: whatever makes the slice last --duration seconds).")
+    ap.add_argument("--duration", type=float, default=60.0)
+    ap.add_argument("--gpu-blocks", type=int, default=2000, help="KV blocks (of 32 tokens) per engine.")
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--policies", default="kvroute,dynamo,round_robin,least_loaded")
@@ -340,16 +369,16 @@ def main() -> int:
     args = ap.parse_args()
 
     from kvroute.sim.engine import SimConfig, simulate
-    from kvroute.traces import resolve_trace
-
     py = vllm_python()
     model = bench_model(py, args.hidden, args.layers)
-    trace = resolve_trace(args.trace)
+    trace = resolve_named_trace(args.trace)
     global VOCAB
     VOCAB = json.loads(Path(model, "config.json").read_text())["vocab_size"]
     reqs, prompts = load_slice(trace, args.start, args.requests, args.block_tokens, args.max_blocks, args.max_output,
                                vocab=VOCAB)
     max_len = max(len(p) for p in prompts) + args.max_output + 64
+    if args.rate_scale is None:
+        args.rate_scale = max(1e-9, reqs[-1].arrival_s / args.duration)
     log(f"slice: {len(reqs)} requests over {reqs[-1].arrival_s / args.rate_scale:.0f} s, prompts up to {max_len} tokens")
     extra = ["--num-gpu-blocks-override", str(args.gpu_blocks), "--max-num-batched-tokens", str(args.max_batched_tokens),
              "--max-num-seqs", "64", "--enforce-eager"]
