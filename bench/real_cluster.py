@@ -409,6 +409,7 @@ def main() -> int:
                 row = {"routing": policy, **summarize(res), "wall_s": time.perf_counter() - t0}
                 h = p.health()
                 row["prediction_checked"], row["prediction_exact"] = h["prediction_checked"], h["prediction_exact"]
+                row["engine_failures"] = {e["name"]: [e["failures_total"], e["reason"]] for e in h["engines"]}
                 checked += h["prediction_checked"]
                 exact += h["prediction_exact"]
             finally:

@@ -10,7 +10,9 @@
   engine's Prometheus ``/metrics`` into ``Router.update_load``.
 
 Failures are counted only for what says the engine is unwell (refused, reset,
-timeout, 5xx); a 4xx is the client's fault and counts as a success.
+timeout, 5xx); a 4xx is the client's fault and counts as a success.  The last
+engine in rotation is never taken out (a panic rule: failures everywhere at
+once are more often overload than a dead fleet).
 """
 from __future__ import annotations
 
@@ -138,6 +140,12 @@ class EnginePool:
         if self.on_failure is not None:
             self.on_failure(name, reason)
         if not h.unhealthy and h.consecutive_failures >= self.fail_threshold:
+            if not any(not x.unhealthy for n, x in self.health.items() if n != name):
+                # Panic rule (Envoy's, at its simplest): the last engine in rotation stays in. Failures
+                # everywhere at once mean overload more often than a dead fleet, and ejecting the last
+                # engine turns an overload into an outage; its requests fail (or succeed) on their own.
+                h.reason = reason + " (last engine in rotation: kept)"
+                return False
             h.unhealthy = True
             self.router.mark_unhealthy(name)
             log.warning("engine %s marked unhealthy after %d failures in a row (%s)", name,

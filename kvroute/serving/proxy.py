@@ -194,8 +194,11 @@ class Proxy:
         for spec in self.pool.specs:
             h = self.pool.health[spec.name]
             st = streams.get(spec.name) or {}
-            engines.append({"name": spec.name, "url": spec.url, "healthy": not h.unhealthy,
-                            "consecutive_failures": h.consecutive_failures, "reason": h.reason or None,
+            engines.append({"name": spec.name, "url": spec.url,
+                            # kept in rotation by the panic rule but failing: not healthy either
+                            "healthy": not h.unhealthy and h.consecutive_failures < self.pool.fail_threshold,
+                            "consecutive_failures": h.consecutive_failures, "failures_total": h.failures_total,
+                            "reason": h.reason or None,
                             "events": spec.events is not None, "events_stale": spec.name in stale,
                             "event_batches": st.get("batches", 0), "events_replaying": bool(st.get("replaying"))})
         healthy = [e for e in engines if e["healthy"]]

@@ -306,3 +306,18 @@ def test_blind_engine_is_reported_and_its_cache_not_credited(engine_tokenizer: A
         assert router.cache_credited("e0") is False
     finally:
         events.close()
+
+
+def test_last_engine_in_rotation_is_never_ejected(engine_tokenizer: Any) -> None:
+    async def go() -> None:
+        async with harness(engine_tokenizer, live=2, policy="round_robin", fail_threshold=1) as h:
+            h.engines["e0"].status = h.engines["e1"].status = 500
+            for _ in range(4):
+                st, doc = await h.post("/v1/completions", {"model": "tiny", "prompt": LONG, "max_tokens": 2})
+                assert st == 503
+            hs = h.proxy.pool.health
+            assert sum(x.unhealthy for x in hs.values()) == 1  # one left in rotation (panic rule)
+            h.engines["e0"].status = h.engines["e1"].status = None
+            st, _ = await h.post("/v1/completions", {"model": "tiny", "prompt": LONG, "max_tokens": 2})
+            assert st == 200 and h.proxy.router.in_flight() == 0
+    run(go())
