@@ -145,7 +145,10 @@ class Proxy:
         return app
 
     async def _startup(self, app: web.Application) -> None:
-        self._session = ClientSession(connector=TCPConnector(limit=0, ttl_dns_cache=300), auto_decompress=False)
+        # Idle connections are dropped after 3 s: uvicorn (vLLM's server) closes them after 5 s, and a request
+        # sent on a connection the server is closing fails with "server disconnected" -- a false engine failure.
+        self._session = ClientSession(connector=TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=3.0),
+                                      auto_decompress=False)
         self._tasks.append(asyncio.create_task(self.pool.probe_loop(self._session)))
         if self.pool.scrape_interval_s:
             self._tasks.append(asyncio.create_task(self.pool.scrape_loop(
