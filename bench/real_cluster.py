@@ -7,10 +7,11 @@ What it does, in one run:
    ``--layers``; the default's prefill costs are printed and reported);
 2. starts N ``vllm serve`` engines (block 32, prefix caching, KV events, a
    fixed KV capacity of ``--gpu-blocks`` blocks each, one thread each);
-3. calibrates: times uncached prefills of several lengths and decode steps at
-   two batch sizes on engine 0, and fits the simulator's :class:`CostModel` to
-   them (``prefill = o + a n + b n^2``: ``gpu_flops * prefill_mfu = 2 P / a``,
-   an effective ``d_model = b F_eff / (2 L)``; ``decode_step = o_d + c * batch``);
+3. calibrates, on every engine at once (as they run in the replay): the time of a
+   fully cached long prompt (the fixed cost ``o`` of a request), uncached prefills of
+   several lengths and decode steps at two batch sizes, and fits the simulator's
+   :class:`CostModel` to them (``prefill = o + a n + b n^2``: ``gpu_flops * prefill_mfu
+   = 2 P / a``, an effective ``d_model = b F_eff / (2 L)``; ``decode_step = o_d + c * batch``);
 4. measures the proxy's own overhead: the same fresh 64-token streaming
    requests sent alternately to engine 0 directly and through a proxy that
    knows only engine 0 (p50 of TTFT, both ways);
@@ -277,16 +278,33 @@ def fit_cost(engines: list[ServeProcess], model_dir: str, gpu_blocks: int) -> tu
                        for t in ts_]
             ns.append(n)
             ts.append(statistics.median(samples))  # a noisy machine: the median over engines and repetitions
-    # t = o + a n + b n^2 with every coefficient >= 0 (drop a term whose free fit goes negative)
-    terms = [0, 1, 2]
+    # The fixed part: a long prompt sent again is all cached (one block recomputed), so its time is the
+    # request's handling (HTTP, JSON of its ids, block hashing, scheduling, sampling) -- measured, not fitted.
+    def time_cached(engine: ServeProcess, seed: int) -> list[float]:
+        r = random.Random(seed)
+        ids = [r.randrange(10, VOCAB) for _ in range(sizes[-1])]
+        out = []
+        for i in range(6):
+            t0 = time.perf_counter()
+            post(engine.url + "/v1/completions", {"model": "tiny", "prompt": ids, "max_tokens": 1})
+            if i:
+                out.append(time.perf_counter() - t0)
+        return out
+
+    with ThreadPoolExecutor(len(engines)) as ex:
+        o = statistics.median(t for ts_ in ex.map(lambda ie: time_cached(ie[1], 77 + ie[0]), enumerate(engines))
+                              for t in ts_)
+    # t - o = a n + b n^2 with both coefficients >= 0 (drop a term whose free fit goes negative)
+    terms = [1, 2]
+    y = np.array([max(0.0, t - o) for t in ts])
     while True:
         A = np.array([[float(n) ** k for k in terms] for n in ns])
-        coef = np.linalg.lstsq(A, np.array(ts), rcond=None)[0]
+        coef = np.linalg.lstsq(A, y, rcond=None)[0]
         if all(c >= 0 for c in coef) or len(terms) == 1:
             break
         terms.pop(int(np.argmin(coef)))
     full = dict(zip(terms, coef))
-    o, a, b = (max(0.0, float(full.get(k, 0.0))) for k in (0, 1, 2))
+    a, b = (max(0.0, float(full.get(k, 0.0))) for k in (1, 2))
     a = max(a, 1e-9)
     f_eff = 2 * P / a
     d_eff = max(1.0, b * f_eff / (2 * L))
