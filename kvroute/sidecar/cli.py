@@ -32,6 +32,11 @@ from .errors import ConfigError
               help="Seconds after which a request whose finish never came is released (0 = never; default 3600).")
 @click.option("--worker", "workers", multiple=True, metavar="ID=ENDPOINT[,REPLAY]",
               help="A worker and its KV-event endpoint (repeatable; adds to the config's workers).")
+@click.option("--approximate", type=click.Choice(["auto", "all", "off"]),
+              help="Predict caches from routing decisions: auto (workers without events, stale streams), all, off.")
+@click.option("--sync-url", help="Replica sync channel, redis://host:port/db (Redis or Valkey); several replicas share it.")
+@click.option("--sync-stream", help="Stream key of the replica sync channel (default kvroute:sync).")
+@click.option("--replica-name", help="This replica's name on the sync channel (default: its bound address).")
 @click.option("--log-level", help="DEBUG, INFO, WARNING ...")
 def serve(config_path: str | None, weights: tuple[str, ...], workers: tuple[str, ...], **flags: Any) -> None:
     """Run the KV-aware routing sidecar (see docs/protocol.md)."""
@@ -59,7 +64,8 @@ def serve(config_path: str | None, weights: tuple[str, ...], workers: tuple[str,
         raise click.ClickException(f"cannot start: {exc}") from exc
     srv.install_signal_handlers()
     click.echo(json.dumps({"event": "ready", "address": srv.address, "http_port": srv.http.port if srv.http else None,
-                           "restored": srv.restored, "index_entries": len(srv.router.index)}), nl=True)
+                           "restored": srv.restored, "index_entries": len(srv.router.index),
+                           **({"sync": srv.sync_ready()} if srv.sync is not None else {})}), nl=True)
     sys.stdout.flush()
     try:
         srv.serve_forever()

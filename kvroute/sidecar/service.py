@@ -66,6 +66,8 @@ class Service:
         self.metrics = metrics
         #: The KV-event source (a KVEventSubscriber wrapper) or None when no worker publishes events.
         self.events = events
+        #: Replica sync (a kvroute.sync.SyncRunner) or None; health reads it.
+        self.sync: Any = None
         self._clock = clock
         self.OPS: dict[str, Callable[[dict], Any]] = {
             "route": self.op_route,
@@ -222,13 +224,15 @@ class Service:
         with self.router.lock:
             out["index"] = self.router.index.stats()
         out["events"] = _wire_keys(self.events.metrics()) if self.events is not None else {}
+        if self.sync is not None:
+            out["sync"] = _wire_keys(self.sync.stats())
         return out
 
     def op_health(self, req: dict | None = None) -> dict:
-        return health(self.router, self.events)
+        return health(self.router, self.events, self.sync)
 
 
-def health(router: Router, events: Any) -> dict:
+def health(router: Router, events: Any, sync: Any = None) -> dict:
     """``ok`` when some worker is healthy and its index is trusted; ``degraded`` when some are stale; ``down`` otherwise."""
     healthy = router.healthy_workers()
     stale = sorted(map(str, events.stale_workers())) if events is not None else []
@@ -238,7 +242,14 @@ def health(router: Router, events: Any) -> dict:
         status = "degraded"
     else:
         status = "ok"
-    return {"status": status, "healthy_workers": len(healthy), "workers": len(router.workers()), "stale_workers": stale}
+    doc = {"status": status, "healthy_workers": len(healthy), "workers": len(router.workers()), "stale_workers": stale}
+    if sync is not None:  # replica sync: an unreachable channel means this replica routes alone
+        reasons = sync.health_reasons()
+        if reasons and status == "ok":
+            doc["status"] = "degraded"
+        doc["sync"] = {"connected": sync.connected, "peers": len(sync.sync.peers)}
+        doc.setdefault("reasons", []).extend(reasons)
+    return doc
 
 
 def _wire_keys(doc: Any) -> Any:

@@ -44,6 +44,10 @@ class RedisTransport:
         self._r = redis.Redis.from_url(url, socket_timeout=timeout_s + 1.0, socket_connect_timeout=timeout_s,
                                        retry_on_timeout=False)
         self._last: str | None = None
+        try:  # the read cursor starts where the channel ends now (as for any reader that joins)
+            self._cursor()
+        except SyncUnavailable:
+            pass  # set on the first call that reaches the server
 
     def _call(self, fn: Any, *args: Any, **kw: Any) -> Any:
         try:
@@ -66,6 +70,7 @@ class RedisTransport:
         return self._last
 
     def publish(self, payload: bytes) -> None:
+        self._cursor()
         self._call(self._r.xadd, self.stream, {"m": payload}, maxlen=self.maxlen, approximate=True)
 
     def read(self, timeout_s: float) -> list[bytes]:
