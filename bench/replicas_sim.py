@@ -1,0 +1,119 @@
+#!/usr/bin/env python3
+"""Router replicas in the simulator: one router vs K synchronised (kvroute.sync) vs K unsynchronised.
+
+    python bench/replicas_sim.py [--replicas 4] [--sync-delay 0,0.002] [--cells conv1,conv3,agentic] [--json]
+
+Each cell runs ``kvroute sim`` (the real router, caches and ReplicaSync on the
+simulated clock) with one router, then K replicas sharing in-flight load,
+speculative prefixes and approximate entries (``--replica-sync shared``) at
+each sync delay, then K replicas that share nothing (``--replica-sync none``).
+Requests are spread over replicas round robin.  Cells:
+
+* ``conv1`` / ``conv3`` -- the bundled Mooncake conversation trace at x1 / x3 its rate;
+* ``agentic`` -- ``/work/shared/traces/agentic_coding_dev.jsonl.gz`` (or ``--agentic PATH``),
+  64-token blocks;
+* ``approx`` -- the conversation trace with no KV events at all (approximate mode, one
+  router), and its prediction accuracy against the simulator's truth.
+
+Prints, per cell and setup: TTFT mean / p99, their ratio to one router, prefix
+hit ratio, and the prediction accuracy (share of requests whose predicted
+cached prefix equals the engine's hit).  Target (issue 13): 4 synced replicas
+within 5% of one router on TTFT mean and p99.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+from kvroute.sim.cost import get_preset
+from kvroute.sim.engine import SimConfig, simulate
+from kvroute.traces import load_trace, parse_lines
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+#: The agentic trace: ``../shared/traces`` beside the repository (the shared checkout's layout).
+AGENTIC = next((p for p in (os.path.join(_HERE, "..", "..", "shared", "traces", "agentic_coding_dev.jsonl.gz"),
+                            "/work/shared/traces/agentic_coding_dev.jsonl.gz") if os.path.exists(p)),
+               "agentic_coding_dev.jsonl.gz")
+
+
+def cells(names: list[str], agentic: str) -> list[tuple[str, list, SimConfig]]:
+    out = []
+    base = SimConfig(workers=8, routing="kvroute", eviction="lru", cost=get_preset("llama-3.1-8b-h100"))
+    conv = None
+    for n in names:
+        if n in ("conv1", "conv3", "approx"):
+            conv = conv or load_trace("conversation")
+            out.append((n, conv, dataclasses.replace(base, rate_scale=3.0 if n == "conv3" else 1.0)))
+        elif n == "agentic":
+            if agentic.endswith(".gz"):
+                import gzip
+
+                with gzip.open(agentic, "rt", encoding="utf-8") as f:
+                    reqs = parse_lines(f, source=agentic)
+            else:
+                reqs = load_trace(agentic)
+            out.append((n, reqs, dataclasses.replace(base, block_tokens=64)))
+        else:
+            raise SystemExit(f"unknown cell {n!r}")
+    return out
+
+
+def row(name: str, setup: str, s, ref) -> dict:
+    p = s.extra.get("prediction", {})
+    return {"cell": name, "setup": setup, "ttft_mean_s": s.ttft_mean_s, "ttft_p99_s": s.ttft_p99_s,
+            "mean_ratio": s.ttft_mean_s / ref.ttft_mean_s if ref else 1.0,
+            "p99_ratio": s.ttft_p99_s / ref.ttft_p99_s if ref else 1.0,
+            "prefix_hit_ratio": s.prefix_hit_ratio, "prediction_exact": p.get("exact"),
+            "prediction_mae_blocks": p.get("mae_blocks"), "wall_s": s.wall_s}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--replicas", type=int, default=4)
+    ap.add_argument("--sync-delay", default="0,0.002", help="comma-separated seconds")
+    ap.add_argument("--cells", default="conv1,conv3,agentic,approx")
+    ap.add_argument("--agentic", default=AGENTIC)
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args(argv)
+    delays = [float(x) for x in a.sync_delay.split(",") if x.strip()]
+    rows = []
+    for name, reqs, cfg in cells(a.cells.split(","), a.agentic):
+        if name == "approx":
+            setups = [("exact index, 1 router", {}),
+                      ("approximate, 1 router", {"approximate": True}),
+                      (f"approximate, {a.replicas} shared", {"approximate": True, "router_replicas": a.replicas}),
+                      (f"approximate, {a.replicas} none", {"approximate": True, "router_replicas": a.replicas,
+                                                           "replica_sync": "none"})]
+        else:
+            setups = [("1 router", {})]
+            setups += [(f"{a.replicas} shared, delay {d * 1000:g} ms", {"router_replicas": a.replicas, "sync_delay_s": d})
+                       for d in delays]
+            setups.append((f"{a.replicas} none", {"router_replicas": a.replicas, "replica_sync": "none"}))
+        ref = None
+        for setup, changes in setups:
+            t0 = time.perf_counter()
+            s = simulate(reqs, dataclasses.replace(cfg, **changes))
+            ref = ref or s
+            rows.append(row(name, setup, s, ref))
+            print(f"{name:8s} {setup:32s} ttft mean {s.ttft_mean_s:.4f} s ({rows[-1]['mean_ratio']:.3f}x)  "
+                  f"p99 {s.ttft_p99_s:.3f} s ({rows[-1]['p99_ratio']:.3f}x)  hit {s.prefix_hit_ratio:.4f}  "
+                  f"predicted exact {rows[-1]['prediction_exact']:.3f}  [{time.perf_counter() - t0:.0f} s]",
+                  file=sys.stderr, flush=True)
+    if a.json:
+        print(json.dumps({"rows": rows}))
+    else:
+        print("| cell | setup | TTFT mean s (x one router) | TTFT p99 s (x) | prefix hit | prediction exact |")
+        print("|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['cell']} | {r['setup']} | {r['ttft_mean_s']:.4f} ({r['mean_ratio']:.3f}) | "
+                  f"{r['ttft_p99_s']:.3f} ({r['p99_ratio']:.3f}) | {r['prefix_hit_ratio']:.4f} | "
+                  f"{r['prediction_exact']:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
