@@ -71,6 +71,14 @@ def encode_batch(origin: str, seq: int, ops: list[list[Any]]) -> bytes:
     return msgpack.packb({"v": WIRE_VERSION, "o": origin, "n": seq, "ops": ops}, use_bin_type=True)
 
 
+def batch_prefix(origin: str) -> bytes:
+    """The first bytes of every batch :func:`encode_batch` writes for ``origin`` (map header, version, origin)."""
+    full = encode_batch(origin, 1, [])
+    head = b"\x84" + msgpack.packb("v") + msgpack.packb(WIRE_VERSION) + msgpack.packb("o") + msgpack.packb(origin)
+    assert full.startswith(head)
+    return head
+
+
 def decode_batch(payload: Any) -> tuple[str, int, list[Any]]:
     """``(origin, seq, ops)`` of a batch; :class:`SyncMessageError` if it is not one."""
     if not isinstance(payload, (bytes, bytearray)) or len(payload) > MAX_BATCH_BYTES:

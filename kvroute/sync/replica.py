@@ -90,6 +90,8 @@ class ReplicaSync:
         #: Called after an op is queued (the runner wakes its publisher); None in the simulator.
         self.wakeup: Callable[[], None] | None = None
         self._lock = threading.Lock()  # take_batch vs. queue_state's ordering of the deque
+        # every reader also reads its own batches back: recognise them by their first bytes, undecoded
+        self._own_prefix = m.batch_prefix(self.origin)
         router.add_observer(self)
 
     # ----------------------------------------------------------- own decisions
@@ -145,6 +147,8 @@ class ReplicaSync:
     # ----------------------------------------------------------- others' decisions
     def receive(self, payload: Any, now: float | None = None) -> None:
         """Apply one batch read from the channel (never raises; bad input is counted)."""
+        if isinstance(payload, bytes) and payload.startswith(self._own_prefix):
+            return
         now = self._clock() if now is None else now
         try:
             origin, seq, ops = m.decode_batch(payload)
