@@ -472,10 +472,12 @@ class Router:
                     for rid, f in self._requests.items()]
 
     def track_remote(self, key: Any, worker: Any, *, prefill_tokens: int, blocks: int, ttl_s: float | None,
-                     decode_worker: Any = None, prefill_open: bool = True) -> bool:
+                     decode_worker: Any = None, prefill_open: bool = True, new_decision: bool = True) -> bool:
         """Count the load of a request another router replica routed (``key``: unique per replica and
         request), released by :meth:`release_remote` or ``ttl_s`` seconds from now (None: never).
-        Returns False, changing nothing, if ``key`` is already tracked (a duplicate message)."""
+        ``new_decision``: also count it in the workers' ``routed_total`` (fair-share tie-breaking; False
+        when a peer's state re-announces it).  Returns False, changing nothing, if ``key`` is already
+        tracked (a duplicate message)."""
         for name, v in (("prefill_tokens", prefill_tokens), ("blocks", blocks)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {v!r}")
@@ -494,6 +496,10 @@ class Router:
             if ds is not ps:
                 ds.active_requests += 1
             ds.decode_blocks += blocks
+            if new_decision:
+                ps.routed_total += 1
+                if ds is not ps:
+                    ds.routed_total += 1
             if not prefill_open:
                 self._release_prefill(f)
             self._remote[key] = f

@@ -253,7 +253,7 @@ class ReplicaSync:
                 continue  # known (a closed prefill released: idempotent)
             try:
                 if r.track_remote(key, w, prefill_tokens=pt, blocks=nb, ttl_s=ttl, decode_worker=dw,
-                                  prefill_open=open_):
+                                  prefill_open=open_, new_decision=False):
                     p.requests.add(rid)
             except KVRouteError:
                 self.counters["unknown_workers"] += 1
