@@ -10,6 +10,9 @@ each sync delay, then K replicas that share nothing (``--replica-sync none``).
 Requests are spread over replicas round robin.  Cells:
 
 * ``conv1`` / ``conv3`` -- the bundled Mooncake conversation trace at x1 / x3 its rate;
+* ``conv1s`` / ``conv3s`` -- the same with the requests of each second spread evenly over it (the
+  trace's timestamps are whole seconds: as given, the 3-4 requests of a second arrive at one instant,
+  and replicas decide them blind of each other whatever the sync delay);
 * ``agentic`` -- ``/work/shared/traces/agentic_coding_dev.jsonl.gz`` (or ``--agentic PATH``),
   64-token blocks;
 * ``approx`` -- the conversation trace with no KV events at all (approximate mode, one
@@ -42,14 +45,29 @@ AGENTIC = next((p for p in (os.path.join(_HERE, "..", "..", "shared", "traces", 
                "agentic_coding_dev.jsonl.gz")
 
 
+def spread(reqs: list) -> list:
+    """The conversation trace's timestamps are whole seconds (90% of arrivals share the previous one's):
+    spread the k requests of each second evenly over it (order kept), as a real arrival process would."""
+    out, i = [], 0
+    while i < len(reqs):
+        j = i
+        while j < len(reqs) and reqs[j].arrival_s == reqs[i].arrival_s:
+            j += 1
+        step = 1.0 / (j - i)
+        out += [dataclasses.replace(r, arrival_s=r.arrival_s + k * step) for k, r in enumerate(reqs[i:j])]
+        i = j
+    return out
+
+
 def cells(names: list[str], agentic: str) -> list[tuple[str, list, SimConfig]]:
     out = []
     base = SimConfig(workers=8, routing="kvroute", eviction="lru", cost=get_preset("llama-3.1-8b-h100"))
     conv = None
     for n in names:
-        if n in ("conv1", "conv3", "approx"):
+        if n in ("conv1", "conv3", "approx", "conv1s", "conv3s"):
             conv = conv or load_trace("conversation")
-            out.append((n, conv, dataclasses.replace(base, rate_scale=3.0 if n == "conv3" else 1.0)))
+            reqs = spread(conv) if n.endswith("s") else conv
+            out.append((n, reqs, dataclasses.replace(base, rate_scale=3.0 if n.startswith("conv3") else 1.0)))
         elif n == "agentic":
             if agentic.endswith(".gz"):
                 import gzip

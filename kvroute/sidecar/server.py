@@ -87,7 +87,10 @@ class SidecarServer:
     def _start(self) -> "SidecarServer":
         cfg = self.config
         index = self._restore()
-        r = Router((), cfg.block_size, policy=cfg.policy, weights=cfg.weights or None, seed=cfg.seed,
+        # with replica sync, each replica breaks ties with its own seed (a shared seed would make replicas
+        # break the ties of simultaneous requests identically, herding them onto one worker)
+        seed = cfg.seed ^ xxhash.xxh64_intdigest(cfg.replica_name or cfg.bind) if cfg.sync_url else cfg.seed
+        r = Router((), cfg.block_size, policy=cfg.policy, weights=cfg.weights or None, seed=seed,
                    index=index, pending_ttl_s=cfg.pending_ttl_s, lock=self.lock,
                    request_ttl_s=cfg.request_ttl_s or None, approx_ttl_s=cfg.approx_ttl_s)
         self.router = r

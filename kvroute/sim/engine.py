@@ -45,6 +45,7 @@ prompt counts one block less (vLLM recomputes the last block).
 """
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 import time
@@ -258,8 +259,10 @@ class Simulation:
             roles = {wid: ("prefill" if i < npre else "decode") for i, wid in enumerate(wids)}
         try:
             #: The router replicas (one unless ``router_replicas`` > 1); ``router`` is the first.
-            self.routers = [_make_router(Router, wids, config, roles, lambda: self.now)
-                            for _ in range(config.router_replicas)]
+            # each replica its own tie-breaking seed (seed + k): replicas sharing a seed would break the
+            # ties of simultaneous requests identically and herd them onto one worker
+            self.routers = [_make_router(Router, wids, dataclasses.replace(config, seed=config.seed + k), roles,
+                                         lambda: self.now) for k in range(config.router_replicas)]
         except (TypeError, ValueError) as exc:  # a tuned configuration's unknown or bad weight
             raise SimConfigError(f"routing {config.routing!r} with {config.router_params}: {exc}") from None
         self.router = self.routers[0]
