@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -46,7 +47,7 @@ class Fleet:
 
     def config(self, name: str) -> str:
         cfg = {
-            "bind": "tcp://127.0.0.1:*", "http_port": 0, "block_size": BS, "request_ttl_s": 600,
+            "bind": "tcp://127.0.0.1:*", "http_port": -1, "block_size": BS, "request_ttl_s": 600,
             "sync_url": self.redis.url, "sync_stream": self.key, "replica_name": name,
             "sync_lease_s": LEASE_S, "sync_heartbeat_s": 0.2, "sync_catch_up_s": 3.0,
             "workers": [{"id": w, "endpoint": e.endpoint, "replay_endpoint": e.replay_endpoint}
@@ -139,6 +140,10 @@ def test_burst_spread_over_replicas_load_consistent(fleet):
     for n in names:
         h = fleet.clients[n].health()
         assert h["status"] == "ok" and h["sync"]["connected"] and h["sync"]["peers"] == 2, h
+    text = urllib.request.urlopen(f"http://127.0.0.1:{fleet.ready['r0']['http_port']}/metrics", timeout=10).read().decode()
+    for series in ("kvroute_sync_connected 1.0", "kvroute_sync_peers 2.0", "kvroute_sync_batches_in ",
+                   "kvroute_sync_remote_in_flight 0.0"):
+        assert series in text, series
 
 
 def test_sync_server_restart_degrades_then_resyncs(fleet):

@@ -89,7 +89,7 @@ class SidecarServer:
         index = self._restore()
         # with replica sync, each replica breaks ties with its own seed (a shared seed would make replicas
         # break the ties of simultaneous requests identically, herding them onto one worker)
-        seed = cfg.seed ^ xxhash.xxh64_intdigest(cfg.replica_name or cfg.bind) if cfg.sync_url else cfg.seed
+        seed = cfg.seed ^ xxhash.xxh64_intdigest((cfg.replica_name or cfg.bind).encode()) if cfg.sync_url else cfg.seed
         r = Router((), cfg.block_size, policy=cfg.policy, weights=cfg.weights or None, seed=seed,
                    index=index, pending_ttl_s=cfg.pending_ttl_s, lock=self.lock,
                    request_ttl_s=cfg.request_ttl_s or None, approx_ttl_s=cfg.approx_ttl_s)
@@ -113,6 +113,7 @@ class SidecarServer:
         if cfg.sync_url:
             self.sync = self._start_sync(r)  # catches up before the socket answers
         self.service.sync = self.sync
+        self.metrics.sync = self.sync
         sock = self.sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
