@@ -102,6 +102,7 @@ class Router:
         lock: Any = None,
         request_ttl_s: float | None = None,
         approx_ttl_s: float = DEFAULT_APPROX_TTL_S,
+        approx_capacity_blocks: int | None = None,
     ) -> None:
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
@@ -132,6 +133,9 @@ class Router:
         self._rng = random.Random(seed)
         self._pending = PendingPrefixes(pending_ttl_s, clock)
         self._approx = ApproxPrefixes(approx_ttl_s)
+        #: Predicted blocks kept per approximate-mode worker (None: its ``capacity_blocks``, else the
+        #: table's default); an engine offloading to host memory holds GPU + host blocks.
+        self.approx_capacity_blocks = approx_capacity_blocks
         self._approx_slots = 0  # bitmask of the slots of workers in approximate mode
         self._remote: dict[Any, _Flight] = {}
         self._remote_heap: list[tuple[float, int, Any, _Flight]] = []
@@ -356,7 +360,7 @@ class Router:
                 pending.add(slot, hs)
             approx_worker = bool(hs) and bool(self._approx_slots >> slot & 1)
             if approx_worker:
-                self._approx.add(slot, hs, now, capacity=ps.capacity_blocks)
+                self._approx.add(slot, hs, now, capacity=self.approx_capacity_blocks or ps.capacity_blocks)
             if self._observers:
                 rec = FlightRecord(request_id, ps.id, ds.id if ds is not ps else None, uncached, nb, True,
                                    self._left(now, now), hs if (speculated or approx_worker) else (),
@@ -578,7 +582,7 @@ class Router:
             if not self._approx_slots >> slot & 1:
                 return False
             now = self._clock()
-            self._approx.add(slot, list(hashes), now, capacity=s.capacity_blocks,
+            self._approx.add(slot, list(hashes), now, capacity=self.approx_capacity_blocks or s.capacity_blocks,
                              expires_at=None if ttl_s is None else now + ttl_s)
             return True
 
@@ -595,7 +599,7 @@ class Router:
             slot = self._slot[worker]
             if not self._approx_slots >> slot & 1:
                 return False
-            self._approx.load(slot, entries, self._clock(), s.capacity_blocks)
+            self._approx.load(slot, entries, self._clock(), self.approx_capacity_blocks or s.capacity_blocks)
             return True
 
     # -------------------------------------------------------------------- stats

@@ -87,7 +87,10 @@ class SidecarConfig:
     #: without a KV-event endpoint and while a stream is stale; ``all``; ``off``.
     approximate: str = "auto"
     #: Lifetime of an approximate entry after the decision that last routed it, seconds.
-    approx_ttl_s: float = 120.0
+    approx_ttl_s: float = 600.0
+    #: Predicted blocks kept per approximate-mode worker; 0 = the worker's ``capacity_blocks`` (else 65,536).
+    #: Set it to GPU + host blocks for engines that offload KV to host memory.
+    approx_capacity_blocks: int = 0
     #: Replica sync channel (``redis://host:port/db``, Redis or Valkey); "" = this replica routes alone.
     sync_url: str = ""
     #: Stream key of the sync channel (replicas of one fleet share it).
@@ -152,6 +155,8 @@ class SidecarConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
                 raise ConfigError(f"{name} must be a number > 0, got {v!r}")
+        if type(self.approx_capacity_blocks) is not int or self.approx_capacity_blocks < 0:
+            raise ConfigError(f"approx_capacity_blocks must be an int >= 0, got {self.approx_capacity_blocks!r}")
         if not self.sync_heartbeat_s < self.sync_lease_s:
             raise ConfigError("sync_heartbeat_s must be shorter than sync_lease_s")
         if self.sync_url and not self.sync_url.startswith(("redis://", "rediss://", "unix://")):

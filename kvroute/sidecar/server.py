@@ -92,7 +92,8 @@ class SidecarServer:
         seed = cfg.seed ^ xxhash.xxh64_intdigest((cfg.replica_name or cfg.bind).encode()) if cfg.sync_url else cfg.seed
         r = Router((), cfg.block_size, policy=cfg.policy, weights=cfg.weights or None, seed=seed,
                    index=index, pending_ttl_s=cfg.pending_ttl_s, lock=self.lock,
-                   request_ttl_s=cfg.request_ttl_s or None, approx_ttl_s=cfg.approx_ttl_s)
+                   request_ttl_s=cfg.request_ttl_s or None, approx_ttl_s=cfg.approx_ttl_s,
+                   approx_capacity_blocks=cfg.approx_capacity_blocks or None)
         self.router = r
         for w in cfg.workers:
             ranks = max(1, w.dp_size)

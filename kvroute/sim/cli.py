@@ -68,7 +68,7 @@ def _common(f: Any) -> Any:
                      help="Seconds from a replica's decision to the other replicas applying it."),
         click.option("--approximate", is_flag=True,
                      help="Approximate mode: routers get no KV events and predict caches from their decisions."),
-        click.option("--approx-ttl", type=float, default=120.0, show_default=True, metavar="SECONDS",
+        click.option("--approx-ttl", type=float, default=600.0, show_default=True, metavar="SECONDS",
                      help="Lifetime of an approximate-mode entry."),
         click.option("--config", "configs", multiple=True, type=click.Path(exists=True, dir_okay=False),
                      help="A tuned configuration written by `kvroute tune` (repeatable)."),

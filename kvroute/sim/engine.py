@@ -133,7 +133,7 @@ class SimConfig:
     #: Approximate mode: the routers receive no KV events and predict every cache from their decisions.
     approximate: bool = False
     #: Lifetime of an approximate entry, seconds (kvroute.router.approx).
-    approx_ttl_s: float = 120.0
+    approx_ttl_s: float = 600.0
 
     def resolved_gpu_blocks(self) -> int:
         return self.gpu_blocks if self.gpu_blocks is not None else self.cost.gpu_blocks(self.block_tokens)
@@ -703,7 +703,9 @@ def _fan_out(followers: list[Callable[[Any], None]]) -> Callable[[Any], None]:
 
 def _make_router(Router: Any, wids: list[str], cfg: SimConfig, roles: dict[str, str], clock: Callable[[], float]) -> Any:
     kw: dict[str, Any] = {"policy": cfg.routing, "clock": clock, "seed": cfg.seed,
-                          "capacity_blocks": cfg.resolved_gpu_blocks(), "approx_ttl_s": cfg.approx_ttl_s}
+                          "capacity_blocks": cfg.resolved_gpu_blocks(), "approx_ttl_s": cfg.approx_ttl_s,
+                          # a worker's cache is both tiers: approximate mode predicts GPU + host blocks
+                          "approx_capacity_blocks": cfg.resolved_gpu_blocks() + cfg.resolved_host_blocks()}
     weights = calibrated_router_params(cfg.routing, cfg.cost) if cfg.calibrate_router else {}
     weights.update(cfg.router_params)
     if weights:
