@@ -151,49 +151,15 @@ def closed_loop(gen: Gen, qbytes, n: int) -> list[float]:
 
 
 def open_loop(gen: Gen, qbytes, rate: float, seconds: float) -> dict:
-    n = max(50, int(rate * seconds))
-    interval = 1.0 / rate
-    sched: dict[int, float] = {}
-    lat: list[float] = []
-    outstanding = 0
-    t_start = time.perf_counter() + 0.01
-    sent = 0
-    last_reply = t_start
-    while sent < n or outstanding:
-        now = time.perf_counter()
-        if sent < n and now >= t_start + sent * interval:
-            while sent < n and now >= t_start + sent * interval:
-                t_send = time.perf_counter()
-                rid = gen.send_route(qbytes[sent % len(qbytes)])
-                sched[rid] = t_send
-                sent += 1
-                outstanding += 1
-            continue
-        # never spin (the generator shares the CPUs with the server): wait at least 1 ms; requests
-        # due meanwhile go out together (bursts), and latency counts from each actual send
-        wait = max(1, int((t_start + sent * interval - now) * 1000)) if sent < n else 2000
-        rep = gen.recv(wait)
-        if rep is None:
-            if sent >= n and outstanding:
-                raise RuntimeError("server stopped answering")
-            continue
-        rid = rep["id"]
-        if rid > 0:
-            t = time.perf_counter()
-            lat.append(t - sched.pop(rid))
-            last_reply = t
-            outstanding -= 1
-            gen.send_finish(rid)
-    # drain finish replies
-    while gen.recv(50) is not None:
-        pass
-    span = last_reply - t_start
-    return {"rate": rate, "n": n, "achieved": n / span if span > 0 else float("nan"),
-            "p50_ms": pct(lat, 50) * 1e3, "p99_ms": pct(lat, 99) * 1e3}
+    """Requests sent on a fixed schedule at ``rate`` (one server): :func:`open_loop_multi` with one."""
+    return open_loop_multi([gen], qbytes, rate, seconds)
 
 
 def open_loop_multi(gens: list, qbytes, rate: float, seconds: float) -> dict:
-    """:func:`open_loop` with requests spread round robin over several servers (replicas)."""
+    """Requests sent on a fixed schedule at ``rate``, round robin over the servers (replicas) of ``gens``.
+
+    Never spins (the generator shares the CPUs with the servers): it waits at least 1 ms; requests due
+    meanwhile go out together (bursts), and latency counts from each actual send."""
     n = max(50, int(rate * seconds))
     interval = 1.0 / rate
     poller = zmq.Poller()
@@ -246,72 +212,58 @@ def open_loop_multi(gens: list, qbytes, rate: float, seconds: float) -> dict:
 
 def run_replicas(args, ctx, tmp: str, snap: str, qbytes, n_entries: int) -> dict:
     """R replicas restored from one snapshot, synced over Redis; closed loop via replica 0, open loop spread."""
-    import subprocess
-    import socket
+    from redis_server import private_redis
 
     out: dict = {}
-    redis_proc = None
-    url = args.sync_url
-    if not url and max(args.replicas) > 1:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise SystemExit("--replicas > 1 needs redis-server (apt-get install redis-server) or --sync-url")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        redis_proc = subprocess.Popen([binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "",
-                                       "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        url = f"redis://127.0.0.1:{port}/0"
-        time.sleep(0.5)
-    try:
+    with private_redis(args.sync_url or None, needed=max(args.replicas) > 1) as url:
         for R in args.replicas:
-            procs, gens = [], []
-            try:
-                for k in range(R):
-                    run_snap = os.path.join(tmp, f"r{R}-{k}.snap")
-                    shutil.copy(snap, run_snap)
-                    cfg = {"bind": "tcp://127.0.0.1:*", "http_port": 0, "block_size": BS, "policy": "kvroute",
-                           "snapshot": run_snap, "workers": [{"id": f"w{i}"} for i in range(args.workers)],
-                           "approximate": "off"}
-                    if R > 1:
-                        cfg.update(sync_url=url, sync_stream=f"kvroute:bench:{R}", replica_name=f"r{k}")
-                    cfg_path = os.path.join(tmp, f"r{R}-{k}.json")
-                    with open(cfg_path, "w") as f:
-                        json.dump(cfg, f)
-                    proc, ready = start_server(cfg_path)
-                    procs.append(proc)
-                    assert ready["restored"] and ready["index_entries"] == n_entries, ready
-                    gens.append(Gen(ctx, ready["address"]))
-                closed_loop(gens[0], qbytes, 100)
-                lat = closed_loop(gens[0], qbytes, args.closed)
-                row = {"closed_p50_ms": pct(lat, 50) * 1e3, "closed_p99_ms": pct(lat, 99) * 1e3, "open": []}
-                best = kept = 0.0
-                for rate in [float(x) for x in args.rates.split(",")]:
-                    o = open_loop_multi(gens, qbytes, rate, args.seconds)
-                    row["open"].append(o)
-                    if o["achieved"] < 0.95 * rate:
-                        break
-                    kept = rate
-                    if o["p99_ms"] < args.p99_bound:
-                        best = max(best, rate)
-                row["max_rate_under_bound"] = best
-                row["max_rate_kept_up"] = kept
-                out[R] = row
-                print(f"replicas {R}: closed p50 {row['closed_p50_ms']:.3f} ms p99 {row['closed_p99_ms']:.3f} ms; "
-                      f"kept up to {kept:.0f}/s; p99 < {args.p99_bound:g} ms up to {best:.0f}/s; open: "
-                      + "  ".join(f"{o['rate']:.0f}/s p99 {o['p99_ms']:.2f}" for o in row["open"]), flush=True)
-            finally:
-                for g in gens:
-                    g.s.close()
-                for p in procs:
-                    p.terminate()
-                for p in procs:
-                    p.wait(120)
-    finally:
-        if redis_proc is not None:
-            redis_proc.kill()
-            redis_proc.wait()
+            out[R] = replica_row(args, ctx, tmp, snap, qbytes, n_entries, R, url)
     return out
+
+
+def replica_row(args, ctx, tmp: str, snap: str, qbytes, n_entries: int, R: int, url: str | None) -> dict:
+    procs, gens = [], []
+    try:
+        for k in range(R):
+            run_snap = os.path.join(tmp, f"r{R}-{k}.snap")
+            shutil.copy(snap, run_snap)
+            cfg = {"bind": "tcp://127.0.0.1:*", "http_port": 0, "block_size": BS, "policy": "kvroute",
+                   "snapshot": run_snap, "workers": [{"id": f"w{i}"} for i in range(args.workers)],
+                   "approximate": "off"}
+            if R > 1:
+                cfg.update(sync_url=url, sync_stream=f"kvroute:bench:{R}", replica_name=f"r{k}")
+            cfg_path = os.path.join(tmp, f"r{R}-{k}.json")
+            with open(cfg_path, "w") as f:
+                json.dump(cfg, f)
+            proc, ready = start_server(cfg_path)
+            procs.append(proc)
+            assert ready["restored"] and ready["index_entries"] == n_entries, ready
+            gens.append(Gen(ctx, ready["address"]))
+        closed_loop(gens[0], qbytes, 100)
+        lat = closed_loop(gens[0], qbytes, args.closed)
+        row = {"closed_p50_ms": pct(lat, 50) * 1e3, "closed_p99_ms": pct(lat, 99) * 1e3, "open": []}
+        best = kept = 0.0
+        for rate in [float(x) for x in args.rates.split(",")]:
+            o = open_loop_multi(gens, qbytes, rate, args.seconds)
+            row["open"].append(o)
+            if o["achieved"] < 0.95 * rate:
+                break
+            kept = rate
+            if o["p99_ms"] < args.p99_bound:
+                best = max(best, rate)
+        row["max_rate_under_bound"] = best
+        row["max_rate_kept_up"] = kept
+        print(f"replicas {R}: closed p50 {row['closed_p50_ms']:.3f} ms p99 {row['closed_p99_ms']:.3f} ms; "
+              f"kept up to {kept:.0f}/s; p99 < {args.p99_bound:g} ms up to {best:.0f}/s; open: "
+              + "  ".join(f"{o['rate']:.0f}/s p99 {o['p99_ms']:.2f}" for o in row["open"]), flush=True)
+        return row
+    finally:
+        for g in gens:
+            g.s.close()
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(120)
 
 
 def in_process_floors(index, queries, n: int) -> dict:

@@ -22,9 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import socket
-import subprocess
 import sys
 import time
 import uuid
@@ -80,30 +77,15 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=3000)
     ap.add_argument("--workers", type=int, default=16)
     a = ap.parse_args()
-    proc = None
-    url = a.sync_url
-    if not url:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise SystemExit("needs redis-server (apt-get install redis-server) or --sync-url")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        proc = subprocess.Popen([binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        url = f"redis://127.0.0.1:{port}/0"
-        time.sleep(0.5)
+    from redis_server import private_redis
+
     qs = queries()
     la = os.getloadavg()[0]
     rows: dict[str, list[dict]] = {"alone": [], "redis sync": []}
-    try:
+    with private_redis(a.sync_url or None) as url:
         for _ in range(2):
             for name, u in (("alone", None), ("redis sync", url)):
                 rows[name].append(run(u, qs, a.n, a.workers))
-    finally:
-        if proc is not None:
-            proc.kill()
-            proc.wait()
     print(f"{a.n} decisions x 2 runs per setup, {a.workers} workers, 8,192-token prompts, block 16")
     print("| setup | wall p50 ms | wall p99 ms | routing-thread CPU p50 / p99 us | process CPU per decision us |")
     print("|---|---|---|---|---|")

@@ -3,13 +3,18 @@ batches in any order; whenever the channel is drained, every replica's load equa
 the replicas' own requests), and no counter ever goes negative."""
 from __future__ import annotations
 
+import os
+import sys
+
 from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from kvroute.router import Router
 from kvroute.sync import ReplicaSync
 
-WORKERS = ["w0", "w1", "w2"]
+sys.path.insert(0, os.path.dirname(__file__))
+from test_sync import WORKERS, load, truth  # noqa: E402
+
 N = 3
 
 
@@ -99,20 +104,10 @@ class Replicas(RuleBasedStateMachine):
             assert self.load(r) == truth
 
     def load(self, r):
-        return {w: (s.prefill_tokens, s.prefill_requests, s.decode_blocks, s.active_requests)
-                for w in WORKERS for s in [r.worker_state(w)]}
+        return load(r)
 
     def truth(self):
-        out = {w: [0, 0, 0, 0] for w in WORKERS}
-        for r in self.routers:
-            for f in r.local_flights():
-                v = out[f.worker]
-                if f.prefill_open:
-                    v[0] += f.prefill_tokens
-                    v[1] += 1
-                v[2] += f.blocks
-                v[3] += 1
-        return {w: tuple(v) for w, v in out.items()}
+        return truth(*self.routers)
 
     @invariant()
     def never_negative(self):
