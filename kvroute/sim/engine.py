@@ -278,7 +278,7 @@ class Simulation:
 
             # leases and heartbeats play no part: simulated replicas never die
             self.syncs = [ReplicaSync(r, f"r{k}", clock=lambda: self.now, lease_s=1e18, heartbeat_s=1e17,
-                                      incarnation="0") for k, r in enumerate(self.routers)]
+                                      incarnation="0", wall=lambda: self.now) for k, r in enumerate(self.routers)]
         self._owner: dict[int, int] = {}
         self._sync_batches: dict[int, tuple[int, bytes]] = {}
         self._sync_next = 0

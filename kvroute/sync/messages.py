@@ -2,7 +2,7 @@
 
 A batch is what one replica publishes at once (one Redis stream entry)::
 
-    {"v": 1, "o": origin, "n": seq, "ops": [op, ...]}
+    {"v": 1, "o": origin, "n": seq, "t": wall-clock seconds at publish, "ops": [op, ...]}
 
 ``origin`` names one replica *incarnation* (``name/incarnation``: a restarted
 replica is a new origin, so its dead predecessor's load expires on its own);
@@ -67,20 +67,20 @@ def unpack_hashes(raw: Any) -> list[int]:
     return a.tolist()
 
 
-def encode_batch(origin: str, seq: int, ops: list[list[Any]]) -> bytes:
-    return msgpack.packb({"v": WIRE_VERSION, "o": origin, "n": seq, "ops": ops}, use_bin_type=True)
+def encode_batch(origin: str, seq: int, ops: list[list[Any]], t: float = 0.0) -> bytes:
+    return msgpack.packb({"v": WIRE_VERSION, "o": origin, "n": seq, "t": t, "ops": ops}, use_bin_type=True)
 
 
 def batch_prefix(origin: str) -> bytes:
     """The first bytes of every batch :func:`encode_batch` writes for ``origin`` (map header, version, origin)."""
     full = encode_batch(origin, 1, [])
-    head = b"\x84" + msgpack.packb("v") + msgpack.packb(WIRE_VERSION) + msgpack.packb("o") + msgpack.packb(origin)
+    head = b"\x85" + msgpack.packb("v") + msgpack.packb(WIRE_VERSION) + msgpack.packb("o") + msgpack.packb(origin)
     assert full.startswith(head)
     return head
 
 
-def decode_batch(payload: Any) -> tuple[str, int, list[Any]]:
-    """``(origin, seq, ops)`` of a batch; :class:`SyncMessageError` if it is not one."""
+def decode_batch(payload: Any) -> tuple[str, int, list[Any], float | None]:
+    """``(origin, seq, ops, publish time or None)`` of a batch; :class:`SyncMessageError` if it is not one."""
     if not isinstance(payload, (bytes, bytearray)) or len(payload) > MAX_BATCH_BYTES:
         raise SyncMessageError("a sync batch is bytes of bounded size")
     try:
@@ -96,7 +96,8 @@ def decode_batch(payload: Any) -> tuple[str, int, list[Any]]:
         raise SyncMessageError("batch without a positive sequence number")
     if not isinstance(ops, list):
         raise SyncMessageError("batch without an op list")
-    return origin, seq, ops
+    t = doc.get("t")
+    return origin, seq, ops, float(t) if isinstance(t, (int, float)) and not isinstance(t, bool) else None
 
 
 def worker_id(v: Any) -> Any:

@@ -69,7 +69,7 @@ class ReplicaSync:
 
     def __init__(self, router: Any, name: str, *, clock: Callable[[], float] = time.monotonic,
                  lease_s: float = 3.0, heartbeat_s: float = 0.5, incarnation: str | None = None,
-                 max_ops_per_batch: int = 4096) -> None:
+                 max_ops_per_batch: int = 4096, wall: Callable[[], float] = time.time) -> None:
         if not lease_s > 0 or not heartbeat_s > 0 or heartbeat_s >= lease_s:
             raise ValueError("need 0 < heartbeat_s < lease_s")
         self.router = router
@@ -79,6 +79,11 @@ class ReplicaSync:
         self.heartbeat_s = heartbeat_s
         self.max_ops_per_batch = max_ops_per_batch
         self._clock = clock
+        self._wall = wall
+        #: Publish-to-apply delay of peers' batches (wall clocks of both ends): count, sum, max seconds.
+        self.delay_count = 0
+        self.delay_sum = 0.0
+        self.delay_max = 0.0
         self._out: deque[Any] = deque()
         self._seq = 0
         self._last_sent = -math.inf
@@ -142,7 +147,7 @@ class ReplicaSync:
             self._seq += 1
             self._last_sent = now
             self.counters["batches_out"] += 1
-            return m.encode_batch(self.origin, self._seq, ops)
+            return m.encode_batch(self.origin, self._seq, ops, self._wall())
 
     # ----------------------------------------------------------- others' decisions
     def receive(self, payload: Any, now: float | None = None) -> None:
@@ -151,7 +156,7 @@ class ReplicaSync:
             return
         now = self._clock() if now is None else now
         try:
-            origin, seq, ops = m.decode_batch(payload)
+            origin, seq, ops, sent = m.decode_batch(payload)
         except m.SyncMessageError as exc:
             self.counters["malformed_batches"] += 1
             log.warning("dropping a malformed sync batch: %s", exc)
@@ -178,6 +183,12 @@ class ReplicaSync:
                     self.counters["malformed_ops"] += 1
                     log.warning("skipping a bad sync op from %s: %s", origin, exc)
         self.counters["ops_in"] += len(ops)
+        if sent is not None:
+            d = max(0.0, self._wall() - sent)
+            self.delay_count += 1
+            self.delay_sum += d
+            if d > self.delay_max:
+                self.delay_max = d
         if gap and not p.has_state:
             # batches of this origin were missed (lost, or published before this replica listened)
             self.counters["gaps"] += 1
@@ -318,6 +329,8 @@ class ReplicaSync:
             "peers": {o: {"silent_s": round(now - p.last_seen, 3), "requests": len(p.requests),
                           "has_state": p.has_state} for o, p in self.peers.items()},
             "queued_ops": len(self._out),
+            "delay_seconds_count": self.delay_count, "delay_seconds_sum": self.delay_sum,
+            "delay_seconds_max": self.delay_max,
             **self.counters,
         }
 
