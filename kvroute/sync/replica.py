@@ -293,6 +293,10 @@ class ReplicaSync:
         except KVRouteError:
             self.counters["unknown_workers"] += 1
 
+    def reset_delay(self) -> None:
+        """Forget the delay figures (after a catch-up, whose replayed batches are old by design)."""
+        self.delay_count, self.delay_sum, self.delay_max = 0, 0.0, 0.0
+
     # ----------------------------------------------------------- liveness
     def tick(self, now: float | None = None) -> int:
         """Release the load of peers silent for ``lease_s``; returns how many requests went."""

@@ -124,6 +124,7 @@ class SyncRunner:
                 if all(o not in s.peers or s.peers[o].has_state for o in live):
                     break
             self.caught_up = all(o not in s.peers or s.peers[o].has_state for o in live)
+            s.reset_delay()
             if not self.caught_up:
                 log.warning("replica sync: catch-up incomplete after %.1f s", self.catch_up_s)
         except SyncUnavailable as exc:
