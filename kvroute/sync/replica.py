@@ -189,11 +189,7 @@ class ReplicaSync:
             self.delay_sum += d
             if d > self.delay_max:
                 self.delay_max = d
-        if gap and not p.has_state:
-            # batches of this origin were missed (lost, or published before this replica listened)
-            self.counters["gaps"] += 1
-            self.queue_query(origin)
-        elif gap:
+        if gap:  # batches of this origin were missed (lost, or published before this replica listened)
             self.counters["gaps"] += 1
             p.has_state = False
             self.queue_query(origin)

@@ -127,9 +127,8 @@ class SyncRunner:
             s.reset_delay()
             if not self.caught_up:
                 log.warning("replica sync: catch-up incomplete after %.1f s", self.catch_up_s)
-        except SyncUnavailable as exc:
+        except SyncUnavailable as exc:  # start anyway: the reader retries, and resyncs when it returns
             self._down(exc)
-            self.down_since = self._clock()
         for fn, name in ((self._publish_loop, "kvroute-sync-pub"), (self._read_loop, "kvroute-sync-read")):
             t = threading.Thread(target=fn, name=name, daemon=True)
             t.start()
