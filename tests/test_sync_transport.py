@@ -175,3 +175,23 @@ def test_redis_restart_degrades_then_resyncs():
     finally:
         xa.close(), xb.close()
         srv.stop()
+
+
+def test_replica_starts_while_redis_is_down_then_joins():
+    from kvroute.sync.redis_transport import RedisTransport
+
+    srv = RedisProcess()  # not started yet
+    key = stream_key()
+    r = Router(["w0", "w1"], 4, request_ttl_s=60.0)
+    x = SyncRunner(ReplicaSync(r, "late", heartbeat_s=0.2), RedisTransport(srv.url, stream=key, timeout_s=0.2),
+                   poll_s=0.02, catch_up_s=0.5, retry_s=0.05).start()
+    try:
+        assert not x.connected and not x.caught_up and "routing alone" in x.health_reasons()[0]
+        r.route(list(range(16)), request_id="alone")  # routes alone meanwhile
+        srv.start()
+        (rb, xb), = runners(lambda: RedisTransport(srv.url, stream=key, timeout_s=0.3), 1)
+        wait_for(lambda: x.connected and loads(rb) == loads(r), timeout_s=15, what="join after the server came up")
+        xb.close()
+    finally:
+        x.close()
+        srv.stop()
