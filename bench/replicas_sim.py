@@ -15,8 +15,9 @@ Requests are spread over replicas round robin.  Cells:
   and replicas decide them blind of each other whatever the sync delay);
 * ``agentic`` -- ``/work/shared/traces/agentic_coding_dev.jsonl.gz`` (or ``--agentic PATH``),
   64-token blocks;
-* ``approx`` -- the conversation trace with no KV events at all (approximate mode, one
-  router), and its prediction accuracy against the simulator's truth.
+* ``approx`` / ``approx_agentic`` -- the conversation / agentic trace with no KV events at all
+  (approximate mode: one router, 4 synced, 4 unsynced) against the exact index, and the
+  prediction accuracy against the simulator's truth.
 
 Prints, per cell and setup: TTFT mean / p99 (averaged over ``--seeds``: a
 different tie-break early on changes a whole run's placement, so one seed's
@@ -68,7 +69,7 @@ def cells(names: list[str], agentic: str) -> list[tuple[str, list, SimConfig]]:
             conv = conv or load_trace("conversation")
             reqs = spread(conv) if n.endswith("s") else conv
             out.append((n, reqs, dataclasses.replace(base, rate_scale=3.0 if n.startswith("conv3") else 1.0)))
-        elif n == "agentic":
+        elif n in ("agentic", "approx_agentic"):
             if agentic.endswith(".gz"):
                 import gzip
 
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--replicas", type=int, default=4)
     ap.add_argument("--sync-delay", default="0,0.002", help="comma-separated seconds")
-    ap.add_argument("--cells", default="conv1,conv3,agentic,approx")
+    ap.add_argument("--cells", default="conv1,conv1s,conv3,conv3s,agentic,approx,approx_agentic")
     ap.add_argument("--agentic", default=AGENTIC)
     ap.add_argument("--seeds", default="0,1,2", help="tie-breaking seeds; figures are averaged over them")
     ap.add_argument("--json", action="store_true")
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(x) for x in a.seeds.split(",") if x.strip()]
     rows = []
     for name, reqs, cfg in cells(a.cells.split(","), a.agentic):
-        if name == "approx":
+        if name.startswith("approx"):
             setups = [("exact index, 1 router", {}),
                       ("approximate, 1 router", {"approximate": True}),
                       (f"approximate, {a.replicas} shared", {"approximate": True, "router_replicas": a.replicas}),
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         per: dict[str, list] = {}
         for seed in seeds:
             for setup, changes in setups:
-                if seed != seeds[0] and ("none" in setup or name == "approx"):
+                if seed != seeds[0] and ("none" in setup or name.startswith("approx")):
                     continue  # the unsynchronised loss and approximate mode: first seed only
                 t0 = time.perf_counter()
                 s = simulate(reqs, dataclasses.replace(cfg, seed=seed, **changes))
