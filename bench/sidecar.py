@@ -351,8 +351,10 @@ def main() -> None:
         one = res["replicas"].get(1)
         for R, row in res["replicas"].items():
             if one and R > 1:
-                print(f"R={R}: routes/s kept up {row['max_rate_kept_up'] / max(one['max_rate_kept_up'], 1):.2f}x R=1; "
-                      f"under the p99 bound {row['max_rate_under_bound'] / max(one['max_rate_under_bound'], 1):.2f}x; "
+                kept = row["max_rate_kept_up"] / one["max_rate_kept_up"] if one["max_rate_kept_up"] else float("nan")
+                bound = (row["max_rate_under_bound"] / one["max_rate_under_bound"]
+                         if one["max_rate_under_bound"] else float("nan"))  # nan: R=1 met the bound at no rate
+                print(f"R={R}: routes/s kept up {kept:.2f}x R=1; under the p99 bound {bound:.2f}x; "
                       f"closed p99 {row['closed_p99_ms'] - one['closed_p99_ms']:+.3f} ms vs R=1")
         print(f"load average during the run: {res['loadavg_before']} -> {res['loadavg_after']} on {os.cpu_count()} CPUs")
         if args.json:

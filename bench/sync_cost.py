@@ -14,7 +14,8 @@ per setup, interleaved twice (the machine is shared):
 * CPU of the routing thread per decision (``Router.route`` + the observer's
   enqueue: what sync adds to the decision itself);
 * CPU of the whole process per decision (adds the publisher and reader
-  threads: what sync costs the replica's throughput).
+  threads of *both* replicas, which share the process: an upper bound of what
+  sync costs one replica's throughput).
 
 Needs a Redis server (``--sync-url``; default: a private ``redis-server`` on a free port).
 """

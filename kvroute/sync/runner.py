@@ -1,9 +1,15 @@
 """``SyncRunner``: drives a :class:`ReplicaSync` over a transport with two threads (the sidecar's use).
 
-* publisher: woken by each queued op (``ReplicaSync.wakeup``), publishes
-  batches; sends a heartbeat every ``heartbeat_s`` otherwise;
+* publisher: woken by a queued op (``ReplicaSync.wakeup``), waits ``linger_s``
+  so that the ops of that moment leave as one batch, publishes; sends a
+  heartbeat every ``heartbeat_s`` otherwise;
 * reader: reads batches (blocking ``read`` of ``poll_s``), applies them, and
-  expires silent peers (``tick``).
+  expires silent peers (``tick``); after a read it waits ``linger_s`` too, so
+  that one read takes what several peers published meanwhile.
+
+``linger_s`` (1 ms) trades that much sync delay for fewer round trips to the
+server: each is ~40-150 us of this process's CPU (redis-py with hiredis), taken
+from the thread that routes.
 
 Catch-up (:meth:`start`, before the sidecar answers): read the last
 ``lease_s`` of the channel (who is alive, what they did lately), ask every
@@ -34,12 +40,14 @@ log = logging.getLogger("kvroute.sync")
 
 class SyncRunner:
     def __init__(self, sync: ReplicaSync, transport: SyncTransport, *, poll_s: float = 0.05,
-                 catch_up_s: float = 3.0, retry_s: float = 0.25, clock: Callable[[], float] = time.monotonic) -> None:
+                 catch_up_s: float = 3.0, retry_s: float = 0.25, linger_s: float = 0.001,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.sync = sync
         self.transport = transport
         self.poll_s = poll_s
         self.catch_up_s = catch_up_s
         self.retry_s = retry_s
+        self.linger_s = linger_s
         self._clock = clock
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -148,7 +156,8 @@ class SyncRunner:
     def _publish_loop(self) -> None:
         s = self.sync
         while not self._stop.is_set():
-            self._wake.wait(s.heartbeat_s / 2)
+            if self._wake.wait(s.heartbeat_s / 2) and self.linger_s > 0:
+                self._stop.wait(self.linger_s)
             self._wake.clear()
             if not self.connected:
                 while s.take_batch() is not None:  # routing goes on alone: these are lost (peers resync later)
@@ -175,6 +184,8 @@ class SyncRunner:
             for p in batches:
                 s.receive(p, now)
             s.tick(now)
+            if batches and self.linger_s > 0:
+                self._stop.wait(self.linger_s)
 
     def close(self) -> None:
         self._stop.set()
