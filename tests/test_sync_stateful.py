@@ -117,4 +117,4 @@ class Replicas(RuleBasedStateMachine):
 
 
 TestReplicas = Replicas.TestCase
-TestReplicas.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
+TestReplicas.settings = settings(max_examples=40, stateful_step_count=40, deadline=None)
