@@ -24,7 +24,15 @@ Floors, in-process and without a socket: ``Router.route`` on the same index
 on the same entries (needs ``pip install ai-dynamo-runtime==1.6.1``; skipped if
 missing) -- the matching step alone, no load model.
 
+Replicas (``--replicas 1,2,3``, policy kvroute): R ``kvroute serve`` processes restored from the
+same snapshot, synchronised over a Redis stream (a private ``redis-server`` on a free port, or
+``--sync-url``); R = 1 runs without sync.  Reported per R: the closed-loop round trip through
+replica 0 (what sync adds to a decision), and the open loop with requests spread round robin
+over the replicas (aggregate routes/s kept up with, and the highest rate whose p99 stays under
+``--p99-bound`` ms).  The load generator is one process beside the servers.
+
 Usage: python bench/sidecar.py [--entries 1048576] [--rates 250,500,...] [--seconds 2] [--json]
+       python bench/sidecar.py --replicas 1,2,3 --entries 262144 --workers 16 [--p99-bound 5]
 The load generator shares the machine with the server; on a 2-core box both
 compete for CPU (and with whatever else runs), which bounds the open-loop
 figures: the printed load average says how quiet the machine was.  The floors
@@ -143,9 +151,21 @@ def closed_loop(gen: Gen, qbytes, n: int) -> list[float]:
 
 
 def open_loop(gen: Gen, qbytes, rate: float, seconds: float) -> dict:
+    """Requests sent on a fixed schedule at ``rate`` (one server): :func:`open_loop_multi` with one."""
+    return open_loop_multi([gen], qbytes, rate, seconds)
+
+
+def open_loop_multi(gens: list, qbytes, rate: float, seconds: float) -> dict:
+    """Requests sent on a fixed schedule at ``rate``, round robin over the servers (replicas) of ``gens``.
+
+    Never spins (the generator shares the CPUs with the servers): it waits at least 1 ms; requests due
+    meanwhile go out together (bursts), and latency counts from each actual send."""
     n = max(50, int(rate * seconds))
     interval = 1.0 / rate
-    sched: dict[int, float] = {}
+    poller = zmq.Poller()
+    for g in gens:
+        poller.register(g.s, zmq.POLLIN)
+    sched: dict[tuple[int, int], float] = {}
     lat: list[float] = []
     outstanding = 0
     t_start = time.perf_counter() + 0.01
@@ -155,33 +175,95 @@ def open_loop(gen: Gen, qbytes, rate: float, seconds: float) -> dict:
         now = time.perf_counter()
         if sent < n and now >= t_start + sent * interval:
             while sent < n and now >= t_start + sent * interval:
+                k = sent % len(gens)
                 t_send = time.perf_counter()
-                rid = gen.send_route(qbytes[sent % len(qbytes)])
-                sched[rid] = t_send
+                rid = gens[k].send_route(qbytes[sent % len(qbytes)])
+                sched[(k, rid)] = t_send
                 sent += 1
                 outstanding += 1
             continue
-        # never spin (the generator shares the CPUs with the server): wait at least 1 ms; requests
-        # due meanwhile go out together (bursts), and latency counts from each actual send
         wait = max(1, int((t_start + sent * interval - now) * 1000)) if sent < n else 2000
-        rep = gen.recv(wait)
-        if rep is None:
+        ready = dict(poller.poll(wait))
+        if not ready:
             if sent >= n and outstanding:
-                raise RuntimeError("server stopped answering")
+                raise RuntimeError("a replica stopped answering")
             continue
-        rid = rep["id"]
-        if rid > 0:
-            t = time.perf_counter()
-            lat.append(t - sched.pop(rid))
-            last_reply = t
-            outstanding -= 1
-            gen.send_finish(rid)
-    # drain finish replies
-    while gen.recv(50) is not None:
-        pass
+        for k, g in enumerate(gens):
+            if g.s not in ready:
+                continue
+            while True:
+                rep = g.recv(0)
+                if rep is None:
+                    break
+                rid = rep["id"]
+                if rid > 0:
+                    t = time.perf_counter()
+                    lat.append(t - sched.pop((k, rid)))
+                    last_reply = t
+                    outstanding -= 1
+                    g.send_finish(rid)
+    for g in gens:
+        while g.recv(50) is not None:
+            pass
     span = last_reply - t_start
     return {"rate": rate, "n": n, "achieved": n / span if span > 0 else float("nan"),
             "p50_ms": pct(lat, 50) * 1e3, "p99_ms": pct(lat, 99) * 1e3}
+
+
+def run_replicas(args, ctx, tmp: str, snap: str, qbytes, n_entries: int) -> dict:
+    """R replicas restored from one snapshot, synced over Redis; closed loop via replica 0, open loop spread."""
+    from redis_server import private_redis
+
+    out: dict = {}
+    with private_redis(args.sync_url or None, needed=max(args.replicas) > 1) as url:
+        for R in args.replicas:
+            out[R] = replica_row(args, ctx, tmp, snap, qbytes, n_entries, R, url)
+    return out
+
+
+def replica_row(args, ctx, tmp: str, snap: str, qbytes, n_entries: int, R: int, url: str | None) -> dict:
+    procs, gens = [], []
+    try:
+        for k in range(R):
+            run_snap = os.path.join(tmp, f"r{R}-{k}.snap")
+            shutil.copy(snap, run_snap)
+            cfg = {"bind": "tcp://127.0.0.1:*", "http_port": 0, "block_size": BS, "policy": "kvroute",
+                   "snapshot": run_snap, "workers": [{"id": f"w{i}"} for i in range(args.workers)],
+                   "approximate": "off"}
+            if R > 1:
+                cfg.update(sync_url=url, sync_stream=f"kvroute:bench:{R}", replica_name=f"r{k}")
+            cfg_path = os.path.join(tmp, f"r{R}-{k}.json")
+            with open(cfg_path, "w") as f:
+                json.dump(cfg, f)
+            proc, ready = start_server(cfg_path)
+            procs.append(proc)
+            assert ready["restored"] and ready["index_entries"] == n_entries, ready
+            gens.append(Gen(ctx, ready["address"]))
+        closed_loop(gens[0], qbytes, 100)
+        lat = closed_loop(gens[0], qbytes, args.closed)
+        row = {"closed_p50_ms": pct(lat, 50) * 1e3, "closed_p99_ms": pct(lat, 99) * 1e3, "open": []}
+        best = kept = 0.0
+        for rate in [float(x) for x in args.rates.split(",")]:
+            o = open_loop_multi(gens, qbytes, rate, args.seconds)
+            row["open"].append(o)
+            if o["achieved"] < 0.95 * rate:
+                break
+            kept = rate
+            if o["p99_ms"] < args.p99_bound:
+                best = max(best, rate)
+        row["max_rate_under_bound"] = best
+        row["max_rate_kept_up"] = kept
+        print(f"replicas {R}: closed p50 {row['closed_p50_ms']:.3f} ms p99 {row['closed_p99_ms']:.3f} ms; "
+              f"kept up to {kept:.0f}/s; p99 < {args.p99_bound:g} ms up to {best:.0f}/s; open: "
+              + "  ".join(f"{o['rate']:.0f}/s p99 {o['p99_ms']:.2f}" for o in row["open"]), flush=True)
+        return row
+    finally:
+        for g in gens:
+            g.s.close()
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(120)
 
 
 def in_process_floors(index, queries, n: int) -> dict:
@@ -242,7 +324,11 @@ def main() -> None:
     ap.add_argument("--rates", default="250,500,750,1000,1500,2000,2500,3000,4000")
     ap.add_argument("--seconds", type=float, default=2.0, help="duration of each open-loop rate")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--replicas", default="", help="comma-separated replica counts (e.g. 1,2,3): the replica run")
+    ap.add_argument("--sync-url", default="", help="Redis for --replicas (default: a private redis-server)")
+    ap.add_argument("--p99-bound", type=float, default=5.0, help="p99 bound (ms) of the --replicas open loop")
     args = ap.parse_args()
+    args.replicas = [int(x) for x in args.replicas.split(",") if x.strip()]
 
     loadavg_before = os.getloadavg()[0]
     t0 = time.perf_counter()
@@ -255,6 +341,25 @@ def main() -> None:
     res: dict = {"entries": len(index), "workers": args.workers, "prompt_tokens": PROMPT, "block_size": BS,
                  "build_s": build_s, "policies": {}}
     ctx = zmq.Context()
+    if args.replicas:
+        try:
+            res["replicas"] = run_replicas(args, ctx, tmp, snap, qbytes, len(index))
+        finally:
+            ctx.term()
+            shutil.rmtree(tmp, ignore_errors=True)
+        res["loadavg_before"], res["loadavg_after"] = round(loadavg_before, 2), round(os.getloadavg()[0], 2)
+        one = res["replicas"].get(1)
+        for R, row in res["replicas"].items():
+            if one and R > 1:
+                kept = row["max_rate_kept_up"] / one["max_rate_kept_up"] if one["max_rate_kept_up"] else float("nan")
+                bound = (row["max_rate_under_bound"] / one["max_rate_under_bound"]
+                         if one["max_rate_under_bound"] else float("nan"))  # nan: R=1 met the bound at no rate
+                print(f"R={R}: routes/s kept up {kept:.2f}x R=1; under the p99 bound {bound:.2f}x; "
+                      f"closed p99 {row['closed_p99_ms'] - one['closed_p99_ms']:+.3f} ms vs R=1")
+        print(f"load average during the run: {res['loadavg_before']} -> {res['loadavg_after']} on {os.cpu_count()} CPUs")
+        if args.json:
+            print(json.dumps(res, indent=1))
+        return
     try:
         for pol in args.policies.split(","):
             run_snap = os.path.join(tmp, f"{pol}.snap")

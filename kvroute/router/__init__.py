@@ -7,6 +7,7 @@ Map of the parts (this package imports only :mod:`kvroute.kvindex`):
 * :mod:`.policy`   -- the :class:`Policy` interface and tie-breaking helpers.
 * :mod:`.policies` -- ``kvroute`` (ours) and the peers, registered in :data:`POLICIES`.
 * :mod:`.pending`  -- speculative prefixes with a TTL, kept apart from the index.
+* :mod:`.approx`   -- approximate mode: a predicted cache fed by decisions (TTL, per-worker bound).
 * :mod:`.disagg`   -- decode-worker choice for prefill/decode pools.
 * :mod:`.errors`   -- typed errors (``NoHealthyWorkerError``, ...).
 """
@@ -30,12 +31,14 @@ from .policies import (
 )
 from .policy import Policy
 from .router import DEFAULT_PENDING_TTL_S, Router
-from .types import Candidate, Choice, Decision, FleetView, Role, RouteHints, RouteRequest, WorkerState, WorkerStatus
+from .approx import DEFAULT_APPROX_TTL_S, ApproxPrefixes
+from .types import (Candidate, Choice, Decision, FleetView, FlightRecord, Role, RouteHints, RouteRequest, WorkerState,
+                    WorkerStatus)
 
 __all__ = [
     "Router", "Decision", "POLICIES", "Policy", "KVRouteWeights", "DynamoWeights", "SGLangWeights",
     "LLMDWeights", "PrebleWeights", "DecodeWeights", "PendingPrefixes", "Candidate", "Choice", "FleetView",
     "RouteRequest", "RouteHints", "Role", "WorkerState", "WorkerStatus", "RouterError", "NoHealthyWorkerError",
     "UnknownRequestError", "DuplicateRequestError", "UnknownPolicyError", "UnknownWorkerError",
-    "DEFAULT_PENDING_TTL_S",
+    "DEFAULT_PENDING_TTL_S", "ApproxPrefixes", "DEFAULT_APPROX_TTL_S", "FlightRecord",
 ]

@@ -10,6 +10,14 @@ Parts (who owns what):
 * ``_requests`` -- {request id: _Flight}, the load each live request adds.
 * ``policy``   -- a :class:`Policy` from :data:`POLICIES`; sees a fresh
   :class:`Candidate` per accepting worker for each request.
+* ``_approx``  -- :class:`ApproxPrefixes`, the predicted cache of workers in
+  approximate mode (no KV events, or a stale stream): fed by this router's
+  decisions and by :meth:`Router.add_approx` (other replicas' decisions).
+* ``_remote``  -- {key: _Flight}, load other router replicas put on the workers
+  (:meth:`Router.track_remote` / :meth:`Router.release_remote`), each with a
+  deadline after which it is released.
+* ``_observers`` -- objects told of every decision and release (replica sync);
+  they run under ``lock`` and must only enqueue.
 
 Cost per request: one hash pass (``route``), one index walk and one pending
 walk over the prompt's blocks (bit masks, not per worker), then O(workers)
@@ -31,10 +39,11 @@ from ..kvindex import KVIndex
 from ..kvindex.hashing import block_hash_list
 from .disagg import DecodeWeights, choose_decode
 from .errors import DuplicateRequestError, NoHealthyWorkerError, UnknownPolicyError, UnknownRequestError, UnknownWorkerError
+from .approx import DEFAULT_APPROX_TTL_S, ApproxPrefixes
 from .pending import PendingPrefixes
 from .policies import POLICIES
 from .policy import Policy
-from .types import Candidate, Decision, FleetView, Role, RouteHints, RouteRequest, WorkerState, WorkerStatus
+from .types import Candidate, Decision, FleetView, FlightRecord, Role, RouteHints, RouteRequest, WorkerState, WorkerStatus
 
 #: llm-d's speculative-entry lifetime (BRIEF section 4).
 DEFAULT_PENDING_TTL_S = 2.0
@@ -43,7 +52,7 @@ DEFAULT_PENDING_TTL_S = 2.0
 class _Flight:
     """Load one live request adds, so it can be released exactly once."""
 
-    __slots__ = ("prefill", "decode", "prefill_tokens", "blocks", "prefill_open", "at")
+    __slots__ = ("prefill", "decode", "prefill_tokens", "blocks", "prefill_open", "at", "deadline")
 
     def __init__(self, prefill: WorkerState, decode: WorkerState, prefill_tokens: int, blocks: int, at: float) -> None:
         #: Worker that computes the prompt.
@@ -58,6 +67,8 @@ class _Flight:
         self.prefill_open = True
         #: Router clock time of the decision (for ``request_ttl_s``).
         self.at = at
+        #: Router clock time at which a remote flight is released (None: local flights).
+        self.deadline: float | None = None
 
 
 class Router:
@@ -90,6 +101,8 @@ class Router:
         capacity_blocks: int | None = None,
         lock: Any = None,
         request_ttl_s: float | None = None,
+        approx_ttl_s: float = DEFAULT_APPROX_TTL_S,
+        approx_capacity_blocks: int | None = None,
     ) -> None:
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
@@ -119,6 +132,17 @@ class Router:
         self._clock = clock
         self._rng = random.Random(seed)
         self._pending = PendingPrefixes(pending_ttl_s, clock)
+        self._approx = ApproxPrefixes(approx_ttl_s)
+        #: Predicted blocks kept per approximate-mode worker (None: its ``capacity_blocks``, else the
+        #: table's default); an engine offloading to host memory holds GPU + host blocks.
+        self.approx_capacity_blocks = approx_capacity_blocks
+        self._approx_slots = 0  # bitmask of the slots of workers in approximate mode
+        self._remote: dict[Any, _Flight] = {}
+        self._remote_heap: list[tuple[float, int, Any, _Flight]] = []
+        self._remote_seq = 0
+        self._observers: list[Any] = []
+        #: Remote flights released by their deadline (their origin never released them).
+        self.expired_remote = 0
         self._states: dict[Any, WorkerState] = {}
         self._slot: dict[Any, int] = {}
         self._free_slots: list[int] = []
@@ -175,6 +199,8 @@ class Router:
             del self._states[worker]
             slot = self._slot.pop(worker)
             self._pending.forget(slot)
+            self._approx.forget(slot)
+            self._approx_slots &= ~(1 << slot)
             heapq.heappush(self._free_slots, slot)
             if worker in self.index:
                 self.index.remove_worker(worker)
@@ -322,6 +348,8 @@ class Router:
             now = self._clock()
             if self.request_ttl_s is not None and self._requests:
                 self._expire_requests(now - self.request_ttl_s)
+            if self._remote_heap and self._remote_heap[0][0] <= now:
+                self._expire_remote(now)
             if request_id in self._requests:
                 raise DuplicateRequestError(f"request {request_id!r} is already in flight")
             prefill_pool, decode_pool = self._pools()
@@ -348,6 +376,10 @@ class Router:
                     cands.append(Candidate(s, pd, ov.gpu, ov.host, ov.disk, pd - ov.total))
                 else:
                     cands.append(Candidate(s, ov.total, ov.gpu, ov.host, ov.disk, 0))
+            if self._approx_slots and hs:
+                approx = self._approx.match(hs, now)
+                if approx:
+                    _add_approx(cands, approx, slot_of)
             req = RouteRequest(request_id, num_tokens, nb, bs, hints)
             fleet = FleetView(cands, self._rng, now)
             choice = self.policy.choose(req, fleet)
@@ -362,8 +394,19 @@ class Router:
                 ds = ps
             uncached = max(0, num_tokens - chosen.total * bs)
             self._commit(request_id, ps, ds, uncached, nb, now)
-            if hs and chosen.confirmed < nb:  # nothing to speculate when the index confirms the whole prompt
-                pending.add(slot_of[ps.id], hs)
+            slot = slot_of[ps.id]
+            speculated = bool(hs) and chosen.confirmed < nb
+            if speculated:  # nothing to speculate when the index confirms the whole prompt
+                pending.add(slot, hs)
+            approx_worker = bool(hs) and bool(self._approx_slots >> slot & 1)
+            if approx_worker:
+                self._approx.add(slot, hs, now, capacity=self.approx_capacity_blocks or ps.capacity_blocks)
+            if self._observers:
+                rec = FlightRecord(request_id, ps.id, ds.id if ds is not ps else None, uncached, nb, True,
+                                   self._left(now, now), hs if (speculated or approx_worker) else (),
+                                   speculated, approx_worker)
+                for o in self._observers:
+                    o.on_route(rec)
             self.policy.on_routed(req, fleet, chosen)
             cached = chosen.total * bs
             self.decisions += 1
@@ -408,6 +451,8 @@ class Router:
             del reqs[rid]
             self._release(f)
             self.expired_requests += 1
+            for o in self._observers:
+                o.on_release(rid, False)
 
     def prefill_done(self, request_id: Any) -> None:
         """The request's prefill finished: its prompt no longer queues compute (idempotent)."""
@@ -415,6 +460,9 @@ class Router:
             f = self._requests.get(request_id)
             if f is None:
                 raise UnknownRequestError(f"unknown request {request_id!r}")
+            if f.prefill_open:
+                for o in self._observers:
+                    o.on_release(request_id, True)
             self._release_prefill(f)
 
     def _release_prefill(self, f: _Flight) -> None:
@@ -434,6 +482,8 @@ class Router:
             if f is None:
                 raise UnknownRequestError(f"unknown request {request_id!r}")
             self._release(f)
+            for o in self._observers:
+                o.on_release(request_id, False)
 
     def _release(self, f: _Flight) -> None:
         self._release_prefill(f)
@@ -443,6 +493,155 @@ class Router:
 
     def in_flight(self) -> int:
         return len(self._requests)
+
+    # ------------------------------------------------- replicas, approximate mode
+    def add_observer(self, observer: Any) -> None:
+        """Tell ``observer`` of every decision (``on_route(FlightRecord)``) and release
+        (``on_release(request_id, prefill_only)``), under the lock: it must only enqueue."""
+        with self.lock:
+            self._observers.append(observer)
+
+    def remove_observer(self, observer: Any) -> None:
+        with self.lock:
+            self._observers.remove(observer)
+
+    def _left(self, at: float, now: float) -> float | None:
+        return None if self.request_ttl_s is None else at + self.request_ttl_s - now
+
+    def local_flights(self) -> list[FlightRecord]:
+        """This router's live requests (oldest first), as :meth:`add_observer` reports them (without hashes)."""
+        with self.lock:
+            now = self._clock()
+            return [FlightRecord(rid, f.prefill.id, f.decode.id if f.decode is not f.prefill else None,
+                                 f.prefill_tokens, f.blocks, f.prefill_open, self._left(f.at, now))
+                    for rid, f in self._requests.items()]
+
+    def track_remote(self, key: Any, worker: Any, *, prefill_tokens: int, blocks: int, ttl_s: float | None,
+                     decode_worker: Any = None, prefill_open: bool = True, new_decision: bool = True) -> bool:
+        """Count the load of a request another router replica routed (``key``: unique per replica and
+        request), released by :meth:`release_remote` or ``ttl_s`` seconds from now (None: never).
+        ``new_decision``: also count it in the workers' ``routed_total`` (fair-share tie-breaking; False
+        when a peer's state re-announces it).  Returns False, changing nothing, if ``key`` is already
+        tracked (a duplicate message)."""
+        for name, v in (("prefill_tokens", prefill_tokens), ("blocks", blocks)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+        if ttl_s is not None and not ttl_s > 0:
+            return False  # already past its deadline (also refuses nan)
+        with self.lock:
+            if key in self._remote:
+                return False
+            ps = self._state(worker)
+            ds = self._state(decode_worker) if decode_worker is not None else ps
+            now = self._clock()
+            f = _Flight(ps, ds, prefill_tokens, blocks, now)
+            ps.prefill_tokens += prefill_tokens
+            ps.prefill_requests += 1
+            ps.active_requests += 1
+            if ds is not ps:
+                ds.active_requests += 1
+            ds.decode_blocks += blocks
+            if new_decision:
+                ps.routed_total += 1
+                if ds is not ps:
+                    ds.routed_total += 1
+            if not prefill_open:
+                self._release_prefill(f)
+            self._remote[key] = f
+            if ttl_s is not None:
+                f.deadline = now + ttl_s
+                self._remote_seq += 1
+                heapq.heappush(self._remote_heap, (f.deadline, self._remote_seq, key, f))
+            return True
+
+    def release_remote(self, key: Any, *, prefill_only: bool = False) -> bool:
+        """Release a remote request's load (all of it, or its prefill part); False if not tracked."""
+        with self.lock:
+            f = self._remote.get(key)
+            if f is None:
+                return False
+            if prefill_only:
+                self._release_prefill(f)
+                return True
+            del self._remote[key]
+            self._release(f)
+            heap = self._remote_heap
+            if len(heap) > 2 * len(self._remote) + 1024:  # drop entries of released flights
+                self._remote_heap = [e for e in heap if self._remote.get(e[2]) is e[3]]
+                heapq.heapify(self._remote_heap)
+            return True
+
+    def remote_keys(self) -> list[Any]:
+        with self.lock:
+            return list(self._remote)
+
+    def expire_remote(self, now: float | None = None) -> int:
+        """Release remote flights past their deadline; returns how many."""
+        with self.lock:
+            return self._expire_remote(self._clock() if now is None else now)
+
+    def _expire_remote(self, now: float) -> int:
+        heap = self._remote_heap
+        n = 0
+        while heap and heap[0][0] <= now:
+            _, _, key, f = heapq.heappop(heap)
+            if self._remote.get(key) is f:
+                del self._remote[key]
+                self._release(f)
+                n += 1
+        self.expired_remote += n
+        return n
+
+    def add_pending(self, worker: Any, hashes: Sequence[int]) -> None:
+        """Mark a chain as speculatively cached on ``worker`` (another replica routed it there)."""
+        with self.lock:
+            self._state(worker)
+            self._pending.add(self._slot[worker], list(hashes))
+
+    def set_approximate(self, worker: Any, approximate: bool = True) -> None:
+        """Predict ``worker``'s cache from routing decisions (no KV events, or a stale stream) or, with
+        False, trust the index alone again (its predicted entries are dropped)."""
+        with self.lock:
+            self._state(worker)
+            slot = self._slot[worker]
+            if approximate:
+                self._approx_slots |= 1 << slot
+            elif self._approx_slots >> slot & 1:
+                self._approx_slots &= ~(1 << slot)
+                self._approx.forget(slot)
+
+    def approximate_workers(self) -> list[Any]:
+        with self.lock:
+            return [w for w, s in self._slot.items() if self._approx_slots >> s & 1]
+
+    def add_approx(self, worker: Any, hashes: Sequence[int], ttl_s: float | None = None) -> bool:
+        """Record a chain as predicted on an approximate-mode ``worker`` for ``ttl_s`` (default the TTL);
+        False (nothing recorded) when the worker is not in approximate mode here."""
+        with self.lock:
+            s = self._state(worker)
+            slot = self._slot[worker]
+            if not self._approx_slots >> slot & 1:
+                return False
+            now = self._clock()
+            self._approx.add(slot, list(hashes), now, capacity=self.approx_capacity_blocks or s.capacity_blocks,
+                             expires_at=None if ttl_s is None else now + ttl_s)
+            return True
+
+    def approx_dump(self, worker: Any) -> list[tuple[int, float]]:
+        """An approximate worker's predicted blocks: ``(hash, seconds left)``, oldest first."""
+        with self.lock:
+            self._state(worker)
+            return self._approx.dump(self._slot[worker], self._clock())
+
+    def approx_load(self, worker: Any, entries: Iterable[tuple[int, float]]) -> bool:
+        """Add a peer's :meth:`approx_dump` (catch-up); False when ``worker`` is not approximate here."""
+        with self.lock:
+            s = self._state(worker)
+            slot = self._slot[worker]
+            if not self._approx_slots >> slot & 1:
+                return False
+            self._approx.load(slot, entries, self._clock(), self.approx_capacity_blocks or s.capacity_blocks)
+            return True
 
     # -------------------------------------------------------------------- stats
     def stats(self) -> dict[str, Any]:
@@ -456,6 +655,22 @@ class Router:
                 "pending_entries": len(self._pending),
                 "in_flight": len(self._requests),
                 "expired_requests": self.expired_requests,
+                "remote_in_flight": len(self._remote),
+                "expired_remote": self.expired_remote,
+                "approximate_workers": [str(w) for w, s in self._slot.items() if self._approx_slots >> s & 1],
+                "approx_entries": len(self._approx),
                 "disaggregated": self._disaggregated,
                 "workers": [s.to_dict() for s in sorted(self._states.values(), key=lambda s: s.order)],
             }
+
+
+def _add_approx(cands: list[Candidate], approx: dict[int, int], slot_of: dict[Any, int]) -> None:
+    """Count predicted (approximate-mode) blocks as GPU hits where they reach beyond the index."""
+    for c in cands:
+        ad = approx.get(slot_of[c.worker], 0)
+        conf = c.gpu + c.host + c.disk
+        if ad > conf:
+            c.gpu += ad - conf
+            if ad > c.total:
+                c.total = ad
+            c.pending = c.total - ad

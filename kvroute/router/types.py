@@ -7,13 +7,14 @@ Who touches what:
 * :class:`Candidate`, :class:`RouteRequest`, :class:`FleetView` -- built fresh by the
   router for each decision and handed to a policy; policies never mutate them.
 * :class:`Choice` -- what a policy returns; :class:`Decision` -- what the router returns.
+* :class:`FlightRecord` -- a decision's load, as the router tells its observers (replica sync).
 """
 from __future__ import annotations
 
 import enum
 import random
 from dataclasses import dataclass, field
-from typing import Any, Hashable
+from typing import Any, Hashable, NamedTuple, Sequence
 
 WorkerId = Hashable
 
@@ -250,3 +251,31 @@ class Decision:
             "reason": self.reason, "policy": self.policy, "num_tokens": self.num_tokens,
             "prefill_worker": self.prefill_worker, "decode_worker": self.decode_worker,
         }
+
+
+class FlightRecord(NamedTuple):
+    """The load one decision adds, as :meth:`kvroute.router.Router.add_observer` reports it.
+
+    Built by the router; observers (replica sync) read it and never mutate it.
+    """
+
+    #: The caller's request id.
+    request_id: Any
+    #: The (prefill) worker chosen.
+    worker: WorkerId
+    #: The decode worker when pools are disaggregated, else None.
+    decode_worker: WorkerId | None
+    #: Uncached prompt tokens added to the worker's prefill queue.
+    prefill_tokens: int
+    #: Prompt blocks added to the decode worker's KV.
+    blocks: int
+    #: Whether the prefill load still counts.
+    prefill_open: bool
+    #: Seconds until the router releases it unasked (``request_ttl_s``), or None.
+    ttl_s: float | None
+    #: The prompt's chained hashes when the decision added speculative or approximate entries, else ().
+    hashes: Sequence[int] = ()
+    #: Whether the chain went to the speculative (pending) table.
+    pending: bool = False
+    #: Whether the chain went to the approximate table (the worker is in approximate mode).
+    approx: bool = False

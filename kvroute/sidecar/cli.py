@@ -48,6 +48,11 @@ def _d(name: str) -> str:
               help="Seconds an event endpoint may stay unconnected before /health reports it." + _d("health_connect_grace_s"))
 @click.option("--worker", "workers", multiple=True, metavar="ID=ENDPOINT[,REPLAY]",
               help="A worker and its KV-event endpoint (repeatable; adds to the config's workers).")
+@click.option("--approximate", type=click.Choice(["auto", "all", "off"]),
+              help="Predict caches from routing decisions: auto (workers without events, stale streams), all, off.")
+@click.option("--sync-url", help="Replica sync channel, redis://host:port/db (Redis or Valkey); several replicas share it.")
+@click.option("--sync-stream", help="Stream key of the replica sync channel (default kvroute:sync).")
+@click.option("--replica-name", help="This replica's name on the sync channel (default: its bound address).")
 @click.option("--log-level", help="DEBUG, INFO, WARNING ..." + _d("log_level"))
 def serve(config_path: str | None, weights: tuple[str, ...], workers: tuple[str, ...], **flags: Any) -> None:
     """Run the KV-aware routing sidecar (see docs/protocol.md)."""
@@ -75,7 +80,8 @@ def serve(config_path: str | None, weights: tuple[str, ...], workers: tuple[str,
         raise click.ClickException(f"cannot start: {exc}") from exc
     srv.install_signal_handlers()
     click.echo(json.dumps({"event": "ready", "address": srv.address, "http_port": srv.http.port if srv.http else None,
-                           "restored": srv.restored, "index_entries": len(srv.router.index)}), nl=True)
+                           "restored": srv.restored, "index_entries": len(srv.router.index),
+                           **({"sync": srv.sync_ready()} if srv.sync is not None else {})}), nl=True)
     sys.stdout.flush()
     try:
         srv.serve_forever()

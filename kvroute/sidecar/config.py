@@ -11,6 +11,9 @@ Example (TOML)::
     pending_ttl_s = 2.0
     request_ttl_s = 3600.0             # release a request whose finish never came after this long; 0 = never
     snapshot = "kvroute-index.snap"    # restored on start, written on SIGTERM/SIGINT; "" = none
+    approximate = "auto"               # predict caches from decisions: auto (no endpoint / stale) | all | off
+    sync_url = "redis://127.0.0.1:6379/0"   # replica sync (several active-active replicas); "" = none
+    replica_name = "router-a"          # this replica's name on the sync channel ("" = its bind address)
     [weights]                          # the policy's weights dataclass fields
     fleet_weight = 1.0
     [[workers]]
@@ -29,6 +32,9 @@ from typing import Any
 
 from ..router.types import Role
 from .errors import ConfigError
+
+#: Values of ``approximate``.
+APPROXIMATE_MODES = ("auto", "all", "off")
 
 
 @dataclass
@@ -77,6 +83,25 @@ class SidecarConfig:
     snapshot: str = ""
     #: The engine workers.
     workers: list[WorkerConfig] = field(default_factory=list)
+    #: Approximate mode (a cache predicted from routing decisions, docs/replicas.md): ``auto`` for workers
+    #: without a KV-event endpoint and while a stream is stale; ``all``; ``off``.
+    approximate: str = "auto"
+    #: Lifetime of an approximate entry after the decision that last routed it, seconds.
+    approx_ttl_s: float = 600.0
+    #: Predicted blocks kept per approximate-mode worker; 0 = the worker's ``capacity_blocks`` (else 65,536).
+    #: Set it to GPU + host blocks for engines that offload KV to host memory.
+    approx_capacity_blocks: int = 0
+    #: Replica sync channel (``redis://host:port/db``, Redis or Valkey); "" = this replica routes alone.
+    sync_url: str = ""
+    #: Stream key of the sync channel (replicas of one fleet share it).
+    sync_stream: str = "kvroute:sync"
+    #: This replica's name on the channel ("" = its bound address).
+    replica_name: str = ""
+    #: Silence after which a peer replica's in-flight load is released, and this replica's heartbeat period.
+    sync_lease_s: float = 3.0
+    sync_heartbeat_s: float = 0.5
+    #: Longest wait at start for the peers' state before answering.
+    sync_catch_up_s: float = 3.0
     #: Log level name.
     log_level: str = "INFO"
     #: A worker routed to whose event stream stays silent this long is reported (``/health`` reason ``silent``).
@@ -132,6 +157,18 @@ class SidecarConfig:
                 raise ConfigError(f"{name} must be a number > 0, got {v!r}")
         if not isinstance(self.weights, dict):
             raise ConfigError("weights must be a table")
+        if self.approximate not in APPROXIMATE_MODES:
+            raise ConfigError(f"approximate must be one of {APPROXIMATE_MODES}, got {self.approximate!r}")
+        for name in ("approx_ttl_s", "sync_lease_s", "sync_heartbeat_s"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise ConfigError(f"{name} must be a number > 0, got {v!r}")
+        if type(self.approx_capacity_blocks) is not int or self.approx_capacity_blocks < 0:
+            raise ConfigError(f"approx_capacity_blocks must be an int >= 0, got {self.approx_capacity_blocks!r}")
+        if not self.sync_heartbeat_s < self.sync_lease_s:
+            raise ConfigError("sync_heartbeat_s must be shorter than sync_lease_s")
+        if self.sync_url and not self.sync_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(f"sync_url must be redis://host:port/db (Redis or Valkey), got {self.sync_url!r}")
         ids = [w.id for w in self.workers]
         if len(ids) != len(set(ids)):
             raise ConfigError("worker ids must be unique")

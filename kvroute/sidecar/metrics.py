@@ -44,6 +44,8 @@ class Metrics:
     def __init__(self, router: Router, events: Any = None) -> None:
         self.router = router
         self.events = events
+        #: Replica sync (a kvroute.sync.SyncRunner), set by the server when configured; read at scrape time.
+        self.sync: Any = None
         #: A private registry, so several servers in one process do not collide.
         self.registry = CollectorRegistry()
         self.requests = Counter("kvroute_requests", "Requests by op and outcome", ["op", "outcome"], registry=self.registry)
@@ -144,6 +146,27 @@ class _StateCollector:
                 yield from _flatten_events(ev.metrics())
             except Exception:  # a scrape never breaks the server
                 log.exception("reading subscriber metrics failed")
+        if self.m.sync is not None:
+            yield from _sync_gauges(self.m.sync.stats(), st)
+
+
+def _sync_gauges(doc: dict, router_stats: dict) -> Iterable[Any]:
+    """``kvroute_sync_*``: connection, peers, other replicas' requests counted here, and every numeric
+    counter of the replica sync (batches in/out, duplicates, malformed, gaps, lease expiries ...)."""
+    g = GaugeMetricFamily("kvroute_sync_connected", "Whether the replica-sync channel answers (0: routing alone)")
+    g.add_metric([], float(bool(doc.get("connected"))))
+    yield g
+    g = GaugeMetricFamily("kvroute_sync_peers", "Live peer replicas")
+    g.add_metric([], float(len(doc.get("peers", {}))))
+    yield g
+    g = GaugeMetricFamily("kvroute_sync_remote_in_flight", "Requests of other replicas counted in this one's load")
+    g.add_metric([], float(router_stats.get("remote_in_flight", 0)))
+    yield g
+    for k, v in doc.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            g = GaugeMetricFamily("kvroute_sync_" + _NAME_RE.sub("_", k), f"replica sync: {k}")
+            g.add_metric([], float(v))
+            yield g
 
 
 def _flatten_events(doc: Any) -> Iterable[Any]:

@@ -33,6 +33,7 @@ import os
 import queue
 import signal
 import threading
+import time
 from typing import Any
 
 import msgpack
@@ -76,6 +77,9 @@ class SidecarServer:
         self.restored = False
         #: {(worker, rank): next seq} saved with the restored snapshot (empty: streams start at 0).
         self.resume: dict[tuple[Any, int], int] = {}
+        #: Replica sync (a kvroute.sync.SyncRunner) when ``sync_url`` is set, else None.
+        self.sync: Any = None
+        self._approx_check = 0.0
 
     # ----------------------------------------------------------------- start
     def start(self) -> "SidecarServer":
@@ -90,14 +94,20 @@ class SidecarServer:
         cfg = self.config
         check_snapshot_path(cfg.snapshot)
         index = self._restore()
-        r = Router((), cfg.block_size, policy=cfg.policy, weights=cfg.weights or None, seed=cfg.seed,
+        # with replica sync, each replica breaks ties with its own seed (a shared seed would make replicas
+        # break the ties of simultaneous requests identically, herding them onto one worker)
+        seed = cfg.seed ^ xxhash.xxh64_intdigest((cfg.replica_name or cfg.bind).encode()) if cfg.sync_url else cfg.seed
+        r = Router((), cfg.block_size, policy=cfg.policy, weights=cfg.weights or None, seed=seed,
                    index=index, pending_ttl_s=cfg.pending_ttl_s, lock=self.lock,
-                   request_ttl_s=cfg.request_ttl_s or None)
+                   request_ttl_s=cfg.request_ttl_s or None, approx_ttl_s=cfg.approx_ttl_s,
+                   approx_capacity_blocks=cfg.approx_capacity_blocks or None)
         self.router = r
         for w in cfg.workers:
             ranks = max(1, w.dp_size)
             for key in ([w.id] if ranks == 1 else [(w.id, k) for k in range(ranks)]):
                 r.add_worker(key, role=w.role, capacity_blocks=w.capacity_blocks)
+                if cfg.approximate == "all" or (cfg.approximate == "auto" and not w.endpoint):
+                    r.set_approximate(key)
         # always: workers with an endpoint may also be added at run time (the add_worker op)
         self.events = self._make_events(index)
         self.metrics = Metrics(r, self.events)
@@ -110,13 +120,18 @@ class SidecarServer:
                 self.events.follow(w.id, w.endpoint, w.replay_endpoint or None, dp_size=w.dp_size, topic=w.topic,
                                    start_seq=start or None)
         self.events.start()
+        if cfg.sync_url:
+            self.sync = self._start_sync(r)  # catches up before the socket answers
+        self.service.sync = self.sync
+        self.metrics.sync = self.sync
         sock = self.sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
         sock.bind(cfg.bind)
         self.address = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
         if cfg.http_port != 0:  # -1: any free port
-            self.http = HTTPEndpoint(cfg.http_host, max(0, cfg.http_port), self.metrics, self.monitor.health)
+            self.http = HTTPEndpoint(cfg.http_host, max(0, cfg.http_port), self.metrics,
+                                     lambda: health(r, self.events, self.sync, self.monitor))
             self.http.start()
         gc.collect()
         gc.freeze()  # the restored index is long-lived: keep it out of every future GC pass
@@ -124,6 +139,36 @@ class SidecarServer:
                  cfg.policy, len(cfg.workers), self.http.port if self.http else "off", len(r.index),
                  " (restored)" if self.restored else "")
         return self
+
+    def _start_sync(self, router: Router) -> Any:
+        from ..sync import ReplicaSync, SyncRunner, make_transport  # top floor: only the sidecar wires it
+
+        cfg = self.config
+        name = cfg.replica_name or cfg.bind
+        rs = ReplicaSync(router, name, lease_s=cfg.sync_lease_s, heartbeat_s=cfg.sync_heartbeat_s)
+        runner = SyncRunner(rs, make_transport(cfg.sync_url, stream=cfg.sync_stream), catch_up_s=cfg.sync_catch_up_s)
+        return runner.start()
+
+    def sync_ready(self) -> dict[str, Any]:
+        """The sync part of the ready line: origin, whether the catch-up saw every live peer's state."""
+        s = self.sync
+        return {"origin": s.sync.origin, "connected": s.connected, "caught_up": s.caught_up,
+                "peers": s.catch_up_peers}
+
+    def refresh_approximate(self) -> None:
+        """``approximate = auto``: workers whose event stream is stale are predicted from decisions until
+        fresh events rebuild them (then their predicted entries go)."""
+        if self.config.approximate != "auto" or self.events is None or self.router is None:
+            return
+        r = self.router
+        stale = self.events.stale_workers()
+        endpoints = {w.id for w in self.config.workers if w.endpoint} | set(self.events.subscriber.workers())
+        approx = set(r.approximate_workers())
+        for w in r.workers():
+            base = w[0] if isinstance(w, tuple) else w
+            want = w in stale or base in stale or base not in endpoints
+            if want != (w in approx):
+                r.set_approximate(w, want)
 
     def _make_events(self, index: KVIndex) -> Any:
         try:
@@ -165,6 +210,10 @@ class SidecarServer:
         try:
             while not self._stop.is_set():
                 tick()
+                now = time.monotonic()
+                if now >= self._approx_check:  # approximate mode follows stream health (issue 13)
+                    self._approx_check = now + 0.25
+                    self.refresh_approximate()
                 ready = dict(poller.poll(poll_ms))
                 if lane.rx in ready:
                     self._send_lane_replies(lane, in_lane)
@@ -233,6 +282,12 @@ class SidecarServer:
     # ----------------------------------------------------------------- close
     def close(self) -> None:
         """Stop events and HTTP, write the snapshot and the streams' positions, close the socket."""
+        if self.sync is not None:
+            try:
+                self.sync.close()
+            except Exception:
+                log.exception("closing replica sync failed")
+            self.sync = None
         if self.events is not None:
             try:
                 self.events.stop()  # no batch applied from here on: the index and positions agree

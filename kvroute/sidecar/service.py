@@ -69,6 +69,8 @@ class Service:
         self.events = events
         #: Per-worker health (told about every decision; answers the ``health`` op), or None.
         self.monitor = monitor
+        #: Replica sync (a kvroute.sync.SyncRunner) or None; health reads it.
+        self.sync: Any = None
         self._clock = clock
         self.OPS: dict[str, Callable[[dict], Any]] = {
             "route": self.op_route,
@@ -237,18 +239,28 @@ class Service:
         with self.router.lock:
             out["index"] = self.router.index.stats()
         out["events"] = _wire_keys(self.events.metrics()) if self.events is not None else {}
+        if self.sync is not None:
+            out["sync"] = _wire_keys(self.sync.stats())
         return out
 
     def op_health(self, req: dict | None = None) -> dict:
-        if self.monitor is not None:
-            return self.monitor.health()
-        return health(self.router, self.events)
+        return health(self.router, self.events, self.sync, self.monitor)
 
 
-def health(router: Router, events: Any) -> dict:
-    """The health document without a monitor: ``ok``, ``degraded`` when some worker is stale, ``down``
-    without a healthy worker (:func:`kvroute.sidecar.health.health_doc`)."""
-    return health_doc(router, events)
+def health(router: Router, events: Any, sync: Any = None, monitor: Any = None) -> dict:
+    """The health document: the monitor's per-worker reasons when there is a monitor, else
+    :func:`kvroute.sidecar.health.health_doc` (``ok`` / ``degraded`` when some worker is stale / ``down``
+    without a healthy worker); with replica sync, ``sync`` and, while the channel is unreachable, the
+    reason under ``reasons["replica_sync"]`` (this replica then routes alone: ``degraded``)."""
+    doc = monitor.health() if monitor is not None else health_doc(router, events)
+    if sync is not None:
+        reasons = sync.health_reasons()
+        doc["sync"] = {"connected": sync.connected, "peers": len(sync.sync.peers)}
+        if reasons:
+            doc["reasons"]["replica_sync"] = reasons
+            if doc["status"] == "ok":
+                doc["status"] = "degraded"
+    return doc
 
 
 def _wire_keys(doc: Any) -> Any:

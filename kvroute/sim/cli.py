@@ -60,6 +60,16 @@ def _common(f: Any) -> Any:
                      help="Let the eviction policy refuse blocks on the GPU tier (an engine's GPU pool cannot: off by "
                           "default, the policy then only orders GPU evictions; host-tier admission always applies)."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed of the router's tie-breaking."),
+        click.option("--router-replicas", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Active-active router replicas; requests are spread over them round robin."),
+        click.option("--replica-sync", type=click.Choice(["none", "shared"]), default="shared", show_default=True,
+                     help="What replicas share: none (each knows its own decisions) or shared (kvroute.sync)."),
+        click.option("--sync-delay", type=float, default=0.0, show_default=True, metavar="SECONDS",
+                     help="Seconds from a replica's decision to the other replicas applying it."),
+        click.option("--approximate", is_flag=True,
+                     help="Approximate mode: routers get no KV events and predict caches from their decisions."),
+        click.option("--approx-ttl", type=float, default=600.0, show_default=True, metavar="SECONDS",
+                     help="Lifetime of an approximate-mode entry."),
         click.option("--config", "configs", multiple=True, type=click.Path(exists=True, dir_okay=False),
                      help="A tuned configuration written by `kvroute tune` (repeatable)."),
     ]
@@ -80,6 +90,8 @@ def _base_config(o: dict[str, Any]) -> Any:
         block_tokens=o["block_tokens"], rate_scale=o["rate_scale"], cost=cost, serial=o["serial"],
         vllm_last_block=o["vllm_last_block"], prefill_workers=o["prefill_workers"], seed=o["seed"],
         event_lag_s=o["event_lag"], chunked_prefill_tokens=o["chunked_prefill"], gpu_admission=o["gpu_admission"],
+        router_replicas=o["router_replicas"], replica_sync=o["replica_sync"], sync_delay_s=o["sync_delay"],
+        approximate=o["approximate"], approx_ttl_s=o["approx_ttl"],
     )
 
 

@@ -12,10 +12,20 @@ Parts (one :class:`Simulation` per (routing, eviction) run):
   Like an engine, a worker publishes the events of a prefill when that step
   ends (plus ``event_lag_s``), so between a decision and the events the router
   relies on its speculative prefixes;
+* with ``router_replicas`` K > 1, K routers (active-active replicas) each keep
+  their own index fed by every worker's events, requests are spread over them
+  round robin, and each request's ``prefill_done``/``finish`` goes to the
+  replica that routed it; with ``replica_sync = "shared"`` each replica's
+  :class:`kvroute.sync.ReplicaSync` batches reach the others ``sync_delay_s``
+  later (``SYNC`` events), as over a Redis stream; with ``"none"`` every replica
+  knows only its own decisions;
+* with ``approximate`` the routers get no KV events at all: every worker is in
+  approximate mode (a cache predicted from decisions, TTL and capacity bound);
 * time is advanced by a heap of events: ``ARRIVE`` (trace timestamp / rate
   scale), ``PREFILL_DONE``, ``DECODE_DONE`` (a run of decode steps of the whole
   batch), ``TRANSFER_DONE`` (prefill -> decode KV transfer, disaggregated only),
-  ``KV_EVENTS`` (delayed event delivery to the router).
+  ``KV_EVENTS`` (delayed event delivery to the router), ``SYNC`` (a replica's
+  sync batch reaching the others).
 
 Worker model (vLLM-like, iteration level): a FIFO prefill queue with priority
 over decode (a waiting prompt is prefilled at the next decode-step boundary,
@@ -35,6 +45,7 @@ prompt counts one block less (vLLM recomputes the last block).
 """
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 import time
@@ -51,7 +62,10 @@ from ..traces import Request
 #: processes on a shared machine would inflate).
 _cpu_ns = time.thread_time_ns
 
-ARRIVE, PREFILL_DONE, DECODE_DONE, TRANSFER_DONE, KV_EVENTS, STEP_DONE = 0, 1, 2, 3, 4, 5
+ARRIVE, PREFILL_DONE, DECODE_DONE, TRANSFER_DONE, KV_EVENTS, STEP_DONE, SYNC = 0, 1, 2, 3, 4, 5, 6
+
+#: Values of ``SimConfig.replica_sync``.
+REPLICA_SYNC_MODES = ("none", "shared")
 _IDLE, _PREFILL, _DECODE = 0, 1, 2
 
 #: Eviction policies that need the future of the one cache they serve (see ``_policy_factory``).
@@ -110,6 +124,16 @@ class SimConfig:
     #: Set the per-token time constants of routing policies that have them (kvroute, preble) from the
     #: cost model, as a deployment configures them for its model and GPU; explicit router_params win.
     calibrate_router: bool = True
+    #: Router replicas (active-active); requests are spread over them round robin.
+    router_replicas: int = 1
+    #: What replicas share: ``none`` (each knows its own decisions only) or ``shared`` (kvroute.sync).
+    replica_sync: str = "shared"
+    #: Seconds from a replica's decision (or release) to the other replicas applying it.
+    sync_delay_s: float = 0.0
+    #: Approximate mode: the routers receive no KV events and predict every cache from their decisions.
+    approximate: bool = False
+    #: Lifetime of an approximate entry, seconds (kvroute.router.approx).
+    approx_ttl_s: float = 600.0
 
     def resolved_gpu_blocks(self) -> int:
         return self.gpu_blocks if self.gpu_blocks is not None else self.cost.gpu_blocks(self.block_tokens)
@@ -139,6 +163,14 @@ class SimConfig:
             raise SimConfigError("chunked_prefill_tokens must be >= 0")
         if not 0 <= self.event_lag_s < math.inf:
             raise SimConfigError("event_lag_s must be a finite number >= 0")
+        if not isinstance(self.router_replicas, int) or self.router_replicas < 1:
+            raise SimConfigError("router_replicas must be an int >= 1")
+        if self.replica_sync not in REPLICA_SYNC_MODES:
+            raise SimConfigError(f"replica_sync must be one of {REPLICA_SYNC_MODES}, got {self.replica_sync!r}")
+        if not 0 <= self.sync_delay_s < math.inf:
+            raise SimConfigError("sync_delay_s must be a finite number >= 0")
+        if not 0 < self.approx_ttl_s < math.inf:
+            raise SimConfigError("approx_ttl_s must be a finite number > 0")
 
 
 class _Worker:
@@ -226,10 +258,30 @@ class Simulation:
         if self.disaggregated:
             roles = {wid: ("prefill" if i < npre else "decode") for i, wid in enumerate(wids)}
         try:
-            self.router = _make_router(Router, wids, config, roles, lambda: self.now)
+            #: The router replicas (one unless ``router_replicas`` > 1); ``router`` is the first.
+            # each replica its own tie-breaking seed (seed + k): replicas sharing a seed would break the
+            # ties of simultaneous requests identically and herd them onto one worker
+            self.routers = [_make_router(Router, wids, dataclasses.replace(config, seed=config.seed + k), roles,
+                                         lambda: self.now) for k in range(config.router_replicas)]
         except (TypeError, ValueError) as exc:  # a tuned configuration's unknown or bad weight
             raise SimConfigError(f"routing {config.routing!r} with {config.router_params}: {exc}") from None
+        self.router = self.routers[0]
         self.index = self.router.index
+        if config.approximate:
+            for r in self.routers:
+                for wid in r.workers():
+                    r.set_approximate(wid)
+        #: Each replica's ReplicaSync (shared mode with several replicas), else empty.
+        self.syncs: list[Any] = []
+        if config.router_replicas > 1 and config.replica_sync == "shared":
+            from ..sync import ReplicaSync
+
+            # leases and heartbeats play no part: simulated replicas never die
+            self.syncs = [ReplicaSync(r, f"r{k}", clock=lambda: self.now, lease_s=1e18, heartbeat_s=1e17,
+                                      incarnation="0", wall=lambda: self.now) for k, r in enumerate(self.routers)]
+        self._owner: dict[int, int] = {}
+        self._sync_batches: dict[int, tuple[int, bytes]] = {}
+        self._sync_next = 0
         self.workers: list[_Worker] = []
         self.by_id: dict[Any, _Worker] = {}
         for i, wid in enumerate(wids):
@@ -248,7 +300,9 @@ class Simulation:
             if cache is not None:
                 # the cache's events wait in the worker's outbox until the prefill that caused them is done
                 cache.on_event = w.outbox.append
-                w.follower = index_follower(self.index, wid)
+                # approximate mode: the engines publish no KV events (the routers predict from decisions)
+                w.follower = _drop_events if config.approximate else \
+                    _fan_out([index_follower(r.index, wid) for r in self.routers])
             self.workers.append(w)
             self.by_id[wid] = w
         self.rec = Records(len(requests), n)
@@ -294,6 +348,8 @@ class Simulation:
                 self._step_done(self.workers[a], b)
             elif kind == TRANSFER_DONE:
                 self._transfer_done(self.workers[a], b)
+            elif kind == SYNC:
+                self._sync_arrive(a)
             else:
                 self._deliver(self.workers[a])
         if self.progress and self._pending_progress:
@@ -308,9 +364,13 @@ class Simulation:
         rec.arrival[i] = now
         rec.blocks[i] = len(r.hash_ids)
         rec.input_tokens[i] = r.input_length
+        k = i % len(self.routers)
+        self._owner[i] = k
         t0 = _cpu_ns()
-        d = self.router.route_hashes(list(r.hash_ids), num_tokens=r.input_length, request_id=i)
+        d = self.routers[k].route_hashes(list(r.hash_ids), num_tokens=r.input_length, request_id=i)
         rec.router_ns[i] = _cpu_ns() - t0
+        if self.syncs:
+            self._sync_publish(k)
         pw = self.by_id[d.worker]
         dw = self.by_id[d.decode_worker] if (self.disaggregated and d.decode_worker is not None) else pw
         rec.worker[i] = pw.idx
@@ -492,7 +552,9 @@ class Simulation:
         r = self.requests[i]
         self._publish(w)
         self.rec.first_token[i] = now
-        self.router.prefill_done(i)
+        self._router_of(i).prefill_done(i)
+        if self.syncs:
+            self._sync_publish(self._owner[i])
         w.mode = _IDLE
         _, dw = self._placement[i]
         if self.disaggregated:
@@ -544,7 +606,7 @@ class Simulation:
         rec.finish[i] = self.now
         rec.finished_count[i] += 1
         rec.output_tokens[i] = max(1, self.requests[i].output_length)
-        self.router.finish(i)
+        self._router_finish(i)
         pw, dw = self._placement.pop(i)
         if self.disaggregated:
             dw.kv_blocks -= len(self.requests[i].hash_ids)
@@ -566,7 +628,7 @@ class Simulation:
 
     def _drop(self, i: int) -> None:
         self.rec.dropped += 1
-        self.router.finish(i)
+        self._router_finish(i)
         self._placement.pop(i, None)
         self._after_request()
 
@@ -583,12 +645,67 @@ class Simulation:
         if not self.cfg.report_load:
             return
         # what vLLM reports (num_requests_waiting / running); KV usage is left to the router's own estimate
-        self.router.update_load(w.wid, waiting=len(w.queue), running=len(w.running))
+        for r in self.routers:  # every replica scrapes every engine
+            r.update_load(w.wid, waiting=len(w.queue), running=len(w.running))
+
+    # ------------------------------------------------------------- replicas
+    def _router_of(self, i: int) -> Any:
+        return self.routers[self._owner[i]]
+
+    def _router_finish(self, i: int) -> None:
+        k = self._owner.pop(i)
+        self.routers[k].finish(i)
+        if self.syncs:
+            self._sync_publish(k)
+
+    def _sync_publish(self, k: int) -> None:
+        """Replica ``k``'s queued ops leave as one batch; the others apply it ``sync_delay_s`` later."""
+        s = self.syncs[k]
+        if not s.has_output():
+            return
+        b = s.take_batch(self.now)
+        delay = self.cfg.sync_delay_s
+        if delay <= 0:
+            self._sync_apply(k, b)
+            return
+        self._sync_next += 1
+        self._sync_batches[self._sync_next] = (k, b)
+        self._push(self.now + delay, SYNC, self._sync_next)
+
+    def _sync_arrive(self, bid: int) -> None:
+        k, b = self._sync_batches.pop(bid)
+        self._sync_apply(k, b)
+
+    def _sync_apply(self, k: int, b: bytes) -> None:
+        for j, s in enumerate(self.syncs):
+            if j != k:
+                s.receive(b, self.now)
+        for j, s in enumerate(self.syncs):  # a state query's answer, if any (never in a fault-free run)
+            if j != k and s.has_output():
+                self._sync_publish(j)
+
+
+def _drop_events(batch: Any) -> None:
+    """The follower of an engine without KV events."""
+
+
+def _fan_out(followers: list[Callable[[Any], None]]) -> Callable[[Any], None]:
+    """One worker's event batches applied to every replica's index (each replica consumes every engine)."""
+    if len(followers) == 1:
+        return followers[0]
+
+    def apply(batch: Any) -> None:
+        for f in followers:
+            f(batch)
+
+    return apply
 
 
 def _make_router(Router: Any, wids: list[str], cfg: SimConfig, roles: dict[str, str], clock: Callable[[], float]) -> Any:
     kw: dict[str, Any] = {"policy": cfg.routing, "clock": clock, "seed": cfg.seed,
-                          "capacity_blocks": cfg.resolved_gpu_blocks()}
+                          "capacity_blocks": cfg.resolved_gpu_blocks(), "approx_ttl_s": cfg.approx_ttl_s,
+                          # a worker's cache is both tiers: approximate mode predicts GPU + host blocks
+                          "approx_capacity_blocks": cfg.resolved_gpu_blocks() + cfg.resolved_host_blocks()}
     weights = calibrated_router_params(cfg.routing, cfg.cost) if cfg.calibrate_router else {}
     weights.update(cfg.router_params)
     if weights:
@@ -678,6 +795,33 @@ def simulate(requests: Sequence[Request], config: SimConfig, *, progress: Callab
         "preset": config.cost.name,
         "prefill_workers": config.prefill_workers,
         **_cache_report(sim),
+        "prediction": prediction_accuracy(rec, config.block_tokens),
     })
+    if config.router_replicas > 1 or config.approximate:
+        s.extra.update({"router_replicas": config.router_replicas, "replica_sync": config.replica_sync,
+                        "sync_delay_s": config.sync_delay_s, "approximate": config.approximate})
+    if sim.syncs:
+        s.extra["sync_batches"] = sum(x.counters["batches_out"] for x in sim.syncs)
     s.records = rec  # type: ignore[attr-defined]  # per-request records (not serialised)
     return s
+
+
+def prediction_accuracy(rec: Records, block_tokens: int) -> dict[str, float]:
+    """How well the router's predicted cached prefix matched the engine's actual hit (in blocks).
+
+    ``exact``: fraction of routed requests whose prediction equals the hit; ``over``/``under``: fraction
+    predicted above/below it; ``mae_blocks``: mean absolute error; ``predicted_blocks``/``hit_blocks``:
+    totals.  The approximate mode's accuracy against the simulator's truth (docs/replicas.md).
+    """
+    import numpy as np
+
+    done = rec.worker >= 0
+    n = int(done.sum())
+    if not n:
+        return {}
+    pred = np.ceil(rec.predicted_cached[done] / block_tokens).astype(np.int64)
+    pred = np.minimum(pred, rec.blocks[done])
+    hit = (rec.gpu_hit + rec.host_hit)[done]
+    diff = pred - hit
+    return {"exact": float((diff == 0).mean()), "over": float((diff > 0).mean()), "under": float((diff < 0).mean()),
+            "mae_blocks": float(np.abs(diff).mean()), "predicted_blocks": int(pred.sum()), "hit_blocks": int(hit.sum())}

@@ -1,0 +1,186 @@
+"""Approximate cache entries: what a worker is *predicted* to hold, from routing decisions alone.
+
+For engines that publish no KV events (and for event streams marked stale),
+the router predicts each worker's prefix cache from its own decisions, as
+Dynamo's approximate mode (``--no-kv-events``: a radix tree fed by routed
+requests, entries expiring after a TTL) and llm-d's approximate prefix-cache
+scorer (an LRU of routed prefixes per pod, bounded per pod) do:
+
+* a routed prompt's whole chain is recorded for the chosen worker with an
+  expiry ``now + ttl_s`` (re-routing a prefix refreshes it);
+* each worker keeps at most ``capacity`` blocks (its configured KV capacity,
+  or ``default_capacity``), the least recently routed going first -- the
+  engine's own LRU eviction, approximated;
+* entries expire after ``ttl_s`` (the engine has probably evicted them).
+
+Layout (private; only :class:`ApproxPrefixes` methods touch it)::
+
+    _mask : {content hash -> bitmask of worker slots predicted to hold it}
+    _lru  : {slot -> OrderedDict {content hash -> expiry}}, oldest first
+
+Every entry has the same TTL, so each slot's LRU order is also its expiry
+order: expiry pops from the front.  Matching walks the prompt's chained
+hashes AND-ing masks, as :meth:`kvroute.KVIndex.match` does: a slot's depth
+is where its bit stops.  A hole (a parent evicted before its child) only
+shortens a match, never lengthens it.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable, Iterable, Sequence
+
+#: Default entry lifetime.  Dynamo's approximate mode defaults to 120 s; chosen here on the Mooncake
+#: synthetic trace (kvroute sim --approximate, 8 workers, first 2,000 requests): with the per-worker
+#: bound at GPU + host blocks, TTL 120 s found 58% of the exact router's hits, 300 s 93%, 600 s and
+#: longer 100% (the capacity bound then does the work); judged on the conversation and agentic traces
+#: in docs/replicas.md.  The TTL still guards against evictions the router cannot see.
+DEFAULT_APPROX_TTL_S = 600.0
+#: Blocks kept per worker when its KV capacity is unknown.
+DEFAULT_APPROX_CAPACITY = 1 << 16
+
+
+class ApproxPrefixes:
+    """Per-worker predicted block chains with a TTL and an LRU capacity bound (module docstring)."""
+
+    def __init__(self, ttl_s: float = DEFAULT_APPROX_TTL_S, clock: Callable[[], float] | None = None,
+                 default_capacity: int = DEFAULT_APPROX_CAPACITY) -> None:
+        if not ttl_s > 0:
+            raise ValueError(f"approximate TTL must be > 0, got {ttl_s!r}")
+        if default_capacity < 1:
+            raise ValueError("default_capacity must be >= 1")
+        #: Seconds an entry lives after the decision that last routed it.
+        self.ttl_s = ttl_s
+        #: Blocks per slot when :meth:`add` is given no capacity.
+        self.default_capacity = default_capacity
+        self._clock = clock
+        self._mask: dict[int, int] = {}
+        self._lru: dict[int, OrderedDict[int, float]] = {}
+        #: Entries dropped by the capacity bound and by the TTL (counters; metrics read them).
+        self.evicted = 0
+        self.expired = 0
+
+    def __len__(self) -> int:
+        """(block, slot) entries held."""
+        return sum(len(d) for d in self._lru.values())
+
+    def entries(self, slot: int) -> int:
+        d = self._lru.get(slot)
+        return len(d) if d else 0
+
+    def add(self, slot: int, hashes: Sequence[int], now: float, *, capacity: int | None = None,
+            expires_at: float | None = None) -> None:
+        """Record ``hashes`` (a routed chain, root first) as held by ``slot`` until ``expires_at``
+        (default ``now + ttl_s``), then enforce the slot's capacity (oldest entries go)."""
+        if not hashes:
+            return
+        exp = now + self.ttl_s if expires_at is None else expires_at
+        if exp <= now:
+            return
+        d = self._lru.get(slot)
+        if d is None:
+            d = self._lru[slot] = OrderedDict()
+        self._expire_slot(slot, d, now)
+        bit = 1 << slot
+        mask = self._mask
+        if d:
+            # a late entry (another replica's message, a catch-up copy) must not break the expiry order:
+            # it lives as long as the freshest entry (an extension bounded by the sync delay)
+            last = d[next(reversed(d))]
+            if exp < last:
+                exp = last
+        for h in hashes:
+            if h in d:
+                d.move_to_end(h)
+            else:
+                mask[h] = mask.get(h, 0) | bit
+            d[h] = exp
+        cap = capacity or self.default_capacity
+        while len(d) > cap:
+            h, _ = d.popitem(last=False)
+            self._unset(h, bit)
+            self.evicted += 1
+
+    def _unset(self, h: int, bit: int) -> None:
+        m = self._mask[h] & ~bit
+        if m:
+            self._mask[h] = m
+        else:
+            del self._mask[h]
+
+    def _expire_slot(self, slot: int, d: OrderedDict[int, float], now: float) -> None:
+        bit = 1 << slot
+        while d:
+            h = next(iter(d))
+            if d[h] > now:
+                return
+            del d[h]
+            self._unset(h, bit)
+            self.expired += 1
+
+    def expire(self, now: float) -> None:
+        for slot, d in self._lru.items():
+            self._expire_slot(slot, d, now)
+
+    def forget(self, slot: int) -> None:
+        """Drop every entry of ``slot`` (worker removed, or back to an exact index)."""
+        d = self._lru.pop(slot, None)
+        if not d:
+            return
+        bit = 1 << slot
+        for h in d:
+            self._unset(h, bit)
+
+    def match(self, hashes: Sequence[int], now: float) -> dict[int, int]:
+        """{slot: depth >= 1} of the longest predicted prefix of ``hashes`` per slot (expired entries skipped)."""
+        if not hashes or not self._mask:
+            return {}
+        get = self._mask.get
+        out: dict[int, int] = {}
+        live = get(hashes[0], 0)
+        if not live:
+            return {}
+        # an expired entry still in the table (a slot not touched since) must not count
+        for slot, d in self._lru.items():
+            if live >> slot & 1:
+                self._expire_slot(slot, d, now)
+        live = get(hashes[0], 0)
+        i = 0
+        n = len(hashes)
+        while live and i < n:
+            m = live & get(hashes[i], 0)
+            gone = live & ~m
+            while gone:
+                low = gone & -gone
+                out[low.bit_length() - 1] = i
+                gone ^= low
+            live = m
+            i += 1
+        while live:
+            low = live & -live
+            out[low.bit_length() - 1] = n
+            live ^= low
+        return {s: d for s, d in out.items() if d}
+
+    def dump(self, slot: int, now: float) -> list[tuple[int, float]]:
+        """``(hash, seconds left)`` of a slot's live entries, oldest first (a peer's catch-up copy)."""
+        d = self._lru.get(slot)
+        if not d:
+            return []
+        self._expire_slot(slot, d, now)
+        return [(h, e - now) for h, e in d.items()]
+
+    def load(self, slot: int, entries: Iterable[tuple[int, float]], now: float, capacity: int | None = None) -> None:
+        """Add a peer's :meth:`dump` (oldest first), keeping each entry's remaining lifetime."""
+        for h, left in entries:
+            self.add(slot, (h,), now, capacity=capacity, expires_at=now + left)
+
+    def check_invariants(self) -> None:
+        """Masks equal the union of slot tables; no empty mask; each slot's expiries never decrease."""
+        want: dict[int, int] = {}
+        for slot, d in self._lru.items():
+            prev = float("-inf")
+            for h, e in d.items():
+                want[h] = want.get(h, 0) | 1 << slot
+                assert e >= prev, "approximate entries out of expiry order"
+                prev = e
+        assert want == self._mask, "approximate masks drifted from the slot tables"
