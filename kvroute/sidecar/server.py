@@ -47,7 +47,7 @@ from .config import SidecarConfig
 from .errors import ConfigError
 from .metrics import HTTPEndpoint, Metrics
 from .health import HealthConfig, HealthMonitor
-from .service import Service
+from .service import Service, health
 
 log = logging.getLogger("kvroute.sidecar")
 
