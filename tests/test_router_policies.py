@@ -108,14 +108,42 @@ def test_kvroute_default_replicates_when_load_outweighs_cache():
 # ---------------------------------------------------------------- dynamo
 def test_dynamo_logit_hand_computed():
     w = dynamo.DynamoWeights()
-    c = Candidate(state(prefill_tokens=32, decode_blocks=7), total=4, gpu=2, host=2)
-    # credit = 2 + 0.75*2 = 3.5 ; (32 + 100)/16 = 8.25 ; 8.25 - 3.5 = 4.75 ; + 7 decode blocks
-    assert dynamo.score(REQ, c, w) == pytest.approx(11.75)
+    c = Candidate(state(prefill_tokens=32, decode_blocks=9, active_blocks=7), total=4, gpu=2, host=2, active=2)
+    # credit = 2 + 0.75*2 = 3.5 ; (32 + 100)/16 = 8.25 ; 8.25 - 3.5 = 4.75
+    # decode (assume_kv_reuse) = 7 distinct active + (6 prompt blocks - 2 already active) = 11
+    assert dynamo.score(REQ, c, w) == pytest.approx(4.75 + 11)
+    # without kv reuse: every in-flight prompt's blocks (9) + all 6 new ones
+    assert dynamo.score(REQ, c, dynamo.DynamoWeights(assume_kv_reuse=False)) == pytest.approx(4.75 + 15)
     c2 = Candidate(state(prefill_tokens=0, decode_blocks=0), total=6, gpu=6)
-    assert dynamo.score(REQ, c2, w) == pytest.approx(0.25)  # never negative: max(0, 6.25 - 6)
+    assert dynamo.score(REQ, c2, w) == pytest.approx(0.25 + 6)  # prefill never negative: max(0, 6.25 - 6)
     w2 = dynamo.DynamoWeights(prefill_load_scale=2.0, active_requests_weight=0.5)
     c.state.active_requests = 4
-    assert dynamo.score(REQ, c, w2) == pytest.approx(2 * 4.75 + 7 + 2)
+    assert dynamo.score(REQ, c, w2) == pytest.approx(2 * 4.75 + 11 + 2)
+
+
+def test_dynamo_books_host_and_disk_hits_partly_as_prefill():
+    p = dynamo.DynamoPolicy()
+    c = Candidate(state(), total=6, gpu=2, host=2, disk=2)
+    # isl 100 - 16 * (2 + 0.75*2 + 0.25*2) = 100 - 64 = 36 (plain uncached would be 4)
+    assert p.booked_prefill_tokens(REQ, c) == 36
+
+
+def test_dynamo_counts_shared_active_blocks_once():
+    r = Router(["a", "b"], 16, policy="dynamo", clock=lambda: 0.0)
+    hs = list(range(1, 9))
+    r.route_hashes(hs, num_tokens=128, request_id=1)
+    w = r.stats()["workers"]
+    hot = next(x for x in w if x["active_requests"] == 1)["worker"]
+    # a second request sharing the first 6 blocks, forced onto the same worker
+    r.mark_unhealthy("b" if hot == "a" else "a")
+    r.route_hashes(hs[:6] + [50, 51], num_tokens=128, request_id=2)
+    s = r.worker_state(hot)
+    assert s.decode_blocks == 16 and s.active_blocks == 10
+    r.finish(1)
+    assert r.worker_state(hot).active_blocks == 8
+    r.finish(2)
+    assert r.worker_state(hot).active_blocks == 0
+    r._active.check_invariants()
 
 
 def test_dynamo_ignores_pending_and_scatters_a_burst():

@@ -6,6 +6,8 @@ Parts (who owns what):
   subscriber or the simulator's caches); the router only reads it, except
   ``remove_worker`` which forgets a worker's blocks.
 * ``_pending`` -- :class:`PendingPrefixes`, the router's own speculative view.
+* ``_active``  -- :class:`ActiveBlocks`, distinct prompt blocks of unfinished
+  requests per worker; kept only for a policy with ``tracks_active_blocks``.
 * ``_states``  -- {worker: :class:`WorkerState`}, mutated only by router methods.
 * ``_requests`` -- {request id: _Flight}, the load each live request adds.
 * ``policy``   -- a :class:`Policy` from :data:`POLICIES`; sees a fresh
@@ -31,6 +33,7 @@ from ..kvindex import KVIndex
 from ..kvindex.hashing import block_hash_list
 from .disagg import DecodeWeights, choose_decode
 from .errors import DuplicateRequestError, NoHealthyWorkerError, UnknownPolicyError, UnknownRequestError, UnknownWorkerError
+from .active import ActiveBlocks
 from .pending import PendingPrefixes
 from .policies import POLICIES
 from .policy import Policy
@@ -43,9 +46,10 @@ DEFAULT_PENDING_TTL_S = 2.0
 class _Flight:
     """Load one live request adds, so it can be released exactly once."""
 
-    __slots__ = ("prefill", "decode", "prefill_tokens", "blocks", "prefill_open", "at")
+    __slots__ = ("prefill", "decode", "prefill_tokens", "blocks", "prefill_open", "at", "hashes")
 
-    def __init__(self, prefill: WorkerState, decode: WorkerState, prefill_tokens: int, blocks: int, at: float) -> None:
+    def __init__(self, prefill: WorkerState, decode: WorkerState, prefill_tokens: int, blocks: int, at: float,
+                 hashes: Sequence[int] | None = None) -> None:
         #: Worker that computes the prompt.
         self.prefill = prefill
         #: Worker that holds the KV while decoding (``prefill`` when pools are aggregated).
@@ -58,6 +62,8 @@ class _Flight:
         self.prefill_open = True
         #: Router clock time of the decision (for ``request_ttl_s``).
         self.at = at
+        #: The prompt's block hashes when active blocks are tracked (released from ``ActiveBlocks``), else None.
+        self.hashes = hashes
 
 
 class Router:
@@ -119,6 +125,7 @@ class Router:
         self._clock = clock
         self._rng = random.Random(seed)
         self._pending = PendingPrefixes(pending_ttl_s, clock)
+        self._active: ActiveBlocks | None = ActiveBlocks() if self.policy.tracks_active_blocks else None
         self._states: dict[Any, WorkerState] = {}
         self._slot: dict[Any, int] = {}
         self._free_slots: list[int] = []
@@ -172,6 +179,8 @@ class Router:
             del self._states[worker]
             slot = self._slot.pop(worker)
             self._pending.forget(slot)
+            if self._active is not None:
+                self._active.forget(slot)
             heapq.heappush(self._free_slots, slot)
             if worker in self.index:
                 self.index.remove_worker(worker)
@@ -308,6 +317,12 @@ class Router:
                     cands.append(Candidate(s, pd, ov.gpu, ov.host, ov.disk, pd - ov.total))
                 else:
                     cands.append(Candidate(s, ov.total, ov.gpu, ov.host, ov.disk, 0))
+            active = self._active
+            if active is not None and hs:
+                act = active.match(hs)
+                if act:
+                    for c in cands:
+                        c.active = act.get(slot_of[c.worker], 0)
             req = RouteRequest(request_id, num_tokens, nb, bs)
             fleet = FleetView(cands, self._rng, now)
             choice = self.policy.choose(req, fleet)
@@ -320,8 +335,8 @@ class Router:
                 ds, decode_costs = choose_decode(nb, decode_pool, self.decode_weights, self._rng)
             else:
                 ds = ps
-            uncached = max(0, num_tokens - chosen.total * bs)
-            self._commit(request_id, ps, ds, uncached, nb, now)
+            booked = self.policy.booked_prefill_tokens(req, chosen)
+            self._commit(request_id, ps, ds, booked, nb, now, hs if active is not None else None)
             if hs and chosen.confirmed < nb:  # nothing to speculate when the index confirms the whole prompt
                 pending.add(slot_of[ps.id], hs)
             self.policy.on_routed(req, fleet, chosen)
@@ -346,7 +361,8 @@ class Router:
                 decode_costs=decode_costs,
             )
 
-    def _commit(self, rid: Any, ps: WorkerState, ds: WorkerState, uncached: int, nb: int, now: float) -> None:
+    def _commit(self, rid: Any, ps: WorkerState, ds: WorkerState, uncached: int, nb: int, now: float,
+                hashes: Sequence[int] | None = None) -> None:
         ps.prefill_tokens += uncached
         ps.prefill_requests += 1
         ps.routed_total += 1
@@ -355,7 +371,10 @@ class Router:
             ds.active_requests += 1
             ds.routed_total += 1
         ds.decode_blocks += nb
-        self._requests[rid] = _Flight(ps, ds, uncached, nb, now)
+        if hashes is not None and self._active is not None:
+            hashes = list(hashes)
+            ds.active_blocks = self._active.add(self._slot[ds.id], hashes)
+        self._requests[rid] = _Flight(ps, ds, uncached, nb, now, hashes)
 
     def _expire_requests(self, cutoff: float) -> None:
         """Release requests decided at or before ``cutoff`` (oldest first: dicts keep insertion order)."""
@@ -399,6 +418,10 @@ class Router:
         d = f.decode
         d.decode_blocks -= f.blocks
         d.active_requests -= 1
+        if f.hashes is not None and self._active is not None:
+            slot = self._slot.get(d.id)
+            if slot is not None and self._states.get(d.id) is d:  # a removed worker's table is gone
+                d.active_blocks = self._active.remove(slot, f.hashes)
 
     def in_flight(self) -> int:
         return len(self._requests)
