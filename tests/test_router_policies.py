@@ -169,7 +169,7 @@ def test_dynamo_softmax_temperature_is_seeded():
 def test_sglang_branches():
     w = sglang.SGLangWeights()
     assert sglang.score(REQ, Candidate(state(), total=2), w) == pytest.approx(32 / 100)
-    r = Router(["a", "b", "c"], 16, policy="sglang", pending_ttl_s=0)
+    r = Router(["a", "b", "c"], 16, policy="sglang_first", pending_ttl_s=0)
     hs = list(range(1, 7))
     r.index.store("b", hs[:2])  # 32/100 = 0.32 > 0.3 -> deepest match
     d = r.route_hashes(hs, num_tokens=100, request_id="m")
@@ -194,9 +194,9 @@ def test_sglang_branches():
     assert d.worker == "a" and d.reason.startswith("imbalanced")
 
 
-def test_sglang_flaw_tied_misses_pile_on_the_first_worker():
-    """Misses while the trees tie all go to the first worker, whatever its load."""
-    r = Router(["a", "b", "c"], 16, policy="sglang")
+def test_sglang_first_variant_piles_tied_misses_on_the_first_worker():
+    """``sglang_first``: misses while the trees tie all go to the first worker, whatever its load."""
+    r = Router(["a", "b", "c"], 16, policy="sglang_first")
     hs = list(range(1, 9))
     r.index.store("a", hs)
     for i in range(10):  # fully cached on a: the cache branch, and nothing new enters a's tree
@@ -204,10 +204,20 @@ def test_sglang_flaw_tied_misses_pile_on_the_first_worker():
     assert r.policy.tree_size("a") == 0 and r.worker_state("a").active_requests == 10
     # trees tie at 0: a cold miss goes to a, the busiest worker, not to an idle one
     d = r.route_hashes([999], num_tokens=16, request_id="cold")
-    assert d.worker == "a" and d.reason == "miss: smallest tree (first on ties)"
+    assert d.worker == "a" and d.reason == "miss: smallest tree"
     # equal cold prompts then rotate only because each one grows the tree it lands on
     picks = [r.route_hashes([2000 + i], num_tokens=16, request_id=100 + i).worker for i in range(4)]
     assert picks == ["b", "c", "a", "b"]
+
+
+def test_sglang_ties_land_on_an_arbitrary_worker():
+    """The real router scans a hash map: tied misses do not all land on the first worker."""
+    picks = set()
+    for seed in range(8):
+        r = Router(["a", "b", "c"], 16, policy="sglang", seed=seed)
+        picks.add(r.route_hashes([999], num_tokens=16, request_id="cold").worker)
+    assert len(picks) > 1
+    assert "sglang_first" not in POLICIES and "sglang" in POLICIES
 
 
 def test_kvroute_spreads_the_same_cold_misses():
@@ -221,22 +231,30 @@ def test_kvroute_spreads_the_same_cold_misses():
 
 # ---------------------------------------------------------------- llm-d
 def test_llmd_score_hand_computed():
-    w = llmd.LLMDWeights()
     req = RouteRequest("r", num_tokens=160, num_blocks=10, block_size=16)
     c = Candidate(state(reported_kv_usage=0.5, active_requests=2), total=8, gpu=4, host=2, pending=2)
-    # prefix = (1.0*(4+2) + 0.8*2)/10 = 0.76 ; kv = 0.5 ; queue = (4-2)/(4-0) = 0.5
-    assert llmd.score(req, c, w, min_q=0, max_q=4) == pytest.approx(3 * 0.76 + 2 * 0.5 + 2 * 0.5)
-    assert llmd.score(req, c, w, min_q=2, max_q=2) == pytest.approx(3 * 0.76 + 2 * 0.5 + 2 * 1.0)
+    # current llm-d: weights 2:1:1, no speculative blocks: prefix = (4 + 0.8*2)/10 = 0.56
+    w = llmd.LLMDWeights()
+    assert llmd.score(req, c, w, min_q=0, max_q=4) == pytest.approx(2 * 0.56 + 0.5 + (4 - 0) / 4)
+    # llmd_v0: 3:2:2, speculative: prefix = (1.0*(4+2) + 0.8*2)/10 = 0.76 ; queue = in flight (2) -> (4-2)/4
+    w0 = llmd.LLMDv0Weights()
+    assert llmd.score(req, c, w0, min_q=0, max_q=4) == pytest.approx(3 * 0.76 + 2 * 0.5 + 2 * 0.5)
+    assert llmd.score(req, c, w0, min_q=2, max_q=2) == pytest.approx(3 * 0.76 + 2 * 0.5 + 2 * 1.0)
 
 
-def test_llmd_decision_prefers_prefix_over_small_queue_gap():
+def test_llmd_queue_scorer_sees_the_waiting_queue_only():
     r = Router(["a", "b"], 16, policy="llmd")
+    assert r.policy.uses_pending is False
     hs = list(range(1, 11))
     r.index.store("a", hs)
-    r.update_load("a", waiting=2)
+    r.update_load("a", waiting=0, running=30)  # busy decoding, nothing waiting: llm-d's queue scorer ignores it
+    r.update_load("b", waiting=0, running=0)
     d = r.route_hashes(hs, num_tokens=160, request_id=1)
-    # a: 3*1 + 2*1 + 2*0 = 5 ; b: 0 + 2 + 2 = 4
-    assert d.worker == "a" and d.costs == {"a": pytest.approx(-5.0), "b": pytest.approx(-4.0)}
+    assert d.worker == "a" and d.costs == {"a": pytest.approx(-4.0), "b": pytest.approx(-2.0)}
+    r.update_load("a", waiting=3)
+    d = r.route_hashes(hs, num_tokens=160, request_id=2)
+    # a: 2*1 + 1 + 0 = 3 ; b: 0 + 1 + 1 = 2
+    assert d.worker == "a" and d.costs == {"a": pytest.approx(-3.0), "b": pytest.approx(-2.0)}
 
 
 # ---------------------------------------------------------------- preble
@@ -248,9 +266,9 @@ def test_preble_explore_cost_hand_computed():
     assert preble.score(req, c, w, window_load_s=0.5) == pytest.approx(0.5 + 64 * 3.2e-5 + 96 * 3.2e-5)
 
 
-def test_preble_exploit_explore_and_replicate():
+def test_preble_v0_exploit_explore_and_replicate():
     t = [0.0]
-    r = Router(["a", "b", "c"], 16, policy="preble", clock=lambda: t[0])
+    r = Router(["a", "b", "c"], 16, policy="preble_v0", clock=lambda: t[0])
     hs = list(range(1, 11))
     r.index.store("b", hs[:6])  # 96 cached > 64 new -> exploit
     d = r.route_hashes(hs, num_tokens=160, request_id=1)
@@ -274,7 +292,7 @@ def test_preble_exploit_explore_and_replicate():
 
 def test_preble_readded_worker_keeps_its_new_load_when_old_history_expires():
     t = [0.0]
-    r = Router(["a", "b"], 16, policy="preble", clock=lambda: t[0], pending_ttl_s=0)
+    r = Router(["a", "b"], 16, policy="preble_v0", clock=lambda: t[0], pending_ttl_s=0)
     pol = r.policy
     r.route_hashes([1, 2], num_tokens=32, request_id=1)
     r.route_hashes([3], num_tokens=16, request_id=2)
@@ -289,6 +307,24 @@ def test_preble_readded_worker_keeps_its_new_load_when_old_history_expires():
     t[0] = 190.0  # the entries from t=0 leave the window; the one from t=100 stays
     r.route_hashes([7], num_tokens=16, request_id=4)
     assert pol.window_load("a") == pytest.approx(new + 16 * 3.2e-5 + 0.1)
+
+
+def test_preble_decode_work_and_rebalancing():
+    w = preble.PrebleWeights()
+    req = RouteRequest("r", num_tokens=160, num_blocks=10, block_size=16)
+    assert preble.decode_work(req, w) == pytest.approx(256 * (2.5e-4 + 160 * 4.0e-8))
+    t = [0.0]
+    r = Router(["a", "b"], 16, policy="preble", clock=lambda: t[0], pending_ttl_s=0)
+    hs = list(range(1, 11))
+    r.index.store("a", hs)
+    reasons = []
+    for i in range(60):  # the prefix lives on a: exploit until a has 50 requests and 1.5x b's cost
+        d = r.route_hashes(hs, num_tokens=160, request_id=i)
+        reasons.append((d.worker, d.reason))
+        t[0] += 0.5
+    assert reasons[0] == ("a", "exploit: longest match")
+    assert all(x == ("a", "exploit: longest match") for x in reasons[:50])
+    assert reasons[50] == ("b", "rebalance: prefix moved to lightest")
 
 
 # ---------------------------------------------------------------- baselines

@@ -35,7 +35,7 @@ from .disagg import DecodeWeights, choose_decode
 from .errors import DuplicateRequestError, NoHealthyWorkerError, UnknownPolicyError, UnknownRequestError, UnknownWorkerError
 from .active import ActiveBlocks
 from .pending import PendingPrefixes
-from .policies import POLICIES
+from .policies import POLICIES, policy_class
 from .policy import Policy
 from .types import Candidate, Decision, FleetView, Role, RouteRequest, WorkerState, WorkerStatus
 
@@ -114,7 +114,7 @@ class Router:
                 raise ValueError("pass weights to the policy object, not to the Router")
             self.policy = policy
         else:
-            cls = POLICIES.get(policy)
+            cls = policy_class(policy)
             if cls is None:
                 raise UnknownPolicyError(f"unknown policy {policy!r}; known: {sorted(POLICIES)}")
             #: The routing policy (read-only after construction).

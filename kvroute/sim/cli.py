@@ -16,11 +16,12 @@ import click
 from ..kvindex.errors import KVRouteError
 
 
-def _split(value: str, registry: dict[str, Any], what: str) -> list[str]:
+def _split(value: str, registry: dict[str, Any], what: str, extra: dict[str, Any] | None = None) -> list[str]:
+    """Policy names from a comma-separated list; ``all`` is every name in ``registry`` (not ``extra``)."""
     names = [v.strip() for v in value.split(",") if v.strip()]
     if names == ["all"]:
         return list(registry)
-    bad = [n for n in names if n not in registry]
+    bad = [n for n in names if n not in registry and n not in (extra or {})]
     if bad:
         raise click.BadParameter(f"unknown {what} polic{'y' if len(bad) == 1 else 'ies'} {', '.join(bad)}; "
                                  f"registered: {', '.join(registry)} (or 'all')")
@@ -146,11 +147,12 @@ def sim(routing: str, eviction: str | None, out_dir: str | None, sweep: str, as_
     """Replay a trace through a simulated cluster running kvroute's real router and caches."""
     from ..eviction import POLICIES as EVICTION
     from ..router import POLICIES as ROUTING
+    from ..router.policies import VARIANTS
     from .runner import run_matrix, sweep_capacity
     from .tune import load_configs
 
     try:
-        routes = _split(routing, ROUTING, "routing")
+        routes = _split(routing, ROUTING, "routing", VARIANTS)
         if eviction is None:
             eviction = ",".join(e for e in DEFAULT_EVICTION.split(",") if e in EVICTION)
         evicts = _split(eviction, EVICTION, "eviction")
