@@ -371,11 +371,14 @@ def test_kvroute_fleet_pressure_hand_computed():
     w = kvroute_cost.KVRouteWeights(fleet_pressure_cap=3.0)
     cands = [Candidate(state(0, prefill_requests=2)), Candidate(state(1, reported_waiting=4)),
              Candidate(state(2, reported_queue_tokens=10)), Candidate(state(3))]
-    # queued requests: 2, 4, 1 (tokens only), 0 -> mean 7/4
+    # queued requests: 2, 4, 1 (tokens only), 0 -> mean 7/4 (nobody caches anything: all count)
     assert kvroute_cost.fleet_busy(cands, w) == pytest.approx(7 / 4)
     cands[1].state.reported_waiting = 20  # mean 23/4 -> capped at 3
     assert kvroute_cost.fleet_busy(cands, w) == pytest.approx(3.0)
     assert kvroute_cost.fleet_busy([], w) == 0.0
+    # the best-cached worker's own pile is left out: it must not raise the price of leaving it
+    cands[1].total = cands[1].gpu = 4
+    assert kvroute_cost.fleet_busy(cands, w) == pytest.approx(3 / 3)
 
 
 from hypothesis import given, settings  # noqa: E402

@@ -13,7 +13,7 @@ specs (BRIEF section 6), and adds the fleet's recomputation cost explicitly.
 Formula (all times in seconds; ``bs`` = block size; overlaps in blocks, the
 pending part counts as GPU)::
 
-    queue_w   = max(inflight_prefill_tokens_w, reported_queue_tokens_w) * t_prefill
+    queue_w   = max(inflight_prefill_tokens_w, floor * bs * queued_requests_w, reported_queue_tokens_w) * t_prefill
     prefill_w = max(0, N - bs * total_w) * t_prefill
     reload_w  = bs * host_w * t_host + bs * disk_w * t_disk
     decode_w  = decode_weight * bs * decode_blocks_w * t_decode
@@ -24,8 +24,16 @@ pending part counts as GPU)::
     cost_w    = ttft_w + fleet_w
 
 ``busy`` is the fleet's pressure: the mean number of requests queued for
-prefill per candidate (router count, worker report, or 1 when only queued
-tokens are reported), capped at ``fleet_pressure_cap``.  On a light fleet it is
+prefill per candidate *that would do the recomputation* -- every candidate
+holding less than the best-cached one (router count, worker report, or 1 when
+only queued tokens are reported), capped at ``fleet_pressure_cap``.  The
+best-cached workers are left out on purpose: with them in, load piled on the
+hot worker raised ``busy`` and so the price of leaving it, making a loaded
+worker stickier (30 fully cached requests queued on one worker kept pulling a
+request that shared 512 of its 8,704 tokens; ``tests/test_kvroute_no_feedback.py``).
+``floor`` (``queued_request_floor_blocks``, 1) is the least prefill a queued
+request costs even when fully cached: vLLM recomputes a fully cached prompt's
+last block.  On a light fleet it is
 the share of busy workers; it grows with the backlog.  The recomputation a
 scattered request causes is free on an idle fleet (idle GPUs absorb it), costs
 someone's TTFT on a busy one, and on an overloaded one delays every request
@@ -83,19 +91,22 @@ class KVRouteWeights:
     fleet_pressure_cap: float = 16.0
     #: Hot-prefix relief: replicate when the best-cached worker's TTFT exceeds this times the best TTFT.
     relief_ratio: float = 2.0
+    #: Least prefill, in blocks, that each request queued for prefill costs (a fully cached prompt's last
+    #: block is recomputed): a pile of cached requests still delays the next one.
+    queued_request_floor_blocks: float = 1.0
     #: KV usage above which the preemption-risk term starts.
     kv_high: float = 0.9
     #: Multiplier of the preemption-risk term.
     kv_weight: float = 1.0
 
 
-def queue_tokens(c: Candidate, w: KVRouteWeights) -> int:
-    """Prompt tokens queued for prefill ahead of this request on the candidate."""
+def queue_tokens(c: Candidate, w: KVRouteWeights, block_size: int = 0) -> float:
+    """Prompt tokens queued for prefill ahead of this request on the candidate (at least the floor per request)."""
     s = c.state
     rep = s.reported_queue_tokens
     if rep is None and s.reported_waiting is not None:
         rep = s.reported_waiting * w.reported_request_tokens
-    return max(s.prefill_tokens, rep or 0)
+    return max(s.prefill_tokens, w.queued_request_floor_blocks * block_size * s.prefill_requests, rep or 0)
 
 
 def ttft(req: RouteRequest, c: Candidate, w: KVRouteWeights) -> float:
@@ -103,7 +114,7 @@ def ttft(req: RouteRequest, c: Candidate, w: KVRouteWeights) -> float:
     bs = req.block_size
     t = w.prefill_s_per_token
     prefill = max(0, req.num_tokens - bs * c.total) * t
-    cost = queue_tokens(c, w) * t + prefill
+    cost = queue_tokens(c, w, bs) * t + prefill
     cost += bs * (c.host * w.host_reload_s_per_token + c.disk * w.disk_reload_s_per_token)
     cost += w.decode_weight * bs * c.state.decode_blocks * w.decode_s_per_token
     u = c.state.kv_usage()
@@ -132,10 +143,14 @@ def queued_requests(c: Candidate, w: KVRouteWeights) -> int:
 
 
 def fleet_busy(cands: list[Candidate], w: KVRouteWeights) -> float:
-    """Fleet pressure: mean requests queued for prefill per candidate, capped at ``fleet_pressure_cap``."""
+    """Fleet pressure: mean requests queued for prefill per candidate holding less than the best-cached one
+    (the best-cached are left out: their own load must not raise the price of leaving them; all of them
+    when every candidate ties), capped."""
     if not cands:
         return 0.0
-    return min(w.fleet_pressure_cap, sum(queued_requests(c, w) for c in cands) / len(cands))
+    best = max(c.total for c in cands)
+    others = [c for c in cands if c.total < best] or cands  # all tied: the fleet term is 0 anyway
+    return min(w.fleet_pressure_cap, sum(queued_requests(c, w) for c in others) / len(others))
 
 
 def ttfts_fast(req: RouteRequest, cands: list[Candidate], w: KVRouteWeights) -> tuple[list[float], float, int]:
@@ -151,8 +166,9 @@ def ttfts_fast(req: RouteRequest, cands: list[Candidate], w: KVRouteWeights) -> 
     rrt = w.reported_request_tokens
     kv_high, kv_weight = w.kv_high, w.kv_weight
     kv_span = max(1e-9, 1.0 - kv_high)
+    floor = w.queued_request_floor_blocks * bs
     out = []
-    queued = 0
+    queued = []
     best = 0
     for c in cands:
         s = c.state
@@ -160,12 +176,14 @@ def ttfts_fast(req: RouteRequest, cands: list[Candidate], w: KVRouteWeights) -> 
         if rep is None and s.reported_waiting is not None:
             rep = s.reported_waiting * rrt
         q = s.prefill_tokens
+        if s.prefill_requests and floor * s.prefill_requests > q:
+            q = floor * s.prefill_requests
         if rep and rep > q:
             q = rep
         nq = s.prefill_requests
         if s.reported_waiting and s.reported_waiting > nq:
             nq = s.reported_waiting
-        queued += nq if nq else (1 if q > 0 else 0)
+        queued.append(nq if nq else (1 if q > 0 else 0))
         total = c.total
         if total > best:
             best = total
@@ -179,7 +197,14 @@ def ttfts_fast(req: RouteRequest, cands: list[Candidate], w: KVRouteWeights) -> 
             if u is not None and u > kv_high and kv_weight:
                 cost += kv_weight * min(1.0, (u - kv_high) / kv_span) * prefill
         out.append(cost)
-    busy = min(w.fleet_pressure_cap, queued / len(cands)) if cands else 0.0
+    n_others = sum_others = 0
+    for c, nq in zip(cands, queued):
+        if c.total < best:
+            n_others += 1
+            sum_others += nq
+    if not n_others:  # all tied (the fleet term is 0 anyway): the whole fleet's pressure
+        n_others, sum_others = len(cands), sum(queued)
+    busy = min(w.fleet_pressure_cap, sum_others / n_others) if n_others else 0.0
     return out, busy, best
 
 
