@@ -1,0 +1,81 @@
+"""Cross-validated defaults for kvroute's policy: choose on some workload families, judge on the others.
+
+For each candidate setting of the knobs the issue-15 change touched
+(``fleet_weight``, ``relief_ratio``, ``queued_request_floor_blocks``), run
+``kvroute sim`` with the ``kvroute`` policy on the *choice* families and keep
+the setting with the lowest geometric mean of mean TTFT (each cell normalised
+by the default's); then report every setting on the *judge* families, which
+took no part in the choice.  Serial; run under ``nice -n 10``.
+
+    python bench/routing_crossval.py --out out/crossval
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+
+CHOOSE = {"rag": ["--trace", "gen:rag_documents"], "siblings": ["--trace", "gen:sibling_bursts"]}
+JUDGE = {"conversation": ["--trace", "conversation", "--limit", "6000"],
+         "long": ["--trace", "gen:long_single_shot"], "mix": ["--trace", "gen:mix"]}
+GRID = [
+    {},  # the defaults
+    {"fleet_weight": 1.0},
+    {"fleet_weight": 2.0},
+    {"relief_ratio": 1.5},
+    {"relief_ratio": 3.0},
+    {"queued_request_floor_blocks": 0.0},
+]
+LOAD = "2"
+
+
+def sim(args: list[str], params: dict) -> dict:
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump({"kind": "routing", "policy": "kvroute", "params": params}, f)
+    try:
+        cmd = [sys.executable, "-m", "kvroute.cli", "sim", *args, "--routing", "kvroute", "--eviction", "lru",
+               "--rate-scale", LOAD, "--json", "--no-progress", "--config", f.name]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        return json.loads(res.stdout)["results"][0]
+    finally:
+        os.unlink(f.name)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="out/crossval")
+    a = ap.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    rows = []
+    for params in GRID:
+        row = {"params": params}
+        for fam, args in {**CHOOSE, **JUDGE}.items():
+            r = sim(args, params)
+            row[fam] = (r["ttft_mean_s"], r["ttft_p99_s"])
+            print(params, fam, row[fam], flush=True)
+        rows.append(row)
+    with open(os.path.join(a.out, "crossval.json"), "w") as f:
+        json.dump(rows, f)
+
+    def gmean(row, fams):
+        base = rows[0]
+        return math.exp(sum(math.log(row[x][0] / base[x][0]) for x in fams) / len(fams))
+
+    chosen = min(rows, key=lambda r: gmean(r, CHOOSE))
+    print(f"\nchosen on {', '.join(CHOOSE)} at x{LOAD}: {chosen['params'] or 'defaults'}\n")
+    fams = list(CHOOSE) + list(JUDGE)
+    print("| setting | " + " | ".join(f"{x} mean / p99" for x in fams) + " | choice gmean | judge gmean |")
+    print("|---|" + "---:|" * (len(fams) + 2))
+    for r in rows:
+        name = ", ".join(f"{k}={v}" for k, v in r["params"].items()) or "defaults"
+        mark = " (chosen)" if r is chosen else ""
+        cells = " | ".join(f"{r[x][0]:.3f} / {r[x][1]:.2f}" for x in fams)
+        print(f"| {name}{mark} | {cells} | {gmean(r, CHOOSE):.3f} | {gmean(r, JUDGE):.3f} |")
+
+
+if __name__ == "__main__":
+    main()
