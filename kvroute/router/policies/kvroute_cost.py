@@ -13,7 +13,7 @@ specs (BRIEF section 6), and adds the fleet's recomputation cost explicitly.
 Formula (all times in seconds; ``bs`` = block size; overlaps in blocks, the
 pending part counts as GPU)::
 
-    queue_w   = max(inflight_prefill_tokens_w, floor * bs * queued_requests_w, reported_queue_tokens_w) * t_prefill
+    queue_w   = max(inflight_prefill_tokens_w, floor * queued_requests_w, reported_queue_tokens_w) * t_prefill
     prefill_w = max(0, N - bs * total_w) * t_prefill
     reload_w  = bs * host_w * t_host + bs * disk_w * t_disk
     decode_w  = decode_weight * bs * decode_blocks_w * t_decode
@@ -31,9 +31,11 @@ best-cached workers are left out on purpose: with them in, load piled on the
 hot worker raised ``busy`` and so the price of leaving it, making a loaded
 worker stickier (30 fully cached requests queued on one worker kept pulling a
 request that shared 512 of its 8,704 tokens; ``tests/test_kvroute_no_feedback.py``).
-``floor`` (``queued_request_floor_blocks``, 1) is the least prefill a queued
-request costs even when fully cached: vLLM recomputes a fully cached prompt's
-last block.  On a light fleet it is
+``floor`` (``queued_request_floor_tokens``) is the least prefill, in tokens, a
+queued request costs even when fully cached (vLLM still runs it through a
+forward pass for its last token): a pile of cached requests is not free.  Its
+default was chosen by cross-validation among values that keep the case above
+off the hot worker (docs/routing.md, "Defaults chosen on some families").  On a light fleet it is
 the share of busy workers; it grows with the backlog.  The recomputation a
 scattered request causes is free on an idle fleet (idle GPUs absorb it), costs
 someone's TTFT on a busy one, and on an overloaded one delays every request
@@ -91,22 +93,22 @@ class KVRouteWeights:
     fleet_pressure_cap: float = 16.0
     #: Hot-prefix relief: replicate when the best-cached worker's TTFT exceeds this times the best TTFT.
     relief_ratio: float = 2.0
-    #: Least prefill, in blocks, that each request queued for prefill costs (a fully cached prompt's last
-    #: block is recomputed): a pile of cached requests still delays the next one.
-    queued_request_floor_blocks: float = 1.0
+    #: Least prefill, in tokens, that each request queued for prefill costs even when fully cached (it still
+    #: takes a forward pass): a pile of cached requests delays the next one.  Cross-validated (docs/routing.md).
+    queued_request_floor_tokens: float = 128.0
     #: KV usage above which the preemption-risk term starts.
     kv_high: float = 0.9
     #: Multiplier of the preemption-risk term.
     kv_weight: float = 1.0
 
 
-def queue_tokens(c: Candidate, w: KVRouteWeights, block_size: int = 0) -> float:
+def queue_tokens(c: Candidate, w: KVRouteWeights) -> float:
     """Prompt tokens queued for prefill ahead of this request on the candidate (at least the floor per request)."""
     s = c.state
     rep = s.reported_queue_tokens
     if rep is None and s.reported_waiting is not None:
         rep = s.reported_waiting * w.reported_request_tokens
-    return max(s.prefill_tokens, w.queued_request_floor_blocks * block_size * s.prefill_requests, rep or 0)
+    return max(s.prefill_tokens, w.queued_request_floor_tokens * s.prefill_requests, rep or 0)
 
 
 def ttft(req: RouteRequest, c: Candidate, w: KVRouteWeights) -> float:
@@ -114,7 +116,7 @@ def ttft(req: RouteRequest, c: Candidate, w: KVRouteWeights) -> float:
     bs = req.block_size
     t = w.prefill_s_per_token
     prefill = max(0, req.num_tokens - bs * c.total) * t
-    cost = queue_tokens(c, w, bs) * t + prefill
+    cost = queue_tokens(c, w) * t + prefill
     cost += bs * (c.host * w.host_reload_s_per_token + c.disk * w.disk_reload_s_per_token)
     cost += w.decode_weight * bs * c.state.decode_blocks * w.decode_s_per_token
     u = c.state.kv_usage()
@@ -166,7 +168,7 @@ def ttfts_fast(req: RouteRequest, cands: list[Candidate], w: KVRouteWeights) -> 
     rrt = w.reported_request_tokens
     kv_high, kv_weight = w.kv_high, w.kv_weight
     kv_span = max(1e-9, 1.0 - kv_high)
-    floor = w.queued_request_floor_blocks * bs
+    floor = w.queued_request_floor_tokens
     out = []
     queued = []
     best = 0
