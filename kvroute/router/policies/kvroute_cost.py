@@ -65,7 +65,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..policy import Policy, argmin_tiebreak, costs_dict, fair_share_key
+from ..policy import Policy, argmin_tiebreak, costs_dict
+
+
+def cached_then_fair_share(c: Candidate) -> tuple[int, int, int]:
+    """Tie-break: the worker holding (or computing) more of the prompt, then fewest in flight, then fewest routed.
+
+    On an exact cost tie the cached worker saves the fleet a recomputation (a burst of siblings whose
+    first copy is still in prefill ties "wait for it" against "compute it again elsewhere"); cold
+    prompts, cached nowhere, still spread by fair share.
+    """
+    s = c.state
+    return (-c.total, s.active_requests, s.routed_total)
 from ..types import Candidate, Choice, FleetView, RouteRequest
 
 
@@ -91,6 +102,10 @@ class KVRouteWeights:
     fleet_weight: float = 1.5
     #: Cap of the fleet pressure ``busy`` (mean requests queued for prefill per worker).
     fleet_pressure_cap: float = 16.0
+    #: Floor of ``busy``: recomputing a prefix on an idle worker is never quite free (the GPU time it takes
+    #: is not there for the next arrival; a burst of siblings scattered over idle workers recomputes its
+    #: prompt on each).  0 = free on an idle fleet.
+    fleet_pressure_floor: float = 1.0
     #: Hot-prefix relief: replicate when the best-cached worker's TTFT exceeds this times the best TTFT.
     relief_ratio: float = 2.0
     #: Least prefill, in tokens, that each request queued for prefill costs even when fully cached (it still
@@ -152,7 +167,7 @@ def fleet_busy(cands: list[Candidate], w: KVRouteWeights) -> float:
         return 0.0
     best = max(c.total for c in cands)
     others = [c for c in cands if c.total < best] or cands  # all tied: the fleet term is 0 anyway
-    return min(w.fleet_pressure_cap, sum(queued_requests(c, w) for c in others) / len(others))
+    return min(w.fleet_pressure_cap, max(w.fleet_pressure_floor, sum(queued_requests(c, w) for c in others) / len(others)))
 
 
 def ttfts_fast(req: RouteRequest, cands: list[Candidate], w: KVRouteWeights) -> tuple[list[float], float, int]:
@@ -206,7 +221,7 @@ def ttfts_fast(req: RouteRequest, cands: list[Candidate], w: KVRouteWeights) -> 
             sum_others += nq
     if not n_others:  # all tied (the fleet term is 0 anyway): the whole fleet's pressure
         n_others, sum_others = len(cands), sum(queued)
-    busy = min(w.fleet_pressure_cap, sum_others / n_others) if n_others else 0.0
+    busy = min(w.fleet_pressure_cap, max(w.fleet_pressure_floor, sum_others / n_others)) if n_others else 0.0
     return out, busy, best
 
 
@@ -228,9 +243,9 @@ class KVRoutePolicy(Policy):
             tb = min(t for c, t in zip(cands, ttfts) if c.total == best_total)
             tmin = min(ttfts)
             if tb > w.relief_ratio * tmin and tmin < tb:
-                pick = argmin_tiebreak(cands, ttfts, fleet.rng, secondary=fair_share_key)
+                pick = argmin_tiebreak(cands, ttfts, fleet.rng, secondary=cached_then_fair_share)
                 return Choice(pick.worker, costs_dict(cands, ttfts), "replicate: hot-prefix relief")
-        pick = argmin_tiebreak(cands, costs, fleet.rng, secondary=fair_share_key)
+        pick = argmin_tiebreak(cands, costs, fleet.rng, secondary=cached_then_fair_share)
         if best_total == 0:
             reason = "cold: least cost (fair share on ties)"
         elif pick.total == best_total:
