@@ -20,31 +20,33 @@ pending part counts as GPU)::
     kv_w      = kv_weight * max(0, (u_w - kv_high) / (1 - kv_high)) * prefill_w
     ttft_w    = queue_w + prefill_w + reload_w + decode_w + kv_w
 
+    busy      = clip(mean queued requests over {v : total_v < max total}, fleet_pressure_floor, fleet_pressure_cap)
     fleet_w   = fleet_weight * busy * bs * (max_v total_v - total_w) * t_prefill
     cost_w    = ttft_w + fleet_w
 
 ``busy`` is the fleet's pressure: the mean number of requests queued for
 prefill per candidate *that would do the recomputation* -- every candidate
 holding less than the best-cached one (router count, worker report, or 1 when
-only queued tokens are reported), capped at ``fleet_pressure_cap``.  The
-best-cached workers are left out on purpose: with them in, load piled on the
-hot worker raised ``busy`` and so the price of leaving it, making a loaded
-worker stickier (30 fully cached requests queued on one worker kept pulling a
-request that shared 512 of its 8,704 tokens; ``tests/test_kvroute_no_feedback.py``).
-``floor`` (``queued_request_floor_tokens``) is the least prefill, in tokens, a
-queued request costs even when fully cached (vLLM still runs it through a
-forward pass for its last token): a pile of cached requests is not free.  Its
-default was chosen by cross-validation among values that keep the case above
-off the hot worker (docs/routing.md, "Defaults chosen on some families").  On a light fleet it is
-the share of busy workers; it grows with the backlog.  The recomputation a
-scattered request causes is free on an idle fleet (idle GPUs absorb it), costs
-someone's TTFT on a busy one, and on an overloaded one delays every request
-queued behind it.  ``u_w`` is the worker's KV usage
-(reported, else decode blocks / capacity); near a full cache the engine
-preempts and recomputes.  ``reported_queue_tokens`` is the worker's report of
-queued prompt tokens, else its waiting requests times
-``reported_request_tokens``; the larger of it and the router's own count is
-used, so the two never double count.
+only queued tokens are reported) -- at least ``fleet_pressure_floor`` and at
+most ``fleet_pressure_cap``.  The best-cached workers are left out on purpose:
+with them in, load piled on the hot worker raised ``busy`` and so the price of
+leaving it, making a loaded worker stickier (30 fully cached requests queued on
+one worker kept pulling a request that shared 512 of its 8,704 tokens;
+``tests/test_kvroute_no_feedback.py``).  The floor says a recomputation is never
+free, even on an idle fleet: the GPU time a copy takes is not there for the
+next arrival (without it, a burst of siblings scattered over idle workers
+while the first copy was still in prefill).  On a busy fleet ``busy`` grows
+with the backlog: the recomputation costs someone's TTFT, and on an overloaded
+fleet delays every request queued behind it.  ``floor``
+(``queued_request_floor_tokens``) is the least prefill, in tokens, a queued
+request costs even when fully cached (vLLM still runs it through a forward
+pass for its last token): a pile of cached requests is not free.  Both floors
+were chosen by cross-validation (docs/routing.md, "Defaults chosen on some
+families").  ``u_w`` is the worker's KV usage (reported, else decode blocks /
+capacity); near a full cache the engine preempts and recomputes.
+``reported_queue_tokens`` is the worker's report of queued prompt tokens, else
+its waiting requests times ``reported_request_tokens``; the larger of it and
+the router's own count is used, so the two never double count.
 
 Replication rule: a request leaves the best-cached worker, and so copies the
 prefix to another one, exactly when ``cost`` says so -- when the best-cached
@@ -57,9 +59,10 @@ lowest-``ttft`` worker, which then computes (replicates) the prefix; the reason
 says ``"replicate: hot-prefix relief"``.  This is Preble's "replicate a hot
 prefix when its TTFT doubles" with ``relief_ratio = 2``.
 
-Otherwise the lowest ``cost`` wins; ties go to the worker with the fewest
-requests in flight, then the fewest ever routed (so distinct cold prompts
-spread evenly: no worker gets more than its fair share), then seeded random.
+Otherwise the lowest ``cost`` wins; ties go to the worker holding more of the
+prompt (it saves a recomputation), then the fewest requests in flight, then the
+fewest ever routed (so distinct cold prompts spread evenly: no worker gets more
+than its fair share), then seeded random.
 """
 from __future__ import annotations
 
