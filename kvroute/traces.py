@@ -37,7 +37,11 @@ log = logging.getLogger("kvroute.traces")
 BUNDLED = {
     "conversation": "mooncake_conversation.jsonl",
     "synthetic": "mooncake_synthetic.jsonl",
+    "agentic": "agentic_coding_dev.jsonl.gz",
 }
+
+#: Tokens per hash id of bundled traces that do not use Mooncake's 512.
+BUNDLED_BLOCK_TOKENS = {"agentic": 64}
 
 #: Tokens per hash id in the Mooncake release.
 MOONCAKE_BLOCK_TOKENS = 512
@@ -86,7 +90,7 @@ def resolve_trace(trace: str | os.PathLike[str]) -> str:
     name = os.fspath(trace)
     if not os.path.exists(name):
         for short, file in BUNDLED.items():
-            if name in (short, file, file.removesuffix(".jsonl")):
+            if name in (short, file, file.removesuffix(".gz").removesuffix(".jsonl")):
                 return str(resources.files("kvroute").joinpath("data", file))
         raise TraceError(f"no such trace file (bundled names: {', '.join(sorted(BUNDLED))})", source=name)
     return name
@@ -152,9 +156,14 @@ def load_trace(trace: str | os.PathLike[str], *, limit: int | None = None) -> li
     """Load a Mooncake-format trace from a path or a bundled name (see :data:`BUNDLED`)."""
     path = resolve_trace(trace)
     try:
+        if path.endswith(".gz"):  # gzip-compressed traces are read directly
+            import gzip
+
+            with gzip.open(path, "rt", encoding="utf-8") as f:
+                return parse_lines(f, source=os.fspath(trace), limit=limit)
         with open(path, encoding="utf-8") as f:
             return parse_lines(f, source=os.fspath(trace), limit=limit)
-    except OSError as exc:
+    except (OSError, EOFError) as exc:  # gzip: a bad or truncated file raises BadGzipFile (OSError) or EOFError
         raise TraceError(f"cannot read trace: {exc}", source=os.fspath(trace)) from exc
     except UnicodeDecodeError as exc:
         raise TraceError(f"not UTF-8 text ({exc.reason} at byte {exc.start} of a read chunk)",

@@ -108,14 +108,42 @@ def test_kvroute_default_replicates_when_load_outweighs_cache():
 # ---------------------------------------------------------------- dynamo
 def test_dynamo_logit_hand_computed():
     w = dynamo.DynamoWeights()
-    c = Candidate(state(prefill_tokens=32, decode_blocks=7), total=4, gpu=2, host=2)
-    # credit = 2 + 0.75*2 = 3.5 ; (32 + 100)/16 = 8.25 ; 8.25 - 3.5 = 4.75 ; + 7 decode blocks
-    assert dynamo.score(REQ, c, w) == pytest.approx(11.75)
+    c = Candidate(state(prefill_tokens=32, decode_blocks=9, active_blocks=7), total=4, gpu=2, host=2, active=2)
+    # credit = 2 + 0.75*2 = 3.5 ; (32 + 100)/16 = 8.25 ; 8.25 - 3.5 = 4.75
+    # decode (assume_kv_reuse) = 7 distinct active + (6 prompt blocks - 2 already active) = 11
+    assert dynamo.score(REQ, c, w) == pytest.approx(4.75 + 11)
+    # without kv reuse: every in-flight prompt's blocks (9) + all 6 new ones
+    assert dynamo.score(REQ, c, dynamo.DynamoWeights(assume_kv_reuse=False)) == pytest.approx(4.75 + 15)
     c2 = Candidate(state(prefill_tokens=0, decode_blocks=0), total=6, gpu=6)
-    assert dynamo.score(REQ, c2, w) == pytest.approx(0.25)  # never negative: max(0, 6.25 - 6)
+    assert dynamo.score(REQ, c2, w) == pytest.approx(0.25 + 6)  # prefill never negative: max(0, 6.25 - 6)
     w2 = dynamo.DynamoWeights(prefill_load_scale=2.0, active_requests_weight=0.5)
     c.state.active_requests = 4
-    assert dynamo.score(REQ, c, w2) == pytest.approx(2 * 4.75 + 7 + 2)
+    assert dynamo.score(REQ, c, w2) == pytest.approx(2 * 4.75 + 11 + 2)
+
+
+def test_dynamo_books_host_and_disk_hits_partly_as_prefill():
+    p = dynamo.DynamoPolicy()
+    c = Candidate(state(), total=6, gpu=2, host=2, disk=2)
+    # isl 100 - 16 * (2 + 0.75*2 + 0.25*2) = 100 - 64 = 36 (plain uncached would be 4)
+    assert p.booked_prefill_tokens(REQ, c) == 36
+
+
+def test_dynamo_counts_shared_active_blocks_once():
+    r = Router(["a", "b"], 16, policy="dynamo", clock=lambda: 0.0)
+    hs = list(range(1, 9))
+    r.route_hashes(hs, num_tokens=128, request_id=1)
+    w = r.stats()["workers"]
+    hot = next(x for x in w if x["active_requests"] == 1)["worker"]
+    # a second request sharing the first 6 blocks, forced onto the same worker
+    r.mark_unhealthy("b" if hot == "a" else "a")
+    r.route_hashes(hs[:6] + [50, 51], num_tokens=128, request_id=2)
+    s = r.worker_state(hot)
+    assert s.decode_blocks == 16 and s.active_blocks == 10
+    r.finish(1)
+    assert r.worker_state(hot).active_blocks == 8
+    r.finish(2)
+    assert r.worker_state(hot).active_blocks == 0
+    r._active.check_invariants()
 
 
 def test_dynamo_ignores_pending_and_scatters_a_burst():
@@ -141,7 +169,7 @@ def test_dynamo_softmax_temperature_is_seeded():
 def test_sglang_branches():
     w = sglang.SGLangWeights()
     assert sglang.score(REQ, Candidate(state(), total=2), w) == pytest.approx(32 / 100)
-    r = Router(["a", "b", "c"], 16, policy="sglang", pending_ttl_s=0)
+    r = Router(["a", "b", "c"], 16, policy="sglang_first", pending_ttl_s=0)
     hs = list(range(1, 7))
     r.index.store("b", hs[:2])  # 32/100 = 0.32 > 0.3 -> deepest match
     d = r.route_hashes(hs, num_tokens=100, request_id="m")
@@ -166,9 +194,9 @@ def test_sglang_branches():
     assert d.worker == "a" and d.reason.startswith("imbalanced")
 
 
-def test_sglang_flaw_tied_misses_pile_on_the_first_worker():
-    """Misses while the trees tie all go to the first worker, whatever its load."""
-    r = Router(["a", "b", "c"], 16, policy="sglang")
+def test_sglang_first_variant_piles_tied_misses_on_the_first_worker():
+    """``sglang_first``: misses while the trees tie all go to the first worker, whatever its load."""
+    r = Router(["a", "b", "c"], 16, policy="sglang_first")
     hs = list(range(1, 9))
     r.index.store("a", hs)
     for i in range(10):  # fully cached on a: the cache branch, and nothing new enters a's tree
@@ -176,10 +204,20 @@ def test_sglang_flaw_tied_misses_pile_on_the_first_worker():
     assert r.policy.tree_size("a") == 0 and r.worker_state("a").active_requests == 10
     # trees tie at 0: a cold miss goes to a, the busiest worker, not to an idle one
     d = r.route_hashes([999], num_tokens=16, request_id="cold")
-    assert d.worker == "a" and d.reason == "miss: smallest tree (first on ties)"
+    assert d.worker == "a" and d.reason == "miss: smallest tree"
     # equal cold prompts then rotate only because each one grows the tree it lands on
     picks = [r.route_hashes([2000 + i], num_tokens=16, request_id=100 + i).worker for i in range(4)]
     assert picks == ["b", "c", "a", "b"]
+
+
+def test_sglang_ties_land_on_an_arbitrary_worker():
+    """The real router scans a hash map: tied misses do not all land on the first worker."""
+    picks = set()
+    for seed in range(8):
+        r = Router(["a", "b", "c"], 16, policy="sglang", seed=seed)
+        picks.add(r.route_hashes([999], num_tokens=16, request_id="cold").worker)
+    assert len(picks) > 1
+    assert "sglang_first" not in POLICIES and "sglang" in POLICIES
 
 
 def test_kvroute_spreads_the_same_cold_misses():
@@ -193,22 +231,30 @@ def test_kvroute_spreads_the_same_cold_misses():
 
 # ---------------------------------------------------------------- llm-d
 def test_llmd_score_hand_computed():
-    w = llmd.LLMDWeights()
     req = RouteRequest("r", num_tokens=160, num_blocks=10, block_size=16)
     c = Candidate(state(reported_kv_usage=0.5, active_requests=2), total=8, gpu=4, host=2, pending=2)
-    # prefix = (1.0*(4+2) + 0.8*2)/10 = 0.76 ; kv = 0.5 ; queue = (4-2)/(4-0) = 0.5
-    assert llmd.score(req, c, w, min_q=0, max_q=4) == pytest.approx(3 * 0.76 + 2 * 0.5 + 2 * 0.5)
-    assert llmd.score(req, c, w, min_q=2, max_q=2) == pytest.approx(3 * 0.76 + 2 * 0.5 + 2 * 1.0)
+    # current llm-d: weights 2:1:1, no speculative blocks: prefix = (4 + 0.8*2)/10 = 0.56
+    w = llmd.LLMDWeights()
+    assert llmd.score(req, c, w, min_q=0, max_q=4) == pytest.approx(2 * 0.56 + 0.5 + (4 - 0) / 4)
+    # llmd_v0: 3:2:2, speculative: prefix = (1.0*(4+2) + 0.8*2)/10 = 0.76 ; queue = in flight (2) -> (4-2)/4
+    w0 = llmd.LLMDv0Weights()
+    assert llmd.score(req, c, w0, min_q=0, max_q=4) == pytest.approx(3 * 0.76 + 2 * 0.5 + 2 * 0.5)
+    assert llmd.score(req, c, w0, min_q=2, max_q=2) == pytest.approx(3 * 0.76 + 2 * 0.5 + 2 * 1.0)
 
 
-def test_llmd_decision_prefers_prefix_over_small_queue_gap():
+def test_llmd_queue_scorer_sees_the_waiting_queue_only():
     r = Router(["a", "b"], 16, policy="llmd")
+    assert r.policy.uses_pending is False
     hs = list(range(1, 11))
     r.index.store("a", hs)
-    r.update_load("a", waiting=2)
+    r.update_load("a", waiting=0, running=30)  # busy decoding, nothing waiting: llm-d's queue scorer ignores it
+    r.update_load("b", waiting=0, running=0)
     d = r.route_hashes(hs, num_tokens=160, request_id=1)
-    # a: 3*1 + 2*1 + 2*0 = 5 ; b: 0 + 2 + 2 = 4
-    assert d.worker == "a" and d.costs == {"a": pytest.approx(-5.0), "b": pytest.approx(-4.0)}
+    assert d.worker == "a" and d.costs == {"a": pytest.approx(-4.0), "b": pytest.approx(-2.0)}
+    r.update_load("a", waiting=3)
+    d = r.route_hashes(hs, num_tokens=160, request_id=2)
+    # a: 2*1 + 1 + 0 = 3 ; b: 0 + 1 + 1 = 2
+    assert d.worker == "a" and d.costs == {"a": pytest.approx(-3.0), "b": pytest.approx(-2.0)}
 
 
 # ---------------------------------------------------------------- preble
@@ -220,9 +266,9 @@ def test_preble_explore_cost_hand_computed():
     assert preble.score(req, c, w, window_load_s=0.5) == pytest.approx(0.5 + 64 * 3.2e-5 + 96 * 3.2e-5)
 
 
-def test_preble_exploit_explore_and_replicate():
+def test_preble_v0_exploit_explore_and_replicate():
     t = [0.0]
-    r = Router(["a", "b", "c"], 16, policy="preble", clock=lambda: t[0])
+    r = Router(["a", "b", "c"], 16, policy="preble_v0", clock=lambda: t[0])
     hs = list(range(1, 11))
     r.index.store("b", hs[:6])  # 96 cached > 64 new -> exploit
     d = r.route_hashes(hs, num_tokens=160, request_id=1)
@@ -246,7 +292,7 @@ def test_preble_exploit_explore_and_replicate():
 
 def test_preble_readded_worker_keeps_its_new_load_when_old_history_expires():
     t = [0.0]
-    r = Router(["a", "b"], 16, policy="preble", clock=lambda: t[0], pending_ttl_s=0)
+    r = Router(["a", "b"], 16, policy="preble_v0", clock=lambda: t[0], pending_ttl_s=0)
     pol = r.policy
     r.route_hashes([1, 2], num_tokens=32, request_id=1)
     r.route_hashes([3], num_tokens=16, request_id=2)
@@ -261,6 +307,24 @@ def test_preble_readded_worker_keeps_its_new_load_when_old_history_expires():
     t[0] = 190.0  # the entries from t=0 leave the window; the one from t=100 stays
     r.route_hashes([7], num_tokens=16, request_id=4)
     assert pol.window_load("a") == pytest.approx(new + 16 * 3.2e-5 + 0.1)
+
+
+def test_preble_decode_work_and_rebalancing():
+    w = preble.PrebleWeights()
+    req = RouteRequest("r", num_tokens=160, num_blocks=10, block_size=16)
+    assert preble.decode_work(req, w) == pytest.approx(256 * (2.5e-4 + 160 * 4.0e-8))
+    t = [0.0]
+    r = Router(["a", "b"], 16, policy="preble", clock=lambda: t[0], pending_ttl_s=0)
+    hs = list(range(1, 11))
+    r.index.store("a", hs)
+    reasons = []
+    for i in range(60):  # the prefix lives on a: exploit until a has 50 requests and 1.5x b's cost
+        d = r.route_hashes(hs, num_tokens=160, request_id=i)
+        reasons.append((d.worker, d.reason))
+        t[0] += 0.5
+    assert reasons[0] == ("a", "exploit: longest match")
+    assert all(x == ("a", "exploit: longest match") for x in reasons[:50])
+    assert reasons[50] == ("b", "rebalance: prefix moved to lightest")
 
 
 # ---------------------------------------------------------------- baselines
@@ -307,11 +371,14 @@ def test_kvroute_fleet_pressure_hand_computed():
     w = kvroute_cost.KVRouteWeights(fleet_pressure_cap=3.0)
     cands = [Candidate(state(0, prefill_requests=2)), Candidate(state(1, reported_waiting=4)),
              Candidate(state(2, reported_queue_tokens=10)), Candidate(state(3))]
-    # queued requests: 2, 4, 1 (tokens only), 0 -> mean 7/4
+    # queued requests: 2, 4, 1 (tokens only), 0 -> mean 7/4 (nobody caches anything: all count)
     assert kvroute_cost.fleet_busy(cands, w) == pytest.approx(7 / 4)
     cands[1].state.reported_waiting = 20  # mean 23/4 -> capped at 3
     assert kvroute_cost.fleet_busy(cands, w) == pytest.approx(3.0)
     assert kvroute_cost.fleet_busy([], w) == 0.0
+    # the best-cached worker's own pile is left out: it must not raise the price of leaving it
+    cands[1].total = cands[1].gpu = 4
+    assert kvroute_cost.fleet_busy(cands, w) == pytest.approx(3 / 3)
 
 
 from hypothesis import given, settings  # noqa: E402

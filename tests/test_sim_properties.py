@@ -31,7 +31,9 @@ def test_every_request_finishes_once_and_the_index_follows_the_caches(
     gen, seed, workers, disagg, routing, eviction, gpu_blocks, host_blocks, rate_scale, chunked, lag, vllm_last_block
 ):
     kw = {"shared_system_prompt": {"n_requests": 60}, "multi_turn_chat": {"n_sessions": 15},
-          "agent_sessions": {"n_sessions": 6}}[gen]
+          "agent_sessions": {"n_sessions": 6}, "rag_documents": {"n_requests": 40, "n_docs": 20},
+          "sibling_bursts": {"n_bursts": 6}, "long_single_shot": {"n_requests": 20},
+          "mix": {"n_requests": 60}}[gen]
     reqs = GENERATORS[gen](seed=seed, **kw)
     npre = workers // 2 if (disagg and workers > 1) else 0
     cfg = SimConfig(workers=workers, prefill_workers=npre, routing=routing, eviction=eviction,

@@ -37,6 +37,9 @@ class Policy:
     Weights: ClassVar[type] = type(None)
     #: Whether overlaps include speculative (pending) blocks.
     uses_pending: ClassVar[bool] = True
+    #: Whether the router keeps distinct active blocks per worker (``WorkerState.active_blocks``,
+    #: ``Candidate.active``) for this policy; off by default (it costs a walk per request).
+    tracks_active_blocks: ClassVar[bool] = False
 
     def __init__(self, weights: Any = None) -> None:
         if weights is None:
@@ -53,6 +56,15 @@ class Policy:
 
     def on_routed(self, req: RouteRequest, fleet: FleetView, chosen: Candidate) -> None:
         """Hook called after the router committed a decision of this policy."""
+
+    def booked_prefill_tokens(self, req: RouteRequest, chosen: Candidate) -> int:
+        """Prefill tokens the router books on the chosen worker until ``prefill_done``.
+
+        Default: the prompt tokens the worker does not hold on any tier.  A peer
+        that books differently (Dynamo books host and disk hits at a fraction)
+        overrides it, so its own load figures follow its own rule.
+        """
+        return max(0, req.num_tokens - chosen.total * req.block_size)
 
     def forget_worker(self, worker: Any) -> None:
         """Hook called when a worker is removed."""

@@ -6,6 +6,8 @@ Parts (who owns what):
   subscriber or the simulator's caches); the router only reads it, except
   ``remove_worker`` which forgets a worker's blocks.
 * ``_pending`` -- :class:`PendingPrefixes`, the router's own speculative view.
+* ``_active``  -- :class:`ActiveBlocks`, distinct prompt blocks of unfinished
+  requests per worker; kept only for a policy with ``tracks_active_blocks``.
 * ``_states``  -- {worker: :class:`WorkerState`}, mutated only by router methods.
 * ``_requests`` -- {request id: _Flight}, the load each live request adds.
 * ``policy``   -- a :class:`Policy` from :data:`POLICIES`; sees a fresh
@@ -39,9 +41,10 @@ from ..kvindex import KVIndex
 from ..kvindex.hashing import block_hash_list
 from .disagg import DecodeWeights, choose_decode
 from .errors import DuplicateRequestError, NoHealthyWorkerError, UnknownPolicyError, UnknownRequestError, UnknownWorkerError
+from .active import ActiveBlocks
 from .approx import DEFAULT_APPROX_TTL_S, ApproxPrefixes
 from .pending import PendingPrefixes
-from .policies import POLICIES
+from .policies import POLICIES, policy_class
 from .policy import Policy
 from .types import Candidate, Decision, FleetView, FlightRecord, Role, RouteHints, RouteRequest, WorkerState, WorkerStatus
 
@@ -52,9 +55,10 @@ DEFAULT_PENDING_TTL_S = 2.0
 class _Flight:
     """Load one live request adds, so it can be released exactly once."""
 
-    __slots__ = ("prefill", "decode", "prefill_tokens", "blocks", "prefill_open", "at", "deadline")
+    __slots__ = ("prefill", "decode", "prefill_tokens", "blocks", "prefill_open", "at", "deadline", "hashes")
 
-    def __init__(self, prefill: WorkerState, decode: WorkerState, prefill_tokens: int, blocks: int, at: float) -> None:
+    def __init__(self, prefill: WorkerState, decode: WorkerState, prefill_tokens: int, blocks: int, at: float,
+                 hashes: Sequence[int] | None = None) -> None:
         #: Worker that computes the prompt.
         self.prefill = prefill
         #: Worker that holds the KV while decoding (``prefill`` when pools are aggregated).
@@ -69,6 +73,8 @@ class _Flight:
         self.at = at
         #: Router clock time at which a remote flight is released (None: local flights).
         self.deadline: float | None = None
+        #: The prompt's block hashes when active blocks are tracked (released from ``ActiveBlocks``), else None.
+        self.hashes = hashes
 
 
 class Router:
@@ -121,7 +127,7 @@ class Router:
                 raise ValueError("pass weights to the policy object, not to the Router")
             self.policy = policy
         else:
-            cls = POLICIES.get(policy)
+            cls = policy_class(policy)
             if cls is None:
                 raise UnknownPolicyError(f"unknown policy {policy!r}; known: {sorted(POLICIES)}")
             #: The routing policy (read-only after construction).
@@ -143,6 +149,7 @@ class Router:
         self._observers: list[Any] = []
         #: Remote flights released by their deadline (their origin never released them).
         self.expired_remote = 0
+        self._active: ActiveBlocks | None = ActiveBlocks() if self.policy.tracks_active_blocks else None
         self._states: dict[Any, WorkerState] = {}
         self._slot: dict[Any, int] = {}
         self._free_slots: list[int] = []
@@ -201,6 +208,8 @@ class Router:
             self._pending.forget(slot)
             self._approx.forget(slot)
             self._approx_slots &= ~(1 << slot)
+            if self._active is not None:
+                self._active.forget(slot)
             heapq.heappush(self._free_slots, slot)
             if worker in self.index:
                 self.index.remove_worker(worker)
@@ -381,6 +390,12 @@ class Router:
                 if approx:
                     _add_approx(cands, approx, slot_of)
             req = RouteRequest(request_id, num_tokens, nb, bs, hints)
+            active = self._active
+            if active is not None and hs:
+                act = active.match(hs)
+                if act:
+                    for c in cands:
+                        c.active = act.get(slot_of[c.worker], 0)
             fleet = FleetView(cands, self._rng, now)
             choice = self.policy.choose(req, fleet)
             chosen = next((c for c in cands if c.worker == choice.worker), None)
@@ -392,8 +407,8 @@ class Router:
                 ds, decode_costs = choose_decode(nb, decode_pool, self.decode_weights, self._rng)
             else:
                 ds = ps
-            uncached = max(0, num_tokens - chosen.total * bs)
-            self._commit(request_id, ps, ds, uncached, nb, now)
+            uncached = self.policy.booked_prefill_tokens(req, chosen)
+            self._commit(request_id, ps, ds, uncached, nb, now, hs if active is not None else None)
             slot = slot_of[ps.id]
             speculated = bool(hs) and chosen.confirmed < nb
             if speculated:  # nothing to speculate when the index confirms the whole prompt
@@ -430,7 +445,8 @@ class Router:
                 hints=hints,
             )
 
-    def _commit(self, rid: Any, ps: WorkerState, ds: WorkerState, uncached: int, nb: int, now: float) -> None:
+    def _commit(self, rid: Any, ps: WorkerState, ds: WorkerState, uncached: int, nb: int, now: float,
+                hashes: Sequence[int] | None = None) -> None:
         ps.prefill_tokens += uncached
         ps.prefill_requests += 1
         ps.routed_total += 1
@@ -439,7 +455,10 @@ class Router:
             ds.active_requests += 1
             ds.routed_total += 1
         ds.decode_blocks += nb
-        self._requests[rid] = _Flight(ps, ds, uncached, nb, now)
+        if hashes is not None and self._active is not None:
+            hashes = list(hashes)
+            ds.active_blocks = self._active.add(self._slot[ds.id], hashes)
+        self._requests[rid] = _Flight(ps, ds, uncached, nb, now, hashes)
 
     def _expire_requests(self, cutoff: float) -> None:
         """Release requests decided at or before ``cutoff`` (oldest first: dicts keep insertion order)."""
@@ -490,6 +509,10 @@ class Router:
         d = f.decode
         d.decode_blocks -= f.blocks
         d.active_requests -= 1
+        if f.hashes is not None and self._active is not None:
+            slot = self._slot.get(d.id)
+            if slot is not None and self._states.get(d.id) is d:  # a removed worker's table is gone
+                d.active_blocks = self._active.remove(slot, f.hashes)
 
     def in_flight(self) -> int:
         return len(self._requests)

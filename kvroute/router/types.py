@@ -53,7 +53,7 @@ class WorkerState:
     __slots__ = (
         "id", "order", "role", "status", "prefill_tokens", "prefill_requests", "decode_blocks",
         "active_requests", "routed_total", "reported_waiting", "reported_running",
-        "reported_kv_usage", "reported_queue_tokens", "reported_at", "capacity_blocks",
+        "reported_kv_usage", "reported_queue_tokens", "reported_at", "capacity_blocks", "active_blocks",
     )
 
     def __init__(self, wid: WorkerId, order: int, role: Role, capacity_blocks: int | None = None) -> None:
@@ -65,12 +65,16 @@ class WorkerState:
         self.role = role
         #: Whether it takes new requests.
         self.status = WorkerStatus.HEALTHY
-        #: Router-tracked: predicted uncached prompt tokens of requests routed here whose prefill is not done.
+        #: Router-tracked: prompt tokens booked as prefill load by the requests routed here whose prefill is
+        #: not done -- what the policy's ``booked_prefill_tokens`` said (default: the uncached tokens).
         self.prefill_tokens = 0
         #: Router-tracked: number of those requests.
         self.prefill_requests = 0
         #: Router-tracked: KV blocks of the prompts of requests routed here and not finished.
         self.decode_blocks = 0
+        #: Router-tracked, only for a policy with ``tracks_active_blocks``: *distinct* prompt blocks of the
+        #: requests routed here and not finished (shared prefixes counted once); 0 otherwise.
+        self.active_blocks = 0
         #: Router-tracked: requests routed here and not finished.
         self.active_requests = 0
         #: Router-tracked: requests ever routed here (fair-share tie-breaking).
@@ -109,7 +113,8 @@ class WorkerState:
         return {
             "worker": self.id, "role": self.role.value, "status": self.status.value,
             "prefill_tokens": self.prefill_tokens, "prefill_requests": self.prefill_requests,
-            "decode_blocks": self.decode_blocks, "active_requests": self.active_requests,
+            "decode_blocks": self.decode_blocks, "active_blocks": self.active_blocks,
+            "active_requests": self.active_requests,
             "routed_total": self.routed_total, "reported_waiting": self.reported_waiting,
             "reported_running": self.reported_running, "reported_kv_usage": self.reported_kv_usage,
             "reported_queue_tokens": self.reported_queue_tokens, "capacity_blocks": self.capacity_blocks,
@@ -122,13 +127,15 @@ class Candidate:
     Overlaps are in blocks.  ``total`` is the prompt prefix the worker holds or
     will hold (index on any tier, or speculatively pending); ``gpu + host +
     disk + pending == total``; ``pending`` are blocks only a recent routing
-    decision (not yet an engine event) says the worker holds.
+    decision (not yet an engine event) says the worker holds.  ``active`` (only
+    filled for a policy with ``tracks_active_blocks``) is the number of leading
+    prompt blocks that unfinished requests on the worker already hold.
     """
 
-    __slots__ = ("worker", "state", "total", "gpu", "host", "disk", "pending")
+    __slots__ = ("worker", "state", "total", "gpu", "host", "disk", "pending", "active")
 
     def __init__(self, state: WorkerState, total: int = 0, gpu: int = 0, host: int = 0, disk: int = 0,
-                 pending: int = 0) -> None:
+                 pending: int = 0, active: int = 0) -> None:
         self.worker = state.id
         self.state = state
         self.total = total
@@ -136,6 +143,7 @@ class Candidate:
         self.host = host
         self.disk = disk
         self.pending = pending
+        self.active = active
 
     @property
     def confirmed(self) -> int:

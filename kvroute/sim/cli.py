@@ -16,11 +16,12 @@ import click
 from ..kvindex.errors import KVRouteError
 
 
-def _split(value: str, registry: dict[str, Any], what: str) -> list[str]:
+def _split(value: str, registry: dict[str, Any], what: str, extra: dict[str, Any] | None = None) -> list[str]:
+    """Policy names from a comma-separated list; ``all`` is every name in ``registry`` (not ``extra``)."""
     names = [v.strip() for v in value.split(",") if v.strip()]
     if names == ["all"]:
         return list(registry)
-    bad = [n for n in names if n not in registry]
+    bad = [n for n in names if n not in registry and n not in (extra or {})]
     if bad:
         raise click.BadParameter(f"unknown {what} polic{'y' if len(bad) == 1 else 'ies'} {', '.join(bad)}; "
                                  f"registered: {', '.join(registry)} (or 'all')")
@@ -46,7 +47,8 @@ def _common(f: Any) -> Any:
                      help="Cost preset: llama-3.1-8b-h100, llama-3.1-8b-h200, llama-3.1-70b-h100, llama-3.1-70b-h200."),
         click.option("--cost", "cost_overrides", multiple=True, metavar="KEY=VALUE",
                      help="Override a cost constant (repeatable), e.g. --cost prefill_mfu=0.4."),
-        click.option("--block-tokens", type=int, default=512, show_default=True, help="Tokens per trace block (hash id)."),
+        click.option("--block-tokens", type=int, default=None,
+                     help="Tokens per trace block (hash id)  [default: the bundled trace's (agentic: 64), else 512]."),
         click.option("--max-blocks", type=click.IntRange(min=1), default=None, help="Cut every prompt to its first N blocks."),
         click.option("--prefill-workers", type=int, default=0, show_default=True,
                      help="Disaggregate: this many prefill workers, the rest decode (0: aggregated)."),
@@ -78,10 +80,20 @@ def _common(f: Any) -> Any:
     return f
 
 
+def _block_tokens(o: dict[str, Any]) -> int:
+    """``--block-tokens``, else the bundled trace's own block size, else Mooncake's 512."""
+    from ..traces import BUNDLED_BLOCK_TOKENS, MOONCAKE_BLOCK_TOKENS
+
+    if o["block_tokens"] is None:
+        o["block_tokens"] = BUNDLED_BLOCK_TOKENS.get(o["trace"], MOONCAKE_BLOCK_TOKENS)
+    return o["block_tokens"]
+
+
 def _base_config(o: dict[str, Any]) -> Any:
     from .cost import get_preset, parse_overrides
     from .engine import SimConfig
 
+    _block_tokens(o)
     cost = get_preset(o["preset"])
     if o["cost_overrides"]:
         cost = cost.with_overrides(parse_overrides(o["cost_overrides"]))
@@ -100,6 +112,7 @@ def _workload(o: dict[str, Any]) -> list[Any]:
     from .workloads import from_spec
 
     t = o["trace"]
+    _block_tokens(o)
     reqs = from_spec(t) if t.startswith("gen:") else load_trace(t, limit=o["limit"])
     if t.startswith("gen:") and o["limit"]:
         reqs = reqs[: o["limit"]]
@@ -158,11 +171,12 @@ def sim(routing: str, eviction: str | None, out_dir: str | None, sweep: str, as_
     """Replay a trace through a simulated cluster running kvroute's real router and caches."""
     from ..eviction import POLICIES as EVICTION
     from ..router import POLICIES as ROUTING
+    from ..router.policies import VARIANTS
     from .runner import run_matrix, sweep_capacity
     from .tune import load_configs
 
     try:
-        routes = _split(routing, ROUTING, "routing")
+        routes = _split(routing, ROUTING, "routing", VARIANTS)
         if eviction is None:
             eviction = ",".join(e for e in DEFAULT_EVICTION.split(",") if e in EVICTION)
         evicts = _split(eviction, EVICTION, "eviction")

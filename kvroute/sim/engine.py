@@ -726,9 +726,9 @@ def calibrated_router_params(routing: str, cost: CostModel) -> dict[str, float]:
     """
     import dataclasses
 
-    from ..router import POLICIES
+    from ..router.policies import policy_class
 
-    cls = POLICIES.get(routing)
+    cls = policy_class(routing)
     W = getattr(cls, "Weights", None)
     if W is None or not dataclasses.is_dataclass(W):
         return {}

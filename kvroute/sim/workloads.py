@@ -10,6 +10,18 @@ predecessor, as in the Mooncake traces):
   history plus a new message, after a think time.
 * :func:`agent_sessions` -- agents that call tools in quick succession: a long
   shared tool prompt, then many short steps each extending the context.
+* :func:`rag_documents` -- retrieval-augmented one-shot questions: a system
+  prompt, then retrieved documents from a shared corpus (Zipf popularity), then
+  the question; only a prefix of shared documents is reusable.
+* :func:`sibling_bursts` -- ``n`` requests with one prompt arriving within
+  100 ms (RL rollouts, best-of-n sampling), bursts at a Poisson rate.
+* :func:`long_single_shot` -- long prompts (8k-32k tokens) with no reuse.
+* :func:`mix` -- the generated families above (and chat) together, interleaved.
+
+Workload families used to judge routing (``docs/results.md``): the bundled
+``conversation`` trace (multi-turn chat), the bundled ``agentic`` trace
+(agentic coding sessions, 64-token blocks), ``gen:rag_documents``,
+``gen:sibling_bursts``, ``gen:long_single_shot`` and ``gen:mix``.
 
 :data:`GENERATORS` maps a name to its function; ``kvroute sim --trace gen:NAME``
 uses it with defaults (``gen:NAME:key=value,...`` overrides).
@@ -133,11 +145,141 @@ def agent_sessions(
     return _finish(out)
 
 
+def rag_documents(
+    n_requests: int = 2000,
+    *,
+    n_docs: int = 400,
+    doc_blocks: tuple[int, int] = (4, 12),
+    docs_per_request: tuple[int, int] = (2, 4),
+    system_blocks: int = 2,
+    question_blocks: tuple[int, int] = (1, 2),
+    rate: float = 4.0,
+    output_length: tuple[int, int] = (100, 400),
+    zipf: float = 1.1,
+    block_tokens: int = 512,
+    seed: int = 0,
+) -> list[Request]:
+    """RAG: system prompt + retrieved documents (Zipf-popular, ranked order) + a question, one shot each.
+
+    Documents are chunks of a shared corpus; the same document at the same
+    position after the same predecessors shares KV (prefix caching reuses only
+    a common prefix, so documents after the first match only when the whole
+    retrieved list so far matches).
+    """
+    rng = random.Random(seed)
+    ids = _Ids()
+    system = ids.take(system_blocks)
+    lengths = [rng.randint(*doc_blocks) for _ in range(n_docs)]
+    weights = [1.0 / (k + 1) ** zipf for k in range(n_docs)]
+    chains: dict[tuple[int, ...], tuple[int, ...]] = {}  # retrieved list -> its block ids (prefix-chained)
+    t = 0.0
+    out = []
+    for _ in range(n_requests):
+        t += rng.expovariate(rate)
+        k = rng.randint(*docs_per_request)
+        picked: list[int] = []
+        while len(picked) < k:
+            d = rng.choices(range(n_docs), weights)[0]
+            if d not in picked:
+                picked.append(d)
+        hs = system
+        for j in range(1, k + 1):
+            key = tuple(picked[:j])
+            blocks = chains.get(key)
+            if blocks is None:
+                blocks = chains[key] = ids.take(lengths[picked[j - 1]])
+            hs = hs + blocks
+        hs = hs + ids.take(rng.randint(*question_blocks))
+        inp = len(hs) * block_tokens - rng.randrange(block_tokens)
+        out.append(Request(0, t, inp, rng.randint(*output_length), hs, session=picked[0]))
+    return _finish(out)
+
+
+def sibling_bursts(
+    n_bursts: int = 300,
+    *,
+    siblings: tuple[int, int] = (4, 16),
+    spread_s: float = 0.1,
+    prompt_blocks: tuple[int, int] = (2, 16),
+    n_system_prompts: int = 8,
+    system_blocks: int = 2,
+    rate: float = 3.0,
+    output_length: tuple[int, int] = (200, 800),
+    block_tokens: int = 512,
+    seed: int = 0,
+) -> list[Request]:
+    """Bursts of ``n`` requests with one prompt, all arriving within ``spread_s`` (RL rollouts, best-of-n)."""
+    rng = random.Random(seed)
+    ids = _Ids()
+    systems = [ids.take(system_blocks) for _ in range(n_system_prompts)]
+    t = 0.0
+    out = []
+    for b in range(n_bursts):
+        t += rng.expovariate(rate)
+        hs = rng.choice(systems) + ids.take(rng.randint(*prompt_blocks))
+        inp = len(hs) * block_tokens - rng.randrange(block_tokens)
+        for _ in range(rng.randint(*siblings)):
+            out.append(Request(0, t + rng.uniform(0.0, spread_s), inp, rng.randint(*output_length), hs, session=b))
+    return _finish(out)
+
+
+def long_single_shot(
+    n_requests: int = 1200,
+    *,
+    prompt_blocks: tuple[int, int] = (16, 64),
+    rate: float = 1.8,
+    output_length: tuple[int, int] = (50, 500),
+    block_tokens: int = 512,
+    seed: int = 0,
+) -> list[Request]:
+    """Long prompts (8k-32k tokens at 512-token blocks) that share nothing: routing can only balance load."""
+    rng = random.Random(seed)
+    ids = _Ids()
+    t = 0.0
+    out = []
+    for i in range(n_requests):
+        t += rng.expovariate(rate)
+        hs = ids.take(rng.randint(*prompt_blocks))
+        out.append(Request(0, t, len(hs) * block_tokens - rng.randrange(block_tokens),
+                           rng.randint(*output_length), hs, session=i))
+    return _finish(out)
+
+
+def mix(n_requests: int = 2400, *, block_tokens: int = 512, seed: int = 0) -> list[Request]:
+    """Chat, agents, RAG, sibling bursts and long single shots together, each at a share of its own rate.
+
+    Each family keeps its own block ids (offset so they never collide) and its
+    own arrival process; the union is sorted by arrival.  Sessions are
+    renumbered per family so they stay distinct.
+    """
+    share = max(1, n_requests // 5)
+    parts = [
+        multi_turn_chat(max(1, share // 4), session_rate=1.0, block_tokens=block_tokens, seed=seed),
+        agent_sessions(max(1, share // 15), session_rate=0.3, block_tokens=block_tokens, seed=seed + 1),
+        rag_documents(share, rate=2.4, block_tokens=block_tokens, seed=seed + 2),
+        sibling_bursts(max(1, share // 10), rate=0.75, block_tokens=block_tokens, seed=seed + 3),
+        long_single_shot(share, rate=1.2, block_tokens=block_tokens, seed=seed + 4),
+    ]
+    out: list[Request] = []
+    offset = 0
+    for k, part in enumerate(parts):
+        top = 0
+        for r in part:
+            out.append(replace(r, hash_ids=tuple(h + offset for h in r.hash_ids), session=r.session * 8 + k))
+            top = max(top, max(r.hash_ids) + 1)
+        offset += top
+    return _finish(out)
+
+
 #: Generator name -> function (used by ``--trace gen:NAME``).
 GENERATORS: dict[str, Callable[..., list[Request]]] = {
     "shared_system_prompt": shared_system_prompt,
     "multi_turn_chat": multi_turn_chat,
     "agent_sessions": agent_sessions,
+    "rag_documents": rag_documents,
+    "sibling_bursts": sibling_bursts,
+    "long_single_shot": long_single_shot,
+    "mix": mix,
 }
 
 

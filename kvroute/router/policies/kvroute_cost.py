@@ -13,28 +13,40 @@ specs (BRIEF section 6), and adds the fleet's recomputation cost explicitly.
 Formula (all times in seconds; ``bs`` = block size; overlaps in blocks, the
 pending part counts as GPU)::
 
-    queue_w   = max(inflight_prefill_tokens_w, reported_queue_tokens_w) * t_prefill
+    queue_w   = max(inflight_prefill_tokens_w, floor * queued_requests_w, reported_queue_tokens_w) * t_prefill
     prefill_w = max(0, N - bs * total_w) * t_prefill
     reload_w  = bs * host_w * t_host + bs * disk_w * t_disk
     decode_w  = decode_weight * bs * decode_blocks_w * t_decode
     kv_w      = kv_weight * max(0, (u_w - kv_high) / (1 - kv_high)) * prefill_w
     ttft_w    = queue_w + prefill_w + reload_w + decode_w + kv_w
 
+    busy      = clip(mean queued requests over {v : total_v < max total}, fleet_pressure_floor, fleet_pressure_cap)
     fleet_w   = fleet_weight * busy * bs * (max_v total_v - total_w) * t_prefill
     cost_w    = ttft_w + fleet_w
 
 ``busy`` is the fleet's pressure: the mean number of requests queued for
-prefill per candidate (router count, worker report, or 1 when only queued
-tokens are reported), capped at ``fleet_pressure_cap``.  On a light fleet it is
-the share of busy workers; it grows with the backlog.  The recomputation a
-scattered request causes is free on an idle fleet (idle GPUs absorb it), costs
-someone's TTFT on a busy one, and on an overloaded one delays every request
-queued behind it.  ``u_w`` is the worker's KV usage
-(reported, else decode blocks / capacity); near a full cache the engine
-preempts and recomputes.  ``reported_queue_tokens`` is the worker's report of
-queued prompt tokens, else its waiting requests times
-``reported_request_tokens``; the larger of it and the router's own count is
-used, so the two never double count.
+prefill per candidate *that would do the recomputation* -- every candidate
+holding less than the best-cached one (router count, worker report, or 1 when
+only queued tokens are reported) -- at least ``fleet_pressure_floor`` and at
+most ``fleet_pressure_cap``.  The best-cached workers are left out on purpose:
+with them in, load piled on the hot worker raised ``busy`` and so the price of
+leaving it, making a loaded worker stickier (30 fully cached requests queued on
+one worker kept pulling a request that shared 512 of its 8,704 tokens;
+``tests/test_kvroute_no_feedback.py``).  The floor says a recomputation is never
+free, even on an idle fleet: the GPU time a copy takes is not there for the
+next arrival (without it, a burst of siblings scattered over idle workers
+while the first copy was still in prefill).  On a busy fleet ``busy`` grows
+with the backlog: the recomputation costs someone's TTFT, and on an overloaded
+fleet delays every request queued behind it.  ``floor``
+(``queued_request_floor_tokens``) is the least prefill, in tokens, a queued
+request costs even when fully cached (vLLM still runs it through a forward
+pass for its last token): a pile of cached requests is not free.  Both floors
+were chosen by cross-validation (docs/routing.md, "Defaults chosen on some
+families").  ``u_w`` is the worker's KV usage (reported, else decode blocks /
+capacity); near a full cache the engine preempts and recomputes.
+``reported_queue_tokens`` is the worker's report of queued prompt tokens, else
+its waiting requests times ``reported_request_tokens``; the larger of it and
+the router's own count is used, so the two never double count.
 
 Replication rule: a request leaves the best-cached worker, and so copies the
 prefix to another one, exactly when ``cost`` says so -- when the best-cached
@@ -47,15 +59,27 @@ lowest-``ttft`` worker, which then computes (replicates) the prefix; the reason
 says ``"replicate: hot-prefix relief"``.  This is Preble's "replicate a hot
 prefix when its TTFT doubles" with ``relief_ratio = 2``.
 
-Otherwise the lowest ``cost`` wins; ties go to the worker with the fewest
-requests in flight, then the fewest ever routed (so distinct cold prompts
-spread evenly: no worker gets more than its fair share), then seeded random.
+Otherwise the lowest ``cost`` wins; ties go to the worker holding more of the
+prompt (it saves a recomputation), then the fewest requests in flight, then the
+fewest ever routed (so distinct cold prompts spread evenly: no worker gets more
+than its fair share), then seeded random.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..policy import Policy, argmin_tiebreak, costs_dict, fair_share_key
+from ..policy import Policy, argmin_tiebreak, costs_dict
+
+
+def cached_then_fair_share(c: Candidate) -> tuple[int, int, int]:
+    """Tie-break: the worker holding (or computing) more of the prompt, then fewest in flight, then fewest routed.
+
+    On an exact cost tie the cached worker saves the fleet a recomputation (a burst of siblings whose
+    first copy is still in prefill ties "wait for it" against "compute it again elsewhere"); cold
+    prompts, cached nowhere, still spread by fair share.
+    """
+    s = c.state
+    return (-c.total, s.active_requests, s.routed_total)
 from ..types import Candidate, Choice, FleetView, RouteRequest
 
 
@@ -81,21 +105,28 @@ class KVRouteWeights:
     fleet_weight: float = 1.5
     #: Cap of the fleet pressure ``busy`` (mean requests queued for prefill per worker).
     fleet_pressure_cap: float = 16.0
+    #: Floor of ``busy``: recomputing a prefix on an idle worker is never quite free (the GPU time it takes
+    #: is not there for the next arrival; a burst of siblings scattered over idle workers recomputes its
+    #: prompt on each).  0 = free on an idle fleet.
+    fleet_pressure_floor: float = 1.0
     #: Hot-prefix relief: replicate when the best-cached worker's TTFT exceeds this times the best TTFT.
     relief_ratio: float = 2.0
+    #: Least prefill, in tokens, that each request queued for prefill costs even when fully cached (it still
+    #: takes a forward pass): a pile of cached requests delays the next one.  Cross-validated (docs/routing.md).
+    queued_request_floor_tokens: float = 128.0
     #: KV usage above which the preemption-risk term starts.
     kv_high: float = 0.9
     #: Multiplier of the preemption-risk term.
     kv_weight: float = 1.0
 
 
-def queue_tokens(c: Candidate, w: KVRouteWeights) -> int:
-    """Prompt tokens queued for prefill ahead of this request on the candidate."""
+def queue_tokens(c: Candidate, w: KVRouteWeights) -> float:
+    """Prompt tokens queued for prefill ahead of this request on the candidate (at least the floor per request)."""
     s = c.state
     rep = s.reported_queue_tokens
     if rep is None and s.reported_waiting is not None:
         rep = s.reported_waiting * w.reported_request_tokens
-    return max(s.prefill_tokens, rep or 0)
+    return max(s.prefill_tokens, w.queued_request_floor_tokens * s.prefill_requests, rep or 0)
 
 
 def ttft(req: RouteRequest, c: Candidate, w: KVRouteWeights) -> float:
@@ -132,10 +163,14 @@ def queued_requests(c: Candidate, w: KVRouteWeights) -> int:
 
 
 def fleet_busy(cands: list[Candidate], w: KVRouteWeights) -> float:
-    """Fleet pressure: mean requests queued for prefill per candidate, capped at ``fleet_pressure_cap``."""
+    """Fleet pressure: mean requests queued for prefill per candidate holding less than the best-cached one
+    (the best-cached are left out: their own load must not raise the price of leaving them; all of them
+    when every candidate ties), capped."""
     if not cands:
         return 0.0
-    return min(w.fleet_pressure_cap, sum(queued_requests(c, w) for c in cands) / len(cands))
+    best = max(c.total for c in cands)
+    others = [c for c in cands if c.total < best] or cands  # all tied: the fleet term is 0 anyway
+    return min(w.fleet_pressure_cap, max(w.fleet_pressure_floor, sum(queued_requests(c, w) for c in others) / len(others)))
 
 
 def ttfts_fast(req: RouteRequest, cands: list[Candidate], w: KVRouteWeights) -> tuple[list[float], float, int]:
@@ -151,8 +186,9 @@ def ttfts_fast(req: RouteRequest, cands: list[Candidate], w: KVRouteWeights) -> 
     rrt = w.reported_request_tokens
     kv_high, kv_weight = w.kv_high, w.kv_weight
     kv_span = max(1e-9, 1.0 - kv_high)
+    floor = w.queued_request_floor_tokens
     out = []
-    queued = 0
+    queued = []
     best = 0
     for c in cands:
         s = c.state
@@ -160,12 +196,14 @@ def ttfts_fast(req: RouteRequest, cands: list[Candidate], w: KVRouteWeights) -> 
         if rep is None and s.reported_waiting is not None:
             rep = s.reported_waiting * rrt
         q = s.prefill_tokens
+        if s.prefill_requests and floor * s.prefill_requests > q:
+            q = floor * s.prefill_requests
         if rep and rep > q:
             q = rep
         nq = s.prefill_requests
         if s.reported_waiting and s.reported_waiting > nq:
             nq = s.reported_waiting
-        queued += nq if nq else (1 if q > 0 else 0)
+        queued.append(nq if nq else (1 if q > 0 else 0))
         total = c.total
         if total > best:
             best = total
@@ -179,7 +217,14 @@ def ttfts_fast(req: RouteRequest, cands: list[Candidate], w: KVRouteWeights) -> 
             if u is not None and u > kv_high and kv_weight:
                 cost += kv_weight * min(1.0, (u - kv_high) / kv_span) * prefill
         out.append(cost)
-    busy = min(w.fleet_pressure_cap, queued / len(cands)) if cands else 0.0
+    n_others = sum_others = 0
+    for c, nq in zip(cands, queued):
+        if c.total < best:
+            n_others += 1
+            sum_others += nq
+    if not n_others:  # all tied (the fleet term is 0 anyway): the whole fleet's pressure
+        n_others, sum_others = len(cands), sum(queued)
+    busy = min(w.fleet_pressure_cap, max(w.fleet_pressure_floor, sum_others / n_others)) if n_others else 0.0
     return out, busy, best
 
 
@@ -201,9 +246,9 @@ class KVRoutePolicy(Policy):
             tb = min(t for c, t in zip(cands, ttfts) if c.total == best_total)
             tmin = min(ttfts)
             if tb > w.relief_ratio * tmin and tmin < tb:
-                pick = argmin_tiebreak(cands, ttfts, fleet.rng, secondary=fair_share_key)
+                pick = argmin_tiebreak(cands, ttfts, fleet.rng, secondary=cached_then_fair_share)
                 return Choice(pick.worker, costs_dict(cands, ttfts), "replicate: hot-prefix relief")
-        pick = argmin_tiebreak(cands, costs, fleet.rng, secondary=fair_share_key)
+        pick = argmin_tiebreak(cands, costs, fleet.rng, secondary=cached_then_fair_share)
         if best_total == 0:
             reason = "cold: least cost (fair share on ties)"
         elif pick.total == best_total:

@@ -11,12 +11,17 @@ Design notes (BRIEF section 4; sgl-router ``policies/cache_aware.rs``):
    worker with the *smallest tree* (``get_smallest_tenant``: fewest characters
    inserted by the requests routed to it).
 
-Ties go to the first worker in registration order (Rust's strict ``<`` scan
-keeps the first minimum).  That is the flaw users report: whenever the trees
-tie -- at start-up, after eviction empties them, or when equal prompts were
-spread -- every miss lands on the same first worker, and nothing in the miss
-branch looks at load.  Reproduced faithfully; ``kvroute`` breaks ties by fair
-share.
+Source reproduced: sgl-router (``sglang-router`` 0.2.x line),
+``sgl-router/src/policies/cache_aware.rs`` (``select_worker``) and
+``src/tree.rs`` (``prefix_match_tenant``, ``get_smallest_tenant``).
+
+Ties: the real router keeps its tenants (workers) in a ``DashMap`` and scans
+it for the smallest tree and for the deepest match, so which tied worker wins
+depends on the hash map's iteration order -- arbitrary, not the first
+registered.  Ties go to a seeded random tied worker here.  The named variant
+``sglang_first`` keeps what this module ran before: ties to the first
+registered worker, which piles every miss on one worker whenever the trees
+tie (the flaw reported against older releases that scanned a ``Vec``).
 
 Deviations: SGLang matches characters in an approximate tree filled only by
 the requests it routed; we match token blocks in the exact index united with
@@ -47,6 +52,8 @@ class SGLangWeights:
     balance_abs_threshold: int = 64
     #: Relative load ratio beyond which the system counts as imbalanced.
     balance_rel_threshold: float = 1.5
+    #: Ties to the first registered worker (``sglang_first``) instead of an arbitrary (seeded random) one.
+    ties_first_registered: bool = False
 
 
 def load(c: Candidate) -> int:
@@ -59,8 +66,14 @@ def score(req: RouteRequest, c: Candidate, w: SGLangWeights) -> float:
     return (c.total * req.block_size) / req.num_tokens if req.num_tokens else 0.0
 
 
-def _first_min(cands: list[Candidate], key) -> Candidate:
-    return min(cands, key=lambda c: (key(c), c.state.order))
+def _min_of(cands: list[Candidate], key, fleet: FleetView, first: bool) -> Candidate:
+    """The candidate with the lowest ``key``; ties to the first registered, or to a seeded random one."""
+    if first:
+        return min(cands, key=lambda c: (key(c), c.state.order))
+    keys = [key(c) for c in cands]
+    lo = min(keys)
+    tied = [c for c, k in zip(cands, keys) if k == lo]
+    return tied[0] if len(tied) == 1 else tied[fleet.rng.randrange(len(tied))]
 
 
 class SGLangPolicy(Policy):
@@ -82,14 +95,14 @@ class SGLangPolicy(Policy):
         loads = [load(c) for c in cands]
         hi, lo = max(loads), min(loads)
         if hi - lo > w.balance_abs_threshold and hi > lo * w.balance_rel_threshold:
-            pick = _first_min(cands, load)
+            pick = _min_of(cands, load, fleet, w.ties_first_registered)
             return Choice(pick.worker, costs_dict(cands, loads), "imbalanced: least loaded")
-        best = _first_min(cands, lambda c: -c.total)
+        best = _min_of(cands, lambda c: -c.total, fleet, w.ties_first_registered)
         if score(req, best, w) > w.cache_threshold:
             return Choice(best.worker, costs_dict(cands, [-c.total for c in cands]), "cache: deepest match")
         sizes = [self._tree.get(c.worker, 0) for c in cands]
-        pick = _first_min(cands, lambda c: self._tree.get(c.worker, 0))
-        return Choice(pick.worker, costs_dict(cands, sizes), "miss: smallest tree (first on ties)")
+        pick = _min_of(cands, lambda c: self._tree.get(c.worker, 0), fleet, w.ties_first_registered)
+        return Choice(pick.worker, costs_dict(cands, sizes), "miss: smallest tree")
 
     def on_routed(self, req: RouteRequest, fleet: FleetView, chosen: Candidate) -> None:
         new = max(0, req.num_tokens - chosen.total * req.block_size)
@@ -97,3 +110,17 @@ class SGLangPolicy(Policy):
 
     def forget_worker(self, worker: Any) -> None:
         self._tree.pop(worker, None)
+
+
+@dataclass(frozen=True)
+class SGLangFirstWeights(SGLangWeights):
+    """``sglang_first``: ties to the first registered worker."""
+
+    ties_first_registered: bool = True
+
+
+class SGLangFirstPolicy(SGLangPolicy):
+    """Named variant ``sglang_first`` (module docstring)."""
+
+    name = "sglang_first"
+    Weights = SGLangFirstWeights
