@@ -238,7 +238,8 @@ def health(router: Router, events: Any) -> dict:
         status = "degraded"
     else:
         status = "ok"
-    return {"status": status, "healthy_workers": len(healthy), "workers": len(router.workers()), "stale_workers": stale}
+    return {"status": status, "healthy_workers": len(healthy), "workers": len(router.workers()), "stale_workers": stale,
+            "backend": getattr(router.index, "backend", "python")}
 
 
 def _wire_keys(doc: Any) -> Any:

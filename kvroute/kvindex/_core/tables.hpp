@@ -1,0 +1,185 @@
+// Open-addressing tables on 64-bit keys (linear probing, any capacity, fast range reduction).
+//
+// * BlockTable: content hash -> 32-bit holder code.  Deleted entries become tombstones, so a
+//   live entry never moves between rehashes: the per-worker alias maps store its slot number
+//   (4 bytes) instead of the 8-byte content hash, and a rehash remaps them (KVCore::grow).
+// * AliasMap: engine hash -> block slot, deleted by backward shift (nothing points into it).
+//
+// Both keep keys and values in separate arrays (12 bytes a slot) and grow by 1.5x when
+// live + tombstones exceed 80% of the slots.
+#pragma once
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace kvcore {
+
+static inline uint64_t mix64(uint64_t k) {  // murmur3's 64-bit finaliser: engine hashes may be sequential
+    k ^= k >> 33;
+    k *= 0xff51afd7ed558ccdULL;
+    k ^= k >> 33;
+    k *= 0xc4ceb9fe1a85ec53ULL;
+    k ^= k >> 33;
+    return k;
+}
+static inline size_t home_of(uint64_t key, size_t cap) {
+    return (size_t)(((__uint128_t)mix64(key) * cap) >> 64);
+}
+
+constexpr uint32_t EMPTY = 0xFFFFFFFFu;
+constexpr uint32_t TOMB = 0xFFFFFFFEu;
+constexpr double MAX_LOAD = 0.8;
+
+static inline size_t grown_capacity(size_t live) {
+    size_t c = (size_t)((double)(live + 1) / MAX_LOAD * 1.5) + 1;
+    return c < 16 ? 16 : c;
+}
+
+// engine hash -> block slot; backward-shift deletion.
+struct AliasMap {
+    std::vector<uint64_t> keys;
+    std::vector<uint32_t> vals;
+    size_t size = 0;
+
+    size_t cap() const { return vals.size(); }
+    void clear() {
+        std::vector<uint64_t>().swap(keys);
+        std::vector<uint32_t>().swap(vals);
+        size = 0;
+    }
+    // slot of key, or -1
+    inline long find(uint64_t k) const {
+        size_t n = vals.size();
+        if (!n) return -1;
+        size_t i = home_of(k, n);
+        while (true) {
+            uint32_t v = vals[i];
+            if (v == EMPTY) return -1;
+            if (keys[i] == k) return (long)i;
+            if (++i == n) i = 0;
+        }
+    }
+    inline uint32_t get(uint64_t k) const {  // EMPTY when absent
+        long i = find(k);
+        return i < 0 ? EMPTY : vals[i];
+    }
+    void rehash(size_t ncap) {
+        std::vector<uint64_t> ok;
+        std::vector<uint32_t> ov;
+        ok.swap(keys);
+        ov.swap(vals);
+        keys.assign(ncap, 0);
+        vals.assign(ncap, EMPTY);
+        for (size_t j = 0; j < ov.size(); j++)
+            if (ov[j] != EMPTY) place(ok[j], ov[j]);
+    }
+    inline void place(uint64_t k, uint32_t v) {
+        size_t n = vals.size();
+        size_t i = home_of(k, n);
+        while (vals[i] != EMPTY) {
+            if (++i == n) i = 0;
+        }
+        keys[i] = k;
+        vals[i] = v;
+    }
+    // insert or overwrite
+    void put(uint64_t k, uint32_t v) {
+        long f = find(k);
+        if (f >= 0) {
+            vals[f] = v;
+            return;
+        }
+        if ((double)(size + 1) > MAX_LOAD * (double)cap()) rehash(grown_capacity(size));
+        place(k, v);
+        size++;
+    }
+    void erase_at(size_t i) {
+        size_t n = vals.size();
+        size_t j = i;
+        while (true) {
+            if (++j == n) j = 0;
+            if (vals[j] == EMPTY) break;
+            size_t h = home_of(keys[j], n);
+            bool stays = (i <= j) ? (i < h && h <= j) : (i < h || h <= j);
+            if (stays) continue;
+            keys[i] = keys[j];
+            vals[i] = vals[j];
+            i = j;
+        }
+        vals[i] = EMPTY;
+        size--;
+        if (size == 0 && n > 64) clear();
+        else if (n > 64 && (double)size < 0.1 * (double)n) rehash(grown_capacity(size));
+    }
+    bool erase(uint64_t k) {
+        long f = find(k);
+        if (f < 0) return false;
+        erase_at((size_t)f);
+        return true;
+    }
+    size_t bytes() const { return keys.capacity() * 8 + vals.capacity() * 4; }
+};
+
+// content hash -> holder code; tombstones keep live slots in place.
+struct BlockTable {
+    std::vector<uint64_t> keys;
+    std::vector<uint32_t> vals;
+    size_t size = 0;
+    size_t tombs = 0;
+
+    size_t cap() const { return vals.size(); }
+    inline long find(uint64_t k) const {
+        size_t n = vals.size();
+        if (!n) return -1;
+        size_t i = home_of(k, n);
+        while (true) {
+            uint32_t v = vals[i];
+            if (v == EMPTY) return -1;
+            if (v != TOMB && keys[i] == k) return (long)i;
+            if (++i == n) i = 0;
+        }
+    }
+    inline void prefetch(uint64_t k) const {
+        size_t n = vals.size();
+        if (!n) return;
+        size_t i = home_of(k, n);
+        __builtin_prefetch(&vals[i]);
+        __builtin_prefetch(&keys[i]);
+    }
+    bool needs_rehash() const { return (double)(size + tombs + 1) > MAX_LOAD * (double)cap(); }
+    // Place a key known to be absent (no rehash): returns its slot.
+    inline size_t place(uint64_t k, uint32_t v) {
+        size_t n = vals.size();
+        size_t i = home_of(k, n);
+        while (vals[i] != EMPTY && vals[i] != TOMB) {
+            if (++i == n) i = 0;
+        }
+        if (vals[i] == TOMB) tombs--;
+        keys[i] = k;
+        vals[i] = v;
+        size++;
+        return i;
+    }
+    // Rebuild at ncap; fills remap[old slot] = new slot for live slots.
+    void rehash(size_t ncap, std::vector<uint32_t>& remap) {
+        std::vector<uint64_t> ok;
+        std::vector<uint32_t> ov;
+        ok.swap(keys);
+        ov.swap(vals);
+        keys.assign(ncap, 0);
+        vals.assign(ncap, EMPTY);
+        remap.assign(ov.size(), EMPTY);
+        size = 0;
+        tombs = 0;
+        for (size_t j = 0; j < ov.size(); j++)
+            if (ov[j] != EMPTY && ov[j] != TOMB) remap[j] = (uint32_t)place(ok[j], ov[j]);
+    }
+    void erase_at(size_t i) {
+        vals[i] = TOMB;
+        size--;
+        tombs++;
+    }
+    size_t bytes() const { return keys.capacity() * 8 + vals.capacity() * 4; }
+};
+
+}  // namespace kvcore
