@@ -89,12 +89,30 @@ def chain_hashes(
 
     ``seed`` is the previous block's content hash (``ROOT_SEED`` at a prompt's
     start).  ``extras[i]``, when given and non-empty, is mixed into block ``i``.
-    This is the hot path of routing and event ingestion: one xxh3 call a block.
+    The compiled core computes it when in use; :func:`py_chain_hashes` is the reference.
     """
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
     if _core is not None:
         return _core.chain_hashes(token_bytes, block_size, seed, _encode_all(extras))  # type: ignore[no-any-return]
+    return py_chain_hashes(token_bytes, block_size, seed=seed, extras=extras)
+
+
+def py_chain_hashes(
+    token_bytes: bytes,
+    block_size: int,
+    *,
+    seed: int = ROOT_SEED,
+    extras: Sequence[Sequence[Any] | None] | None = None,
+) -> list[ContentHash]:
+    """Chained hashes of the full blocks in ``token_bytes`` (uint32 LE), as ints.
+
+    ``seed`` is the previous block's content hash (``ROOT_SEED`` at a prompt's
+    start).  ``extras[i]``, when given and non-empty, is mixed into block ``i``.
+    The pure-Python reference of :func:`chain_hashes`: one ``xxhash`` call a block.
+    """
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
     step = block_size * 4
     n = len(token_bytes) // step
     out: list[int] = []
@@ -195,10 +213,22 @@ def block_hash_list(
         if out is None:  # a container the core does not read directly (e.g. a big-endian array)
             out = _core.chain_hashes(tokens_to_bytes(toks), block_size, ROOT_SEED, enc)
         return out  # type: ignore[no-any-return]
+    return py_block_hash_list(token_ids, block_size, lora_name=lora_name, cache_salt=cache_salt, mm_hashes=mm_hashes)
+
+
+def py_block_hash_list(
+    token_ids: Any,
+    block_size: int,
+    *,
+    lora_name: str | None = None,
+    cache_salt: str | None = None,
+    mm_hashes: Iterable[Any] | None = None,
+) -> list[ContentHash]:
+    """The pure-Python reference of :func:`block_hash_list`."""
     data = tokens_to_bytes(token_ids)
     n_blocks = len(data) // (4 * block_size) if block_size > 0 else 0
     extras = block_extras(n_blocks, block_size, lora_name=lora_name, cache_salt=cache_salt, mm_hashes=mm_hashes)
-    return chain_hashes(data, block_size, extras=extras)
+    return py_chain_hashes(data, block_size, extras=extras)
 
 
 def block_hashes(
@@ -222,6 +252,6 @@ def block_hashes(
             arr = np.array(_core.chain_hashes(tokens_to_bytes(toks), block_size, ROOT_SEED, enc), dtype=np.uint64)
         return arr
     return np.array(
-        block_hash_list(token_ids, block_size, lora_name=lora_name, cache_salt=cache_salt, mm_hashes=mm_hashes),
+        py_block_hash_list(token_ids, block_size, lora_name=lora_name, cache_salt=cache_salt, mm_hashes=mm_hashes),
         dtype=np.uint64,
     )

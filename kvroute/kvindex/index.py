@@ -46,7 +46,9 @@ from .events import (
     BlockStored,
     EventBatch,
 )
-from .hashing import HASH_SCHEME_VERSION, ROOT_SEED, block_hash_list, chain_hashes, tokens_to_bytes
+from .hashing import HASH_SCHEME_VERSION, ROOT_SEED, tokens_to_bytes
+from .hashing import py_block_hash_list as block_hash_list  # the reference hashes with the reference
+from .hashing import py_chain_hashes as chain_hashes
 from .types import ContentHash, Tier, WorkerId, normalize_engine_hash
 
 _GPU, _HOST, _DISK = int(Tier.GPU), int(Tier.HOST), int(Tier.DISK)

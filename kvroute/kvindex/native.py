@@ -258,8 +258,7 @@ class NativeKVIndex:
     # ------------------------------------------------------------------- match
     def match(self, hashes: Sequence[int] | Any) -> dict[WorkerId, Overlap]:
         """See :meth:`kvroute.kvindex.index.KVIndex.match`."""
-        ids = self._ids
-        return {ids[s]: Overlap(t, g, h, d) for s, t, g, h, d in self._core.match(hashes)}
+        return self._core.match_dict(hashes, self._ids, Overlap)  # type: ignore[no-any-return]
 
     def match_tokens(
         self,

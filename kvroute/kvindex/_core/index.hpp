@@ -57,7 +57,7 @@ class KVCore {
     inline const uint64_t* rec(uint32_t code) const { return &pool[(size_t)(code & ~REC_BIT) * 3 * W]; }
 
     inline int tiers_of(size_t b, uint32_t s) const {
-        uint32_t v = bt.vals[b];
+        uint32_t v = bt.s[b].val;
         if (!(v & REC_BIT)) return (v >> 3) == s ? (int)(v & 7) : 0;
         const uint64_t* m = rec(v);
         size_t wi = s >> 6;
@@ -80,11 +80,11 @@ class KVCore {
     }
 
     void set_tier(size_t b, uint32_t s, int t) {
-        uint32_t v = bt.vals[b];
+        uint32_t v = bt.s[b].val;
         if (!(v & REC_BIT)) {
             uint32_t os = v >> 3;
             if (os == s) {
-                bt.vals[b] = v | (1u << t);
+                bt.s[b].val = v | (1u << t);
                 return;
             }
             uint32_t r = alloc_rec();
@@ -92,7 +92,7 @@ class KVCore {
             for (int tt = 0; tt < 3; tt++)
                 if (v >> tt & 1) m[tt * W + (os >> 6)] |= 1ULL << (os & 63);
             m[t * W + (s >> 6)] |= 1ULL << (s & 63);
-            bt.vals[b] = REC_BIT | r;
+            bt.s[b].val = REC_BIT | r;
             return;
         }
         rec(v)[t * W + (s >> 6)] |= 1ULL << (s & 63);
@@ -100,10 +100,10 @@ class KVCore {
 
     // Clear one (worker, tier) bit of block slot b; erases the block when nobody holds it.
     void clear_tier(size_t b, uint32_t s, int t) {
-        uint32_t v = bt.vals[b];
+        uint32_t v = bt.s[b].val;
         if (!(v & REC_BIT)) {
             v &= ~(1u << t);
-            if (v & 7) bt.vals[b] = v;
+            if (v & 7) bt.s[b].val = v;
             else bt.erase_at(b);
             return;
         }
@@ -114,7 +114,7 @@ class KVCore {
 
     // Back to the canonical form after bits left a record: 0 holders -> erased, 1 -> inline.
     void normalize(size_t b) {
-        uint32_t v = bt.vals[b];
+        uint32_t v = bt.s[b].val;
         uint64_t* m = rec(v);
         int holders = 0;
         size_t who = 0;
@@ -134,7 +134,7 @@ class KVCore {
         size_t wi = who >> 6;
         uint64_t bit = 1ULL << (who & 63);
         uint32_t tiers = ((m[wi] & bit) ? 1 : 0) | ((m[W + wi] & bit) ? 2 : 0) | ((m[2 * W + wi] & bit) ? 4 : 0);
-        bt.vals[b] = ((uint32_t)who << 3) | tiers;
+        bt.s[b].val = ((uint32_t)who << 3) | tiers;
     }
 
     // ----------------------------------------------------------------- workers
@@ -161,9 +161,8 @@ class KVCore {
         bt.rehash(grown_capacity(bt.size), remap);
         for (auto& w : workers) {
             if (!w.live) continue;
-            auto& vals = w.alias.vals;
-            for (auto& v : vals)
-                if (v != EMPTY) v = remap[v];
+            for (auto& sl : w.alias.s)
+                if (sl.val != EMPTY) sl.val = remap[sl.val];
         }
     }
     size_t insert_block(uint64_t c, uint32_t s, int t) {
@@ -174,8 +173,8 @@ class KVCore {
     int64_t clear(uint32_t s) {
         Worker& w = workers[s];
         int64_t dropped = 0;
-        for (size_t i = 0; i < w.alias.vals.size(); i++) {
-            uint32_t b = w.alias.vals[i];
+        for (size_t i = 0; i < w.alias.s.size(); i++) {
+            uint32_t b = w.alias.s[i].val;
             if (b == EMPTY) continue;
             int tt = tiers_of(b, s);
             for (int t = 0; t < 3; t++)
@@ -216,8 +215,8 @@ class KVCore {
     void realias(uint32_t s, size_t b, uint64_t k) {
         Worker& w = workers[s];
         if (w.alias.find(k) >= 0) drop_alias(s, k);
-        for (size_t i = 0; i < w.alias.vals.size(); i++)
-            if (w.alias.vals[i] == b) {
+        for (size_t i = 0; i < w.alias.s.size(); i++)
+            if (w.alias.s[i].val == b) {
                 w.alias.erase_at(i);
                 break;
             }
@@ -229,7 +228,10 @@ class KVCore {
         Worker& w = workers[s];
         int64_t added = 0;
         for (size_t i = 0; i < n; i++) {
-            if (i + 4 < n) bt.prefetch(hs[i + 4]);
+            if (i + 4 < n) {
+                bt.prefetch(hs[i + 4]);
+                w.alias.prefetch(ks ? ks[i + 4] : hs[i + 4]);
+            }
             uint64_t c = hs[i];
             uint64_t k = ks ? ks[i] : c;
             long b = bt.find(c);
@@ -266,16 +268,16 @@ class KVCore {
     bool key_of(uint32_t s, uint64_t c, uint64_t& k) const {
         const Worker& w = workers[s];
         uint32_t a = w.alias.get(c);
-        if (a != EMPTY && bt.keys[a] == c) {
+        if (a != EMPTY && bt.s[a].key == c) {
             k = c;
             return true;
         }
         if (!w.engine_keys) return false;
         long b = bt.find(c);
         if (b < 0 || !tiers_of((size_t)b, s)) return false;
-        for (size_t i = 0; i < w.alias.vals.size(); i++)
-            if (w.alias.vals[i] == (uint32_t)b) {
-                k = w.alias.keys[i];
+        for (size_t i = 0; i < w.alias.s.size(); i++)
+            if (w.alias.s[i].val == (uint32_t)b) {
+                k = w.alias.s[i].key;
                 return true;
             }
         return false;
@@ -326,7 +328,7 @@ class KVCore {
         int64_t c = 0;
         for (size_t i = 0; i < n; i++) {
             uint32_t b = w.alias.get(ks[i]);
-            if (b != EMPTY && bt.keys[b] == hs[i] && (tiers_of(b, s) >> t & 1)) {
+            if (b != EMPTY && bt.s[b].key == hs[i] && (tiers_of(b, s) >> t & 1)) {
                 w.copies[{ks[i], t}]++;
                 c++;
             }
@@ -354,7 +356,7 @@ class KVCore {
         }
         std::vector<int32_t> hostc(64 * nW, 0), diskc(64 * nW, 0);
         auto load = [&](size_t bb, uint64_t* M) {
-            uint32_t v = bt.vals[bb];
+            uint32_t v = bt.s[bb].val;
             if (!(v & REC_BIT)) {
                 for (size_t wi = 0; wi < nW; wi++) M[wi] = 0;
                 uint32_t s = v >> 3;
@@ -365,7 +367,7 @@ class KVCore {
             }
         };
         auto offtier = [&](size_t bb, const uint64_t* M) {
-            uint32_t v = bt.vals[bb];
+            uint32_t v = bt.s[bb].val;
             if (!(v & REC_BIT)) {
                 if (!(v & 1)) {
                     uint32_t s = v >> 3;
@@ -435,7 +437,7 @@ class KVCore {
         size_t live_blocks = 0, tombs = 0;
         std::vector<char> rec_used(nrec, 0);
         for (size_t b = 0; b < bt.cap(); b++) {
-            uint32_t v = bt.vals[b];
+            uint32_t v = bt.s[b].val;
             if (v == EMPTY) continue;
             if (v == TOMB) {
                 tombs++;
@@ -484,13 +486,13 @@ class KVCore {
             if ((int64_t)w.alias.size != held[s]) return "alias count differs from blocks held";
             std::vector<uint32_t> vs;
             size_t n = 0;
-            for (size_t i = 0; i < w.alias.vals.size(); i++) {
-                uint32_t b = w.alias.vals[i];
+            for (size_t i = 0; i < w.alias.s.size(); i++) {
+                uint32_t b = w.alias.s[i].val;
                 if (b == EMPTY) continue;
                 n++;
-                if (b >= bt.cap() || bt.vals[b] == EMPTY || bt.vals[b] == TOMB) return "alias to a dead block";
+                if (b >= bt.cap() || bt.s[b].val == EMPTY || bt.s[b].val == TOMB) return "alias to a dead block";
                 if (!tiers_of(b, (uint32_t)s)) return "alias to a block the worker does not hold";
-                if (w.alias.find(w.alias.keys[i]) != (long)i) return "alias table probe chain broken";
+                if (w.alias.find(w.alias.s[i].key) != (long)i) return "alias table probe chain broken";
                 vs.push_back(b);
             }
             if (n != w.alias.size) return "alias size counter drifted";

@@ -34,9 +34,39 @@ constexpr size_t LARGE_BLOCKS = 1024;
     throw py::error_already_set();
 }
 
+// Small non-negative exact ints read straight from the object (token ids are < 2**30 in practice):
+// the layout of CPython's int objects, by version; anything else takes the API path below.
+static inline bool small_int(PyObject* o, uint64_t& out) {
+    if (!PyLong_CheckExact(o)) return false;
+#if PY_VERSION_HEX >= 0x030C0000
+    if (!PyUnstable_Long_IsCompact((PyLongObject*)o)) return false;
+    Py_ssize_t v = PyUnstable_Long_CompactValue((PyLongObject*)o);
+    if (v < 0) return false;
+    out = (uint64_t)v;
+    return true;
+#else
+    Py_ssize_t size = Py_SIZE(o);
+    const digit* d = ((PyLongObject*)o)->ob_digit;
+    if (size == 1) {
+        out = d[0];
+        return true;
+    }
+    if (size == 0) {
+        out = 0;
+        return true;
+    }
+    if (size == 2) {
+        out = (uint64_t)d[0] | ((uint64_t)d[1] << PyLong_SHIFT);
+        return true;
+    }
+    return false;
+#endif
+}
+
 // One Python int (or __index__ object) as an unsigned value <= maxv; false if out of range / not an int.
 static inline bool as_uint(PyObject* o, uint64_t maxv, uint64_t& out) {
-    if (PyLong_CheckExact(o) || PyLong_Check(o)) {
+    if (small_int(o, out)) return out <= maxv;
+    if (PyLong_Check(o)) {
         int overflow = 0;
         long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
         if (!overflow) {
@@ -220,6 +250,24 @@ struct Index {
 };
 
 using Guard = std::lock_guard<std::mutex>;
+
+// {worker id: Overlap(total, gpu, host, disk)} built here (the namedtuple made as tuple.__new__ does).
+static py::dict overlaps_dict(const std::vector<Overlap>& ov, py::list ids, py::handle overlap_type) {
+    py::dict d;
+    PyTypeObject* tp = (PyTypeObject*)overlap_type.ptr();
+    for (const Overlap& o : ov) {
+        PyObject* args = Py_BuildValue("((LLLL))", (long long)o.total, (long long)o.gpu, (long long)o.host, (long long)o.disk);
+        if (!args) throw py::error_already_set();
+        PyObject* val = PyTuple_Type.tp_new(tp, args, nullptr);
+        Py_DECREF(args);
+        if (!val) throw py::error_already_set();
+        PyObject* key = PyList_GET_ITEM(ids.ptr(), o.slot);
+        int rc = PyDict_SetItem(d.ptr(), key, val);
+        Py_DECREF(val);
+        if (rc) throw py::error_already_set();
+    }
+    return d;
+}
 
 static py::tuple overlaps_tuple(const std::vector<Overlap>& ov) {
     py::tuple t(ov.size());
@@ -428,7 +476,7 @@ PYBIND11_MODULE(_kvcore, m) {
                 if (pk) {
                     uint32_t b = x.core.live(s) ? x.core.workers[s].alias.get(*pk) : EMPTY;
                     if (b == EMPTY) return {-1, 0};
-                    seed = x.core.bt.keys[b];
+                    seed = x.core.bt.s[b].key;
                 }
                 chain(data, ntok, bs, seed, ex, hs);
                 int64_t copies = 0;
@@ -453,7 +501,7 @@ PYBIND11_MODULE(_kvcore, m) {
             for (size_t i = 0; i < ks.size(); i++) {
                 uint32_t b = x.core.workers[s].alias.get(ks[i]);
                 if (b == EMPTY) return py::int_(-1);
-                hs[i] = x.core.bt.keys[b];
+                hs[i] = x.core.bt.s[b].key;
             }
             return py::int_(x.core.store(s, hs.data(), ks.data(), hs.size(), t));
         })
@@ -466,6 +514,16 @@ PYBIND11_MODULE(_kvcore, m) {
                 x.core.match(hs.data(), hs.size(), ov);
             }
             return overlaps_tuple(ov);
+        })
+        .def("match_dict", [](Index& x, py::handle hashes, py::list ids, py::handle overlap_type) {
+            std::vector<uint64_t> hs;
+            u64s(hashes, hs, false, false);
+            std::vector<Overlap> ov;
+            {
+                Guard g(x.mu);
+                x.core.match(hs.data(), hs.size(), ov);
+            }
+            return overlaps_dict(ov, ids, overlap_type);
         })
         .def("match_hashes", [](Index& x, const Hashes& h) {
             std::vector<Overlap> ov;
@@ -484,7 +542,7 @@ PYBIND11_MODULE(_kvcore, m) {
             Guard g(x.mu);
             uint32_t b = x.core.workers[s].alias.get(k);
             if (b == EMPTY) return py::none();
-            return py::int_(x.core.bt.keys[b]);
+            return py::int_(x.core.bt.s[b].key);
         })
         // (content hashes, alias keys, tier bits) of a worker, as numpy arrays
         .def("rows", [](Index& x, uint32_t s) {
@@ -497,11 +555,11 @@ PYBIND11_MODULE(_kvcore, m) {
             auto K = ks.mutable_data();
             auto B = bits.mutable_data();
             size_t j = 0;
-            for (size_t i = 0; i < w.alias.vals.size(); i++) {
-                uint32_t b = w.alias.vals[i];
+            for (size_t i = 0; i < w.alias.s.size(); i++) {
+                uint32_t b = w.alias.s[i].val;
                 if (b == EMPTY) continue;
-                C[j] = x.core.bt.keys[b];
-                K[j] = w.alias.keys[i];
+                C[j] = x.core.bt.s[b].key;
+                K[j] = w.alias.s[i].key;
                 B[j] = (uint8_t)x.core.tiers_of(b, s);
                 j++;
             }

@@ -114,8 +114,8 @@ class Pending {
         for (Generation* g : {&cur, &prev}) {
             // drop the slot's bit; records left empty are unlinked from the map
             std::vector<uint64_t> dead;
-            for (size_t i = 0; i < g->map.vals.size(); i++) {
-                uint32_t r = g->map.vals[i];
+            for (size_t i = 0; i < g->map.s.size(); i++) {
+                uint32_t r = g->map.s[i].val;
                 if (r == EMPTY) continue;
                 uint64_t* m = &g->words[(size_t)r * W];
                 if (!(m[wi] & bit)) continue;
@@ -124,7 +124,7 @@ class Pending {
                 bool empty = true;
                 for (size_t j = 0; j < W; j++)
                     if (m[j]) empty = false;
-                if (empty) dead.push_back(g->map.keys[i]);
+                if (empty) dead.push_back(g->map.s[i].key);
             }
             for (uint64_t h : dead) g->map.erase(h);
         }
@@ -206,8 +206,8 @@ class Pending {
     std::string check() const {
         for (const Generation* g : {&cur, &prev}) {
             int64_t n = 0;
-            for (size_t i = 0; i < g->map.vals.size(); i++) {
-                uint32_t r = g->map.vals[i];
+            for (size_t i = 0; i < g->map.s.size(); i++) {
+                uint32_t r = g->map.s[i].val;
                 if (r == EMPTY) continue;
                 bool any = false;
                 for (size_t wi = 0; wi < W; wi++) {

@@ -5,8 +5,8 @@
 //   (4 bytes) instead of the 8-byte content hash, and a rehash remaps them (KVCore::grow).
 // * AliasMap: engine hash -> block slot, deleted by backward shift (nothing points into it).
 //
-// Both keep keys and values in separate arrays (12 bytes a slot) and grow by 1.5x when
-// live + tombstones exceed 80% of the slots.
+// Both keep a slot's key and value packed together (12 bytes, one cache miss a probe) and grow
+// by 1.5x when live + tombstones exceed 80% of the slots.
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -30,6 +30,14 @@ constexpr uint32_t EMPTY = 0xFFFFFFFFu;
 constexpr uint32_t TOMB = 0xFFFFFFFEu;
 constexpr double MAX_LOAD = 0.8;
 
+#pragma pack(push, 4)
+struct Slot {
+    uint64_t key;
+    uint32_t val;
+};
+#pragma pack(pop)
+static_assert(sizeof(Slot) == 12, "packed slot");
+
 static inline size_t grown_capacity(size_t live) {
     size_t c = (size_t)((double)(live + 1) / MAX_LOAD * 1.5) + 1;
     return c < 16 ? 16 : c;
@@ -37,56 +45,55 @@ static inline size_t grown_capacity(size_t live) {
 
 // engine hash -> block slot; backward-shift deletion.
 struct AliasMap {
-    std::vector<uint64_t> keys;
-    std::vector<uint32_t> vals;
+    std::vector<Slot> s;
     size_t size = 0;
 
-    size_t cap() const { return vals.size(); }
+    size_t cap() const { return s.size(); }
     void clear() {
-        std::vector<uint64_t>().swap(keys);
-        std::vector<uint32_t>().swap(vals);
+        std::vector<Slot>().swap(s);
         size = 0;
     }
     // slot of key, or -1
     inline long find(uint64_t k) const {
-        size_t n = vals.size();
+        size_t n = s.size();
         if (!n) return -1;
         size_t i = home_of(k, n);
         while (true) {
-            uint32_t v = vals[i];
+            uint32_t v = s[i].val;
             if (v == EMPTY) return -1;
-            if (keys[i] == k) return (long)i;
+            if (s[i].key == k) return (long)i;
             if (++i == n) i = 0;
         }
+    }
+    inline void prefetch(uint64_t k) const {
+        size_t n = s.size();
+        if (n) __builtin_prefetch(&s[home_of(k, n)]);
     }
     inline uint32_t get(uint64_t k) const {  // EMPTY when absent
         long i = find(k);
-        return i < 0 ? EMPTY : vals[i];
+        return i < 0 ? EMPTY : s[i].val;
     }
     void rehash(size_t ncap) {
-        std::vector<uint64_t> ok;
-        std::vector<uint32_t> ov;
-        ok.swap(keys);
-        ov.swap(vals);
-        keys.assign(ncap, 0);
-        vals.assign(ncap, EMPTY);
-        for (size_t j = 0; j < ov.size(); j++)
-            if (ov[j] != EMPTY) place(ok[j], ov[j]);
+        std::vector<Slot> old;
+        old.swap(s);
+        s.assign(ncap, Slot{0, EMPTY});
+        for (size_t j = 0; j < old.size(); j++)
+            if (old[j].val != EMPTY) place(old[j].key, old[j].val);
     }
     inline void place(uint64_t k, uint32_t v) {
-        size_t n = vals.size();
+        size_t n = s.size();
         size_t i = home_of(k, n);
-        while (vals[i] != EMPTY) {
+        while (s[i].val != EMPTY) {
             if (++i == n) i = 0;
         }
-        keys[i] = k;
-        vals[i] = v;
+        s[i].key = k;
+        s[i].val = v;
     }
     // insert or overwrite
     void put(uint64_t k, uint32_t v) {
         long f = find(k);
         if (f >= 0) {
-            vals[f] = v;
+            s[f].val = v;
             return;
         }
         if ((double)(size + 1) > MAX_LOAD * (double)cap()) rehash(grown_capacity(size));
@@ -94,19 +101,19 @@ struct AliasMap {
         size++;
     }
     void erase_at(size_t i) {
-        size_t n = vals.size();
+        size_t n = s.size();
         size_t j = i;
         while (true) {
             if (++j == n) j = 0;
-            if (vals[j] == EMPTY) break;
-            size_t h = home_of(keys[j], n);
+            if (s[j].val == EMPTY) break;
+            size_t h = home_of(s[j].key, n);
             bool stays = (i <= j) ? (i < h && h <= j) : (i < h || h <= j);
             if (stays) continue;
-            keys[i] = keys[j];
-            vals[i] = vals[j];
+            s[i].key = s[j].key;
+            s[i].val = s[j].val;
             i = j;
         }
-        vals[i] = EMPTY;
+        s[i].val = EMPTY;
         size--;
         if (size == 0 && n > 64) clear();
         else if (n > 64 && (double)size < 0.1 * (double)n) rehash(grown_capacity(size));
@@ -117,69 +124,64 @@ struct AliasMap {
         erase_at((size_t)f);
         return true;
     }
-    size_t bytes() const { return keys.capacity() * 8 + vals.capacity() * 4; }
+    size_t bytes() const { return s.capacity() * sizeof(Slot); }
 };
 
 // content hash -> holder code; tombstones keep live slots in place.
 struct BlockTable {
-    std::vector<uint64_t> keys;
-    std::vector<uint32_t> vals;
+    std::vector<Slot> s;
     size_t size = 0;
     size_t tombs = 0;
 
-    size_t cap() const { return vals.size(); }
+    size_t cap() const { return s.size(); }
     inline long find(uint64_t k) const {
-        size_t n = vals.size();
+        size_t n = s.size();
         if (!n) return -1;
         size_t i = home_of(k, n);
         while (true) {
-            uint32_t v = vals[i];
+            uint32_t v = s[i].val;
             if (v == EMPTY) return -1;
-            if (v != TOMB && keys[i] == k) return (long)i;
+            if (v != TOMB && s[i].key == k) return (long)i;
             if (++i == n) i = 0;
         }
     }
     inline void prefetch(uint64_t k) const {
-        size_t n = vals.size();
+        size_t n = s.size();
         if (!n) return;
         size_t i = home_of(k, n);
-        __builtin_prefetch(&vals[i]);
-        __builtin_prefetch(&keys[i]);
+        __builtin_prefetch(&s[i]);
     }
     bool needs_rehash() const { return (double)(size + tombs + 1) > MAX_LOAD * (double)cap(); }
     // Place a key known to be absent (no rehash): returns its slot.
     inline size_t place(uint64_t k, uint32_t v) {
-        size_t n = vals.size();
+        size_t n = s.size();
         size_t i = home_of(k, n);
-        while (vals[i] != EMPTY && vals[i] != TOMB) {
+        while (s[i].val != EMPTY && s[i].val != TOMB) {
             if (++i == n) i = 0;
         }
-        if (vals[i] == TOMB) tombs--;
-        keys[i] = k;
-        vals[i] = v;
+        if (s[i].val == TOMB) tombs--;
+        s[i].key = k;
+        s[i].val = v;
         size++;
         return i;
     }
     // Rebuild at ncap; fills remap[old slot] = new slot for live slots.
     void rehash(size_t ncap, std::vector<uint32_t>& remap) {
-        std::vector<uint64_t> ok;
-        std::vector<uint32_t> ov;
-        ok.swap(keys);
-        ov.swap(vals);
-        keys.assign(ncap, 0);
-        vals.assign(ncap, EMPTY);
-        remap.assign(ov.size(), EMPTY);
+        std::vector<Slot> old;
+        old.swap(s);
+        s.assign(ncap, Slot{0, EMPTY});
+        remap.assign(old.size(), EMPTY);
         size = 0;
         tombs = 0;
-        for (size_t j = 0; j < ov.size(); j++)
-            if (ov[j] != EMPTY && ov[j] != TOMB) remap[j] = (uint32_t)place(ok[j], ov[j]);
+        for (size_t j = 0; j < old.size(); j++)
+            if (old[j].val != EMPTY && old[j].val != TOMB) remap[j] = (uint32_t)place(old[j].key, old[j].val);
     }
     void erase_at(size_t i) {
-        vals[i] = TOMB;
+        s[i].val = TOMB;
         size--;
         tombs++;
     }
-    size_t bytes() const { return keys.capacity() * 8 + vals.capacity() * 4; }
+    size_t bytes() const { return s.capacity() * sizeof(Slot); }
 };
 
 }  // namespace kvcore
