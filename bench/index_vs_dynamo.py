@@ -8,11 +8,12 @@ the new suffix blocks, chained on it) until the index holds >= 1M (block,
 worker) entries.  Queries: new prompts behind a cached system prompt (the
 common case), repeats of stored prompts (full hits) and cold prompts.
 
-Measured (timings: CPU time of the calling thread, all sides in one process,
+Measured (timings: CPU time of the process, all its threads, all sides in one process,
 repetitions interleaved so machine noise hits them alike; memory: each side built in its own subprocess so RSS
 deltas are clean):
   * store:  ours = KVIndex.apply() of decoded BlockStored events (content hashes
-            computed from the tokens inside); Dynamo = RadixTree.apply_event() of
+            computed from the tokens inside; the events carry ``token_bytes``, as
+            kvroute's vLLM decoder produces them); Dynamo = RadixTree.apply_event() of
             prebuilt JSON (its local hashes precomputed, not timed).
   * query:  ours = block_hash_list() + KVIndex.match(); Dynamo =
             compute_block_hash_for_seq() + RadixTree.find_matches().
@@ -108,7 +109,8 @@ class Ours:
         self._new = lambda: self.cls(BS)
         self._hash = lambda q: hash_fn(q, BS)
         self.batches = [
-            (w, EventBatch(0.0, (BlockStored(tuple(ext), parent, tuple(int(x) for x in toks), BS),)))
+            (w, EventBatch(0.0, (BlockStored(tuple(ext), parent, tuple(int(x) for x in toks), BS,
+                                             token_bytes=toks.astype("<u4").tobytes()),)))
             for w, parent, ext, toks in events
         ]
 
@@ -224,10 +226,11 @@ def memory_big(side: str, entries: int, workers: int) -> None:
 
 
 def timed(fn, *args) -> float:
-    """CPU seconds of this thread (preemption by other processes on a shared machine does not count)."""
-    t0 = time.thread_time()
+    """CPU seconds of this process, all threads (Dynamo applies events on threads of its own;
+    preemption by other processes on a shared machine does not count)."""
+    t0 = time.process_time()
     fn(*args)
-    return time.thread_time() - t0
+    return time.process_time() - t0
 
 
 def memory_child(side: str, entries: int) -> None:

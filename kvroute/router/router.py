@@ -15,7 +15,9 @@ Cost per request: one hash pass (``route``), one index walk and one pending
 walk over the prompt's blocks (bit masks, not per worker), then O(workers)
 for the policy -- never O(workers x blocks).
 Thread safety: every public method holds ``lock`` (pass the event
-subscriber's lock so routing never sees half an event batch).
+subscriber's lock so routing never sees half an event batch).  With the
+compiled route (:mod:`kvroute.router.native`) ``route`` hashes the prompt
+before taking the lock, with the GIL released for long prompts.
 """
 from __future__ import annotations
 

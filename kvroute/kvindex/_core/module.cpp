@@ -14,6 +14,9 @@
 
 #include <cmath>
 #include <mutex>
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 #include <optional>
 #include <string>
 #include <vector>
@@ -329,6 +332,12 @@ struct RouterCore {
 PYBIND11_MODULE(_kvcore, m) {
     m.doc() = "kvroute's compiled core: XXH3-64, chained block hashes, the index tables, speculative prefixes, route.";
     m.attr("LARGE_BLOCKS") = LARGE_BLOCKS;
+#if defined(__GLIBC__)
+    // The tables grow by reallocation; a fixed mmap threshold (glibc's default one rises after
+    // the first free) makes every big table its own mapping, returned to the OS when replaced,
+    // instead of a hole in the heap that RSS keeps counting.
+    mallopt(M_MMAP_THRESHOLD, 256 * 1024);
+#endif
 
     m.def("set_error_types", [](py::object tokens, py::object hash) {
         g_invalid_tokens = tokens.ptr();
