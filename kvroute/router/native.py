@@ -24,6 +24,9 @@ import dataclasses
 from typing import Any, Callable
 
 from ..kvindex.backend import core as _core
+
+#: The extension module (None when the reference runs).
+core = _core
 from .policies.kvroute_cost import KVRoutePolicy, KVRouteWeights
 
 #: Decision reasons by the core's reason code.

@@ -378,8 +378,7 @@ class Router:
             )
 
     def _route_native(self, token_ids: Any, request_id: Any, lora_name: Any, cache_salt: Any, mm_hashes: Any) -> Decision:
-        from ..kvindex.backend import core
-
+        core = _native.core
         bs = self.block_size
         toks, enc = native_prompt(token_ids, bs, lora_name, cache_salt, mm_hashes)
         try:

@@ -228,9 +228,9 @@ class KVCore {
         Worker& w = workers[s];
         int64_t added = 0;
         for (size_t i = 0; i < n; i++) {
-            if (i + 4 < n) {
-                bt.prefetch(hs[i + 4]);
-                w.alias.prefetch(ks ? ks[i + 4] : hs[i + 4]);
+            if (i + 12 < n) {  // several misses in flight: the tables are far bigger than the caches
+                bt.prefetch(hs[i + 12]);
+                w.alias.prefetch(ks ? ks[i + 12] : hs[i + 12]);
             }
             uint64_t c = hs[i];
             uint64_t k = ks ? ks[i] : c;
@@ -406,7 +406,7 @@ class KVCore {
         offtier((size_t)b, R);
         size_t i = 1;
         for (; i < n; i++) {
-            if (i + 6 < n) bt.prefetch(hs[i + 6]);
+            if (i + 12 < n) bt.prefetch(hs[i + 12]);
             long bb = bt.find(hs[i]);
             if (bb < 0) break;
             load((size_t)bb, C);

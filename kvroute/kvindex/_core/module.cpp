@@ -336,7 +336,7 @@ PYBIND11_MODULE(_kvcore, m) {
     // The tables grow by reallocation; a fixed mmap threshold (glibc's default one rises after
     // the first free) makes every big table its own mapping, returned to the OS when replaced,
     // instead of a hole in the heap that RSS keeps counting.
-    mallopt(M_MMAP_THRESHOLD, 256 * 1024);
+    mallopt(M_MMAP_THRESHOLD, 32 * 1024);
 #endif
 
     m.def("set_error_types", [](py::object tokens, py::object hash) {

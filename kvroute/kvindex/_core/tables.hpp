@@ -174,8 +174,10 @@ struct BlockTable {
         remap.assign(old.size(), EMPTY);
         size = 0;
         tombs = 0;
-        for (size_t j = 0; j < old.size(); j++)
+        for (size_t j = 0; j < old.size(); j++) {
+            if (j + 16 < old.size()) __builtin_prefetch(&s[home_of(old[j + 16].key, ncap)]);
             if (old[j].val != EMPTY && old[j].val != TOMB) remap[j] = (uint32_t)place(old[j].key, old[j].val);
+        }
     }
     void erase_at(size_t i) {
         s[i].val = TOMB;
