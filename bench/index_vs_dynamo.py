@@ -15,8 +15,9 @@ deltas are clean):
             computed from the tokens inside; the events carry ``token_bytes``, as
             kvroute's vLLM decoder produces them); Dynamo = RadixTree.apply_event() of
             prebuilt JSON (its local hashes precomputed, not timed).
-  * query:  ours = block_hash_list() + KVIndex.match(); Dynamo =
-            compute_block_hash_for_seq() + RadixTree.find_matches().
+  * query:  ours = KVIndex.match_tokens() (hash + match; the compiled index hashes
+            only as far as some worker matches, but converts and checks every token);
+            Dynamo = compute_block_hash_for_seq() + RadixTree.find_matches().
   * memory: RSS growth while the index is built, per (block, worker) entry; also at 16M
             (block, worker) entries / 256 workers (--big-entries; built from content hashes
             with store(), and for Dynamo from prebuilt events; --big-sides picks the sides).
@@ -125,7 +126,7 @@ class Ours:
         return self._hash(q)
 
     def query(self, q):
-        m = self.index.match(self._hash(q))
+        m = self.index.match_tokens(q)  # hash + match (the compiled one stops hashing where the match ends)
         return max((o.total for o in m.values()), default=0)
 
     def router(self):

@@ -269,3 +269,20 @@ def test_many_workers_and_growth():
     for p in prompts:
         hs = hashing.block_hash_list(p, 4)
         assert py.match(hs) == nat.match(hs)
+
+
+def test_match_tokens_fused_walk_equals_hash_then_match():
+    """The compiled match_tokens stops hashing where the match ends; results and errors are unchanged."""
+    py, nat = PyKVIndex(4), NativeKVIndex(4)
+    rng = random.Random(9)
+    prompts = [[rng.randrange(100) for _ in range(4 * rng.randrange(1, 30))] for _ in range(20)]
+    for w, p in enumerate(prompts):
+        k = rng.randrange(1, len(p) // 4 + 1)
+        for idx in (py, nat):
+            idx.store(w % 5, hashing.block_hash_list(p, 4)[:k])
+    for p in prompts + [[1, 2, 3, 4, 5]]:
+        for q in (p, p + [7, 7], np.array(p, dtype=np.int32), p[:3]):
+            assert nat.match_tokens(q) == py.match_tokens(q) == nat.match(hashing.block_hash_list(q, 4))
+            assert nat.match_tokens(q, lora_name="L") == py.match_tokens(q, lora_name="L")
+        with pytest.raises(InvalidTokensError):  # a bad token far past the match still raises
+            nat.match_tokens(p + [1, 2, 3, -1])

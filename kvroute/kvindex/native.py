@@ -24,7 +24,7 @@ from typing import Any, Iterable, Sequence
 
 from .errors import InvalidHashError, SnapshotError, UnknownWorkerError
 from .events import INDEXED_SPEC_KINDS, AllBlocksCleared, ApplyResult, BlockRemoved, BlockStored, EventBatch
-from .hashing import HASH_SCHEME_VERSION, block_hash_list, encode_extras
+from .hashing import HASH_SCHEME_VERSION, ROOT_SEED, block_hash_list, encode_extras, native_prompt
 from .index import Overlap, _engine_hash, read_snapshot, write_snapshot
 from .types import ContentHash, Tier, WorkerId
 from .backend import core as _core
@@ -269,10 +269,15 @@ class NativeKVIndex:
         cache_salt: str | None = None,
         mm_hashes: Iterable[Any] | None = None,
     ) -> dict[WorkerId, Overlap]:
+        """Hash a prompt and match it, in one walk (blocks past the match are not hashed)."""
         bs = block_size if block_size is not None else self.block_size
         if bs is None:
             raise ValueError("match_tokens needs a block_size (none given and the index has none)")
-        return self.match(block_hash_list(token_ids, bs, lora_name=lora_name, cache_salt=cache_salt, mm_hashes=mm_hashes))
+        toks, enc = native_prompt(token_ids, bs, lora_name, cache_salt, mm_hashes)
+        out = self._core.match_tokens_dict(toks, bs, enc, ROOT_SEED, self._ids, Overlap)
+        if out is None:  # a container the core does not read directly
+            return self.match(block_hash_list(token_ids, bs, lora_name=lora_name, cache_salt=cache_salt, mm_hashes=mm_hashes))
+        return out  # type: ignore[no-any-return]
 
     def holds(self, worker: WorkerId, content_hash: int, tier: Tier | str | None = None) -> bool:
         s = self._slots.get(worker)

@@ -337,11 +337,18 @@ class KVCore {
     }
 
     // ------------------------------------------------------------------- match
-    // Overlap of every worker holding the first block; `scratch` holds 2 * 64 * W counters.
+    // Overlap of every worker holding the first block of the n hashes.
     void match(const uint64_t* hs, size_t n, std::vector<Overlap>& out) const {
+        match_with([hs](size_t i) { return hs[i]; }, n, out);
+    }
+
+    // The same walk with the i-th hash computed on demand (in increasing i, a few blocks ahead):
+    // match_tokens hashes only as far as some worker still matches.
+    template <class HashAt>
+    void match_with(HashAt&& hs, size_t n, std::vector<Overlap>& out) const {
         out.clear();
         if (!n) return;
-        long b = bt.find(hs[0]);
+        long b = bt.find(hs(0));
         if (b < 0) return;
         const size_t nW = W;
         uint64_t run[64], cur[64];  // W <= 64 (4,096 workers) on this path; bigger fleets use vectors
@@ -406,8 +413,8 @@ class KVCore {
         offtier((size_t)b, R);
         size_t i = 1;
         for (; i < n; i++) {
-            if (i + 12 < n) bt.prefetch(hs[i + 12]);
-            long bb = bt.find(hs[i]);
+            if (i + 12 < n) bt.prefetch(hs(i + 12));
+            long bb = bt.find(hs(i));
             if (bb < 0) break;
             load((size_t)bb, C);
             bool changed = false, any = false;

@@ -30,7 +30,7 @@ using namespace kvcore;
 
 static PyObject* g_invalid_tokens = PyExc_ValueError;
 static PyObject* g_invalid_hash = PyExc_ValueError;
-constexpr size_t LARGE_BLOCKS = 1024;
+constexpr size_t LARGE_BLOCKS = 256;
 
 [[noreturn]] static void raise(PyObject* type, const std::string& msg) {
     PyErr_SetString(type, msg.c_str());
@@ -531,6 +531,37 @@ PYBIND11_MODULE(_kvcore, m) {
             {
                 Guard g(x.mu);
                 x.core.match(hs.data(), hs.size(), ov);
+            }
+            return overlaps_dict(ov, ids, overlap_type);
+        })
+        // Hash a prompt and match it in one walk: blocks after the last one any worker holds are
+        // never hashed (every token is still converted and checked).  None: container not handled.
+        .def("match_tokens_dict", [](Index& x, py::handle tokens, size_t bs, py::handle extras, uint64_t seed,
+                                     py::list ids, py::handle overlap_type) -> py::object {
+            std::vector<uint32_t> buf;
+            const uint32_t* p = nullptr;
+            size_t ntok = 0;
+            if (!tokens_u32(tokens, buf, p, ntok)) return py::none();
+            Extras ex;
+            read_extras(extras, ex);
+            const uint8_t* data = reinterpret_cast<const uint8_t*>(p);
+            size_t nb = ntok / bs, step = bs * 4;
+            std::vector<uint64_t> hs;
+            hs.reserve(nb);
+            uint64_t h = seed;
+            auto at = [&](size_t i) {
+                while (hs.size() <= i) {
+                    size_t j = hs.size();
+                    if (ex.any && j < ex.has.size() && ex.has[j]) h = xxh3::hash64(ex.data[j].data(), ex.data[j].size(), h);
+                    h = xxh3::hash64(data + j * step, step, h);
+                    hs.push_back(h);
+                }
+                return hs[i];
+            };
+            std::vector<Overlap> ov;
+            {
+                Guard g(x.mu);
+                x.core.match_with(at, nb, ov);
             }
             return overlaps_dict(ov, ids, overlap_type);
         })
