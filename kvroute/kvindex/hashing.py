@@ -105,12 +105,7 @@ def py_chain_hashes(
     seed: int = ROOT_SEED,
     extras: Sequence[Sequence[Any] | None] | None = None,
 ) -> list[ContentHash]:
-    """Chained hashes of the full blocks in ``token_bytes`` (uint32 LE), as ints.
-
-    ``seed`` is the previous block's content hash (``ROOT_SEED`` at a prompt's
-    start).  ``extras[i]``, when given and non-empty, is mixed into block ``i``.
-    The pure-Python reference of :func:`chain_hashes`: one ``xxhash`` call a block.
-    """
+    """The pure-Python reference of :func:`chain_hashes` (same arguments): one ``xxhash`` call a block."""
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
     step = block_size * 4

@@ -314,16 +314,7 @@ class Router:
             hs = hs[:nb]
         num_tokens = max(num_tokens, nb * bs)
         with self.lock:
-            now = self._clock()
-            if self.request_ttl_s is not None and self._requests:
-                self._expire_requests(now - self.request_ttl_s)
-            if request_id in self._requests:
-                raise DuplicateRequestError(f"request {request_id!r} is already in flight")
-            prefill_pool, decode_pool = self._pools()
-            if not prefill_pool:
-                raise NoHealthyWorkerError("no healthy worker can take a prefill")
-            if self._disaggregated and not decode_pool:
-                raise NoHealthyWorkerError("no healthy decode worker")
+            now, prefill_pool, decode_pool = self._admit(request_id)
             pending = self._pending
             pending.expire(now)
             overlaps = self.index.match(hs) if hs else {}
@@ -386,16 +377,7 @@ class Router:
         except TypeError:  # a container the core does not read (e.g. a big-endian array)
             h = core.hash_prompt(np.asarray(toks).astype("<u4"), bs, enc, ROOT_SEED)
         with self.lock:
-            now = self._clock()
-            if self.request_ttl_s is not None and self._requests:
-                self._expire_requests(now - self.request_ttl_s)
-            if request_id in self._requests:
-                raise DuplicateRequestError(f"request {request_id!r} is already in flight")
-            prefill_pool, decode_pool = self._pools()
-            if not prefill_pool:
-                raise NoHealthyWorkerError("no healthy worker can take a prefill")
-            if self._disaggregated and not decode_pool:
-                raise NoHealthyWorkerError("no healthy decode worker")
+            now, prefill_pool, decode_pool = self._admit(request_id)
             tied, reason, costs, best, num_tokens = self._core.route(h, now, now)
             nb = len(h)
             if len(tied) == 1:
@@ -434,6 +416,20 @@ class Router:
                 decode_worker=ds.id if self._disaggregated else None,
                 decode_costs=decode_costs,
             )
+
+    def _admit(self, request_id: Any) -> tuple[float, list[WorkerState], list[WorkerState]]:
+        """Under the lock, before a decision: expire stale requests, refuse duplicates and empty pools."""
+        now = self._clock()
+        if self.request_ttl_s is not None and self._requests:
+            self._expire_requests(now - self.request_ttl_s)
+        if request_id in self._requests:
+            raise DuplicateRequestError(f"request {request_id!r} is already in flight")
+        prefill_pool, decode_pool = self._pools()
+        if not prefill_pool:
+            raise NoHealthyWorkerError("no healthy worker can take a prefill")
+        if self._disaggregated and not decode_pool:
+            raise NoHealthyWorkerError("no healthy decode worker")
+        return now, prefill_pool, decode_pool
 
     def _commit(self, rid: Any, ps: WorkerState, ds: WorkerState, uncached: int, nb: int, now: float) -> None:
         ps.prefill_tokens += uncached

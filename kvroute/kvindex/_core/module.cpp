@@ -199,6 +199,18 @@ static void chain_maybe_nogil(const uint8_t* data, size_t ntok, size_t bs, uint6
     }
 }
 
+// Token ids -> chained hashes; false when the container is not one tokens_u32 reads.
+static bool hash_tokens(py::handle tokens, size_t bs, uint64_t seed, py::handle extras, std::vector<uint64_t>& out) {
+    std::vector<uint32_t> buf;
+    const uint32_t* p = nullptr;
+    size_t n = 0;
+    if (!tokens_u32(tokens, buf, p, n)) return false;
+    Extras ex;
+    read_extras(extras, ex);
+    chain_maybe_nogil(reinterpret_cast<const uint8_t*>(p), n, bs, seed, ex, out);
+    return true;
+}
+
 static py::list to_list(const std::vector<uint64_t>& v) {
     PyObject* l = PyList_New((Py_ssize_t)v.size());
     if (!l) throw py::error_already_set();
@@ -358,27 +370,15 @@ PYBIND11_MODULE(_kvcore, m) {
         chain_maybe_nogil(static_cast<const uint8_t*>(info.ptr), (size_t)(info.size * info.itemsize) / 4, bs, seed, ex, out);
         return to_list(out);
     }, py::arg("data"), py::arg("block_size"), py::arg("seed"), py::arg("extras") = py::none());
-    // Token ids -> list of chained hashes; None when the container type is not handled here.
+    // Token ids -> chained hashes as a list / a uint64 array; None when the container type is not handled here.
     m.def("block_hash_list", [](py::handle tokens, size_t bs, uint64_t seed, py::object extras) -> py::object {
-        std::vector<uint32_t> buf;
-        const uint32_t* p = nullptr;
-        size_t n = 0;
-        if (!tokens_u32(tokens, buf, p, n)) return py::none();
-        Extras ex;
-        read_extras(extras, ex);
         std::vector<uint64_t> out;
-        chain_maybe_nogil(reinterpret_cast<const uint8_t*>(p), n, bs, seed, ex, out);
+        if (!hash_tokens(tokens, bs, seed, extras, out)) return py::none();
         return to_list(out);
     });
     m.def("block_hash_array", [](py::handle tokens, size_t bs, uint64_t seed, py::object extras) -> py::object {
-        std::vector<uint32_t> buf;
-        const uint32_t* p = nullptr;
-        size_t n = 0;
-        if (!tokens_u32(tokens, buf, p, n)) return py::none();
-        Extras ex;
-        read_extras(extras, ex);
         std::vector<uint64_t> out;
-        chain_maybe_nogil(reinterpret_cast<const uint8_t*>(p), n, bs, seed, ex, out);
+        if (!hash_tokens(tokens, bs, seed, extras, out)) return py::none();
         py::array_t<uint64_t> a(out.size());
         std::copy(out.begin(), out.end(), a.mutable_data());
         return std::move(a);
