@@ -197,9 +197,12 @@ class BothBackends(RuleBasedStateMachine):
     def remove_worker(self, worker):
         self.both("remove_worker", worker)
 
-    @rule(p=st.sampled_from(PROMPTS), lora=st.sampled_from([None, "L"]))
-    def match(self, p, lora):
+    @rule(p=st.sampled_from(PROMPTS), lora=st.sampled_from([None, "L"]), bad=st.sampled_from([None, -1, 1 << 64, "x"]))
+    def match(self, p, lora, bad):
         hs = hashing.block_hash_list(p, BS, lora_name=lora)
+        if bad is not None:  # a value that names no block: the walk stops there; a removal ignores it
+            self.both("match", hs[:1] + [bad] + hs[1:])
+            self.both("remove", "w0", [bad] + hs[:1], tier="host")
         self.both("match", hs)
         self.both("match", np.array(hs, dtype=np.uint64))
         self.both("match_tokens", p, lora_name=lora)

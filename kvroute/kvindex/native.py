@@ -19,6 +19,8 @@ the reference (the Router and the sidecar's subscriber share one).
 from __future__ import annotations
 
 import heapq
+import itertools
+import operator
 import os
 from typing import Any, Iterable, Sequence
 
@@ -32,6 +34,15 @@ from .backend import core as _core
 _TIERS = (Tier.GPU, Tier.HOST, Tier.DISK)
 _BYTES_SEED = 0x6B76726F75746562  # "kvrouteb"
 _BYTE_TYPES = (bytes, bytearray, memoryview)
+
+
+def _is_u64(h: Any) -> bool:
+    """Whether ``h`` can name a block (an unsigned 64-bit int, numpy ints included)."""
+    try:
+        v = operator.index(h)
+    except TypeError:
+        return False
+    return 0 <= v < 1 << 64
 
 
 def encode_block_extras(extras: Sequence[Any] | None) -> list[bytes | None] | None:
@@ -171,7 +182,10 @@ class NativeKVIndex:
             return self._core.remove_keys(s, self._keys([_engine_hash(k) for k in engine_hashes], False), t)
         if not isinstance(hashes, (list, tuple)) and not hasattr(hashes, "dtype"):
             hashes = list(hashes)
-        return self._core.remove_hashes(s, hashes, t)
+        try:
+            return self._core.remove_hashes(s, hashes, t)
+        except InvalidHashError:  # as the reference: what names no block is ignored
+            return self._core.remove_hashes(s, [h for h in hashes if _is_u64(h)], t)
 
     def content_hash_of(self, worker: WorkerId, engine_hash: Any) -> ContentHash | None:
         s = self._slots.get(worker)
@@ -258,7 +272,10 @@ class NativeKVIndex:
     # ------------------------------------------------------------------- match
     def match(self, hashes: Sequence[int] | Any) -> dict[WorkerId, Overlap]:
         """See :meth:`kvroute.kvindex.index.KVIndex.match`."""
-        return self._core.match_dict(hashes, self._ids, Overlap)  # type: ignore[no-any-return]
+        try:
+            return self._core.match_dict(hashes, self._ids, Overlap)  # type: ignore[no-any-return]
+        except InvalidHashError:  # as the reference: no block is named by it, so the walk stops there
+            return self._core.match_dict(list(itertools.takewhile(_is_u64, hashes)), self._ids, Overlap)  # type: ignore[no-any-return]
 
     def match_tokens(
         self,
