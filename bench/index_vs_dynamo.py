@@ -1,4 +1,5 @@
-"""kvroute's hashing + KVIndex against Dynamo's Rust RadixTree, same workload, one run.
+"""kvroute's hashing + index, both backends (compiled core and pure-Python reference), against
+Dynamo's Rust RadixTree: same workload, one run.
 
 Workload: 64 workers, 8,192-token prompts at block size 16 (512 blocks), each a
 shared system prompt (one of 24, 1-4K tokens) plus a unique suffix; workers
@@ -7,17 +8,27 @@ the new suffix blocks, chained on it) until the index holds >= 1M (block,
 worker) entries.  Queries: new prompts behind a cached system prompt (the
 common case), repeats of stored prompts (full hits) and cold prompts.
 
-Measured (timings: both sides in one process, repetitions interleaved so machine
-noise hits both alike; memory: each side built in its own subprocess so RSS
+Measured (timings: CPU time of the process, all its threads, all sides in one process,
+repetitions interleaved so machine noise hits them alike; memory: each side built in its own subprocess so RSS
 deltas are clean):
   * store:  ours = KVIndex.apply() of decoded BlockStored events (content hashes
-            computed from the tokens inside); Dynamo = RadixTree.apply_event() of
+            computed from the tokens inside; the events carry ``token_bytes``, as
+            kvroute's vLLM decoder produces them); Dynamo = RadixTree.apply_event() of
             prebuilt JSON (its local hashes precomputed, not timed).
-  * query:  ours = block_hash_list() + KVIndex.match(); Dynamo =
-            compute_block_hash_for_seq() + RadixTree.find_matches().
-  * memory: RSS growth while the index is built, per (block, worker) entry.
+  * query:  ours = KVIndex.match_tokens() (hash + match; the compiled index hashes
+            only as far as some worker matches, but converts and checks every token);
+            Dynamo = compute_block_hash_for_seq() + RadixTree.find_matches().
+  * memory: RSS growth while the index is built, per (block, worker) entry; also at 16M
+            (block, worker) entries / 256 workers (--big-entries; built from content hashes
+            with store(), and for Dynamo from prebuilt events; --big-sides picks the sides).
+  * route:  Router.route (kvroute policy, pending table, load model) on the same 1M index,
+            each backend, against Dynamo's bare compute_block_hash_for_seq + find_matches
+            (the 300 queries routed in a row, then finished untimed).
 
-Usage: python bench/index_vs_dynamo.py [--entries 1000000] [--reps 5] [--json]
+Sides: native = kvroute.kvindex.native.NativeKVIndex + the core's hashing; python = the
+reference kvroute.kvindex.index.KVIndex + py_block_hash_list; dynamo = ai-dynamo-runtime.
+
+Usage: python bench/index_vs_dynamo.py [--entries 1000000] [--reps 5] [--big-entries 16000000] [--json]
 Needs: pip install ai-dynamo-runtime==1.6.1 (the [bench] extra).
 """
 from __future__ import annotations
@@ -84,16 +95,24 @@ def workload(target_entries: int, seed: int = 0):
 
 
 class Ours:
-    name = "kvroute"
+    """One kvroute backend: ``native`` (compiled core) or ``python`` (the reference)."""
 
-    def __init__(self, events):
-        from kvroute.kvindex import BlockStored, EventBatch, KVIndex
-        from kvroute.kvindex.hashing import block_hash_list
+    def __init__(self, events, backend: str):
+        from kvroute.kvindex import BlockStored, EventBatch, hashing
+        from kvroute.kvindex.index import KVIndex as PyKVIndex
 
-        self._new = lambda: KVIndex(BS)
-        self._hash = lambda q: block_hash_list(q, BS)
+        self.name = backend
+        if backend == "native":
+            from kvroute.kvindex.native import NativeKVIndex
+
+            self.cls, hash_fn = NativeKVIndex, hashing.block_hash_list
+        else:
+            self.cls, hash_fn = PyKVIndex, hashing.py_block_hash_list
+        self._new = lambda: self.cls(BS)
+        self._hash = lambda q: hash_fn(q, BS)
         self.batches = [
-            (w, EventBatch(0.0, (BlockStored(tuple(ext), parent, tuple(int(x) for x in toks), BS),)))
+            (w, EventBatch(0.0, (BlockStored(tuple(ext), parent, tuple(int(x) for x in toks), BS,
+                                             token_bytes=toks.astype("<u4").tobytes()),)))
             for w, parent, ext, toks in events
         ]
 
@@ -107,8 +126,13 @@ class Ours:
         return self._hash(q)
 
     def query(self, q):
-        m = self.index.match(self._hash(q))
+        m = self.index.match_tokens(q)  # hash + match (the compiled one stops hashing where the match ends)
         return max((o.total for o in m.values()), default=0)
+
+    def router(self):
+        from kvroute.router import Router
+
+        return Router(list(range(WORKERS)), BS, index=self.index)
 
 
 class Dynamo:
@@ -141,13 +165,74 @@ class Dynamo:
         return max(sc.values(), default=0)
 
 
-SIDES = {"ours": Ours, "dynamo": Dynamo}
+SIDES = {"native": lambda ev: Ours(ev, "native"), "python": lambda ev: Ours(ev, "python"), "dynamo": Dynamo}
+
+
+def big_workload(target_entries: int, workers: int, seed: int = 1):
+    """Content-hash chains for the memory run at scale: (worker, content hashes, engine hashes) per event.
+
+    The 1M workload's shape (per worker: each of 24 system prompts once, then 512-block prompts
+    behind one), without tokens: content hashes are drawn at random (a chain's hashes are
+    random 64-bit values anyway), engine hashes are distinct ints.
+    """
+    rng = np.random.default_rng(seed)
+    sys_len = [int(rng.integers(64, 257)) for _ in range(N_SYSTEM)]
+    systems = [rng.integers(0, 2**63, n, dtype=np.uint64) for n in sys_len]
+    have = [set() for _ in range(workers)]
+    entries = 0
+    p = 0
+    while entries < target_entries:
+        w = p % workers
+        s = int(rng.integers(0, N_SYSTEM))
+        if s not in have[w]:
+            have[w].add(s)
+            yield w, systems[s], np.arange(len(systems[s]), dtype=np.uint64) + np.uint64(s * 1_000_000 + 1), None
+            entries += len(systems[s])
+        n = PROMPT_TOKENS // BS - sys_len[s]
+        yield w, rng.integers(0, 2**63, n, dtype=np.uint64), np.arange(n, dtype=np.uint64) + np.uint64((p + 1) * 1_000_000_000), (s, sys_len[s])
+        entries += n
+        p += 1
+
+
+def memory_big(side: str, entries: int, workers: int) -> None:
+    """Build a 16M-entry / 256-worker index in this (fresh) process and print its RSS growth."""
+    gc.collect()
+    rss0 = rss_bytes()
+    if side == "dynamo":
+        from dynamo._core import RadixTree
+
+        tree = RadixTree()
+        n = 0
+        for i, (w, hs, ext, sysinfo) in enumerate(big_workload(entries, workers)):
+            parent = None if sysinfo is None else int(sysinfo[0] * 1_000_000 + sysinfo[1])
+            ev = {"event_id": i, "dp_rank": 0, "data": {"stored": {"parent_hash": parent, "blocks": [
+                {"block_hash": int(e), "tokens_hash": int(h)} for e, h in zip(ext, hs)]}}}
+            tree.apply_event(w, json.dumps(ev).encode())
+            n += len(hs)
+        keep = tree
+    else:
+        from kvroute.kvindex.index import KVIndex as PyKVIndex
+
+        if side == "native":
+            from kvroute.kvindex.native import NativeKVIndex as cls
+        else:
+            cls = PyKVIndex
+        index = cls(BS)
+        for w, hs, ext, _ in big_workload(entries, workers):
+            index.store(w, hs, engine_hashes=ext.tolist())
+        n = len(index)
+        keep = index
+    gc.collect()
+    print(json.dumps({"rss_bytes": rss_bytes() - rss0, "entries": n}))
+    del keep
 
 
 def timed(fn, *args) -> float:
-    t0 = time.perf_counter()
+    """CPU seconds of this process, all threads (Dynamo applies events on threads of its own;
+    preemption by other processes on a shared machine does not count)."""
+    t0 = time.process_time()
     fn(*args)
-    return time.perf_counter() - t0
+    return time.process_time() - t0
 
 
 def memory_child(side: str, entries: int) -> None:
@@ -159,78 +244,129 @@ def memory_child(side: str, entries: int) -> None:
     rss0 = rss_bytes()
     impl.build()
     gc.collect()
-    extra = impl.index.stats()["bytes_estimate"] if side == "ours" else None
+    extra = impl.index.stats()["bytes_estimate"] if side != "dynamo" else None
     print(json.dumps({"rss_bytes": rss_bytes() - rss0, "estimate": extra}))
 
 
 def run_timing(entries: int, reps: int = 5) -> dict:
-    """Both sides in one process, repetitions interleaved, so machine noise hits both alike."""
+    """All sides in one process, repetitions interleaved, so machine noise hits them alike."""
     events, queries, n = workload(entries)
-    ours, dyn = Ours(events), Dynamo(events)
+    sides = [SIDES[k](events) for k in ("native", "python", "dynamo")]
     gc.collect()
     gc.freeze()  # the workload's own objects are long-lived input, not index state: keep them out of GC passes
     blocks = sum(len(e[2]) for e in events)
-    res = {"kvroute": {"store": [], "query": [], "hash": []}, "dynamo": {"store": [], "query": [], "hash": []}}
-    for _ in range(reps):
-        for impl in (ours, dyn):
+    res = {impl.name: {"store": [], "query": [], "hash": [], "route": []} for impl in sides}
+    for rep in range(reps):
+        for impl in sides:
             r = res[impl.name]
             gc.collect()
             r["store"].append(timed(impl.build))
             r["query"].append(timed(lambda: [impl.query(q) for q in queries]) / len(queries))
             r["hash"].append(timed(lambda: [impl.hash(q) for q in queries]) / len(queries))
-    agree = [ours.query(q) for q in queries[:60]] == [dyn.query(q) for q in queries[:60]]
-    assert agree, "the two indexes disagree on overlaps"
-    med = {k: {m: statistics.median(v) for m, v in d.items()} for k, d in res.items()}
-    ratio = {m: statistics.median([a / b for a, b in zip(res["kvroute"][m], res["dynamo"][m])]) for m in ("store", "query", "hash")}
-    return {"entries": ours.index.stats()["entries"], "blocks": blocks, "median": med, "ratio_of_reps": ratio}
+            if impl.name == "dynamo":
+                continue
+            router = impl.router()
+            for i, q in enumerate(queries[:30]):  # warm up (and leave the pending table realistic)
+                router.route(q, request_id=("w", rep, i))
+                router.finish(("w", rep, i))
+
+            def routes():  # Router.route alone: the requests stay in flight until after the timing
+                for i, q in enumerate(queries):
+                    router.route(q, request_id=(rep, i))
+            r["route"].append(timed(routes) / len(queries))
+            for i in range(len(queries)):
+                router.finish((rep, i))
+    nat, py, dyn = sides
+    ref = [dyn.query(q) for q in queries[:60]]
+    assert [nat.query(q) for q in queries[:60]] == ref and [py.query(q) for q in queries[:60]] == ref, \
+        "the indexes disagree on overlaps"
+    med = {k: {m: statistics.median(v) if v else float("nan") for m, v in d.items()} for k, d in res.items()}
+    ratio = {}
+    for side in ("native", "python"):
+        ratio[side] = {m: statistics.median([a / b for a, b in zip(res[side][m], res["dynamo"][m])])
+                       for m in ("store", "query", "hash")}
+        # Router.route against Dynamo's bare hash + find_matches
+        ratio[side]["route"] = statistics.median([a / b for a, b in zip(res[side]["route"], res["dynamo"]["query"])])
+    return {"entries": nat.index.stats()["entries"], "blocks": blocks, "median": med, "ratio_of_reps": ratio}
+
+
+def _child(args: list[str]) -> dict:
+    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(f"memory run {args} failed:\n{out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--entries", type=int, default=1_000_000)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--big-entries", type=int, default=16_000_000, help="memory run at scale (0: skip)")
+    ap.add_argument("--big-workers", type=int, default=256)
+    ap.add_argument("--big-sides", default="native,dynamo", help="sides of the run at scale (python: ~2.5 GB, minutes)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--memory-side", choices=sorted(SIDES), help=argparse.SUPPRESS)
+    ap.add_argument("--memory-big", choices=sorted(SIDES), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.memory_side:
         memory_child(a.memory_side, a.entries)
         return
-    mem = {}
-    for side in SIDES:
-        out = subprocess.run([sys.executable, __file__, "--memory-side", side, "--entries", str(a.entries)],
-                             capture_output=True, text=True)
-        if out.returncode:
-            sys.exit(f"{side} memory run failed:\n{out.stderr}")
-        mem[side] = json.loads(out.stdout.strip().splitlines()[-1])
+    if a.memory_big:
+        memory_big(a.memory_big, a.big_entries, a.big_workers)
+        return
+    mem = {side: _child(["--memory-side", side, "--entries", str(a.entries)]) for side in SIDES}
+    big = {}
+    if a.big_entries:
+        for side in a.big_sides.split(","):
+            big[side] = _child(["--memory-big", side, "--big-entries", str(a.big_entries), "--big-workers", str(a.big_workers)])
     t = run_timing(a.entries, a.reps)
     n, blocks, med, rr = t["entries"], t["blocks"], t["median"], t["ratio_of_reps"]
-    o, d = med["kvroute"], med["dynamo"]
-    summary = {
-        "entries": n, "workers": WORKERS, "prompt_tokens": PROMPT_TOKENS, "block_size": BS,
-        "hash_match_us": {"kvroute": o["query"] * 1e6, "dynamo": d["query"] * 1e6, "ratio": rr["query"]},
-        "hash_only_us": {"kvroute": o["hash"] * 1e6, "dynamo": d["hash"] * 1e6, "ratio": rr["hash"]},
-        "store_blocks_per_s": {"kvroute": blocks / o["store"], "dynamo": blocks / d["store"], "ratio": 1 / rr["store"]},
-        "bytes_per_entry": {"kvroute_rss": mem["ours"]["rss_bytes"] / n, "kvroute_estimate": mem["ours"]["estimate"] / n,
-                            "dynamo_rss": mem["dynamo"]["rss_bytes"] / n,
-                            "ratio": mem["ours"]["rss_bytes"] / max(mem["dynamo"]["rss_bytes"], 1)},
-    }
+    d = med["dynamo"]
+    summary: dict = {"entries": n, "workers": WORKERS, "prompt_tokens": PROMPT_TOKENS, "block_size": BS, "reps": a.reps,
+                     "loadavg": os.getloadavg()[0]}
+    for side in ("native", "python"):
+        o = med[side]
+        summary[side] = {
+            "hash_match_us": o["query"] * 1e6, "hash_match_ratio": rr[side]["query"],
+            "hash_only_us": o["hash"] * 1e6, "hash_only_ratio": rr[side]["hash"],
+            "store_blocks_per_s": blocks / o["store"], "store_ratio": 1 / rr[side]["store"],
+            "bytes_per_entry_rss": mem[side]["rss_bytes"] / n, "bytes_per_entry_estimate": mem[side]["estimate"] / n,
+            "bytes_ratio": mem[side]["rss_bytes"] / max(mem["dynamo"]["rss_bytes"], 1),
+            "route_us": o["route"] * 1e6, "route_ratio": rr[side]["route"],
+        }
+    summary["dynamo"] = {"hash_match_us": d["query"] * 1e6, "hash_only_us": d["hash"] * 1e6,
+                         "store_blocks_per_s": blocks / d["store"], "bytes_per_entry_rss": mem["dynamo"]["rss_bytes"] / n}
+    summary["big"] = {side: {"entries": b["entries"], "workers": a.big_workers, "bytes_per_entry_rss": b["rss_bytes"] / b["entries"]}
+                      for side, b in big.items()}
+    nat = summary["native"]
     summary["targets_met"] = {
-        "hash_match_ratio<=0.5": summary["hash_match_us"]["ratio"] <= 0.5,
-        "store_ratio>=1.0": summary["store_blocks_per_s"]["ratio"] >= 1.0,
-        "bytes_ratio<=1.0": summary["bytes_per_entry"]["ratio"] <= 1.0,
+        "native hash+match <= 0.5x dynamo": nat["hash_match_ratio"] <= 0.5,
+        "native store >= 2.0x dynamo": nat["store_ratio"] >= 2.0,
+        "native <= 32 B per entry at 1M/64 (RSS)": nat["bytes_per_entry_rss"] <= 32,
+        "native Router.route <= 0.5x dynamo hash+find_matches": nat["route_ratio"] <= 0.5,
     }
     if a.json:
         print(json.dumps(summary, indent=2))
         return
     print(f"{n:,} (block, worker) entries, {WORKERS} workers, {PROMPT_TOKENS}-token prompts, block {BS}; "
-          f"medians of {a.reps} interleaved reps, ratio = median of per-rep ratios")
-    print(f"{'':28}{'kvroute':>14}{'dynamo':>14}{'ratio':>10}")
-    hm, ho, st, by = (summary[k] for k in ("hash_match_us", "hash_only_us", "store_blocks_per_s", "bytes_per_entry"))
-    print(f"{'hash+match per prompt (us)':28}{hm['kvroute']:14.1f}{hm['dynamo']:14.1f}{hm['ratio']:10.2f}  (target <= 0.5)")
-    print(f"{'hash only per prompt (us)':28}{ho['kvroute']:14.1f}{ho['dynamo']:14.1f}{ho['ratio']:10.2f}")
-    print(f"{'store, blocks/s':28}{st['kvroute']:14,.0f}{st['dynamo']:14,.0f}{st['ratio']:10.2f}  (target >= 1.0)")
-    print(f"{'bytes per entry (RSS)':28}{by['kvroute_rss']:14.1f}{by['dynamo_rss']:14.1f}{by['ratio']:10.2f}  (target <= 1.0)")
-    print(f"{'bytes per entry (estimate)':28}{by['kvroute_estimate']:14.1f}")
+          f"medians of {a.reps} interleaved reps, ratio = median of per-rep ratios vs dynamo")
+    print(f"{'':34}{'native':>11}{'ratio':>7}{'python':>11}{'ratio':>7}{'dynamo':>11}   target (native)")
+    rows = [("hash+match per prompt (us)", "hash_match_us", "hash_match_ratio", "hash_match_us", "<= 0.5"),
+            ("hash only per prompt (us)", "hash_only_us", "hash_only_ratio", "hash_only_us", ""),
+            ("store from events (blocks/s)", "store_blocks_per_s", "store_ratio", "store_blocks_per_s", ">= 2.0"),
+            ("bytes per entry, RSS", "bytes_per_entry_rss", "bytes_ratio", "bytes_per_entry_rss", "<= 32 B"),
+            ("Router.route (us) vs dyn hash+match", "route_us", "route_ratio", "hash_match_us", "<= 0.5")]
+    for label, key, rkey, dkey, target in rows:
+        nv, pv, dv = summary["native"][key], summary["python"][key], summary["dynamo"][dkey]
+        fmt = (lambda v: f"{v:11,.0f}") if "store" in key else (lambda v: f"{v:11.1f}")
+        print(f"{label:34}{fmt(nv)}{summary['native'][rkey]:7.2f}{fmt(pv)}{summary['python'][rkey]:7.2f}{fmt(dv)}   {target}")
+    print(f"{'bytes per entry, core estimate':34}{summary['native']['bytes_per_entry_estimate']:11.1f}{'':7}"
+          f"{summary['python']['bytes_per_entry_estimate']:11.1f}")
+    for side, b in summary["big"].items():
+        print(f"at scale: {side}: {b['entries']:,} entries, {b['workers']} workers: {b['bytes_per_entry_rss']:.1f} B per entry (RSS)")
+    for k, v in summary["targets_met"].items():
+        print(f"  {'met   ' if v else 'MISSED'} {k}")
+    print(f"load average {summary['loadavg']:.2f} on {os.cpu_count()} CPUs")
 
 
 if __name__ == "__main__":

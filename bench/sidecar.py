@@ -6,12 +6,16 @@ prompts, each stored prompt (system prompt + unique 4,096-token suffix) held
 by 4 workers.  Queries: 50% repeats of stored prompts, 40% new suffixes behind
 a stored system prompt, 10% cold prompts.
 
-Per policy (``kvroute`` = ours, ``dynamo`` = Dynamo's default cost through the
-same server), a ``kvroute serve`` subprocess restores the index from a
-snapshot and answers:
+Per run (backend ``native`` = the compiled core, ``python`` = the pure-Python reference
+selected by KVROUTE_PURE_PYTHON=1; policy ``kvroute`` = ours, ``dynamo`` = Dynamo's
+default cost through the same server; --runs picks them), a ``kvroute serve``
+subprocess restores the index from a snapshot and answers:
 
 * closed loop: one request at a time -> p50/p99 round trip of ``route``
-  (token ids sent as uint32 bytes; a ``finish`` follows each decision);
+  (token ids sent as uint32 bytes; a ``finish`` follows each decision), the
+  routes/s one client gets that way, and the server process's CPU time per
+  route + finish (1e6 / it: the routes/s one server core can take; robust to a
+  busy machine, where the wall-clock figures are not);
 * open loop: requests sent on a fixed schedule at increasing rates (in 1 ms
   bursts: the generator never spins), latency counted from each send, so
   queueing in the server shows; reported: the highest rate whose p99 stays
@@ -20,7 +24,7 @@ snapshot and answers:
   at the first rate it cannot keep up with).
 
 Floors, in-process and without a socket: ``Router.route`` on the same index
-(ours), and Dynamo's ``compute_block_hash_for_seq`` + ``RadixTree.find_matches``
+(ours, each backend), and Dynamo's ``compute_block_hash_for_seq`` + ``RadixTree.find_matches``
 on the same entries (needs ``pip install ai-dynamo-runtime==1.6.1``; skipped if
 missing) -- the matching step alone, no load model.
 
@@ -33,6 +37,9 @@ over the replicas (aggregate routes/s kept up with, and the highest rate whose p
 
 Usage: python bench/sidecar.py [--entries 1048576] [--rates 250,500,...] [--seconds 2] [--json]
        python bench/sidecar.py --replicas 1,2,3 --entries 262144 --workers 16 [--p99-bound 5]
+
+Usage: python bench/sidecar.py [--entries 1048576] [--runs native:kvroute,python:kvroute,native:dynamo]
+                               [--rates 250,500,...] [--seconds 2] [--json]
 The load generator shares the machine with the server; on a 2-core box both
 compete for CPU (and with whatever else runs), which bounds the open-loop
 figures: the printed load average says how quiet the machine was.  The floors
@@ -59,8 +66,7 @@ COPIES = 4
 
 
 def build_workload(workers: int, target_entries: int, seed: int = 0):
-    from kvroute import KVIndex
-    from kvroute.kvindex import block_hash_list
+    from kvroute.kvindex import KVIndex, block_hash_list
 
     rng = np.random.default_rng(seed)
     systems = [rng.integers(0, 128000, SYSTEM, dtype=np.uint32) for _ in range(N_SYSTEM)]
@@ -90,14 +96,21 @@ def build_workload(workers: int, target_entries: int, seed: int = 0):
     return index, stored, queries
 
 
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (from /proc; 10 ms ticks)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pct(xs, q):
     return float(np.percentile(np.asarray(xs), q)) if len(xs) else float("nan")
 
 
-def start_server(cfg_path: str):
+def start_server(cfg_path: str, env: dict):
     from kvroute.sidecar.process import spawn_serve
 
-    return spawn_serve(cfg_path, timeout_s=300)
+    return spawn_serve(cfg_path, timeout_s=300, env=env)
 
 
 class Gen:
@@ -131,6 +144,7 @@ class Gen:
 
 
 def closed_loop(gen: Gen, qbytes, n: int) -> list[float]:
+    """Round trips of route, one at a time (the finish that follows each is not timed)."""
     lat = []
     for i in range(n):
         t0 = time.perf_counter()
@@ -266,21 +280,44 @@ def replica_row(args, ctx, tmp: str, snap: str, qbytes, n_entries: int, R: int, 
             p.wait(120)
 
 
-def in_process_floors(index, queries, n: int) -> dict:
+def in_process_floors(index, snap: str, queries, n: int) -> dict:
+    """``Router.route`` + ``finish`` in this process, on the native index and on the reference loaded from the snapshot."""
+    from kvroute.kvindex.index import KVIndex as PyKVIndex
     from kvroute.router import Router
 
     out = {}
-    r = Router([f"w{i}" for i in range(len(index.workers()))], BS, index=index)
-    t, c = [], []
-    for i in range(n):
-        q = queries[i % len(queries)]
-        c0 = time.thread_time()
-        t0 = time.perf_counter()
-        r.route(q, request_id=i)
-        t.append(time.perf_counter() - t0)
-        c.append(time.thread_time() - c0)
-        r.finish(i)
-    out["kvroute Router.route (in-process)"] = (pct(t, 50) * 1e6, pct(t, 99) * 1e6, pct(c, 50) * 1e6, pct(c, 99) * 1e6)
+    sides = [(getattr(index, "backend", "python"), index)]
+    if sides[0][0] == "native":
+        sides.append(("python", PyKVIndex.load(snap)))
+    for name, idx in sides:
+        r = Router([f"w{i}" for i in range(len(idx.workers()))], BS, index=idx)
+        t, c = [], []
+        for i in range(n):
+            q = queries[i % len(queries)]
+            c0 = time.thread_time()
+            t0 = time.perf_counter()
+            r.route(q, request_id=i)
+            t.append(time.perf_counter() - t0)
+            c.append(time.thread_time() - c0)
+            r.finish(i)
+        out[f"kvroute Router.route, {name} backend (in-process)"] = (pct(t, 50) * 1e6, pct(t, 99) * 1e6, pct(c, 50) * 1e6, pct(c, 99) * 1e6)
+        # the server's whole request path without the socket: msgpack in, route, msgpack out, then finish
+        from kvroute.sidecar.service import Service
+
+        svc = Service(r)
+        qb = [q.astype("<u4").tobytes() for q in queries[:64]]
+        reqs = [(msgpack.packb({"op": "route", "id": i, "request_id": -1 - i, "token_ids": qb[i % 64], "costs": False}),
+                 msgpack.packb({"op": "finish", "id": i, "request_id": -1 - i})) for i in range(n)]
+        t, c = [], []
+        for route_req, finish_req in reqs:
+            c0 = time.thread_time()
+            t0 = time.perf_counter()
+            svc.handle(route_req)
+            svc.handle(finish_req)
+            t.append(time.perf_counter() - t0)
+            c.append(time.thread_time() - c0)
+        out[f"sidecar Service.handle route + finish, {name} backend (in-process, no socket)"] = (
+            pct(t, 50) * 1e6, pct(t, 99) * 1e6, pct(c, 50) * 1e6, pct(c, 99) * 1e6)
     return out
 
 
@@ -319,9 +356,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--entries", type=int, default=1 << 20)
     ap.add_argument("--workers", type=int, default=64)
-    ap.add_argument("--policies", default="kvroute,dynamo")
+    ap.add_argument("--runs", default="native:kvroute,python:kvroute,native:dynamo",
+                    help="backend:policy pairs, each a server of its own")
     ap.add_argument("--closed", type=int, default=1000, help="closed-loop requests per policy")
-    ap.add_argument("--rates", default="250,500,750,1000,1500,2000,2500,3000,4000")
+    ap.add_argument("--rates", default="500,1000,1500,2000,2500,3000,4000,5000,6000,8000")
     ap.add_argument("--seconds", type=float, default=2.0, help="duration of each open-loop rate")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--replicas", default="", help="comma-separated replica counts (e.g. 1,2,3): the replica run")
@@ -361,21 +399,31 @@ def main() -> None:
             print(json.dumps(res, indent=1))
         return
     try:
-        for pol in args.policies.split(","):
-            run_snap = os.path.join(tmp, f"{pol}.snap")
+        for run in args.runs.split(","):
+            backend, pol = run.split(":")
+            run_snap = os.path.join(tmp, f"{backend}-{pol}.snap")
             shutil.copy(snap, run_snap)
             cfg = {"bind": "tcp://127.0.0.1:*", "http_port": 0, "block_size": BS, "policy": pol, "snapshot": run_snap,
                    "workers": [{"id": f"w{i}"} for i in range(args.workers)]}
-            cfg_path = os.path.join(tmp, f"{pol}.json")
+            cfg_path = os.path.join(tmp, f"{backend}-{pol}.json")
             with open(cfg_path, "w") as f:
                 json.dump(cfg, f)
-            proc, ready = start_server(cfg_path)
+            env = dict(os.environ)
+            env.pop("KVROUTE_PURE_PYTHON", None)
+            if backend == "python":
+                env["KVROUTE_PURE_PYTHON"] = "1"
+            proc, ready = start_server(cfg_path, env)
             try:
                 assert ready["restored"] and ready["index_entries"] == len(index), ready
                 gen = Gen(ctx, ready["address"])
                 closed_loop(gen, qbytes, 100)  # warm up
+                cpu0 = proc_cpu_s(proc.pid)
                 lat = closed_loop(gen, qbytes, args.closed)
-                row = {"closed_p50_ms": pct(lat, 50) * 1e3, "closed_p99_ms": pct(lat, 99) * 1e3, "open": []}
+                server_cpu = proc_cpu_s(proc.pid) - cpu0
+                row = {"closed_p50_ms": pct(lat, 50) * 1e3, "closed_p99_ms": pct(lat, 99) * 1e3,
+                       "closed_routes_per_s": len(lat) / sum(lat),
+                       # the server's CPU per route + finish pair: 1e6 / it = routes/s one server core can take
+                       "server_cpu_us_per_route": server_cpu / len(lat) * 1e6, "open": []}
                 best = kept = 0.0
                 for rate in [float(x) for x in args.rates.split(",")]:
                     o = open_loop(gen, qbytes, rate, args.seconds)
@@ -387,12 +435,12 @@ def main() -> None:
                         best = max(best, rate)
                 row["max_rate_p99_under_2ms"] = best
                 row["max_rate_kept_up"] = kept
-                res["policies"][pol] = row
+                res["policies"][run] = row
                 gen.s.close()
             finally:
                 proc.terminate()
                 proc.wait(120)
-        res["floors_us"] = in_process_floors(index, queries, 1000)
+        res["floors_us"] = in_process_floors(index, snap, queries, 1000)
         dyn = dynamo_floor(stored, args.workers, queries, 1000)
         if dyn is not None:
             res["floors_us"]["dynamo hash + RadixTree.find_matches (in-process)"] = dyn
@@ -405,16 +453,14 @@ def main() -> None:
         return
     print(f"index: {res['entries']:,} entries, {args.workers} workers, {PROMPT}-token prompts, block {BS} "
           f"(built in {build_s:.1f} s)")
-    print(f"{'policy':10} {'closed p50':>11} {'closed p99':>11} {'max rate (p99<2ms)':>19} {'max rate kept up':>17}")
-    for pol, row in res["policies"].items():
-        print(f"{pol:10} {row['closed_p50_ms']:9.3f}ms {row['closed_p99_ms']:9.3f}ms "
-              f"{row['max_rate_p99_under_2ms']:17.0f}/s {row['max_rate_kept_up']:15.0f}/s")
-    for pol, row in res["policies"].items():
-        print(f"open loop, {pol}: " + "  ".join(f"{o['rate']:.0f}/s p50 {o['p50_ms']:.2f} p99 {o['p99_ms']:.2f} ms"
+    print(f"{'backend:policy':16} {'closed p50':>11} {'closed p99':>11} {'closed routes/s':>16} {'server CPU/route':>17} "
+          f"{'max rate (p99<2ms)':>19} {'max rate kept up':>17}")
+    for run, row in res["policies"].items():
+        print(f"{run:16} {row['closed_p50_ms']:9.3f}ms {row['closed_p99_ms']:9.3f}ms {row['closed_routes_per_s']:14,.0f}/s "
+              f"{row['server_cpu_us_per_route']:14.0f} us {row['max_rate_p99_under_2ms']:17.0f}/s {row['max_rate_kept_up']:15.0f}/s")
+    for run, row in res["policies"].items():
+        print(f"open loop, {run}: " + "  ".join(f"{o['rate']:.0f}/s p50 {o['p50_ms']:.2f} p99 {o['p99_ms']:.2f} ms"
                                                for o in row["open"]))
-    if len(res["policies"]) >= 2 and "kvroute" in res["policies"] and "dynamo" in res["policies"]:
-        a, b = res["policies"]["kvroute"], res["policies"]["dynamo"]
-        print(f"ratio kvroute/dynamo-policy closed p50: {a['closed_p50_ms'] / b['closed_p50_ms']:.2f}")
     for name, (p50, p99, c50, c99) in res["floors_us"].items():
         print(f"floor: {name}: wall p50 {p50:.0f} us, p99 {p99:.0f} us; CPU p50 {c50:.0f} us, p99 {c99:.0f} us")
     print(f"load average during the run: {res['loadavg_before']} -> {res['loadavg_after']} on {os.cpu_count()} CPUs")

@@ -33,8 +33,15 @@ class _LazyGroup(click.Group):
         return super().get_command(ctx, name)
 
 
+def _version_message() -> str:
+    """``kvroute, version X (backend: native|python)``: which implementation of the core runs."""
+    from .kvindex.backend import BACKEND
+
+    return f"%(prog)s, version %(version)s (backend: {BACKEND})"
+
+
 @click.group(cls=_LazyGroup)
-@click.version_option(package_name="kvroute")
+@click.version_option(package_name="kvroute", message=_version_message())
 def main() -> None:
     """KV-cache-aware routing and prefix eviction for vLLM and SGLang fleets."""
 

@@ -31,6 +31,7 @@ import msgpack
 import numpy as np
 import xxhash
 
+from .backend import core as _core
 from .errors import InvalidTokensError
 from .types import ContentHash
 
@@ -88,8 +89,23 @@ def chain_hashes(
 
     ``seed`` is the previous block's content hash (``ROOT_SEED`` at a prompt's
     start).  ``extras[i]``, when given and non-empty, is mixed into block ``i``.
-    This is the hot path of routing and event ingestion: one xxh3 call a block.
+    The compiled core computes it when in use; :func:`py_chain_hashes` is the reference.
     """
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    if _core is not None:
+        return _core.chain_hashes(token_bytes, block_size, seed, _encode_all(extras))  # type: ignore[no-any-return]
+    return py_chain_hashes(token_bytes, block_size, seed=seed, extras=extras)
+
+
+def py_chain_hashes(
+    token_bytes: bytes,
+    block_size: int,
+    *,
+    seed: int = ROOT_SEED,
+    extras: Sequence[Sequence[Any] | None] | None = None,
+) -> list[ContentHash]:
+    """The pure-Python reference of :func:`chain_hashes` (same arguments): one ``xxhash`` call a block."""
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
     step = block_size * 4
@@ -109,6 +125,36 @@ def chain_hashes(
         h = _xxh3(token_bytes[off : off + step], h)
         append(h)
     return out  # type: ignore[return-value]
+
+
+def _encode_all(extras: Sequence[Sequence[Any] | None] | None) -> list[bytes | None] | None:
+    """Per-block extras as the bytes the chain mixes in (None for a block without extras)."""
+    if not extras:
+        return None
+    return [encode_extras(ex) if ex else None for ex in extras]
+
+
+def _is_torch(x: Any) -> bool:
+    return hasattr(x, "detach") and hasattr(x, "cpu")
+
+
+def _num_tokens(token_ids: Any) -> int:
+    return token_ids.size if isinstance(token_ids, np.ndarray) else len(token_ids)
+
+
+def native_prompt(token_ids: Any, block_size: int, lora_name: Any, cache_salt: Any, mm_hashes: Any) -> tuple[Any, Any]:
+    """(token container the compiled core reads, encoded per-block extras) -- the compiled backend's hashing input."""
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    if _is_torch(token_ids):
+        token_ids = token_ids.detach().cpu().numpy()
+    elif not isinstance(token_ids, (list, tuple, np.ndarray)):
+        token_ids = tokens_to_bytes(token_ids)
+        token_ids = np.frombuffer(token_ids, dtype="<u4")
+    if lora_name is None and cache_salt is None and not mm_hashes:
+        return token_ids, None
+    n_blocks = _num_tokens(token_ids) // block_size
+    return token_ids, _encode_all(block_extras(n_blocks, block_size, lora_name=lora_name, cache_salt=cache_salt, mm_hashes=mm_hashes))
 
 
 def block_extras(
@@ -156,10 +202,28 @@ def block_hash_list(
     mm_hashes: Iterable[Any] | None = None,
 ) -> list[ContentHash]:
     """Like :func:`block_hashes` but returns a list of Python ints (faster for dict lookups)."""
+    if _core is not None:
+        toks, enc = native_prompt(token_ids, block_size, lora_name, cache_salt, mm_hashes)
+        out = _core.block_hash_list(toks, block_size, ROOT_SEED, enc)
+        if out is None:  # a container the core does not read directly (e.g. a big-endian array)
+            out = _core.chain_hashes(tokens_to_bytes(toks), block_size, ROOT_SEED, enc)
+        return out  # type: ignore[no-any-return]
+    return py_block_hash_list(token_ids, block_size, lora_name=lora_name, cache_salt=cache_salt, mm_hashes=mm_hashes)
+
+
+def py_block_hash_list(
+    token_ids: Any,
+    block_size: int,
+    *,
+    lora_name: str | None = None,
+    cache_salt: str | None = None,
+    mm_hashes: Iterable[Any] | None = None,
+) -> list[ContentHash]:
+    """The pure-Python reference of :func:`block_hash_list`."""
     data = tokens_to_bytes(token_ids)
     n_blocks = len(data) // (4 * block_size) if block_size > 0 else 0
     extras = block_extras(n_blocks, block_size, lora_name=lora_name, cache_salt=cache_salt, mm_hashes=mm_hashes)
-    return chain_hashes(data, block_size, extras=extras)
+    return py_chain_hashes(data, block_size, extras=extras)
 
 
 def block_hashes(
@@ -176,7 +240,13 @@ def block_hashes(
     block is not hashed.  ``lora_name``, ``cache_salt`` and ``mm_hashes`` put the
     prompt in its own namespace (see the module docstring).
     """
+    if _core is not None:
+        toks, enc = native_prompt(token_ids, block_size, lora_name, cache_salt, mm_hashes)
+        arr = _core.block_hash_array(toks, block_size, ROOT_SEED, enc)
+        if arr is None:
+            arr = np.array(_core.chain_hashes(tokens_to_bytes(toks), block_size, ROOT_SEED, enc), dtype=np.uint64)
+        return arr
     return np.array(
-        block_hash_list(token_ids, block_size, lora_name=lora_name, cache_salt=cache_salt, mm_hashes=mm_hashes),
+        py_block_hash_list(token_ids, block_size, lora_name=lora_name, cache_salt=cache_salt, mm_hashes=mm_hashes),
         dtype=np.uint64,
     )

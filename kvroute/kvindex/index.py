@@ -46,7 +46,9 @@ from .events import (
     BlockStored,
     EventBatch,
 )
-from .hashing import HASH_SCHEME_VERSION, ROOT_SEED, block_hash_list, chain_hashes, tokens_to_bytes
+from .hashing import HASH_SCHEME_VERSION, ROOT_SEED, tokens_to_bytes
+from .hashing import py_block_hash_list as block_hash_list  # the reference hashes with the reference
+from .hashing import py_chain_hashes as chain_hashes
 from .types import ContentHash, Tier, WorkerId, normalize_engine_hash
 
 _GPU, _HOST, _DISK = int(Tier.GPU), int(Tier.HOST), int(Tier.DISK)
@@ -119,12 +121,15 @@ class _Worker:
 
 
 class KVIndex:
-    """Which worker holds which block, on which tier.
+    """Which worker holds which block, on which tier (the pure-Python reference backend).
 
     ``block_size`` (optional) is checked against the ``block_size`` of applied
     events.  ``max_blocks_per_worker`` (optional) bounds memory: stores beyond
     it are refused and counted in ``stats()["capacity_drops"]``.
     """
+
+    #: Which implementation this is (the compiled one is kvroute.kvindex.native.NativeKVIndex).
+    backend = "python"
 
     def __init__(self, block_size: int | None = None, *, max_blocks_per_worker: int | None = None) -> None:
         self.block_size = block_size
@@ -712,47 +717,16 @@ class KVIndex:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write a versioned, checksummed msgpack snapshot; atomic (temp file + rename)."""
-        body = msgpack.packb(self._snapshot_body(), use_bin_type=True)
-        header = (
-            SNAPSHOT_MAGIC
-            + SNAPSHOT_VERSION.to_bytes(4, "big")
-            + len(body).to_bytes(8, "big")
-            + xxhash.xxh3_64_intdigest(body).to_bytes(8, "big")
-        )
-        atomic_write(path, (header, body), prefix=".kvindex-")
+        write_snapshot(path, self._snapshot_body())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "KVIndex":
-        """Read a snapshot written by :meth:`save` into a new index.
+        """Read a snapshot written by :meth:`save` (either backend's) into a new index.
 
         Raises :class:`SnapshotError` on a missing, truncated, corrupted or
         unknown-version file; no index is touched in that case.
         """
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as exc:
-            raise SnapshotError(f"cannot read snapshot {path}: {exc}") from exc
-        if len(data) < _HEADER_LEN or not data.startswith(SNAPSHOT_MAGIC):
-            raise SnapshotError(f"{path} is not a kvroute index snapshot (bad header)")
-        p = len(SNAPSHOT_MAGIC)
-        version = int.from_bytes(data[p : p + 4], "big")
-        length = int.from_bytes(data[p + 4 : p + 12], "big")
-        checksum = int.from_bytes(data[p + 12 : p + 20], "big")
-        if version != SNAPSHOT_VERSION:
-            raise SnapshotError(f"{path}: snapshot version {version}, this kvroute reads {SNAPSHOT_VERSION}")
-        body = data[_HEADER_LEN:]
-        if len(body) != length:
-            raise SnapshotError(f"{path}: truncated snapshot ({len(body)} of {length} body bytes)")
-        if xxhash.xxh3_64_intdigest(body) != checksum:
-            raise SnapshotError(f"{path}: snapshot checksum mismatch (corrupted file)")
-        try:
-            doc = msgpack.unpackb(body, raw=False, strict_map_key=False, use_list=True)
-            return cls._from_body(doc)
-        except SnapshotError:
-            raise
-        except Exception as exc:  # any structural surprise in a checksummed body is still a bad snapshot
-            raise SnapshotError(f"{path}: malformed snapshot body: {exc!r}") from exc
+        return read_snapshot(path, cls._from_body)
 
     @classmethod
     def _from_body(cls, doc: Any) -> "KVIndex":
@@ -776,3 +750,44 @@ class KVIndex:
                 w.copies[(k, t)] = n
         idx.check_invariants()
         return idx
+
+
+def write_snapshot(path: str | os.PathLike[str], body: dict[str, Any]) -> None:
+    """The snapshot file format (both backends): magic, version, body length, xxh3 of the body, msgpack body."""
+    data = msgpack.packb(body, use_bin_type=True)
+    header = (
+        SNAPSHOT_MAGIC
+        + SNAPSHOT_VERSION.to_bytes(4, "big")
+        + len(data).to_bytes(8, "big")
+        + xxhash.xxh3_64_intdigest(data).to_bytes(8, "big")
+    )
+    atomic_write(path, (header, data), prefix=".kvindex-")
+
+
+def read_snapshot(path: str | os.PathLike[str], from_body: Any) -> Any:
+    """Check a snapshot file and build an index from its body with ``from_body`` (SnapshotError on any fault)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise SnapshotError(f"cannot read snapshot {path}: {exc}") from exc
+    if len(data) < _HEADER_LEN or not data.startswith(SNAPSHOT_MAGIC):
+        raise SnapshotError(f"{path} is not a kvroute index snapshot (bad header)")
+    p = len(SNAPSHOT_MAGIC)
+    version = int.from_bytes(data[p : p + 4], "big")
+    length = int.from_bytes(data[p + 4 : p + 12], "big")
+    checksum = int.from_bytes(data[p + 12 : p + 20], "big")
+    if version != SNAPSHOT_VERSION:
+        raise SnapshotError(f"{path}: snapshot version {version}, this kvroute reads {SNAPSHOT_VERSION}")
+    body = data[_HEADER_LEN:]
+    if len(body) != length:
+        raise SnapshotError(f"{path}: truncated snapshot ({len(body)} of {length} body bytes)")
+    if xxhash.xxh3_64_intdigest(body) != checksum:
+        raise SnapshotError(f"{path}: snapshot checksum mismatch (corrupted file)")
+    try:
+        doc = msgpack.unpackb(body, raw=False, strict_map_key=False, use_list=True)
+        return from_body(doc)
+    except SnapshotError:
+        raise
+    except Exception as exc:  # any structural surprise in a checksummed body is still a bad snapshot
+        raise SnapshotError(f"{path}: malformed snapshot body: {exc!r}") from exc

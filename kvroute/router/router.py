@@ -25,7 +25,9 @@ Cost per request: one hash pass (``route``), one index walk and one pending
 walk over the prompt's blocks (bit masks, not per worker), then O(workers)
 for the policy -- never O(workers x blocks).
 Thread safety: every public method holds ``lock`` (pass the event
-subscriber's lock so routing never sees half an event batch).
+subscriber's lock so routing never sees half an event batch).  With the
+compiled route (:mod:`kvroute.router.native`) ``route`` hashes the prompt
+before taking the lock, with the GIL released for long prompts.
 """
 from __future__ import annotations
 
@@ -38,7 +40,8 @@ from typing import Any, Callable, Collection, Iterable, Sequence
 import numpy as np
 
 from ..kvindex import KVIndex
-from ..kvindex.hashing import block_hash_list
+from ..kvindex.hashing import ROOT_SEED, block_hash_list, native_prompt
+from . import native as _native
 from .disagg import DecodeWeights, choose_decode
 from .errors import DuplicateRequestError, NoHealthyWorkerError, UnknownPolicyError, UnknownRequestError, UnknownWorkerError
 from .active import ActiveBlocks
@@ -137,7 +140,6 @@ class Router:
         self.lock = lock if lock is not None else threading.RLock()
         self._clock = clock
         self._rng = random.Random(seed)
-        self._pending = PendingPrefixes(pending_ttl_s, clock)
         self._approx = ApproxPrefixes(approx_ttl_s)
         #: Predicted blocks kept per approximate-mode worker (None: its ``capacity_blocks``, else the
         #: table's default); an engine offloading to host memory holds GPU + host blocks.
@@ -150,6 +152,12 @@ class Router:
         #: Remote flights released by their deadline (their origin never released them).
         self.expired_remote = 0
         self._active: ActiveBlocks | None = ActiveBlocks() if self.policy.tracks_active_blocks else None
+        #: The compiled route (kvroute.router.native), or None: then every decision takes the Python path.
+        self._core = _native.make_core(self.index, self.policy, pending_ttl_s, clock, block_size)
+        self._pending = (_native.NativePending(self._core, clock) if self._core is not None
+                         else PendingPrefixes(pending_ttl_s, clock))
+        self._pool_ids: list[Any] = []
+        self._index_gen = -1
         self._states: dict[Any, WorkerState] = {}
         self._slot: dict[Any, int] = {}
         self._free_slots: list[int] = []
@@ -194,6 +202,7 @@ class Router:
                     self._next_slot += 1
             self._disaggregated = any(x.role is not Role.BOTH for x in self._states.values())
             self.index.add_worker(worker)
+            self._sync(s)
             self._pools_changed()
 
     def remove_worker(self, worker: Any) -> None:
@@ -265,6 +274,7 @@ class Router:
             if capacity_blocks is not None:
                 s.capacity_blocks = capacity_blocks or None
             s.reported_at = self._clock()
+            self._sync(s)
 
     def set_cache_credited(self, worker: Any, credited: bool) -> None:
         """Whether the router counts ``worker``'s cached blocks (index overlap) when routing.
@@ -301,6 +311,15 @@ class Router:
             raise UnknownWorkerError(f"unknown worker {worker!r}")
         return s
 
+    def _sync(self, s: WorkerState) -> None:
+        """Mirror a worker's load numbers into the compiled route (after every change to them)."""
+        if self._core is not None:
+            self._core.set_row(
+                self._slot[s.id], s.prefill_tokens, s.prefill_requests, s.decode_blocks, s.active_requests,
+                s.routed_total, -1 if s.reported_waiting is None else s.reported_waiting,
+                -1 if s.reported_queue_tokens is None else s.reported_queue_tokens,
+                float("nan") if s.reported_kv_usage is None else s.reported_kv_usage, s.capacity_blocks or 0)
+
     def _pools_changed(self) -> None:
         self._prefill_pool = None
         self._decode_pool = None
@@ -310,6 +329,12 @@ class Router:
             ordered = sorted(self._states.values(), key=lambda s: s.order)
             self._prefill_pool = [s for s in ordered if s.accepting and s.role is not Role.DECODE]
             self._decode_pool = [s for s in ordered if s.accepting and s.role is not Role.PREFILL]
+            self._index_gen = -1
+        if self._core is not None and self._index_gen != self.index.slot_generation:
+            islots = self.index.slots()
+            self._pool_ids = [s.id for s in self._prefill_pool]
+            self._core.set_pool([self._slot[w] for w in self._pool_ids], [islots.get(w, 0xFFFFFFFF) for w in self._pool_ids])
+            self._index_gen = self.index.slot_generation
         return self._prefill_pool, self._decode_pool
 
     # ------------------------------------------------------------------ routing
@@ -324,7 +349,16 @@ class Router:
         hints: RouteHints | None = None,
         exclude: Collection[Any] = (),
     ) -> Decision:
-        """Hash a prompt (same scheme as the index) and :meth:`route_hashes` it."""
+        """Hash a prompt (same scheme as the index) and :meth:`route_hashes` it.
+
+        With the compiled route (:mod:`kvroute.router.native`): one core call hashes the prompt
+        (outside the lock) and one decides (under it); same decisions as the Python path.
+        """
+        if (self._core is not None and not exclude and not self._uncredited and not self._approx_slots
+                and not self._observers and not self._remote):
+            # The compiled route covers the plain case; worker exclusions, uncredited caches, approximate
+            # mode and replica sync take the Python path (same decisions, checked by the differential tests).
+            return self._route_native(token_ids, request_id, lora_name, cache_salt, mm_hashes, hints)
         hs = block_hash_list(token_ids, self.block_size, lora_name=lora_name, cache_salt=cache_salt, mm_hashes=mm_hashes)
         n = token_ids.size if isinstance(token_ids, np.ndarray) else len(token_ids)
         return self.route_hashes(hs, num_tokens=int(n), request_id=request_id, hints=hints, exclude=exclude)
@@ -354,20 +388,7 @@ class Router:
             hs = hs[:nb]
         num_tokens = max(num_tokens, nb * bs)
         with self.lock:
-            now = self._clock()
-            if self.request_ttl_s is not None and self._requests:
-                self._expire_requests(now - self.request_ttl_s)
-            if self._remote_heap and self._remote_heap[0][0] <= now:
-                self._expire_remote(now)
-            if request_id in self._requests:
-                raise DuplicateRequestError(f"request {request_id!r} is already in flight")
-            prefill_pool, decode_pool = self._pools()
-            if exclude:
-                prefill_pool = [s for s in prefill_pool if s.id not in exclude]
-            if not prefill_pool:
-                raise NoHealthyWorkerError("no healthy worker can take a prefill")
-            if self._disaggregated and not decode_pool:
-                raise NoHealthyWorkerError("no healthy decode worker")
+            now, prefill_pool, decode_pool = self._admit(request_id, exclude)
             pending = self._pending
             pending.expire(now)
             overlaps = self.index.match(hs) if hs else {}
@@ -445,6 +466,76 @@ class Router:
                 hints=hints,
             )
 
+    def _route_native(self, token_ids: Any, request_id: Any, lora_name: Any, cache_salt: Any, mm_hashes: Any,
+                      hints: RouteHints | None) -> Decision:
+        core = _native.core
+        bs = self.block_size
+        toks, enc = native_prompt(token_ids, bs, lora_name, cache_salt, mm_hashes)
+        try:
+            h = core.hash_prompt(toks, bs, enc, ROOT_SEED)
+        except TypeError:  # a container the core does not read (e.g. a big-endian array)
+            h = core.hash_prompt(np.asarray(toks).astype("<u4"), bs, enc, ROOT_SEED)
+        with self.lock:
+            now, prefill_pool, decode_pool = self._admit(request_id)
+            tied, reason, costs, best, num_tokens = self._core.route(h, now, now)
+            nb = len(h)
+            if len(tied) == 1:
+                j, total, gpu, host, disk, pend = tied[0]
+            else:  # the cost model left a tie: the router's seeded rng breaks it, as on the Python path
+                j, total, gpu, host, disk, pend = tied[self._rng.randrange(len(tied))]
+                if reason != 3:
+                    reason = 0 if best == 0 else (1 if total == best else 2)
+                if nb and gpu + host + disk < nb:
+                    self._core.pending_add_last(self._slot[prefill_pool[j].id], now)
+            ps = prefill_pool[j]
+            decode_costs: dict[Any, float] = {}
+            if self._disaggregated:
+                ds, decode_costs = choose_decode(nb, decode_pool, self.decode_weights, self._rng)
+            else:
+                ds = ps
+            uncached = max(0, num_tokens - total * bs)
+            self._commit(request_id, ps, ds, uncached, nb, now)
+            cached = total * bs
+            self.decisions += 1
+            self.predicted_cached_tokens_total += cached
+            self.prompt_tokens_total += num_tokens
+            return Decision(
+                request_id=request_id,
+                worker=ps.id,
+                predicted_cached_tokens=cached,
+                predicted_gpu_tokens=(gpu + pend) * bs,
+                predicted_host_tokens=host * bs,
+                predicted_disk_tokens=disk * bs,
+                predicted_pending_tokens=pend * bs,
+                costs=dict(zip(self._pool_ids, costs)),
+                reason=_native.REASONS[reason],
+                policy=self.policy.name,
+                num_tokens=num_tokens,
+                prefill_worker=ps.id if self._disaggregated else None,
+                decode_worker=ds.id if self._disaggregated else None,
+                decode_costs=decode_costs,
+                hints=hints,
+            )
+
+    def _admit(self, request_id: Any, exclude: Collection[Any] = ()) -> tuple[float, list[WorkerState], list[WorkerState]]:
+        """Under the lock, before a decision: expire stale requests (local and remote), refuse duplicates
+        and empty pools; ``exclude`` leaves workers out of this decision's prefill pool."""
+        now = self._clock()
+        if self.request_ttl_s is not None and self._requests:
+            self._expire_requests(now - self.request_ttl_s)
+        if self._remote_heap and self._remote_heap[0][0] <= now:
+            self._expire_remote(now)
+        if request_id in self._requests:
+            raise DuplicateRequestError(f"request {request_id!r} is already in flight")
+        prefill_pool, decode_pool = self._pools()
+        if exclude:
+            prefill_pool = [s for s in prefill_pool if s.id not in exclude]
+        if not prefill_pool:
+            raise NoHealthyWorkerError("no healthy worker can take a prefill")
+        if self._disaggregated and not decode_pool:
+            raise NoHealthyWorkerError("no healthy decode worker")
+        return now, prefill_pool, decode_pool
+
     def _commit(self, rid: Any, ps: WorkerState, ds: WorkerState, uncached: int, nb: int, now: float,
                 hashes: Sequence[int] | None = None) -> None:
         ps.prefill_tokens += uncached
@@ -459,6 +550,11 @@ class Router:
             hashes = list(hashes)
             ds.active_blocks = self._active.add(self._slot[ds.id], hashes)
         self._requests[rid] = _Flight(ps, ds, uncached, nb, now, hashes)
+        self._requests[rid] = _Flight(ps, ds, uncached, nb, now)
+        if self._core is not None:
+            self._sync(ps)
+            if ds is not ps:
+                self._sync(ds)
 
     def _expire_requests(self, cutoff: float) -> None:
         """Release requests decided at or before ``cutoff`` (oldest first: dicts keep insertion order)."""
@@ -493,6 +589,8 @@ class Router:
         p.prefill_requests -= 1
         if f.decode is not p:
             p.active_requests -= 1
+        if self._core is not None and p.id in self._slot and self._states.get(p.id) is p:
+            self._sync(p)
 
     def finish(self, request_id: Any) -> None:
         """The request finished (or was cancelled): release all the load it added."""
@@ -513,6 +611,8 @@ class Router:
             slot = self._slot.get(d.id)
             if slot is not None and self._states.get(d.id) is d:  # a removed worker's table is gone
                 d.active_blocks = self._active.remove(slot, f.hashes)
+        if self._core is not None and d.id in self._slot and self._states.get(d.id) is d:
+            self._sync(d)
 
     def in_flight(self) -> int:
         return len(self._requests)

@@ -260,6 +260,7 @@ def health(router: Router, events: Any, sync: Any = None, monitor: Any = None) -
             doc["reasons"]["replica_sync"] = reasons
             if doc["status"] == "ok":
                 doc["status"] = "degraded"
+    doc["backend"] = getattr(router.index, "backend", "python")
     return doc
 
 

@@ -1,0 +1,226 @@
+// Speculative prefixes of the compiled core: the same two-generation table as the Python
+// reference kvroute.router.pending.PendingPrefixes (see its docstring), on open addressing:
+// each generation maps a content hash to a record of W words, one bit per router slot.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+#include "tables.hpp"
+
+namespace kvcore {
+
+struct Generation {
+    AliasMap map;                // content hash -> record index
+    std::vector<uint64_t> words; // records of W words
+    int64_t pairs = 0;           // set (block, slot) bits
+
+    void reset() {
+        map.clear();
+        std::vector<uint64_t>().swap(words);
+        pairs = 0;
+    }
+    const uint64_t* get(uint64_t h, size_t W) const {
+        uint32_t r = map.get(h);
+        return r == EMPTY ? nullptr : &words[(size_t)r * W];
+    }
+};
+
+// Python's float floor division (Objects/floatobject.c float_floor_div), so epochs agree bit for bit.
+static inline double py_floordiv(double vx, double wx) {
+    double mod = std::fmod(vx, wx);
+    double div = (vx - mod) / wx;
+    if (mod) {
+        if ((wx < 0) != (mod < 0)) div -= 1.0;
+    }
+    double floordiv;
+    if (div) {
+        floordiv = std::floor(div);
+        if (div - floordiv > 0.5) floordiv += 1.0;
+    } else {
+        floordiv = std::copysign(0.0, vx / wx);
+    }
+    return floordiv;
+}
+
+class Pending {
+   public:
+    double ttl;
+    int64_t epoch = 0;
+    size_t W = 1;
+    Generation cur, prev;
+
+    Pending(double ttl_s, double now) : ttl(ttl_s) {
+        epoch = ttl > 0 ? (int64_t)py_floordiv(now, ttl) : 0;
+    }
+    void ensure_slot(uint32_t s) {
+        size_t need = (size_t)s / 64 + 1;
+        if (need <= W) return;
+        for (Generation* g : {&cur, &prev}) {
+            size_t nrec = g->words.size() / W;
+            std::vector<uint64_t> nw(nrec * need, 0);
+            for (size_t r = 0; r < nrec; r++)
+                for (size_t wi = 0; wi < W; wi++) nw[r * need + wi] = g->words[r * W + wi];
+            g->words.swap(nw);
+        }
+        W = need;
+    }
+    int64_t size() const { return cur.pairs + prev.pairs; }
+
+    void expire(double now) {
+        if (ttl == 0) return;
+        int64_t e = (int64_t)py_floordiv(now, ttl);
+        if (e == epoch) return;
+        if (e == epoch + 1) {
+            std::swap(prev, cur);
+            cur.reset();
+        } else {
+            prev.reset();
+            cur.reset();
+        }
+        epoch = e;
+    }
+
+    void add(uint32_t s, const uint64_t* hs, size_t n, double now) {
+        if (!n || ttl == 0) return;
+        expire(now);
+        ensure_slot(s);
+        size_t wi = s >> 6;
+        uint64_t bit = 1ULL << (s & 63);
+        const uint64_t* last = cur.get(hs[n - 1], W);
+        if (last && (last[wi] & bit)) return;  // the whole chain is already pending (chained hashes)
+        int64_t added = 0;
+        for (size_t i = 0; i < n; i++) {
+            uint32_t r = cur.map.get(hs[i]);
+            if (r == EMPTY) {
+                r = (uint32_t)(cur.words.size() / W);
+                cur.words.resize(cur.words.size() + W, 0);
+                cur.map.put(hs[i], r);
+            }
+            uint64_t& w = cur.words[(size_t)r * W + wi];
+            if (!(w & bit)) {
+                w |= bit;
+                added++;
+            }
+        }
+        cur.pairs += added;
+    }
+
+    void forget(uint32_t s) {
+        size_t wi = s >> 6;
+        if (wi >= W) return;
+        uint64_t bit = 1ULL << (s & 63);
+        for (Generation* g : {&cur, &prev}) {
+            // drop the slot's bit; records left empty are unlinked from the map
+            std::vector<uint64_t> dead;
+            for (size_t i = 0; i < g->map.s.size(); i++) {
+                uint32_t r = g->map.s[i].val;
+                if (r == EMPTY) continue;
+                uint64_t* m = &g->words[(size_t)r * W];
+                if (!(m[wi] & bit)) continue;
+                m[wi] &= ~bit;
+                g->pairs--;
+                bool empty = true;
+                for (size_t j = 0; j < W; j++)
+                    if (m[j]) empty = false;
+                if (empty) dead.push_back(g->map.s[i].key);
+            }
+            for (uint64_t h : dead) g->map.erase(h);
+        }
+    }
+
+    // {slot: depth} of one generation, by the reference's bisection (pending.py _walk).
+    void walk(const Generation& g, const uint64_t* hs, size_t n, std::vector<std::pair<uint32_t, int64_t>>& out) const {
+        const uint64_t* m0 = g.get(hs[0], W);
+        if (!m0) return;
+        std::vector<uint64_t> full(W), S0(W);
+        const uint64_t* ml = n > 1 ? g.get(hs[n - 1], W) : m0;
+        for (size_t wi = 0; wi < W; wi++) {
+            full[wi] = n > 1 ? ((ml ? ml[wi] : 0) & m0[wi]) : m0[wi];
+            S0[wi] = m0[wi] & ~full[wi];
+        }
+        auto emit = [&](const std::vector<uint64_t>& M, int64_t d) {
+            for (size_t wi = 0; wi < W; wi++) {
+                uint64_t x = M[wi];
+                while (x) {
+                    int b = __builtin_ctzll(x);
+                    x &= x - 1;
+                    out.push_back({(uint32_t)(wi * 64 + b), d});
+                }
+            }
+        };
+        emit(full, (int64_t)n);
+        if (n <= 1) return;
+        struct Item {
+            size_t lo, hi;
+            std::vector<uint64_t> S;
+        };
+        std::vector<Item> stack;
+        stack.push_back({0, n - 1, S0});
+        while (!stack.empty()) {
+            Item it = std::move(stack.back());
+            stack.pop_back();
+            bool nz = false;
+            for (auto x : it.S)
+                if (x) nz = true;
+            if (!nz) continue;
+            if (it.hi - it.lo == 1) {
+                emit(it.S, (int64_t)it.hi);
+                continue;
+            }
+            size_t mid = (it.lo + it.hi) >> 1;
+            const uint64_t* mm = g.get(hs[mid], W);
+            std::vector<uint64_t> at(W), rest(W);
+            for (size_t wi = 0; wi < W; wi++) {
+                at[wi] = (mm ? mm[wi] : 0) & it.S[wi];
+                rest[wi] = it.S[wi] & ~at[wi];
+            }
+            stack.push_back({it.lo, mid, std::move(rest)});
+            stack.push_back({mid, it.hi, std::move(at)});
+        }
+    }
+
+    // depth[slot] (0 = none) over both generations; `depth` must have 64 * W entries.
+    void match(const uint64_t* hs, size_t n, double now, std::vector<std::pair<uint32_t, int64_t>>& out) {
+        out.clear();
+        if (!n) return;
+        expire(now);
+        walk(cur, hs, n, out);
+        if (prev.pairs || prev.map.size) {
+            std::vector<std::pair<uint32_t, int64_t>> p;
+            walk(prev, hs, n, p);
+            for (auto& sd : p) {
+                bool found = false;
+                for (auto& o : out)
+                    if (o.first == sd.first) {
+                        found = true;
+                        if (sd.second > o.second) o.second = sd.second;
+                        break;
+                    }
+                if (!found) out.push_back(sd);
+            }
+        }
+    }
+
+    std::string check() const {
+        for (const Generation* g : {&cur, &prev}) {
+            int64_t n = 0;
+            for (size_t i = 0; i < g->map.s.size(); i++) {
+                uint32_t r = g->map.s[i].val;
+                if (r == EMPTY) continue;
+                bool any = false;
+                for (size_t wi = 0; wi < W; wi++) {
+                    uint64_t x = g->words[(size_t)r * W + wi];
+                    n += __builtin_popcountll(x);
+                    if (x) any = true;
+                }
+                if (!any) return "empty pending mask kept";
+            }
+            if (n != g->pairs) return "pending pair counter drifted";
+        }
+        return "";
+    }
+};
+
+}  // namespace kvcore
