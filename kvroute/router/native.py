@@ -40,7 +40,7 @@ _FIELDS = frozenset(f.name for f in dataclasses.fields(KVRouteWeights))
 _KNOWN = frozenset({
     "prefill_s_per_token", "host_reload_s_per_token", "disk_reload_s_per_token", "decode_s_per_token",
     "decode_weight", "reported_request_tokens", "fleet_weight", "fleet_pressure_cap", "relief_ratio",
-    "kv_high", "kv_weight",
+    "kv_high", "kv_weight", "fleet_pressure_floor", "queued_request_floor_tokens",
 })
 
 

@@ -19,6 +19,7 @@
 #endif
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "index.hpp"
@@ -318,7 +319,7 @@ struct Row {  // a router slot's load, mirrored from WorkerState by Router._sync
 
 struct Weights {
     double t = 3.2e-5, host = 2.4e-6, disk = 1.9e-5, dec = 4.0e-8, dec_w = 1.0, fleet_w = 1.5, cap = 16.0,
-           relief = 2.0, kv_high = 0.9, kv_w = 1.0;
+           relief = 2.0, kv_high = 0.9, kv_w = 1.0, pfloor = 1.0, qfloor = 128.0;
     int64_t rrt = 1024;
 };
 
@@ -637,6 +638,8 @@ PYBIND11_MODULE(_kvcore, m) {
             w.rrt = d["reported_request_tokens"].cast<int64_t>();
             w.fleet_w = d["fleet_weight"].cast<double>();
             w.cap = d["fleet_pressure_cap"].cast<double>();
+            w.pfloor = d["fleet_pressure_floor"].cast<double>();
+            w.qfloor = d["queued_request_floor_tokens"].cast<double>();
             w.relief = d["relief_ratio"].cast<double>();
             w.kv_high = d["kv_high"].cast<double>();
             w.kv_w = d["kv_weight"].cast<double>();
@@ -722,7 +725,8 @@ PYBIND11_MODULE(_kvcore, m) {
             double th = bs * w.host, td = bs * w.disk, tdec = w.dec_w * bs * w.dec;
             double kv_span = std::max(1e-9, 1.0 - w.kv_high);
             std::vector<double> ttft(np), costs(np);
-            int64_t queued = 0, best = 0;
+            int64_t best = 0;
+            std::vector<int64_t> nqv(np);
             for (size_t j = 0; j < np; j++) {
                 const Row& s = r.rows[r.pool_r[j]];
                 const Cand& c = cands[j];
@@ -732,15 +736,17 @@ PYBIND11_MODULE(_kvcore, m) {
                     rep = s.rep_waiting * w.rrt;
                     has_rep = true;
                 }
-                int64_t q = s.prefill_tokens;
-                if (has_rep && rep && rep > q) q = rep;
+                // queue: max(in-flight prefill tokens, floor x queued requests, reported tokens), as in Python
+                double q = (double)s.prefill_tokens;
+                if (s.prefill_requests && w.qfloor * (double)s.prefill_requests > q) q = w.qfloor * (double)s.prefill_requests;
+                if (has_rep && rep && (double)rep > q) q = (double)rep;
                 int64_t nq = s.prefill_requests;
                 if (s.rep_waiting > 0 && s.rep_waiting > nq) nq = s.rep_waiting;
-                queued += nq ? nq : (q > 0 ? 1 : 0);
+                nqv[j] = nq ? nq : (q > 0 ? 1 : 0);
                 if (c.total > best) best = c.total;
                 int64_t un = ntok - (int64_t)r.bs * c.total;
                 double prefill = un > 0 ? (double)un * t : 0.0;
-                double cost = (double)q * t + prefill + (double)s.decode_blocks * tdec;
+                double cost = q * t + prefill + (double)s.decode_blocks * tdec;
                 if (c.host || c.disk) cost += (double)c.host * th + (double)c.disk * td;
                 bool has_kv = !std::isnan(s.rep_kv);
                 if (has_kv || s.capacity) {
@@ -749,7 +755,15 @@ PYBIND11_MODULE(_kvcore, m) {
                 }
                 ttft[j] = cost;
             }
-            double busy = np ? std::min(w.cap, (double)queued / (double)np) : 0.0;
+            // fleet pressure over the candidates holding less than the best (all of them when all tie)
+            int64_t n_others = 0, sum_others = 0;
+            for (size_t j = 0; j < np; j++)
+                if (cands[j].total < best) { n_others++; sum_others += nqv[j]; }
+            if (!n_others) {
+                n_others = (int64_t)np;
+                for (size_t j = 0; j < np; j++) sum_others += nqv[j];
+            }
+            double busy = n_others ? std::min(w.cap, std::max(w.pfloor, (double)sum_others / (double)n_others)) : 0.0;
             double per_block = w.fleet_w * busy * bs * t;
             for (size_t j = 0; j < np; j++) costs[j] = ttft[j] + per_block * (double)(best - cands[j].total);
             int reason;
@@ -771,16 +785,16 @@ PYBIND11_MODULE(_kvcore, m) {
             std::vector<size_t> tied;
             for (size_t j = 0; j < np; j++)
                 if ((*vals)[j] <= bestv + tol) tied.push_back(j);
-            if (tied.size() > 1) {
-                std::pair<int64_t, int64_t> k0{INT64_MAX, INT64_MAX};
+            if (tied.size() > 1) {  // cached_then_fair_share: more of the prompt, fewest in flight, fewest routed
+                std::tuple<int64_t, int64_t, int64_t> k0{INT64_MAX, INT64_MAX, INT64_MAX};
                 for (size_t j : tied) {
                     const Row& s = r.rows[r.pool_r[j]];
-                    k0 = std::min(k0, std::make_pair(s.active, s.routed));
+                    k0 = std::min(k0, std::make_tuple(-cands[j].total, s.active, s.routed));
                 }
                 std::vector<size_t> t2;
                 for (size_t j : tied) {
                     const Row& s = r.rows[r.pool_r[j]];
-                    if (std::make_pair(s.active, s.routed) == k0) t2.push_back(j);
+                    if (std::make_tuple(-cands[j].total, s.active, s.routed) == k0) t2.push_back(j);
                 }
                 tied.swap(t2);
             }
