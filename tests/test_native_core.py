@@ -289,3 +289,17 @@ def test_match_tokens_fused_walk_equals_hash_then_match():
             assert nat.match_tokens(q, lora_name="L") == py.match_tokens(q, lora_name="L")
         with pytest.raises(InvalidTokensError):  # a bad token far past the match still raises
             nat.match_tokens(p + [1, 2, 3, -1])
+
+
+def test_holds_any_agrees_with_the_reference() -> None:
+    from kvroute.kvindex.index import KVIndex as PyKVIndex
+    from kvroute.kvindex.native import NativeKVIndex
+
+    for idx in (PyKVIndex(4), NativeKVIndex(4)):
+        idx.add_worker("a")
+        idx.add_worker("b")
+        assert not idx.holds_any("a") and not idx.holds_any("zz")
+        idx.store("a", [11, 12])
+        assert idx.holds_any("a") and not idx.holds_any("b")
+        idx.remove("a", [11, 12])
+        assert not idx.holds_any("a")

@@ -307,6 +307,13 @@ class NativeKVIndex:
             return bool(bits)
         return bool(bits >> int(Tier.parse(tier)) & 1)
 
+    def holds_any(self, worker: WorkerId) -> bool:
+        """Whether a known worker holds at least one block (False for an unknown worker); see KVIndex.holds_any."""
+        s = self._slots.get(worker)
+        if s is None:
+            return False
+        return self._core.alias_count(s) > 0 or len(self._core.rows(s)[0]) > 0
+
     def blocks_of(self, worker: WorkerId) -> dict[ContentHash, frozenset[Tier]]:
         cs, _, bits = self._core.rows(self._slot(worker))
         return {c: frozenset(t for t in _TIERS if b >> int(t) & 1) for c, b in zip(cs.tolist(), bits.tolist())}
