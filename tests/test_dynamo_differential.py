@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
+os.environ.setdefault("DYN_LOG", "error")  # Dynamo's Rust logging (read at import): keep the test output readable
+
 try:
     import zmq
     from dynamo._core import SelectionService

@@ -40,11 +40,14 @@ def test_service_route_cycle_and_typed_errors():
     assert rep["result"]["predicted_cached_tokens"] == 48
     rep = call(svc, {"op": "route", "request_id": "y", "token_ids": p, "costs": False})
     assert rep["ok"] and "costs" not in rep["result"]
-    rep = call(svc, {"op": "route", "request_id": "z", "hashes": block_hashes(p, 16).tolist(), "num_tokens": 100})
-    assert rep["ok"] and rep["result"]["worker"] == "b"
-    for rid in ("x", "y", "z"):
+    for rid in ("x", "y"):
         assert call(svc, {"op": "prefill_done", "request_id": rid})["ok"]
         assert call(svc, {"op": "finish", "request_id": rid})["ok"]
+    # by hashes, on the same (idle again) fleet: the same choice as by tokens
+    rep = call(svc, {"op": "route", "request_id": "z", "hashes": block_hashes(p, 16).tolist(), "num_tokens": 100})
+    assert rep["ok"] and rep["result"]["worker"] == "b"
+    assert call(svc, {"op": "prefill_done", "request_id": "z"})["ok"]
+    assert call(svc, {"op": "finish", "request_id": "z"})["ok"]
     bad = [
         (b"\xc1\x00garbage", "BadRequest"),
         (msgpack.packb([1, 2, 3]), "BadRequest"),
