@@ -8,6 +8,7 @@ import runpy
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from kvroute.eviction import (
@@ -18,6 +19,7 @@ from kvroute.eviction import (
     UnknownPolicyError,
     make_policy,
 )
+from kvroute.eviction.policies import adaptive as A
 from kvroute.eviction.policies.adaptive import Adaptive
 from kvroute.eviction.replay import (
     TraceError,
@@ -330,7 +332,7 @@ def test_adaptive_host_duel_shadows_replay_whole_cache_standalone():
     follows the rule (it changes only to an expert that beats it by the margin, significantly)."""
     reqs = load_trace("mooncake_conversation.jsonl", limit=400)
     gpu, host = 60, 240
-    fac = lambda: Adaptive(duel_decay=1.0, duel_margin=0.002, duel_z=0.5)  # noqa: E731
+    fac = lambda: Adaptive(duel=True, duel_decay=1.0, duel_margin=0.002, duel_z=0.5)  # noqa: E731
     c = TieredCache(gpu, host, fac, host_policy=fac)
     g, h = c.policies
     assert h._shadows is not None and g._verdict is h and g._shadows is None
@@ -412,7 +414,7 @@ def test_duel_switches_when_the_learned_expert_is_clearly_worse():
     reqs = [[1000 * (i // 300) + 10 * (i % 5) + j for j in range(8)] + [10**6 + 2 * i, 10**6 + 2 * i + 1]
             for i in range(600)]
     gpu, host = 10, 40
-    c = TieredCache(gpu, host, _Frozen, host_policy=_Frozen)
+    c = TieredCache(gpu, host, lambda: _Frozen(duel=True), host_policy=lambda: _Frozen(duel=True))
     off = TieredCache(gpu, host, lambda: _Frozen(duel=False), host_policy=lambda: _Frozen(duel=False))
     for i, keys in enumerate(reqs):
         c.access(keys, float(i))
@@ -428,7 +430,7 @@ def test_two_tiers_hold_what_the_leading_shadow_holds(leader):
     cache of their summed size run by that expert): both tiers drop first what the shadow dropped."""
     reqs = load_trace("mooncake_conversation.jsonl", limit=1500)
     gpu, host = 500, 2000
-    fac = lambda: Adaptive(duel_margin=1e9)  # noqa: E731  (no switch by itself)
+    fac = lambda: Adaptive(duel=True, duel_margin=1e9)  # noqa: E731  (no switch by itself)
     c = TieredCache(gpu, host, fac, host_policy=fac)
     g, h = c.policies
     h._set_leader(leader)
@@ -446,7 +448,7 @@ def test_clear_starts_the_duel_shadows_over_too():
     """An engine's prefix-cache reset empties the shadows as well (they model this cache), so after it
     GPU + host again hit as often as the leader's shadow; the learned state and the scores stay."""
     reqs = load_trace("mooncake_conversation.jsonl", limit=1200)
-    fac = lambda: Adaptive(duel_margin=1e9)  # noqa: E731
+    fac = lambda: Adaptive(duel=True, duel_margin=1e9)  # noqa: E731
     c = TieredCache(300, 1200, fac, host_policy=fac)
     g, h = c.policies
     for r in reqs[:600]:
@@ -480,7 +482,7 @@ def test_hints_leave_the_duel_order_alone():
     """Regression: hint() re-filed a candidate by dropping and re-adding it, which moved it to the back
     of its Votes level (protecting it, even when its hint was withdrawn) and re-filed the experts."""
     reqs = load_trace("mooncake_conversation.jsonl", limit=400)
-    c = TieredCache(60, 240, "adaptive", host_policy="adaptive")
+    c = TieredCache(60, 240, lambda: Adaptive(duel=True), host_policy=lambda: Adaptive(duel=True))
     g, h = c.policies
     for r in reqs:
         c.access(r.keys, r.ts)
@@ -499,7 +501,7 @@ def test_hints_leave_the_duel_order_alone():
 
 def _small_two_tier():
     """A 3 + 12 block two-tier adaptive cache after twelve two-block requests."""
-    c = TieredCache(3, 12, "adaptive")
+    c = TieredCache(3, 12, lambda: Adaptive(duel=True), host_policy=lambda: Adaptive(duel=True))
     for i in range(12):
         c.access([100 + i, 200 + i], now=float(i))
     return c, *c.policies
@@ -540,7 +542,7 @@ def test_adaptive_candidate_heaps_stay_bounded_in_two_tiers():
     on access, pinned, removed) were never popped and the host tier's heaps grew with every request
     (11,650 entries for 17 candidates after 2,000 requests)."""
     reqs = load_trace("mooncake_conversation.jsonl", limit=2000)
-    c = TieredCache(60, 240, Adaptive, host_policy=Adaptive)
+    c = TieredCache(60, 240, lambda: Adaptive(duel=True), host_policy=lambda: Adaptive(duel=True))
     for r in reqs:
         c.access(r.keys, r.ts)
     for p in c.policies:
@@ -553,7 +555,7 @@ def test_adaptive_candidate_heaps_stay_bounded_in_two_tiers():
 def test_gpu_tier_describe_reports_the_duel_it_follows():
     """Regression: replay reports policies[0].describe(), the GPU tier, whose own leader and scores
     never move (it follows the host tier's duel): it said "learned" with zero scores while following ARC."""
-    c = TieredCache(3, 12, "adaptive")
+    c = TieredCache(3, 12, lambda: Adaptive(duel=True), host_policy=lambda: Adaptive(duel=True))
     g, h = c.policies
     for i in range(12):
         c.access([100, 200 + i], now=float(i))  # block 100 is hit from the second request on
@@ -701,3 +703,90 @@ def test_negative_ages_fall_in_the_first_bin():
     p.begin([1, 2], 10.0)
     p.begin([1, 2], 4.0)  # out-of-order clock: a reuse at age 0
     assert sum(p._hits[c][-1] for c in range(p.nclasses)) == 0.0
+
+
+# ------------------------------------------------------------- speed paths (issue 16)
+def test_density_table_equals_the_scalar_reference_exactly():
+    """The numpy refresh computes every class's density table with the scalar reference's arithmetic."""
+    import random
+
+    rng = random.Random(7)
+    n = A._NBINS
+    lam = [[rng.random() ** 3 for _ in range(n)] for _ in range(9)] + [[0.0] * n, [1.0] * n]
+    for T in (0.5, 7.0, 60.0, 3600.0, 1e5):
+        got = A._density_table(np.array(lam), T).tolist()
+        assert got == [A._density(row, T) for row in lam]
+
+
+def test_refresh_equals_the_scalar_hazards():
+    """_refresh's vectorised hazards give the tables the scalar _at_risk/_shrunk/_density give."""
+    reqs = load_trace("mooncake_conversation.jsonl", limit=600)
+    p = Adaptive()
+    c = TieredCache(200, policy=p)
+    for r in reqs:
+        c.access(r.keys, r.ts)
+    now = reqs[-1].ts
+    p._refresh(now)
+    k, T = p.w.shrink, p.T * p.w.horizon_factor
+    risk = [A._at_risk(p._hits[c], p._gone[c], p._open[c], now) for c in range(p.nclasses)]
+    allc = range(p.nclasses)
+    ah = [sum(p._hits[c][j] for c in allc) for j in range(A._NBINS)]
+    ar = [sum(risk[c][j] for c in allc) for j in range(A._NBINS)]
+    top = [ah[j] / ar[j] if ar[j] > 0 else 0.0 for j in range(A._NBINS)]
+    for cs in p._groups:
+        gh = [sum(p._hits[c][j] for c in cs) for j in range(A._NBINS)]
+        gr = [sum(risk[c][j] for c in cs) for j in range(A._NBINS)]
+        glam = A._shrunk(gh, gr, top, k)
+        for c in cs:
+            assert p._hd[c] == A._density(A._shrunk(p._hits[c], risk[c], glam, k), T), c
+
+
+@pytest.mark.parametrize("host", [0, 4])
+def test_victim_snapshot_equals_a_full_scan(host):
+    """Every learned victim the snapshot heap picks is the one a scan of all class heads picks."""
+    checked = [0]
+
+    class Checked(Adaptive):
+        def _learned_victim(self):
+            ref = self._victim_by_scan()
+            v = super()._learned_victim()
+            assert v == ref
+            checked[0] += 1
+            return v
+
+    reqs = load_trace("mooncake_conversation.jsonl", limit=700)
+    c = TieredCache(150, 150 * host, Checked, host_policy=Checked)
+    for i, r in enumerate(reqs):
+        c.access(r.keys, r.ts)
+        if i % 50 == 0:
+            c.hint({r.keys[0]: 0.5})
+    assert checked[0] > 1000
+
+
+def test_two_tiers_without_duel_drop_the_lower_density_block():
+    """Host tier, no duel, full: a demoted block is taken only when it ranks above the host's own
+    victim; both tiers read one learned state (the GPU tier's)."""
+    reqs = load_trace("mooncake_conversation.jsonl", limit=500)
+    c = TieredCache(60, 240, "adaptive", host_policy="adaptive")
+    g, h = c.policies
+    assert h._upper is g and g._lower is h and h._meta is g._meta and h._shadows is None
+    asked = []
+    orig = h._union_admit
+
+    def spy(key):
+        ok = orig(key)
+        e = h._peek()
+        m = h._meta.get(key)
+        if e is not None and m is not None and key not in h._hint:
+            v = h._density(key, m[1], m[0])
+            lv = math.floor(math.log2(v) / h.w.density_quantum) if v > 0 else -math.inf
+            assert ok == ((lv, m[0]) > (e[0], e[1]))
+            asked.append(ok)
+        return ok
+
+    h._union_admit = spy
+    for r in reqs:
+        c.access(r.keys, r.ts)
+        c.check_invariants()
+        assert h._hd is g._hd and h.T == g.T
+    assert True in asked and False in asked
