@@ -576,7 +576,7 @@ def test_tiers_drop_first_what_the_leading_shadow_dropped():
         h._set_leader(lead)
         sh = h._shadows[lead]
         for tier in (g, h):
-            k = next(k for k in tier._votes._mask if k in sh and not sh._kids.get(k) and k not in sh._pins)
+            k = next(k for k in tier._votes._mask if k in sh and sh._links.is_leaf(k) and k not in sh._pins)
             sh._drop_subtree(k)
             tier._votes.check_invariants()
             assert tier.victim() == k

@@ -135,6 +135,9 @@ class Weights:
     max_turn_class: int = 6
     #: Size classes of a prompt's new part (blocks after its longest previously seen prefix).
     new_block_edges: tuple = (4, 8)
+    #: Gap classes: edges (seconds) of the time since the request a prompt extends (its chain's previous
+    #: request; an agent's tool call or think time, a chat user's reading time); () : no gap classes.
+    gap_edges: tuple = (16, 64, 256)
     #: Use-count classes (accesses seen, ghost included): edges of the buckets (once, 2-3, 4 or more).
     freq_edges: tuple = (2, 4)
     #: Densities within a factor ``2 ** density_quantum`` tie, and the older block goes (0: exact).
@@ -169,6 +172,9 @@ class Weights:
             bad.append(f"victim_ewma={self.victim_ewma!r}")
         if not 0 < self.duel_decay <= 1:
             bad.append(f"duel_decay={self.duel_decay!r}")
+        g = tuple(self.gap_edges)
+        if any(isinstance(x, bool) or not isinstance(x, (int, float)) or not x > 0 for x in g) or list(g) != sorted(set(g)):
+            bad.append(f"gap_edges={g!r} (positive seconds, increasing)")
         for n in ("new_block_edges", "freq_edges"):
             e = tuple(getattr(self, n))
             if any(not isinstance(x, int) or x < 1 for x in e) or list(e) != sorted(set(e)):
@@ -293,7 +299,9 @@ class Adaptive(EvictionPolicy):
         #: Parameters (fixed).
         self.w = w
         nt = w.max_turn_class
-        nb = len(w.new_block_edges) + 1
+        #: Gap classes (time since the request a prompt extends), per new-part size class.
+        self._ng = len(w.gap_edges) + 1
+        nb = (len(w.new_block_edges) + 1) * self._ng
         nf = len(w.freq_edges) + 1
         self._nf = nf
         #: Number of classes: turn depth (1..nt) x new-part size (nb) x tail (2) x uses (nf) + shared (1).
@@ -323,7 +331,9 @@ class Adaptive(EvictionPolicy):
         #: Ghost + resident metadata: key -> [last access time, class, uses seen (0: provisional, see
         #: _new_meta)]; oldest first.  Kept by begin(), _new_meta() and _trim_meta() only.
         self._meta: OrderedDict = OrderedDict()
-        #: Prompt-end markers: key -> turn depth of the request whose prompt ended there.
+        #: Time since the request the current prompt extends (None: it extends none); set by begin().
+        self._gap: float | None = None
+        #: Prompt-end markers: key -> (turn depth, time) of the request whose prompt ended there.
         self._endof: OrderedDict = OrderedDict()
         #: key -> distinct successors seen (a tuple of up to 3 keys).
         self._succ: OrderedDict = OrderedDict()
@@ -339,7 +349,9 @@ class Adaptive(EvictionPolicy):
         #: Blocks resident in this tier: key -> depth.
         self._res: dict[Hashable, int] = {}
         #: Candidate heaps per class of (last access, seq, key); _cand[key] = (class, seq).
-        self._heaps: list[list] = [[] for _ in range(self.nclasses)]
+        #: ... then two more heaps at the end, reached by the negative "classes": ``_heaps[-1]`` the router-hinted
+        #: blocks, ``_heaps[-2]`` the blocks with a client's expected return time (see request_info).
+        self._heaps: list[list] = [[] for _ in range(self.nclasses + 2)]
         self._cand: dict[Hashable, tuple[int, int]] = {}
         self._seq = 0
         #: Heap entries pushed since the last compaction (stale ones included); see _push.
@@ -353,7 +365,14 @@ class Adaptive(EvictionPolicy):
         #: Hinted rates: key -> requests per second (router's cluster-wide view).
         self._hint: dict[Hashable, float] = {}
         #: Candidate heap of hinted blocks: (rate, seq, key).
-        self._hint_heap: list = []
+        self._hint_heap: list = self._heaps[-1]
+        #: Candidate heap of blocks whose session said when it returns: (-expected return time, seq, key).
+        self._ret_heap: list = self._heaps[-2]
+        #: Client hints: key -> absolute time its session's next request is expected (RequestInfo.
+        #: expected_return_s); bounded like the ghost.  Written by begin() (the GPU tier's, shared by the host).
+        self._ret: OrderedDict = OrderedDict()
+        #: The RequestInfo of the request whose begin() comes next (None: none given).
+        self._info = None
         self._requests = 0
         self._accesses = 0
         self._now = 0.0
@@ -438,9 +457,14 @@ class Adaptive(EvictionPolicy):
         else:
             del d[s]
 
+    def request_info(self, info) -> None:
+        """Keep the request's :class:`~kvroute.eviction.base.RequestInfo` for the begin() that follows."""
+        self._info = info
+
     def begin(self, keys: Sequence[Hashable], now: float) -> None:
         w = self.w
         self._now = now
+        info, self._info = self._info, None
         up = self._upper
         if up is not None:  # host tier without a duel: the GPU tier (called first) learned this request
             if self._hd is not up._hd:
@@ -458,16 +482,27 @@ class Adaptive(EvictionPolicy):
         while m < n and (e := meta.get(keys[m])) is not None and e[2]:
             m += 1
         td = 1
+        self._gap = None
         if m:
             b = keys[m - 1]
             d = endof.get(b)
             if d is not None and len(succ.get(b, ())) <= 2:
-                td = d + 1
+                td = d[0] + 1
+                self._gap = now - d[1]
         self._td = td
         tdc = self._request_class(keys, now, td, n - m)
         self._base_cls = tdc * 2 * self._nf
         self._see(keys, 0, tdc, now)
         self._ended(keys, td, n, now)
+        if info is not None and info.expected_return_s is not None:  # a client hint: the whole prompt waits for it
+            ret, r = self._ret, now + max(0.0, float(info.expected_return_s))
+            for k in keys:
+                ret[k] = r
+                ret.move_to_end(k)
+            self._trim(ret)
+        elif self._ret:
+            for k in keys:  # no hint this time: the blocks follow their class again
+                self._ret.pop(k, None)
         self._requests += 1
         if self._requests % w.refresh_requests == 1:
             self._refresh(now)
@@ -485,7 +520,9 @@ class Adaptive(EvictionPolicy):
         nf = self._nf
         last_key = keys[start - 1]
         last = self._meta.get(last_key)
-        td = self._endof.get(last_key, 1)
+        d = self._endof.get(last_key)
+        td = d[0] if d is not None else 1
+        self._gap = None
         if last is None or last[1] == self._shared_cls:
             tdc = self._request_class(keys, now, td, n - start)
         else:
@@ -565,9 +602,9 @@ class Adaptive(EvictionPolicy):
         w, endof = self.w, self._endof
         n = len(keys)
         if n >= 2:
-            endof[keys[-2]] = td
+            endof[keys[-2]] = (td, now)
         if n:
-            endof[keys[-1]] = td
+            endof[keys[-1]] = (td, now)
         self._accesses += used
         if self._accesses >= w.half_life_accesses:
             self._accesses = 0
@@ -586,7 +623,10 @@ class Adaptive(EvictionPolicy):
         depth and the size of its new part.  The one place a request's features become a class:
         ``bench/eviction_ceiling.py`` overrides it to measure what better features would be worth."""
         w = self.w
-        return (min(depth, w.max_turn_class) - 1) * self._nb + bisect.bisect_right(w.new_block_edges, new_blocks)
+        b = bisect.bisect_right(w.new_block_edges, new_blocks)
+        if self._ng > 1:  # the chain's rhythm: time since the request it extends (0: none, a first turn)
+            b = b * self._ng + (bisect.bisect_right(w.gap_edges, self._gap) if self._gap is not None else 0)
+        return (min(depth, w.max_turn_class) - 1) * self._nb + b
 
     # ------------------------------------------------------------------ duel
     def _duel_setup(self) -> None:
@@ -610,8 +650,8 @@ class Adaptive(EvictionPolicy):
         if not self.w.duel or host._shadows is None:
             host._upper = self  # no duel: both tiers value blocks over the whole cache's horizon, and
             self._lower = host  # the host reads what this tier learns (both would learn the same)
-            host._meta, host._open, host._hits, host._gone, host._life = (
-                self._meta, self._open, self._hits, self._gone, self._life)
+            host._meta, host._open, host._hits, host._gone, host._life, host._ret = (
+                self._meta, self._open, self._hits, self._gone, self._life, self._ret)
             # the ghost remembers blocks past the whole cache (a host block must not lose its history)
             self._ghost_cap = max(self.w.ghost_min, int(self.w.ghost_factor * (self.capacity + host.capacity)))
             return
@@ -740,6 +780,8 @@ class Adaptive(EvictionPolicy):
             return True
         if self._hint.get(key, 0.0) >= thr:
             return True
+        if key in self._ret:  # its session said it returns: keep it until then (the victim order decides)
+            return True
         if self._lead():  # LRU and ARC admit everything
             return True
         return self._density(key, m[1], now) >= self.w.admit_ratio * thr
@@ -758,7 +800,11 @@ class Adaptive(EvictionPolicy):
         e = self._peek()
         if e is None:
             return True
-        v = self._density(key, m[1], m[0])
+        rt = self._ret.get(key)
+        if rt is not None and rt > self._now:
+            v = 1.0 / max(rt - self._now, 0.125)
+        else:
+            v = self._density(key, m[1], m[0])
         q = self.w.density_quantum
         lv = (math.floor(math.log2(v) / q) if v > 0 else -math.inf) if q else v
         return (lv, m[0]) > (e[0], e[1])
@@ -808,6 +854,15 @@ class Adaptive(EvictionPolicy):
             m = self._new_meta(key, self._now, 0)
         self._seq += 1
         old = self._cand.get(key)
+        rt = self._ret.get(key)
+        if rt is not None:  # the client said when its session returns
+            self._cand[key] = (-2, self._seq)
+            self._push(self._ret_heap, (-rt, self._seq, key))
+            if self._vnow == self._now:
+                if old is not None:
+                    self._snap_left(old)
+                self._snap_push(-2)
+            return
         r = self._hint.get(key)
         if r is not None:  # hinted blocks wait in their own heap, lowest rate first
             self._cand[key] = (-1, self._seq)
@@ -834,14 +889,14 @@ class Adaptive(EvictionPolicy):
         if self._pushed > 4 * len(self._cand) + 1024:
             cand = self._cand
             n = 0
-            for h in (*self._heaps, self._hint_heap):
+            for h in self._heaps:
                 h[:] = [e for e in h if (x := cand.get(e[2])) is not None and x[1] == e[1]]
                 heapq.heapify(h)
                 n += len(h)
             self._pushed = n
 
     def _head(self, c: int):
-        h, cand = (self._heaps[c] if c >= 0 else self._hint_heap), self._cand
+        h, cand = self._heaps[c], self._cand
         while h:
             t, seq, key = h[0]
             e = cand.get(key)
@@ -876,7 +931,12 @@ class Adaptive(EvictionPolicy):
         if e is None:
             return None
         t, seq, key = e
-        if c < 0:  # hinted: t is the rate; density at least the rate
+        if c == -2:  # its session returns at -t: one hit in that many seconds, or its class's density once overdue
+            m = self._meta.get(key)
+            wait = -t - self._now
+            t = m[0] if m is not None else self._now
+            v = 1.0 / max(wait, 0.125) if wait > 0 or m is None else self._density(key, m[1], m[0])
+        elif c < 0:  # hinted: t is the rate; density at least the rate
             m = self._meta.get(key)
             v = max(t, self._density(key, m[1], m[0])) if m is not None else t
             t = m[0] if m is not None else self._now
@@ -890,7 +950,7 @@ class Adaptive(EvictionPolicy):
         """Class ``c`` got a new heap entry while the victim snapshot is current: re-rank the class when
         the entry may be its new head (an older block re-filed, or a class that had no candidate)."""
         tr = self._vtop.get(c)
-        h = self._heaps[c] if c >= 0 else self._hint_heap
+        h = self._heaps[c]
         if tr is None or c < 0 or h[0][:2] < (tr[1], tr[3]):
             e = self._class_head(c)
             if e is not None and (tr is None or e[3] != tr[3]):
@@ -925,7 +985,7 @@ class Adaptive(EvictionPolicy):
         """Reference for :meth:`_peek` (tests compare them): rank every class's head now, keep the
         lowest.  No side effects besides dropping stale heap entries."""
         best = None
-        for c in range(-1, self.nclasses):
+        for c in range(-2, self.nclasses):
             e = self._class_head(c)
             if e is not None and (best is None or e[:3] < best[:3]):
                 best = e
@@ -941,8 +1001,8 @@ class Adaptive(EvictionPolicy):
             self._vnow = self._now
             heaps = self._heaps
             vh = []
-            for c in range(-1, self.nclasses):
-                if not (heaps[c] if c >= 0 else self._hint_heap):  # most classes have no candidate
+            for c in range(-2, self.nclasses):
+                if not heaps[c]:  # most classes have no candidate
                     continue
                 e = self._class_head(c)
                 if e is not None:
