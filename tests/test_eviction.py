@@ -790,3 +790,94 @@ def test_two_tiers_without_duel_drop_the_lower_density_block():
         c.check_invariants()
         assert h._hd is g._hd and h.T == g.T
     assert True in asked and False in asked
+
+
+# ------------------------------------------------------- request info and client hints (issue 16)
+def test_request_info_reaches_both_tiers_before_begin():
+    from kvroute.eviction import EvictionPolicy, RequestInfo
+    from kvroute.eviction.policies.lru import LRU
+
+    calls = []
+
+    class Rec(LRU):
+        def request_info(self, info):
+            calls.append(("info", id(self), info))
+
+        def begin(self, keys, now):
+            calls.append(("begin", id(self), tuple(keys)))
+
+    c = TieredCache(4, 8, Rec, host_policy=Rec)
+    info = RequestInfo(output_tokens=7, session="s1", expected_return_s=3.0)
+    c.access([1, 2], 0.0, info)
+    g, h = (id(p) for p in c.policies)
+    assert calls == [("info", g, info), ("info", h, info), ("begin", g, (1, 2)), ("begin", h, (1, 2))]
+    calls.clear()
+    c.access([1, 2, 3], 1.0)  # no info: no call
+    assert [k for k, *_ in calls] == ["begin", "begin"]
+    assert EvictionPolicy().request_info(info) is None  # the default ignores it
+
+
+def test_sessions_and_client_hints_from_prefixes():
+    from kvroute.eviction.replay import Request, client_hints, sessions
+
+    reqs = [Request(0.0, (1, 2, 3), 10),       # session 0
+            Request(1.0, (1, 9), 5),           # shares block 1 only: a new session (1)
+            Request(2.0, (1, 2, 3, 4, 5), 20),  # runs through session 0's last blocks
+            Request(5.0, (1, 9, 8), 1),        # session 1 again
+            Request(9.0, (1, 2, 3, 4, 5, 6), 2)]
+    assert sessions(reqs) == [0, 1, 0, 1, 0]
+    h = client_hints(reqs)
+    assert [x.session for x in h] == [0, 1, 0, 1, 0]
+    assert [x.expected_return_s for x in h] == [2.0, 4.0, 7.0, math.inf, math.inf]
+    assert [x.output_tokens for x in h] == [10, 5, 20, 1, 2]
+
+
+def test_gz_traces_load(tmp_path):
+    import gzip
+
+    p = tmp_path / "t.jsonl.gz"
+    with gzip.open(p, "wt") as f:
+        f.write('{"timestamp": 1000, "input_length": 64, "output_length": 3, "hash_ids": [5, 6]}\n')
+    r = load_trace(str(p))
+    assert [(x.ts, x.keys, x.output_length) for x in r] == [(1.0, (5, 6), 3)]
+
+
+def test_gap_classes_split_requests_by_the_time_since_the_request_they_extend():
+    p = Adaptive(gap_edges=(16, 64))
+    p.bind(100)
+    p.begin([1, 2, 3], 0.0)
+    assert p._gap is None
+    p.begin([1, 2, 3, 4], 10.0)  # extends the first prompt after 10 s: gap class 0
+    c10 = p._meta[4][1]
+    p.begin([1, 2, 3, 4, 5], 110.0)  # after 100 s: gap class 2
+    assert p._gap == 100.0
+    c100 = p._meta[5][1]
+    assert c10 != c100
+    nf, ng = p._nf, p._ng
+    assert ng == 3 and (c100 // (2 * nf)) % ng == 2 and (c10 // (2 * nf)) % ng == 0
+    with pytest.raises(EvictionError):
+        Adaptive(gap_edges=(64, 16))
+
+
+def test_return_hints_keep_the_session_that_returns_first():
+    """Client hints: of two sessions that do not both fit, the one expected back later goes first."""
+    from kvroute.eviction import RequestInfo
+
+    for soon, late in ((10.0, 1000.0), (1000.0, 10.0)):
+        c = TieredCache(8, policy=Adaptive(admit_ratio=0.0))
+        a, b = [1, 2, 3, 4], [11, 12, 13, 14]
+        c.access(a, 0.0, RequestInfo(expected_return_s=soon))
+        c.access(b, 1.0, RequestInfo(expected_return_s=late))
+        c.access([21, 22, 23, 24], 2.0, RequestInfo(expected_return_s=math.inf))  # needs 4 blocks
+        kept = a if soon < late else b
+        gone = b if soon < late else a
+        assert all(k in c for k in kept) and not any(k in c for k in gone), c.blocks()
+        c.check_invariants()
+
+
+def test_bench_client_hints_and_timing(capsys, monkeypatch):
+    assert _bench(monkeypatch, "--trace", "mooncake_synthetic.jsonl", "--capacity", "0.05", "--policies",
+                  "lru,adaptive", "--limit", "200", "--json", "--timing", "--client-hints", "--no-progress") == 0
+    out = json.loads(capsys.readouterr().out)
+    t = out["_timing_us_per_block"]
+    assert set(t) == {"lru", "adaptive"} and all(v > 0 for v in t.values())

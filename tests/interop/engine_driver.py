@@ -137,6 +137,9 @@ def replay(llm, msg) -> dict:
     bt = int(msg.get("block_tokens", BLOCK_SIZE))
     reqs = load_trace(msg["trace"], msg.get("limit"))
     cut = msg.get("max_blocks")
+    stride = int(msg.get("stride") or 1)
+    if stride > 1:  # coarser blocks: every stride-th id stands for its stride blocks (still prefix-chained)
+        reqs = [type(r)(r.ts, r.keys[stride - 1::stride] or r.keys[:1], r.output_length) for r in reqs]
     cache: dict[int, list[int]] = {}
     prompt_blocks = cached_blocks = 0
     t0 = time.time()
