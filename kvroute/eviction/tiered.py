@@ -8,6 +8,9 @@ per tier only picks victims among the tier's *candidates*.
 Rules (checked by :meth:`TieredCache.check_invariants`):
 
 * Tiers are exclusive: a block lives on exactly one tier.
+* Prefix relations live in one :class:`~kvroute.eviction.prefix_links.PrefixLinks`
+  (the structure the vLLM adapters use too); here a block's parent is always
+  cached, so its orphan rule never applies.
 * A cached block's parent is cached, and a GPU block's parent is on the GPU
   (the GPU holds the head of every cached prefix, the host its continuation).
 * GPU candidates are unpinned GPU blocks with no child on the GPU; host

@@ -62,7 +62,20 @@ policy learns, online and from the workload alone:
   recompute); 0 by default, because the figures count blocks.
 * **Router hints.**  :meth:`hint` takes ``{key: requests per second}``; a hinted
   block's density is at least its hinted rate (hits per block-second).
-* **Two tiers: one cache of their summed size, run by the leading expert.**
+* **Chain rhythm and client hints (issue 16).**  The time since the request a
+  prompt extends (``gap_edges``) is part of the request class; the output length
+  (``out_edges``) may be.  A request's :class:`~kvroute.eviction.base.RequestInfo`
+  may carry a client's expected return time: such blocks wait in their own heap,
+  furthest return first, worth one hit per second of waiting (Belady's rule on
+  what the client says, as Dynamo's cache-control TTL and SGLang's retention hints
+  are meant to be used); overdue ones fall back to their class.
+* **Two tiers, default: one learned cache of their summed size.**  The host tier
+  reads the GPU tier's learned state (``follow``), both value blocks over the
+  whole cache's characteristic time, the GPU tier demotes its lowest-density
+  leaf, and the host takes a demoted block only when it outranks its own victim
+  (:meth:`Adaptive._union_admit`): of the two, the lower leaves the cache, as in
+  one cache of the summed size.  No shadow cache, one learning pass.
+* **Two tiers with ``duel=True``: one cache of their summed size, run by the leading expert.**
   GPU + host keep a block as long as either holds it, so their total hits are
   those of one cache of the summed size.  The host tier's instance
   (``tier_role = "host"``, set by :class:`TieredCache`) runs three *shadow
@@ -87,6 +100,13 @@ policy learns, online and from the workload alone:
   their shadows' hits as in ACME, Ari et al., 2002, and LeCaR, Vietri et al.,
   HotStorage'18).  A GPU-only cache (and an engine's tier, which sets no role)
   runs no duel.
+
+Speed (issue 16): the victim is the lowest-ranked class head; the heads' ranks at
+the current time sit in a small heap that lives as long as the clock and the
+density tables do (:meth:`Adaptive._learned_victim`; a scan of every class head
+per eviction, kept as :meth:`Adaptive._victim_by_scan`, is the reference the
+tests compare it with), and the density tables of all classes are recomputed
+at once with numpy, with the scalar reference's arithmetic (:func:`_density_table`).
 
 Only plain data crosses in: no router import.
 """
@@ -138,6 +158,9 @@ class Weights:
     #: Gap classes: edges (seconds) of the time since the request a prompt extends (its chain's previous
     #: request; an agent's tool call or think time, a chat user's reading time); () : no gap classes.
     gap_edges: tuple = (16, 64, 256)
+    #: Output-length classes: edges (tokens) of RequestInfo.output_tokens (an agent's long answer is often
+    #: followed by a long tool run); () : none.
+    out_edges: tuple = ()
     #: Use-count classes (accesses seen, ghost included): edges of the buckets (once, 2-3, 4 or more).
     freq_edges: tuple = (2, 4)
     #: Densities within a factor ``2 ** density_quantum`` tie, and the older block goes (0: exact).
@@ -172,6 +195,9 @@ class Weights:
             bad.append(f"victim_ewma={self.victim_ewma!r}")
         if not 0 < self.duel_decay <= 1:
             bad.append(f"duel_decay={self.duel_decay!r}")
+        o = tuple(self.out_edges)
+        if any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in o) or list(o) != sorted(set(o)):
+            bad.append(f"out_edges={o!r} (positive ints, increasing)")
         g = tuple(self.gap_edges)
         if any(isinstance(x, bool) or not isinstance(x, (int, float)) or not x > 0 for x in g) or list(g) != sorted(set(g)):
             bad.append(f"gap_edges={g!r} (positive seconds, increasing)")
@@ -301,7 +327,9 @@ class Adaptive(EvictionPolicy):
         nt = w.max_turn_class
         #: Gap classes (time since the request a prompt extends), per new-part size class.
         self._ng = len(w.gap_edges) + 1
-        nb = (len(w.new_block_edges) + 1) * self._ng
+        #: Output-length classes per gap class.
+        self._no = len(w.out_edges) + 1
+        nb = (len(w.new_block_edges) + 1) * self._ng * self._no
         nf = len(w.freq_edges) + 1
         self._nf = nf
         #: Number of classes: turn depth (1..nt) x new-part size (nb) x tail (2) x uses (nf) + shared (1).
@@ -333,6 +361,8 @@ class Adaptive(EvictionPolicy):
         self._meta: OrderedDict = OrderedDict()
         #: Time since the request the current prompt extends (None: it extends none); set by begin().
         self._gap: float | None = None
+        #: Output tokens of the request being begun (RequestInfo.output_tokens; None: unknown).
+        self._out: int | None = None
         #: Prompt-end markers: key -> (turn depth, time) of the request whose prompt ended there.
         self._endof: OrderedDict = OrderedDict()
         #: key -> distinct successors seen (a tuple of up to 3 keys).
@@ -465,6 +495,7 @@ class Adaptive(EvictionPolicy):
         w = self.w
         self._now = now
         info, self._info = self._info, None
+        self._out = info.output_tokens if info is not None else None
         up = self._upper
         if up is not None:  # host tier without a duel: the GPU tier (called first) learned this request
             if self._hd is not up._hd:
@@ -626,6 +657,9 @@ class Adaptive(EvictionPolicy):
         b = bisect.bisect_right(w.new_block_edges, new_blocks)
         if self._ng > 1:  # the chain's rhythm: time since the request it extends (0: none, a first turn)
             b = b * self._ng + (bisect.bisect_right(w.gap_edges, self._gap) if self._gap is not None else 0)
+        if self._no > 1:  # the output length (RequestInfo.output_tokens; unknown: bucket 0)
+            o = self._out
+            b = b * self._no + (bisect.bisect_right(w.out_edges, o) if o is not None else 0)
         return (min(depth, w.max_turn_class) - 1) * self._nb + b
 
     # ------------------------------------------------------------------ duel
