@@ -382,6 +382,9 @@ class Adaptive(EvictionPolicy):
         #: ... then two more heaps at the end, reached by the negative "classes": ``_heaps[-1]`` the router-hinted
         #: blocks, ``_heaps[-2]`` the blocks with a client's expected return time (see request_info).
         self._heaps: list[list] = [[] for _ in range(self.nclasses + 2)]
+        #: Classes whose heap may be non-empty (every push adds its class; the victim snapshot drops the
+        #: empty ones), so a snapshot looks at a few heaps, not at all of them.
+        self._filled: set = set()
         self._cand: dict[Hashable, tuple[int, int]] = {}
         self._seq = 0
         #: Heap entries pushed since the last compaction (stale ones included); see _push.
@@ -615,7 +618,7 @@ class Adaptive(EvictionPolicy):
             if e is not None and e[0] >= 0:  # an unpinned candidate (engine tiers): re-file it by class and time
                 self._seq += 1
                 cand[k] = (c, self._seq)
-                self._push(self._heaps[c], (now, self._seq, k))
+                self._push(c, (now, self._seq, k))
                 if self._vnow == now:
                     self._snap_left(e)
                     self._snap_push(c)
@@ -769,13 +772,9 @@ class Adaptive(EvictionPolicy):
         acc[:, :-1] = np.cumsum(x[:, :0:-1], axis=1)[:, ::-1]
         risk = ((acc + hits) + gone) + 0.5 * ob
 
-        def pooled(cs) -> tuple:  # sequential sums over classes, as the scalar reference adds them
-            gh = np.zeros(_NBINS)
-            gr = np.zeros(_NBINS)
-            for c in cs:
-                gh = gh + hits[c]
-                gr = gr + risk[c]
-            return gh, gr
+        def pooled(cs) -> tuple:  # sums over classes, row after row (as the scalar reference adds them)
+            idx = np.asarray(cs)
+            return hits[idx].sum(axis=0), risk[idx].sum(axis=0)
 
         def shrunk(h, r, prior):  # _shrunk, vectorised
             d = r + k
@@ -891,7 +890,7 @@ class Adaptive(EvictionPolicy):
         rt = self._ret.get(key)
         if rt is not None:  # the client said when its session returns
             self._cand[key] = (-2, self._seq)
-            self._push(self._ret_heap, (-rt, self._seq, key))
+            self._push(-2, (-rt, self._seq, key))
             if self._vnow == self._now:
                 if old is not None:
                     self._snap_left(old)
@@ -900,7 +899,7 @@ class Adaptive(EvictionPolicy):
         r = self._hint.get(key)
         if r is not None:  # hinted blocks wait in their own heap, lowest rate first
             self._cand[key] = (-1, self._seq)
-            self._push(self._hint_heap, (r, self._seq, key))
+            self._push(-1, (r, self._seq, key))
             if self._vnow == self._now:
                 if old is not None:
                     self._snap_left(old)
@@ -908,17 +907,18 @@ class Adaptive(EvictionPolicy):
             return
         c = m[1]
         self._cand[key] = (c, self._seq)
-        self._push(self._heaps[c], (m[0], self._seq, key))
+        self._push(c, (m[0], self._seq, key))
         if self._vnow == self._now:
             if old is not None:
                 self._snap_left(old)
             self._snap_push(c)
 
-    def _push(self, heap: list, entry: tuple) -> None:
-        """Push a candidate entry; drop the stale ones (re-filed, pinned, removed) once they outnumber
-        the live ones, as :class:`HeapPolicy` does.  Victims come from Votes first in a two-tier cache, so
-        _head() alone would rarely reach them and the heaps would grow with every request."""
-        heapq.heappush(heap, entry)
+    def _push(self, c: int, entry: tuple) -> None:
+        """Push a candidate entry into class ``c``'s heap; drop the stale ones (re-filed, pinned, removed)
+        once they outnumber the live ones, as :class:`HeapPolicy` does.  Victims come from Votes first in a
+        two-tier cache, so _head() alone would rarely reach them and the heaps would grow with every request."""
+        heapq.heappush(self._heaps[c], entry)
+        self._filled.add(c)
         self._pushed += 1
         if self._pushed > 4 * len(self._cand) + 1024:
             cand = self._cand
@@ -1035,8 +1035,10 @@ class Adaptive(EvictionPolicy):
             self._vnow = self._now
             heaps = self._heaps
             vh = []
-            for c in range(-2, self.nclasses):
-                if not heaps[c]:  # most classes have no candidate
+            filled = self._filled
+            for c in list(filled):  # most classes have no candidate
+                if not heaps[c]:
+                    filled.discard(c)
                     continue
                 e = self._class_head(c)
                 if e is not None:
