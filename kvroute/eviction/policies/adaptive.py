@@ -332,6 +332,8 @@ class Adaptive(EvictionPolicy):
         nb = (len(w.new_block_edges) + 1) * self._ng * self._no
         nf = len(w.freq_edges) + 1
         self._nf = nf
+        #: Use-count bucket per use count (the last entry serves every larger count).
+        self._fbucket = [bisect.bisect_right(w.freq_edges, f) if nf > 1 else 0 for f in range(max(w.freq_edges or (1,)) + 2)]
         #: Number of classes: turn depth (1..nt) x new-part size (nb) x tail (2) x uses (nf) + shared (1).
         self.nclasses = nt * nb * 2 * nf + 1
         self._nb = nb
@@ -586,11 +588,12 @@ class Adaptive(EvictionPolicy):
         meta, succ = self._meta, self._succ
         n = len(keys)
         nf = self._nf
-        fedges = self.w.freq_edges
-        hits, life = self._hits, self._life
+        fb, fmax = self._fbucket, len(self._fbucket) - 1
+        hits, life, opens = self._hits, self._life, self._open
         shared = self._shared_cls
         cand = self._cand
         slot = int(now // _SLOT)
+        base = tdc * 2 * nf
         prev = keys[start - 1] if start else None
         for i in range(start, n):
             k = keys[i]
@@ -598,10 +601,17 @@ class Adaptive(EvictionPolicy):
             if old is None:
                 f = 1
             else:
-                self._close(old[1], old[0])
+                oc, ot = old[1], old[0]
+                d = opens[oc]  # its open lifetime closes (inlined _close: the hot path)
+                os_ = int(ot // _SLOT)
+                x = d[os_] - 1
+                if x:
+                    d[os_] = x
+                else:
+                    del d[os_]
                 meta.move_to_end(k)
                 if old[2]:  # a reuse
-                    hits[old[1]][_bin(now - old[0])] += 1.0
+                    hits[oc][_bin(now - ot)] += 1.0
                     f = old[2] + 1
                 else:  # provisional (stored by an engine before its request reached begin): first use
                     f = 1
@@ -609,10 +619,13 @@ class Adaptive(EvictionPolicy):
             if s is not None and len(s) > 2:
                 c = shared
             else:
-                c = (tdc * 2 + (1 if i == n - 1 else 0)) * nf + (bisect.bisect_right(fedges, f) if nf > 1 else 0)
-            meta[k] = [now, c, f]
+                c = base + (nf if i == n - 1 else 0) + fb[f if f < fmax else fmax]
+            if old is None:
+                meta[k] = [now, c, f]
+            else:
+                old[0], old[1], old[2] = now, c, f
             life[c] += 1.0
-            op = self._open[c]
+            op = opens[c]
             op[slot] = op.get(slot, 0) + 1
             e = cand.get(k)
             if e is not None and e[0] >= 0:  # an unpinned candidate (engine tiers): re-file it by class and time
@@ -626,7 +639,7 @@ class Adaptive(EvictionPolicy):
                 ps = succ.get(prev)
                 if ps is None:
                     succ[prev] = (k,)
-                elif k not in ps and len(ps) < 3:
+                elif len(ps) < 3 and k not in ps:
                     succ[prev] = ps + (k,)
             prev = k
 
@@ -761,11 +774,13 @@ class Adaptive(EvictionPolicy):
         hits = np.array(self._hits)
         gone = np.array(self._gone)
         ob = np.zeros((C, _NBINS))
-        for c, op in enumerate(self._open):  # open lifetimes per age bin (see _at_risk)
+        for c, op in enumerate(self._open):  # open lifetimes per age bin (see _at_risk), as _bin bins them
             if op:
-                row = ob[c]
-                for s, n in op.items():
-                    row[_bin(now - (s + 0.5) * _SLOT)] += n
+                ages = now - (np.fromiter(op.keys(), float, len(op)) + 0.5) * _SLOT
+                bins = np.searchsorted(_EDGES_NP, ages, side="right") - 1
+                bins[ages >= _EDGES[-1]] = _NBINS - 1
+                bins[ages <= 0.0] = 0
+                ob[c] = np.bincount(bins, weights=np.fromiter(op.values(), float, len(op)), minlength=_NBINS)
         # risk[j] = acc + hits[j] + gone[j] + ob[j]/2, acc the sum over later bins (as _at_risk)
         x = (hits + gone) + ob
         acc = np.zeros((C, _NBINS))
