@@ -29,7 +29,8 @@ import sys
 import time
 
 from kvroute.eviction import LIBCACHESIM_POLICIES, POLICIES
-from kvroute.eviction.replay import capacity_blocks, load_trace, miss_breakdown, replay, unique_blocks
+from kvroute.eviction.replay import (capacity_blocks, client_hints, load_trace, miss_breakdown, online_info, replay,
+                                    unique_blocks)
 from kvroute.kvindex.errors import KVRouteError
 from kvroute.traces import TraceError
 
@@ -39,18 +40,23 @@ JSON_FIELDS = ("prefix_hit_ratio", "gpu_hit_ratio", "host_hit_ratio")
 
 
 def run_policy(reqs, name: str, gpu: int, host: int, lcs_mode: str, explain: bool,
-               gpu_admission: bool = True) -> dict:
+               gpu_admission: bool = True, progress=None, infos=None) -> dict:
     if name in LIBCACHESIM_POLICIES and lcs_mode == "presence" and not host:
         if name not in POLICIES:
             raise SystemExit(f"{name}: libcachesim is not installed (pip install libcachesim)")
         from kvroute.eviction.policies.libcachesim_wrap import presence_replay
 
         r = presence_replay(reqs, gpu, LIBCACHESIM_POLICIES[name])
+        if progress is not None:
+            progress(len(reqs))
         return {"prefix_hit_ratio": r["prefix"], "gpu_hit_ratio": r["prefix"], "host_hit_ratio": 0.0,
                 "present_hit_ratio": r["present"]}
     if explain:
-        return miss_breakdown(reqs, gpu, name, host, gpu_admission=gpu_admission)
-    r = replay(reqs, gpu, name, host, gpu_admission=gpu_admission)
+        r = miss_breakdown(reqs, gpu, name, host, gpu_admission=gpu_admission)
+        if progress is not None:
+            progress(len(reqs))
+        return r
+    r = replay(reqs, gpu, name, host, gpu_admission=gpu_admission, progress=progress, infos=infos)
     return {k: r[k] for k in ("prefix_hit_ratio", "gpu_hit_ratio", "host_hit_ratio")}
 
 
@@ -66,8 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-gpu-admission", dest="gpu_admission", action="store_false",
                     help="the GPU tier takes every block, as an engine's GPU pool must (policies only order "
                          "evictions); libcachesim's policies in presence mode run on their own cache, unchanged")
+    ap.add_argument("--client-hints", action="store_true",
+                    help="pass each request's client hints (session, expected return time: the session's next "
+                         "arrival, from the trace) to the policies as plain data; only adaptive reads them")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--explain", action="store_true", help="attribute the remaining misses (slower)")
+    ap.add_argument("--timing", action="store_true",
+                    help="with --json: add {'_timing_us_per_block': {policy: microseconds}} (a machine-dependent figure)")
+    ap.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
     a = ap.parse_args(argv)
     shares = [s.strip() for s in a.capacity.split(",") if s.strip()]
     try:
@@ -82,38 +94,56 @@ def main(argv: list[str] | None = None) -> int:
             from kvroute.eviction.replay import Request
             from kvroute.sim.workloads import from_spec
 
-            reqs = [Request(r.arrival_s, r.hash_ids) for r in from_spec(a.trace)][: a.limit]
+            reqs = [Request(r.arrival_s, r.hash_ids, r.output_length) for r in from_spec(a.trace)][: a.limit]
         else:
             reqs = load_trace(a.trace, limit=a.limit)
     except TraceError as exc:
         ap.error(str(exc))
     uniq = unique_blocks(reqs)
+    infos = client_hints(reqs) if a.client_hints else online_info(reqs)
     names = [p.strip() for p in a.policies.split(",") if p.strip()]
     for n in names:
         if n not in POLICIES and n not in LIBCACHESIM_POLICIES:
             ap.error(f"unknown policy {n!r}; registered: {', '.join(sorted(POLICIES))}")
     out: dict[str, dict[str, dict]] = {}
     secs: dict[str, float] = {}
+    accesses = sum(len(r.keys) for r in reqs)
+    bar = None
+    if a.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(names) * len(shares) * len(reqs), unit="req", file=sys.stderr, mininterval=0.5,
+                   leave=False)
     for n in names:
         out[n] = {}
-        t0 = time.perf_counter()
+        t0 = time.process_time()  # CPU seconds: the machine is shared, wall time swings with others' load
         for s in shares:
             gpu = capacity_blocks(float(s), uniq)
             host = int(round(a.host_ratio * gpu))
+            if bar is not None:
+                bar.set_description(f"{n} {s}")
             try:
-                out[n][s] = run_policy(reqs, n, gpu, host, a.lcs_mode, a.explain, a.gpu_admission)
+                out[n][s] = run_policy(reqs, n, gpu, host, a.lcs_mode, a.explain, a.gpu_admission,
+                                       bar.update if bar is not None else None, infos)
             except KVRouteError as exc:  # e.g. a libcachesim policy below its smallest capacity
                 ap.error(f"{n} at capacity {s} ({gpu} blocks): {exc}")
-        secs[n] = time.perf_counter() - t0
+        secs[n] = time.process_time() - t0
+    if bar is not None:
+        bar.close()
+    # time per block access, and against LRU's (the speed target: adaptive at most 2x LRU)
+    usb = {n: secs[n] / max(1, accesses * len(shares)) * 1e6 for n in names}
     if a.json:  # the contract's three fields (plus the miss attribution with --explain)
         keep = JSON_FIELDS + (("misses",) if a.explain else ())
-        print(json.dumps({n: {s: {k: c[k] for k in keep if k in c} for s, c in cells.items()}
-                          for n, cells in out.items()}, indent=1))
+        doc = {n: {s: {k: c[k] for k in keep if k in c} for s, c in cells.items()} for n, cells in out.items()}
+        if a.timing:
+            doc["_timing_us_per_block"] = {n: round(v, 3) for n, v in usb.items()}
+        print(json.dumps(doc, indent=1))
         return 0
     print(f"# {a.trace}: {len(reqs)} requests, {sum(len(r.keys) for r in reqs)} block accesses, "
           f"{uniq} unique blocks; host ratio {a.host_ratio:g}"
-          + ("" if a.gpu_admission else "; no GPU admission (an engine's GPU pool)"))
-    print("policy".ljust(10) + "".join(f"{s:>22}" for s in shares) + "   seconds")
+          + ("" if a.gpu_admission else "; no GPU admission (an engine's GPU pool)")
+          + ("; client hints (session, expected return)" if a.client_hints else ""))
+    print("policy".ljust(10) + "".join(f"{s:>22}" for s in shares) + "   cpu s  us/block  x LRU")
     for n in names:
         cells = []
         for s in shares:
@@ -122,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
             if a.host_ratio:
                 cell += f" ({r['gpu_hit_ratio']:.3f}+{r['host_hit_ratio']:.3f})"
             cells.append(cell.rjust(22))
-        print(n.ljust(10) + "".join(cells) + f"   {secs[n]:.1f}")
+        ratio = f"{usb[n] / usb['lru']:6.2f}" if "lru" in usb and usb["lru"] > 0 else "     -"
+        print(n.ljust(10) + "".join(cells) + f"   {secs[n]:7.1f}  {usb[n]:8.2f}  {ratio}")
     if "lru" in out and "belady" in out:
         print("\nshare of the LRU-to-Belady gap closed")
         for n in names:

@@ -21,6 +21,7 @@ A trace is named by a path or by a bundled name (:data:`BUNDLED`), see
 """
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import math
@@ -153,15 +154,10 @@ def parse_lines(lines: Iterable[str], *, source: str = "<trace>", limit: int | N
 
 
 def load_trace(trace: str | os.PathLike[str], *, limit: int | None = None) -> list[Request]:
-    """Load a Mooncake-format trace from a path or a bundled name (see :data:`BUNDLED`)."""
+    """Load a Mooncake-format trace from a path (``.gz``: gzip) or a bundled name (see :data:`BUNDLED`)."""
     path = resolve_trace(trace)
     try:
-        if path.endswith(".gz"):  # gzip-compressed traces are read directly
-            import gzip
-
-            with gzip.open(path, "rt", encoding="utf-8") as f:
-                return parse_lines(f, source=os.fspath(trace), limit=limit)
-        with open(path, encoding="utf-8") as f:
+        with (gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")) as f:
             return parse_lines(f, source=os.fspath(trace), limit=limit)
     except (OSError, EOFError) as exc:  # gzip: a bad or truncated file raises BadGzipFile (OSError) or EOFError
         raise TraceError(f"cannot read trace: {exc}", source=os.fspath(trace)) from exc

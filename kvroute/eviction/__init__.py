@@ -32,7 +32,7 @@ import importlib
 import importlib.util
 from typing import Any, Callable
 
-from .base import EvictionError, EvictionPolicy, HeapPolicy, PolicyUnavailableError, UnknownPolicyError
+from .base import EvictionError, EvictionPolicy, HeapPolicy, PolicyUnavailableError, RequestInfo, UnknownPolicyError
 from .tiered import RequestTicket, TieredCache, index_follower
 
 
@@ -73,5 +73,5 @@ def make_policy(name: str, **params: Any) -> EvictionPolicy:
 
 __all__ = [
     "EvictionError", "EvictionPolicy", "HeapPolicy", "LIBCACHESIM_POLICIES", "POLICIES", "PolicyUnavailableError",
-    "RequestTicket", "TieredCache", "UnknownPolicyError", "index_follower", "make_policy",
+    "RequestInfo", "RequestTicket", "TieredCache", "UnknownPolicyError", "index_follower", "make_policy",
 ]

@@ -8,6 +8,8 @@ policy instance serves one tier of one cache.
 
 Calls the cache makes (``bind(capacity)`` once, first), in the order they happen for one request::
 
+    request_info(info)               optional, before begin: what is known of the request besides its
+                                     keys (a RequestInfo: output length, client hints)
     begin(keys, now)                 a request arrives with these block keys (chain order)
     admit(key, depth, now) -> bool   may a missing block be cached? (admission)
     on_insert(key, depth, now)       a block entered this tier (not a candidate until
@@ -47,9 +49,30 @@ evicted first), evaluated when a block becomes a candidate.
 from __future__ import annotations
 
 import heapq
+from dataclasses import dataclass
 from typing import Any, Hashable, Mapping, Sequence
 
 from ..kvindex.errors import KVRouteError
+
+
+@dataclass(frozen=True, slots=True)
+class RequestInfo:
+    """What a cache may know of a request besides its block keys: plain data, from the engine or passed
+    from the router (no router import).  Every field is optional (None: unknown); created by whoever
+    drives the cache (a replay, ``kvroute sim``, an engine adapter), read by policies only.
+
+    Client hints are what Dynamo's per-request cache-control TTL and SGLang's priority / retention
+    hints carry: the agent harness knows its session and roughly when it will call again.
+    """
+
+    #: Tokens the request generates (an engine knows it when the request finishes; a replay, at once).
+    output_tokens: int | None = None
+    #: Client hint: the session (conversation, agent run) the request belongs to.
+    session: Hashable | None = None
+    #: Client hint: seconds from this request's arrival until the session's next request is expected
+    #: (after the tool call or think time); the cache keeps the prompt for it if it is worth it.
+    #: ``math.inf``: the session is done (nothing will reuse its prompt).
+    expected_return_s: float | None = None
 
 
 class EvictionError(KVRouteError):
@@ -80,6 +103,9 @@ class EvictionPolicy:
 
     def bind(self, capacity: int) -> None:
         """The cache tells the policy its tier's capacity in blocks (once, before any other call)."""
+
+    def request_info(self, info: RequestInfo) -> None:
+        """What is known of the request whose :meth:`begin` comes next (ignored by default)."""
 
     def begin(self, keys: Sequence[Hashable], now: float) -> None:
         """A request arrives; ``keys`` are all its blocks in chain order."""

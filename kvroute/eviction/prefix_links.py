@@ -3,7 +3,8 @@
 Leaves-first eviction needs to know, for every resident block, its parent and
 whether any resident block extends it.  :class:`PrefixLinks` keeps exactly that
 and nothing else (no tiers, pins, candidates or policy calls: those stay with
-the caller).  Its users are the vLLM adapters:
+the caller).  Its users: :class:`kvroute.eviction.TieredCache` (both tiers, and
+so the duel's shadow caches), and the vLLM adapters
 :class:`kvroute.adapters.vllm_plugin.PolicyFreeQueue` (GPU block pool) and
 :class:`kvroute.adapters.vllm_cache_policy.KVRouteCachePolicy` (CPU offload tier).
 
@@ -15,7 +16,8 @@ Map of the parts:
   a (new) parent;
 * ``unlink(key)`` -- ``key`` leaves; returns its parent when that parent just
   became a leaf (the caller may offer it as an eviction candidate);
-* ``parent(key)``, ``is_leaf(key)``, ``children(key)``, ``len``, ``in``,
+* ``parent(key)``, ``parents`` (the live key -> parent map, read-only),
+  ``is_leaf(key)``, ``children(key)``, ``len``, ``in``,
   ``clear()``, ``check_invariants()``.
 
 Every operation is O(1) (``clear`` and ``check_invariants`` aside): removing a
@@ -109,6 +111,12 @@ class PrefixLinks:
     def is_leaf(self, key: Hashable) -> bool:
         """True when no resident key has ``key`` as its parent (resident or not)."""
         return key not in self._children
+
+    @property
+    def parents(self) -> "dict[Hashable, Hashable | None]":
+        """Every resident key -> the key of its parent (None: a chain's start or not known; the parent may
+        be absent, see the orphan rule): the live mapping, for hot loops (read it, never write it)."""
+        return self._parent
 
     def children(self, key: Hashable) -> AbstractSet:
         """The resident keys whose parent is ``key``: a live read-only view (do not mutate)."""

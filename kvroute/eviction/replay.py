@@ -8,12 +8,13 @@ for shares of the trace's unique blocks).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 from .. import traces
 from ..traces import TraceError  # noqa: F401  (re-exported: callers catch it from here)
-from .base import EvictionPolicy
+from .base import EvictionPolicy, RequestInfo
 from .tiered import TieredCache
 
 
@@ -25,12 +26,14 @@ class Request:
     ts: float
     #: Block ids in chain order.
     keys: tuple[int, ...]
+    #: Tokens generated (the trace's ``output_length``; 0 when unknown).
+    output_length: int = 0
 
 
 def load_trace(path: str, limit: int | None = None) -> list[Request]:
     """Read a Mooncake-format trace (path or bundled name, see :mod:`kvroute.traces`);
     ``limit`` keeps the first rows.  A bad line raises :class:`kvroute.traces.TraceError`."""
-    return [Request(r.arrival_s, r.hash_ids) for r in traces.load_trace(path, limit=limit)]
+    return [Request(r.arrival_s, r.hash_ids, r.output_length) for r in traces.load_trace(path, limit=limit)]
 
 
 def unique_blocks(reqs: Iterable[Request]) -> int:
@@ -44,6 +47,60 @@ def unique_blocks(reqs: Iterable[Request]) -> int:
 def capacity_blocks(share: float, unique: int) -> int:
     """Blocks for a capacity given as a share of the unique blocks (at least 1)."""
     return max(1, int(round(share * unique)))
+
+
+def sessions(reqs: Sequence[Request]) -> list[int]:
+    """Session of each request, inferred online from prefixes: a request whose prompt runs through
+    the last full block of an earlier prompt (its second-to-last block; the last may be partial)
+    continues that prompt's session, unless that block has more than two distinct successors (a
+    shared prefix such as a system prompt); otherwise it starts a new session.  The traces carry no
+    session ids: this stands for what a client would tag its requests with."""
+    end: dict[int, int] = {}
+    succ: dict[int, set] = {}
+    out: list[int] = []
+    n = 0
+    for r in reqs:
+        keys = r.keys
+        sid = -1
+        for i in range(len(keys) - 1, -1, -1):
+            s = end.get(keys[i])
+            if s is not None:
+                if len(succ.get(keys[i], ())) <= 2:
+                    sid = s
+                break
+        if sid < 0:
+            sid, n = n, n + 1
+        out.append(sid)
+        for a, b in zip(keys, keys[1:]):
+            x = succ.get(a)
+            if x is None:
+                succ[a] = {b}
+            elif len(x) <= 2:
+                x.add(b)
+        for k in keys[-2:]:
+            end[k] = sid
+    return out
+
+
+def client_hints(reqs: Sequence[Request]) -> list[RequestInfo]:
+    """Per request, what an agent harness could tell the cache: its session and when that session's
+    next request comes (taken from the trace's future: an upper bound on what such hints are worth;
+    infinity after a session's last request: the harness knows the session is done), plus the output
+    length (an engine knows it)."""
+    sid = sessions(reqs)
+    nxt: dict[int, float] = {}
+    ret: list[float | None] = [None] * len(reqs)
+    for i in range(len(reqs) - 1, -1, -1):
+        t = nxt.get(sid[i])
+        ret[i] = math.inf if t is None else t - reqs[i].ts
+        nxt[sid[i]] = reqs[i].ts
+    return [RequestInfo(output_tokens=r.output_length, session=s, expected_return_s=x)
+            for r, s, x in zip(reqs, sid, ret)]
+
+
+def online_info(reqs: Sequence[Request]) -> list[RequestInfo]:
+    """Per request, what an engine knows without client hints: the output length only."""
+    return [RequestInfo(output_tokens=r.output_length) for r in reqs]
 
 
 def make_tier_policy(name: str, reqs: Sequence[Request]) -> Callable[[], EvictionPolicy]:
@@ -72,15 +129,28 @@ def replay(
     *,
     on_event: Callable[[Any], Any] | None = None,
     gpu_admission: bool = True,
+    progress: Callable[[int], Any] | None = None,
+    infos: Sequence[RequestInfo] | None = None,
 ) -> dict[str, Any]:
     """Replay requests in order; returns hit ratios (over all blocks) and the cache's counters.
 
-    ``gpu_admission=False``: the GPU tier takes every block (an engine's pool, see :class:`TieredCache`)."""
+    ``gpu_admission=False``: the GPU tier takes every block (an engine's pool, see :class:`TieredCache`).
+    ``progress(n)`` is called after every 256 requests and at the end with the requests served since
+    its last call (a tqdm ``update``).  ``infos[i]`` goes with request ``i`` (:func:`client_hints`,
+    :func:`online_info`)."""
     cache = _replay_cache(reqs, gpu_blocks, policy, host_blocks, gpu_admission, on_event)
     start, finish = cache.start_request, cache.finish_request
-    for r in reqs:
-        t = start(r.keys, r.ts)
+    done = 0
+    for i, r in enumerate(reqs):
+        t = start(r.keys, r.ts, infos[i] if infos is not None else None)
         finish(t, r.ts)
+        if progress is not None:
+            done += 1
+            if done == 256:
+                progress(done)
+                done = 0
+    if progress is not None and done:
+        progress(done)
     st = cache.stats()
     total = max(1, st["blocks"])
     return {

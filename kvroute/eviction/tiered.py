@@ -8,6 +8,9 @@ per tier only picks victims among the tier's *candidates*.
 Rules (checked by :meth:`TieredCache.check_invariants`):
 
 * Tiers are exclusive: a block lives on exactly one tier.
+* Prefix relations live in one :class:`~kvroute.eviction.prefix_links.PrefixLinks`
+  (the structure the vLLM adapters use too); here a block's parent is always
+  cached, so its orphan rule never applies.
 * A cached block's parent is cached, and a GPU block's parent is on the GPU
   (the GPU holds the head of every cached prefix, the host its continuation).
 * GPU candidates are unpinned GPU blocks with no child on the GPU; host
@@ -51,7 +54,8 @@ from typing import Any, Callable, Hashable, Sequence
 
 from ..kvindex.events import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch
 from ..kvindex.types import Tier
-from .base import EvictionError, EvictionPolicy
+from .base import EvictionError, EvictionPolicy, RequestInfo
+from .prefix_links import PrefixLinks
 
 _GPU, _HOST = 0, 1
 
@@ -169,12 +173,15 @@ class TieredCache:
         self._epoch = 0
         #: key -> tier (0 GPU, 1 host) of every cached block.
         self._tier: dict[Hashable, int] = {}
-        #: key -> parent key (None at a chain's start) of every cached block.
-        self._parent: dict[Hashable, Hashable | None] = {}
+        #: Prefix relations of every cached block (both tiers): parent and children, the one structure the
+        #: vLLM adapters use too.  A cached block's parent is always cached here (eviction takes leaves,
+        #: a dropped block's subtree goes with it), so the orphan rule never applies.  Written by _add,
+        #: _remove and clear only.
+        self._links = PrefixLinks()
+        #: ``self._links.parents`` (key -> parent key, None at a chain's start), for the hot loops; read-only.
+        self._parent = self._links.parents
         #: key -> 0-based chain position of every cached block.
         self._depth: dict[Hashable, int] = {}
-        #: key -> set of cached children (only for blocks that have some).
-        self._kids: dict[Hashable, set] = {}
         #: key -> number of children on the GPU (only when > 0).
         self._kids_gpu: dict[Hashable, int] = {}
         #: key -> pin count (only when > 0; GPU blocks only).
@@ -247,11 +254,17 @@ class TieredCache:
         return float(next(self._auto_now))
 
     # ---------------------------------------------------------------- requests
-    def start_request(self, keys: Sequence[Hashable], now: float | None = None) -> RequestTicket:
-        """Serve a request's prompt: touch and pin hits, promote host hits, insert and pin the rest."""
+    def start_request(self, keys: Sequence[Hashable], now: float | None = None,
+                      info: RequestInfo | None = None) -> RequestTicket:
+        """Serve a request's prompt: touch and pin hits, promote host hits, insert and pin the rest.
+        ``info``: what else is known of the request (output length, client hints), for the policies."""
         now = self._now(now)
         keys = tuple(keys)
         gp, hp = self.policies
+        if info is not None:
+            gp.request_info(info)
+            if self.capacity[1]:
+                hp.request_info(info)
         gp.begin(keys, now)
         if self.capacity[1]:
             hp.begin(keys, now)
@@ -345,7 +358,7 @@ class TieredCache:
             if guard:
                 self._protected.discard(prev)
             if not ok:
-                if guard and prev not in self._kids:
+                if guard and self._links.is_leaf(prev):
                     hc.add(prev)
                     hp.set_candidate(prev, True)
                 break
@@ -384,10 +397,11 @@ class TieredCache:
                 gp.set_candidate(k, True)
         self._flush(now)
 
-    def access(self, keys: Sequence[Hashable], now: float | None = None) -> RequestTicket:
+    def access(self, keys: Sequence[Hashable], now: float | None = None,
+               info: RequestInfo | None = None) -> RequestTicket:
         """``start_request`` then ``finish_request`` at the same time."""
         now = self._now(now)
-        tk = self.start_request(keys, now)
+        tk = self.start_request(keys, now, info)
         self.finish_request(tk, now)
         return tk
 
@@ -408,7 +422,8 @@ class TieredCache:
             self._cand[t].clear()
             pol.on_clear()
         self._protected.clear()
-        for d in (self._tier, self._parent, self._depth, self._kids, self._kids_gpu, self._pins):
+        self._links.clear()
+        for d in (self._tier, self._depth, self._kids_gpu, self._pins):
             d.clear()
         self._n = [0, 0]
         self._pending.clear()
@@ -420,7 +435,7 @@ class TieredCache:
     def _add(self, k: Hashable, p: Hashable | None, d: int, t: int, now: float) -> None:
         """Insert a block on tier ``t`` under cached parent ``p`` (no candidacy change for ``k``)."""
         self._tier[k] = t
-        self._parent[k] = p
+        self._links.add(k, p)
         self._depth[k] = d
         self._n[t] += 1
         if p is not None:
@@ -430,10 +445,7 @@ class TieredCache:
             self._pending.append(("s", t, k, p))
 
     def _link(self, k: Hashable, p: Hashable, t: int) -> None:
-        s = self._kids.get(p)
-        if s is None:
-            self._kids[p] = s = set()
-        s.add(k)
+        """``k`` (on tier ``t``) became a child of cached ``p`` (already in the links); update p's candidacy."""
         pt = self._tier[p]
         if pt == _HOST:  # host parent gained a child: no longer a host candidate
             if p in self._cand[_HOST]:
@@ -447,11 +459,7 @@ class TieredCache:
                 self.policies[_GPU].set_candidate(p, False)
 
     def _unlink(self, k: Hashable, p: Hashable, t: int) -> None:
-        """``k`` (on tier ``t``) stops being a child of ``p`` on tier ``t``; update p's candidacy."""
-        s = self._kids[p]
-        s.discard(k)
-        if not s:
-            del self._kids[p]
+        """``k`` (on tier ``t``) left the links and so stopped being a child of ``p``; update p's candidacy."""
         pt = self._tier[p]
         if t == _GPU:
             kg = self._kids_gpu
@@ -463,14 +471,15 @@ class TieredCache:
                 if pt == _GPU and p not in self._pins:
                     self._cand[_GPU].add(p)
                     self.policies[_GPU].set_candidate(p, True)
-        if pt == _HOST and p not in self._kids and p not in self._protected:
+        if pt == _HOST and self._links.is_leaf(p) and p not in self._protected:
             self._cand[_HOST].add(p)
             self.policies[_HOST].set_candidate(p, True)
 
     def _remove(self, k: Hashable) -> None:
         """Drop a block with no cached children from its tier."""
         t = self._tier.pop(k)
-        p = self._parent.pop(k)
+        p = self._parent[k]
+        self._links.unlink(k)
         del self._depth[k]
         self._n[t] -= 1
         self._cand[t].discard(k)
@@ -487,7 +496,7 @@ class TieredCache:
         while stack:
             x = stack.pop()
             order.append(x)
-            stack.extend(self._kids.get(x, ()))
+            stack.extend(self._links.children(x))
         for x in reversed(order):
             t = self._tier[x]
             self._remove(x)
@@ -544,7 +553,7 @@ class TieredCache:
                         self._cand[_GPU].add(p)
                         self.policies[_GPU].set_candidate(p, True)
             hp.on_insert(v, d, now)
-            if v not in self._kids:
+            if self._links.is_leaf(v):
                 self._cand[_HOST].add(v)
                 hp.set_candidate(v, True)
             self._stats["demoted"] += 1
@@ -569,10 +578,10 @@ class TieredCache:
         return out
 
     def _unprotect_host(self, keys: list) -> None:
-        tier, kids, hc, hp = self._tier, self._kids, self._cand[_HOST], self.policies[_HOST]
+        tier, is_leaf, hc, hp = self._tier, self._links.is_leaf, self._cand[_HOST], self.policies[_HOST]
         self._protected.clear()
         for k in keys:
-            if tier.get(k) == _HOST and k not in kids and k not in hc:
+            if tier.get(k) == _HOST and is_leaf(k) and k not in hc:
                 hc.add(k)
                 hp.set_candidate(k, True)
 
@@ -620,7 +629,9 @@ class TieredCache:
     # --------------------------------------------------------------- checking
     def check_invariants(self) -> None:
         """Raise AssertionError if a structural rule (module docstring) is broken."""
-        tier, parent, kids, kg, pins = self._tier, self._parent, self._kids, self._kids_gpu, self._pins
+        self._links.check_invariants()
+        tier, parent, kg, pins = self._tier, self._parent, self._kids_gpu, self._pins
+        kids = {p: set(self._links.children(p)) for p in tier if not self._links.is_leaf(p)}
         assert set(tier) == set(parent) == set(self._depth)
         n = [0, 0]
         want_kids: dict = {}

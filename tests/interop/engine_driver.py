@@ -34,6 +34,13 @@ Parts:
     request cut to its first ``max_blocks`` blocks when given;
   - ``{"cmd": "cached"}`` -> ``{"hashes": [...]}``: the engine hashes (event form;
     bytes as hex strings) of every block now in the GPU prefix cache (vLLM 0.32 internals);
+  - ``{"cmd": "orphan"}`` (kvroute's GPU plugin on): picks a free cached block with a cached child,
+    evicts it from the prefix cache through vLLM's ``BlockPool.evict_blocks`` (as a KV connector does)
+    and reports ``{"evicted": true, "children": n, "linked_after": [...]}``: for each child, whether
+    the plugin's prefix links still name the evicted parent as resident (they must not: the link sleeps);
+  - ``{"cmd": "orphan_state"}`` -> for the block ``orphan`` evicted: ``{"resident": bool, "is_leaf":
+    bool, "children_linked": [bool per child still resident]}`` (the orphan rule: once vLLM caches that
+    hash again, the children are linked to it and it is no leaf);
   - ``{"cmd": "reset"}`` -> ``{"reset": true|false, "last_seq": s}``
     (``reset_prefix_cache``: vLLM publishes ``AllBlocksCleared`` with the next step);
   - end of input -> the process exits 0 at once (``os._exit``: the engine core
@@ -137,6 +144,9 @@ def replay(llm, msg) -> dict:
     bt = int(msg.get("block_tokens", BLOCK_SIZE))
     reqs = load_trace(msg["trace"], msg.get("limit"))
     cut = msg.get("max_blocks")
+    stride = int(msg.get("stride") or 1)
+    if stride > 1:  # coarser blocks: every stride-th id stands for its stride blocks (still prefix-chained)
+        reqs = [type(r)(r.ts, r.keys[stride - 1::stride] or r.keys[:1], r.output_length) for r in reqs]
     cache: dict[int, list[int]] = {}
     prompt_blocks = cached_blocks = 0
     t0 = time.time()
@@ -156,6 +166,24 @@ def replay(llm, msg) -> dict:
             "seconds": round(time.time() - t0, 2)}
 
 
+def orphan(pool, probe: dict) -> dict:
+    """Evict one free cached block that has a cached child, through vLLM's own ``evict_blocks``."""
+    q = pool.free_block_queue
+    links = getattr(q, "links", None)
+    if links is None:
+        return {"evicted": False, "reason": "the kvroute plugin is not installed"}
+    for key, block in list(q._block_of.items()):
+        kids = list(links.children(key))
+        if kids and block.ref_cnt == 0:
+            probe.clear()
+            probe.update(key=key, children=kids)
+            pool.evict_blocks({block.block_id})
+            return {"evicted": key not in links, "children": len(kids),
+                    "children_resident": sum(c in links for c in kids),
+                    "linked_after": [links.parent(c) is not None for c in kids if c in links]}
+    return {"evicted": False, "reason": "no free cached block with a cached child"}
+
+
 def cached_event_hashes(pool) -> list:
     """The engine hashes (as its events name them) of every block in the GPU prefix cache."""
     from vllm.v1.core.kv_cache_utils import get_block_hash, maybe_convert_block_hash
@@ -173,6 +201,7 @@ def serve(args, out) -> int:
     sched = find_scheduler(llm)
     counter = PublishCounter(sched.kv_event_publisher)
     pool = sched.kv_cache_manager.block_pool
+    probe: dict = {}  # what the "orphan" command evicted, for "orphan_state"
     out.write(json.dumps({
         "ready": True,
         "load_s": round(time.time() - t0, 2),
@@ -195,6 +224,13 @@ def serve(args, out) -> int:
             reply["eviction"] = q.snapshot() if hasattr(q, "snapshot") else {}
         elif msg.get("cmd") == "cached":
             reply = {"hashes": cached_event_hashes(pool), "last_seq": counter.last_seq}
+        elif msg.get("cmd") == "orphan":
+            reply = orphan(pool, probe)
+        elif msg.get("cmd") == "orphan_state":
+            q, key = pool.free_block_queue, probe.get("key")
+            kids = [c for c in probe.get("children", ()) if c in q.links]
+            reply = {"resident": key in q.links, "is_leaf": q.links.is_leaf(key) if key in q.links else None,
+                     "children_linked": [q.links.parent(c) == key for c in kids]}
         elif msg.get("cmd") == "reset":
             ok = llm.reset_prefix_cache()
             reply = {"reset": bool(ok), "last_seq": counter.last_seq}

@@ -35,7 +35,7 @@ from kvroute.kvindex import KVIndex
 
 DRIVER = Path(__file__).with_name("engine_driver.py")
 #: Seconds an engine may take to start (about 30-40 s on 2 cores).
-START_TIMEOUT_S = 300.0
+START_TIMEOUT_S = float(os.environ.get("KVROUTE_VLLM_START_TIMEOUT_S", 300.0))
 #: Seconds one request may take (a few hundred tokens: ~0.05 s).
 REQUEST_TIMEOUT_S = 60.0
 

@@ -2,13 +2,15 @@
 
 usage (from the repository root, after .ci/setup_vllm):
     KVROUTE_VLLM_PYTHON=$(.ci/setup_vllm) python tests/interop/gpu_eviction_replay.py \
-        [--requests 3000] [--share 0.05] [--max-blocks 0] [--policies adaptive,arc]
+        [--requests 3000] [--share 0.05] [--max-blocks 0] [--policies adaptive,arc] [--trace T --stride K]
 
 Starts one real engine per setup (stock vLLM, then one per kvroute policy via
 ``KVROUTE_VLLM_GPU_EVICTION``), each with ``num_gpu_blocks_override`` = share of
-the replay's unique blocks (+1 null block), replays the first N requests of the
-bundled Mooncake conversation trace (each hash id a fixed block of 32 tokens,
-cut to ``--max-blocks`` per request when > 0) and prints, per setup, the block
+the replay's unique blocks (+1 null block), replays the first N requests of a
+trace (default the bundled Mooncake conversation trace; each hash id a fixed
+block of 32 tokens, cut to ``--max-blocks`` per request when > 0; ``--stride K``
+keeps every K-th id of a prompt, each standing for K blocks, so the agentic
+trace's 90k-token prompts fit a CPU engine) and prints, per setup, the block
 hit ratio from vLLM's ``num_cached_tokens`` beside kvroute's offline replay of
 the same policy (``kvroute.eviction.replay.replay``).  One engine at a time.
 """
@@ -35,13 +37,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--share", type=float, default=0.05)
     ap.add_argument("--max-blocks", type=int, default=0)
     ap.add_argument("--policies", default="adaptive,arc")
+    ap.add_argument("--trace", default=TRACE)
+    ap.add_argument("--stride", type=int, default=1)
     a = ap.parse_args(argv)
     env = vllm_env_or_reason()
     if isinstance(env, str):
         print(env, file=sys.stderr)
         return 2
     py, model = env
-    reqs = load_trace(TRACE, a.requests)
+    reqs = load_trace(a.trace, a.requests)
+    if a.stride > 1:
+        reqs = [Request(r.ts, r.keys[a.stride - 1::a.stride] or r.keys[:1], r.output_length) for r in reqs]
     if a.max_blocks:
         reqs = [Request(r.ts, r.keys[: a.max_blocks]) for r in reqs]
     cap = capacity_blocks(a.share, unique_blocks(reqs))
@@ -54,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
                             max_model_len=(longest + 1) * BS, extra_env=extra)
         try:
             eng.wait_ready()
-            r = eng.call({"cmd": "replay", "trace": TRACE, "limit": a.requests, "max_blocks": a.max_blocks or None,
-                          "block_tokens": BS}, timeout=3600)
+            r = eng.call({"cmd": "replay", "trace": a.trace, "limit": a.requests, "max_blocks": a.max_blocks or None,
+                          "block_tokens": BS, "stride": a.stride}, timeout=3600)
         finally:
             eng.stop()
         offline = replay(reqs, cap, "lru" if pol == "stock" else pol)["prefix_hit_ratio"]

@@ -62,7 +62,20 @@ policy learns, online and from the workload alone:
   recompute); 0 by default, because the figures count blocks.
 * **Router hints.**  :meth:`hint` takes ``{key: requests per second}``; a hinted
   block's density is at least its hinted rate (hits per block-second).
-* **Two tiers: one cache of their summed size, run by the leading expert.**
+* **Chain rhythm and client hints (issue 16).**  The time since the request a
+  prompt extends (``gap_edges``) is part of the request class; the output length
+  (``out_edges``) may be.  A request's :class:`~kvroute.eviction.base.RequestInfo`
+  may carry a client's expected return time: such blocks wait in their own heap,
+  furthest return first, worth one hit per second of waiting (Belady's rule on
+  what the client says, as Dynamo's cache-control TTL and SGLang's retention hints
+  are meant to be used); overdue ones fall back to their class.
+* **Two tiers, default: one learned cache of their summed size.**  The host tier
+  reads the GPU tier's learned state (``follow``), both value blocks over the
+  whole cache's characteristic time, the GPU tier demotes its lowest-density
+  leaf, and the host takes a demoted block only when it outranks its own victim
+  (:meth:`Adaptive._union_admit`): of the two, the lower leaves the cache, as in
+  one cache of the summed size.  No shadow cache, one learning pass.
+* **Two tiers with ``duel=True``: one cache of their summed size, run by the leading expert.**
   GPU + host keep a block as long as either holds it, so their total hits are
   those of one cache of the summed size.  The host tier's instance
   (``tier_role = "host"``, set by :class:`TieredCache`) runs three *shadow
@@ -88,6 +101,13 @@ policy learns, online and from the workload alone:
   HotStorage'18).  A GPU-only cache (and an engine's tier, which sets no role)
   runs no duel.
 
+Speed (issue 16): the victim is the lowest-ranked class head; the heads' ranks at
+the current time sit in a small heap that lives as long as the clock and the
+density tables do (:meth:`Adaptive._learned_victim`; a scan of every class head
+per eviction, kept as :meth:`Adaptive._victim_by_scan`, is the reference the
+tests compare it with), and the density tables of all classes are recomputed
+at once with numpy, with the scalar reference's arithmetic (:func:`_density_table`).
+
 Only plain data crosses in: no router import.
 """
 from __future__ import annotations
@@ -99,6 +119,8 @@ import math
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from typing import Hashable, Mapping, Sequence
+
+import numpy as np
 
 from ..base import EvictionError, EvictionPolicy
 from .arc import ARC
@@ -133,6 +155,12 @@ class Weights:
     max_turn_class: int = 6
     #: Size classes of a prompt's new part (blocks after its longest previously seen prefix).
     new_block_edges: tuple = (4, 8)
+    #: Gap classes: edges (seconds) of the time since the request a prompt extends (its chain's previous
+    #: request; an agent's tool call or think time, a chat user's reading time); () : no gap classes.
+    gap_edges: tuple = (16, 64, 256)
+    #: Output-length classes: edges (tokens) of RequestInfo.output_tokens (an agent's long answer is often
+    #: followed by a long tool run); () : none.
+    out_edges: tuple = ()
     #: Use-count classes (accesses seen, ghost included): edges of the buckets (once, 2-3, 4 or more).
     freq_edges: tuple = (2, 4)
     #: Densities within a factor ``2 ** density_quantum`` tie, and the older block goes (0: exact).
@@ -144,7 +172,7 @@ class Weights:
     prior_hits: float = 1.0
     prior_lifetimes: float = 4.0
     #: Duel the learned policy against LRU and ARC on shadow caches and follow the best (False: learned only).
-    duel: bool = True
+    duel: bool = False
     #: Duel: per request, every expert's shadow hit count is multiplied by this (forgetting).
     duel_decay: float = 0.99995
     #: Duel: the leader changes only when another expert's shadow hits exceed the leader's by this share
@@ -167,6 +195,12 @@ class Weights:
             bad.append(f"victim_ewma={self.victim_ewma!r}")
         if not 0 < self.duel_decay <= 1:
             bad.append(f"duel_decay={self.duel_decay!r}")
+        o = tuple(self.out_edges)
+        if any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in o) or list(o) != sorted(set(o)):
+            bad.append(f"out_edges={o!r} (positive ints, increasing)")
+        g = tuple(self.gap_edges)
+        if any(isinstance(x, bool) or not isinstance(x, (int, float)) or not x > 0 for x in g) or list(g) != sorted(set(g)):
+            bad.append(f"gap_edges={g!r} (positive seconds, increasing)")
         for n in ("new_block_edges", "freq_edges"):
             e = tuple(getattr(self, n))
             if any(not isinstance(x, int) or x < 1 for x in e) or list(e) != sorted(set(e)):
@@ -248,6 +282,37 @@ def _density(lam: list, T: float) -> list:
     return hd
 
 
+_EDGES_NP = np.array(_EDGES)
+_A0 = [_EDGES[i] if i < len(_EDGES) else _MIDS[-1] for i in range(_NBINS)]
+
+
+def _density_table(lam: np.ndarray, T: float) -> np.ndarray:
+    """:func:`_density` for every row of ``lam`` (classes x bins) at once, with the same arithmetic in
+    the same order per row (so the tables equal the scalar reference's exactly; tested).  The refresh's
+    hot spot: 109 classes x 35 x 35 bins in Python took 12 ms a refresh."""
+    C = lam.shape[0]
+    hd = np.zeros((C, _NBINS))
+    cols = [lam[:, j] for j in range(_NBINS)]
+    for i in range(_NBINS):
+        a = _A0[i]
+        lim = a + T
+        surv = np.ones(C)
+        got = np.zeros(C)
+        space = np.zeros(C)
+        for j in range(i, _NBINS):
+            mj = _MIDS[j]
+            if mj > lim:
+                break
+            pj = surv * cols[j]
+            got += pj
+            space += pj * max(mj - a, 0.125)
+            surv -= pj
+        space += np.maximum(1.0 - got, 0.0) * T
+        out = hd[:, i]
+        np.divide(got, space, out=out, where=space > 0)
+    return hd
+
+
 class Adaptive(EvictionPolicy):
     """Learned per-class hit density; leaves-first eviction and admission."""
 
@@ -260,9 +325,15 @@ class Adaptive(EvictionPolicy):
         #: Parameters (fixed).
         self.w = w
         nt = w.max_turn_class
-        nb = len(w.new_block_edges) + 1
+        #: Gap classes (time since the request a prompt extends), per new-part size class.
+        self._ng = len(w.gap_edges) + 1
+        #: Output-length classes per gap class.
+        self._no = len(w.out_edges) + 1
+        nb = (len(w.new_block_edges) + 1) * self._ng * self._no
         nf = len(w.freq_edges) + 1
         self._nf = nf
+        #: Use-count bucket per use count (the last entry serves every larger count).
+        self._fbucket = [bisect.bisect_right(w.freq_edges, f) if nf > 1 else 0 for f in range(max(w.freq_edges or (1,)) + 2)]
         #: Number of classes: turn depth (1..nt) x new-part size (nb) x tail (2) x uses (nf) + shared (1).
         self.nclasses = nt * nb * 2 * nf + 1
         self._nb = nb
@@ -290,7 +361,11 @@ class Adaptive(EvictionPolicy):
         #: Ghost + resident metadata: key -> [last access time, class, uses seen (0: provisional, see
         #: _new_meta)]; oldest first.  Kept by begin(), _new_meta() and _trim_meta() only.
         self._meta: OrderedDict = OrderedDict()
-        #: Prompt-end markers: key -> turn depth of the request whose prompt ended there.
+        #: Time since the request the current prompt extends (None: it extends none); set by begin().
+        self._gap: float | None = None
+        #: Output tokens of the request being begun (RequestInfo.output_tokens; None: unknown).
+        self._out: int | None = None
+        #: Prompt-end markers: key -> (turn depth, time) of the request whose prompt ended there.
         self._endof: OrderedDict = OrderedDict()
         #: key -> distinct successors seen (a tuple of up to 3 keys).
         self._succ: OrderedDict = OrderedDict()
@@ -306,15 +381,33 @@ class Adaptive(EvictionPolicy):
         #: Blocks resident in this tier: key -> depth.
         self._res: dict[Hashable, int] = {}
         #: Candidate heaps per class of (last access, seq, key); _cand[key] = (class, seq).
-        self._heaps: list[list] = [[] for _ in range(self.nclasses)]
+        #: ... then two more heaps at the end, reached by the negative "classes": ``_heaps[-1]`` the router-hinted
+        #: blocks, ``_heaps[-2]`` the blocks with a client's expected return time (see request_info).
+        self._heaps: list[list] = [[] for _ in range(self.nclasses + 2)]
+        #: Classes whose heap may be non-empty (every push adds its class; the victim snapshot drops the
+        #: empty ones), so a snapshot looks at a few heaps, not at all of them.
+        self._filled: set = set()
         self._cand: dict[Hashable, tuple[int, int]] = {}
         self._seq = 0
         #: Heap entries pushed since the last compaction (stale ones included); see _push.
         self._pushed = 0
+        #: Victim snapshot (see _learned_victim): the ``now`` it ranks the class heads at (None: stale),
+        #: the heap of ranks and each class's current rank.  Kept by _learned_victim and _snap_push;
+        #: reset by _refresh, hint and on_clear.
+        self._vnow: float | None = None
+        self._vheap: list = []
+        self._vtop: dict = {}
         #: Hinted rates: key -> requests per second (router's cluster-wide view).
         self._hint: dict[Hashable, float] = {}
         #: Candidate heap of hinted blocks: (rate, seq, key).
-        self._hint_heap: list = []
+        self._hint_heap: list = self._heaps[-1]
+        #: Candidate heap of blocks whose session said when it returns: (-expected return time, seq, key).
+        self._ret_heap: list = self._heaps[-2]
+        #: Client hints: key -> absolute time its session's next request is expected (RequestInfo.
+        #: expected_return_s); bounded like the ghost.  Written by begin() (the GPU tier's, shared by the host).
+        self._ret: OrderedDict = OrderedDict()
+        #: The RequestInfo of the request whose begin() comes next (None: none given).
+        self._info = None
         self._requests = 0
         self._accesses = 0
         self._now = 0.0
@@ -336,6 +429,11 @@ class Adaptive(EvictionPolicy):
         self._surplus_sq = [0.0, 0.0, 0.0]
         #: Expert whose decisions the cache follows now (index into EXPERTS); changed by _set_leader only.
         self.leader = 0
+        #: Host tier of a two-tier cache without a duel: the GPU tier's policy (its insertions and
+        #: capacity give the whole cache's characteristic time; see _union_admit).  Set by follow().
+        self._upper: "Adaptive | None" = None
+        #: GPU tier of a two-tier cache without a duel: the host tier's policy.  Set by follow().
+        self._lower: "Adaptive | None" = None
         #: GPU tier of a two-tier cache: the host tier's policy whose leader this one follows.
         self._verdict: "Adaptive | None" = None
         #: One shadow cache per expert (EXPERTS order), built by bind(); None: no duel.
@@ -394,9 +492,21 @@ class Adaptive(EvictionPolicy):
         else:
             del d[s]
 
+    def request_info(self, info) -> None:
+        """Keep the request's :class:`~kvroute.eviction.base.RequestInfo` for the begin() that follows."""
+        self._info = info
+
     def begin(self, keys: Sequence[Hashable], now: float) -> None:
         w = self.w
         self._now = now
+        info, self._info = self._info, None
+        self._out = info.output_tokens if info is not None else None
+        up = self._upper
+        if up is not None:  # host tier without a duel: the GPU tier (called first) learned this request
+            if self._hd is not up._hd:
+                self._hd, self.T = up._hd, up.T
+                self._vnow = None
+            return
         if self._shadows is not None:
             self._duel(keys, now)
         if self._t0 is None:
@@ -408,16 +518,27 @@ class Adaptive(EvictionPolicy):
         while m < n and (e := meta.get(keys[m])) is not None and e[2]:
             m += 1
         td = 1
+        self._gap = None
         if m:
             b = keys[m - 1]
             d = endof.get(b)
             if d is not None and len(succ.get(b, ())) <= 2:
-                td = d + 1
+                td = d[0] + 1
+                self._gap = now - d[1]
         self._td = td
         tdc = self._request_class(keys, now, td, n - m)
         self._base_cls = tdc * 2 * self._nf
         self._see(keys, 0, tdc, now)
         self._ended(keys, td, n, now)
+        if info is not None and info.expected_return_s is not None:  # a client hint: the whole prompt waits for it
+            ret, r = self._ret, now + max(0.0, float(info.expected_return_s))
+            for k in keys:
+                ret[k] = r
+                ret.move_to_end(k)
+            self._trim(ret)
+        elif self._ret:
+            for k in keys:  # no hint this time: the blocks follow their class again
+                self._ret.pop(k, None)
         self._requests += 1
         if self._requests % w.refresh_requests == 1:
             self._refresh(now)
@@ -435,7 +556,9 @@ class Adaptive(EvictionPolicy):
         nf = self._nf
         last_key = keys[start - 1]
         last = self._meta.get(last_key)
-        td = self._endof.get(last_key, 1)
+        d = self._endof.get(last_key)
+        td = d[0] if d is not None else 1
+        self._gap = None
         if last is None or last[1] == self._shared_cls:
             tdc = self._request_class(keys, now, td, n - start)
         else:
@@ -465,11 +588,12 @@ class Adaptive(EvictionPolicy):
         meta, succ = self._meta, self._succ
         n = len(keys)
         nf = self._nf
-        fedges = self.w.freq_edges
-        hits, life = self._hits, self._life
+        fb, fmax = self._fbucket, len(self._fbucket) - 1
+        hits, life, opens = self._hits, self._life, self._open
         shared = self._shared_cls
         cand = self._cand
         slot = int(now // _SLOT)
+        base = tdc * 2 * nf
         prev = keys[start - 1] if start else None
         for i in range(start, n):
             k = keys[i]
@@ -477,10 +601,17 @@ class Adaptive(EvictionPolicy):
             if old is None:
                 f = 1
             else:
-                self._close(old[1], old[0])
+                oc, ot = old[1], old[0]
+                d = opens[oc]  # its open lifetime closes (inlined _close: the hot path)
+                os_ = int(ot // _SLOT)
+                x = d[os_] - 1
+                if x:
+                    d[os_] = x
+                else:
+                    del d[os_]
                 meta.move_to_end(k)
                 if old[2]:  # a reuse
-                    hits[old[1]][_bin(now - old[0])] += 1.0
+                    hits[oc][_bin(now - ot)] += 1.0
                     f = old[2] + 1
                 else:  # provisional (stored by an engine before its request reached begin): first use
                     f = 1
@@ -488,21 +619,27 @@ class Adaptive(EvictionPolicy):
             if s is not None and len(s) > 2:
                 c = shared
             else:
-                c = (tdc * 2 + (1 if i == n - 1 else 0)) * nf + (bisect.bisect_right(fedges, f) if nf > 1 else 0)
-            meta[k] = [now, c, f]
+                c = base + (nf if i == n - 1 else 0) + fb[f if f < fmax else fmax]
+            if old is None:
+                meta[k] = [now, c, f]
+            else:
+                old[0], old[1], old[2] = now, c, f
             life[c] += 1.0
-            op = self._open[c]
+            op = opens[c]
             op[slot] = op.get(slot, 0) + 1
             e = cand.get(k)
             if e is not None and e[0] >= 0:  # an unpinned candidate (engine tiers): re-file it by class and time
                 self._seq += 1
                 cand[k] = (c, self._seq)
-                self._push(self._heaps[c], (now, self._seq, k))
+                self._push(c, (now, self._seq, k))
+                if self._vnow == now:
+                    self._snap_left(e)
+                    self._snap_push(c)
             if prev is not None:
                 ps = succ.get(prev)
                 if ps is None:
                     succ[prev] = (k,)
-                elif k not in ps and len(ps) < 3:
+                elif len(ps) < 3 and k not in ps:
                     succ[prev] = ps + (k,)
             prev = k
 
@@ -512,9 +649,9 @@ class Adaptive(EvictionPolicy):
         w, endof = self.w, self._endof
         n = len(keys)
         if n >= 2:
-            endof[keys[-2]] = td
+            endof[keys[-2]] = (td, now)
         if n:
-            endof[keys[-1]] = td
+            endof[keys[-1]] = (td, now)
         self._accesses += used
         if self._accesses >= w.half_life_accesses:
             self._accesses = 0
@@ -533,7 +670,13 @@ class Adaptive(EvictionPolicy):
         depth and the size of its new part.  The one place a request's features become a class:
         ``bench/eviction_ceiling.py`` overrides it to measure what better features would be worth."""
         w = self.w
-        return (min(depth, w.max_turn_class) - 1) * self._nb + bisect.bisect_right(w.new_block_edges, new_blocks)
+        b = bisect.bisect_right(w.new_block_edges, new_blocks)
+        if self._ng > 1:  # the chain's rhythm: time since the request it extends (0: none, a first turn)
+            b = b * self._ng + (bisect.bisect_right(w.gap_edges, self._gap) if self._gap is not None else 0)
+        if self._no > 1:  # the output length (RequestInfo.output_tokens; unknown: bucket 0)
+            o = self._out
+            b = b * self._no + (bisect.bisect_right(w.out_edges, o) if o is not None else 0)
+        return (min(depth, w.max_turn_class) - 1) * self._nb + b
 
     # ------------------------------------------------------------------ duel
     def _duel_setup(self) -> None:
@@ -555,6 +698,12 @@ class Adaptive(EvictionPolicy):
         """GPU tier of a two-tier cache: follow the verdict of ``host``'s duel (its shadows model
         the whole cache), with this tier's own LRU and ARC experts.  Called once, before use."""
         if not self.w.duel or host._shadows is None:
+            host._upper = self  # no duel: both tiers value blocks over the whole cache's horizon, and
+            self._lower = host  # the host reads what this tier learns (both would learn the same)
+            host._meta, host._open, host._hits, host._gone, host._life, host._ret = (
+                self._meta, self._open, self._hits, self._gone, self._life, self._ret)
+            # the ghost remembers blocks past the whole cache (a host block must not lose its history)
+            self._ghost_cap = max(self.w.ghost_min, int(self.w.ghost_factor * (self.capacity + host.capacity)))
             return
         self._experts = (None, LRU(), ARC())
         self._verdict = host
@@ -607,26 +756,55 @@ class Adaptive(EvictionPolicy):
         self.duel_stats["requests"] += 1
 
     def _refresh(self, now: float) -> None:
-        """Recompute T and every class's density per age bin."""
-        if self._t0 is not None and now > self._t0 and self._ins_count and self.capacity:
-            rate = self._ins_count / (now - self._t0)
-            self.T = max(1.0, self.capacity / rate)
+        """Recompute T and every class's density per age bin (hazards as :func:`_at_risk` and
+        :func:`_shrunk` define them, computed for all classes at once with numpy: same arithmetic,
+        same order)."""
+        up, lo = self._upper, self._lower
+        ins, cap = self._ins_count, self.capacity
+        if up is not None:
+            ins, cap = up._ins_count, cap + up.capacity
+        elif lo is not None:
+            cap += lo.capacity
+        if self._t0 is not None and now > self._t0 and ins and cap:
+            rate = ins / (now - self._t0)
+            self.T = max(1.0, cap / rate)
         T = self.T * self.w.horizon_factor
         k = self.w.shrink
-        hits = self._hits
-        risk = [_at_risk(hits[c], self._gone[c], self._open[c], now) for c in range(self.nclasses)]
-        # hazards: every class shrinks toward its group (see _groups), every group toward all classes
-        def pooled(cs: list[int]) -> tuple[list, list]:
-            return ([sum(hits[c][j] for c in cs) for j in range(_NBINS)],
-                    [sum(risk[c][j] for c in cs) for j in range(_NBINS)])
-        ah, ar = pooled(list(range(self.nclasses)))
-        top = [ah[j] / ar[j] if ar[j] > 0 else 0.0 for j in range(_NBINS)]
-        for cs in self._groups:
-            gh, gr = pooled(cs)
-            glam = _shrunk(gh, gr, top, k)
-            for c in cs:
-                self._hd[c] = _density(_shrunk(hits[c], risk[c], glam, k), T)
+        C = self.nclasses
+        hits = np.array(self._hits)
+        gone = np.array(self._gone)
+        ob = np.zeros((C, _NBINS))
+        for c, op in enumerate(self._open):  # open lifetimes per age bin (see _at_risk), as _bin bins them
+            if op:
+                ages = now - (np.fromiter(op.keys(), float, len(op)) + 0.5) * _SLOT
+                bins = np.searchsorted(_EDGES_NP, ages, side="right") - 1
+                bins[ages >= _EDGES[-1]] = _NBINS - 1
+                bins[ages <= 0.0] = 0
+                ob[c] = np.bincount(bins, weights=np.fromiter(op.values(), float, len(op)), minlength=_NBINS)
+        # risk[j] = acc + hits[j] + gone[j] + ob[j]/2, acc the sum over later bins (as _at_risk)
+        x = (hits + gone) + ob
+        acc = np.zeros((C, _NBINS))
+        acc[:, :-1] = np.cumsum(x[:, :0:-1], axis=1)[:, ::-1]
+        risk = ((acc + hits) + gone) + 0.5 * ob
 
+        def pooled(cs) -> tuple:  # sums over classes, row after row (as the scalar reference adds them)
+            idx = np.asarray(cs)
+            return hits[idx].sum(axis=0), risk[idx].sum(axis=0)
+
+        def shrunk(h, r, prior):  # _shrunk, vectorised
+            d = r + k
+            return np.where(d > 0, (h + k * prior) / np.where(d > 0, d, 1.0), prior)
+
+        ah, ar = pooled(range(C))
+        top = np.where(ar > 0, ah / np.where(ar > 0, ar, 1.0), 0.0)
+        lam = np.empty((C, _NBINS))
+        for cs in self._groups:  # every class shrinks toward its group (see _groups), every group toward all
+            gh, gr = pooled(cs)
+            glam = shrunk(gh, gr, top)
+            idx = np.array(cs)
+            lam[idx] = shrunk(hits[idx], risk[idx], glam)
+        self._hd = _density_table(lam, T).tolist()
+        self._vnow = None  # the victim snapshot used the old tables
 
     # ------------------------------------------------------------------ cache
     def _density(self, key: Hashable, cls: int, t_last: float) -> float:
@@ -640,7 +818,9 @@ class Adaptive(EvictionPolicy):
             return True
         if self._votes is not None:  # two tiers: keep what the leading expert's whole-cache shadow keeps
             return self._votes.holds(key) or key in self._hint
-        thr = self._victim_hd
+        if self._upper is not None:  # host tier, no duel: the whole cache drops its least valuable leaf
+            return self._union_admit(key)
+        thr = self._victim_hd if self._lower is None else self._lower._victim_hd
         if thr is None:
             return True
         m = self._meta.get(key)
@@ -648,10 +828,34 @@ class Adaptive(EvictionPolicy):
             return True
         if self._hint.get(key, 0.0) >= thr:
             return True
+        if key in self._ret:  # its session said it returns: keep it until then (the victim order decides)
+            return True
         if self._lead():  # LRU and ARC admit everything
             return True
         return self._density(key, m[1], now) >= self.w.admit_ratio * thr
 
+
+    def _union_admit(self, key: Hashable) -> bool:
+        """Host tier of a two-tier cache without a duel, full: take ``key`` (demoted, or refused by the GPU)
+        only when it is worth more than this tier's own victim, which it would displace.  GPU + host then
+        drop, of the two, the block of lower density at its age (older first among equals): one learned
+        cache of their summed size, at the price of one comparison, instead of shadow caches."""
+        if key in self._hint:
+            return True
+        m = self._meta.get(key)
+        if m is None:
+            return True
+        e = self._peek()
+        if e is None:
+            return True
+        rt = self._ret.get(key)
+        if rt is not None and rt > self._now:
+            v = 1.0 / max(rt - self._now, 0.125)
+        else:
+            v = self._density(key, m[1], m[0])
+        q = self.w.density_quantum
+        lv = (math.floor(math.log2(v) / q) if v > 0 else -math.inf) if q else v
+        return (lv, m[0]) > (e[0], e[1])
 
     def on_insert(self, key: Hashable, depth: int, now: float) -> None:
         self._res[key] = depth
@@ -685,7 +889,9 @@ class Adaptive(EvictionPolicy):
         if self._votes is not None:
             (self._votes.add if flag else self._votes.discard)(key)
         if not flag:
-            self._cand.pop(key, None)
+            e = self._cand.pop(key, None)
+            if e is not None and self._vnow == self._now:
+                self._snap_left(e)
             return
         self._file(key)
 
@@ -695,32 +901,51 @@ class Adaptive(EvictionPolicy):
         if m is None:
             m = self._new_meta(key, self._now, 0)
         self._seq += 1
+        old = self._cand.get(key)
+        rt = self._ret.get(key)
+        if rt is not None:  # the client said when its session returns
+            self._cand[key] = (-2, self._seq)
+            self._push(-2, (-rt, self._seq, key))
+            if self._vnow == self._now:
+                if old is not None:
+                    self._snap_left(old)
+                self._snap_push(-2)
+            return
         r = self._hint.get(key)
         if r is not None:  # hinted blocks wait in their own heap, lowest rate first
             self._cand[key] = (-1, self._seq)
-            self._push(self._hint_heap, (r, self._seq, key))
+            self._push(-1, (r, self._seq, key))
+            if self._vnow == self._now:
+                if old is not None:
+                    self._snap_left(old)
+                self._snap_push(-1)
             return
         c = m[1]
         self._cand[key] = (c, self._seq)
-        self._push(self._heaps[c], (m[0], self._seq, key))
+        self._push(c, (m[0], self._seq, key))
+        if self._vnow == self._now:
+            if old is not None:
+                self._snap_left(old)
+            self._snap_push(c)
 
-    def _push(self, heap: list, entry: tuple) -> None:
-        """Push a candidate entry; drop the stale ones (re-filed, pinned, removed) once they outnumber
-        the live ones, as :class:`HeapPolicy` does.  Victims come from Votes first in a two-tier cache, so
-        _head() alone would rarely reach them and the heaps would grow with every request."""
-        heapq.heappush(heap, entry)
+    def _push(self, c: int, entry: tuple) -> None:
+        """Push a candidate entry into class ``c``'s heap; drop the stale ones (re-filed, pinned, removed)
+        once they outnumber the live ones, as :class:`HeapPolicy` does.  Victims come from Votes first in a
+        two-tier cache, so _head() alone would rarely reach them and the heaps would grow with every request."""
+        heapq.heappush(self._heaps[c], entry)
+        self._filled.add(c)
         self._pushed += 1
         if self._pushed > 4 * len(self._cand) + 1024:
             cand = self._cand
             n = 0
-            for h in (*self._heaps, self._hint_heap):
+            for h in self._heaps:
                 h[:] = [e for e in h if (x := cand.get(e[2])) is not None and x[1] == e[1]]
                 heapq.heapify(h)
                 n += len(h)
             self._pushed = n
 
     def _head(self, c: int):
-        h, cand = (self._heaps[c] if c >= 0 else self._hint_heap), self._cand
+        h, cand = self._heaps[c], self._cand
         while h:
             t, seq, key = h[0]
             e = cand.get(key)
@@ -747,39 +972,120 @@ class Adaptive(EvictionPolicy):
         """Index of the expert whose decisions this tier follows now."""
         return self.leader if self._verdict is None else self._verdict.leader
 
-    def _learned_victim(self) -> Hashable | None:
-        """The class head with the lowest density (older first among equals)."""
-        best = None
-        best_v = best_t = best_hd = math.inf
-        now = self._now
+    def _class_head(self, c: int) -> tuple | None:
+        """``(level, last access, class, seq, key, density)`` of class ``c``'s head at ``self._now`` (``c``
+        -1: the hinted heap), or None when the class has no candidate.  ``level`` is the density, quantised
+        by ``density_quantum`` (densities within a factor ``2 ** q`` compare as equal: the older goes)."""
+        e = self._head(c)
+        if e is None:
+            return None
+        t, seq, key = e
+        if c == -2:  # its session returns at -t: one hit in that many seconds, or its class's density once overdue
+            m = self._meta.get(key)
+            wait = -t - self._now
+            t = m[0] if m is not None else self._now
+            v = 1.0 / max(wait, 0.125) if wait > 0 or m is None else self._density(key, m[1], m[0])
+        elif c < 0:  # hinted: t is the rate; density at least the rate
+            m = self._meta.get(key)
+            v = max(t, self._density(key, m[1], m[0])) if m is not None else t
+            t = m[0] if m is not None else self._now
+        else:
+            v = self._density(key, c, t)
         q = self.w.density_quantum
-        heaps = self._heaps
-        for c in range(-1, self.nclasses):
-            if not (heaps[c] if c >= 0 else self._hint_heap):  # most classes have no candidate
-                continue
-            e = self._head(c)
+        lv = (math.floor(math.log2(v) / q) if v > 0 else -math.inf) if q else v
+        return (lv, t, c, seq, key, v)
+
+    def _snap_push(self, c: int) -> None:
+        """Class ``c`` got a new heap entry while the victim snapshot is current: re-rank the class when
+        the entry may be its new head (an older block re-filed, or a class that had no candidate)."""
+        tr = self._vtop.get(c)
+        h = self._heaps[c]
+        if tr is None or c < 0 or h[0][:2] < (tr[1], tr[3]):
+            e = self._class_head(c)
+            if e is not None and (tr is None or e[3] != tr[3]):
+                heapq.heappush(self._vheap, e)
+                self._vtop[c] = e
+
+    def _snap_left(self, entry: tuple) -> None:
+        """Candidate entry ``(class, seq)`` left its class (withdrawn, removed or re-filed) while the victim
+        snapshot is current: when it was its class's ranked head, rank the class's next head."""
+        c = entry[0]
+        tr = self._vtop.get(c)
+        if tr is not None and tr[3] == entry[1]:
+            e = self._class_head(c)
             if e is None:
-                continue
-            t, seq, key = e
-            if c < 0:  # hinted: t is the rate; density at least the rate
-                m = self._meta.get(key)
-                v = max(t, self._density(key, m[1], m[0])) if m is not None else t
-                t = m[0] if m is not None else now
+                del self._vtop[c]
             else:
-                v = self._density(key, c, t)
-            hd = v
-            if q:  # densities within a factor 2**q compare as equal: the older goes
-                v = math.floor(math.log2(v) / q) if v > 0 else -math.inf
-            if v < best_v or (v == best_v and t < best_t):
-                best, best_v, best_t, best_hd = key, v, t, hd
-        if best is None:
+                heapq.heappush(self._vheap, e)
+                self._vtop[c] = e
+
+    def _learned_victim(self) -> Hashable | None:
+        """The class head with the lowest density (older first among equals; then the lower class);
+        its density feeds the admission threshold."""
+        e = self._peek()
+        if e is None:
             return None
         a = self.w.victim_ewma
-        self._victim_hd = best_hd if self._victim_hd is None else (1 - a) * self._victim_hd + a * best_hd
-        return best
+        hd = e[5]
+        self._victim_hd = hd if self._victim_hd is None else (1 - a) * self._victim_hd + a * hd
+        return e[4]
+
+    def _victim_by_scan(self) -> Hashable | None:
+        """Reference for :meth:`_peek` (tests compare them): rank every class's head now, keep the
+        lowest.  No side effects besides dropping stale heap entries."""
+        best = None
+        for c in range(-2, self.nclasses):
+            e = self._class_head(c)
+            if e is not None and (best is None or e[:3] < best[:3]):
+                best = e
+        return None if best is None else best[4]
+
+    def _peek(self) -> tuple | None:
+        """The learned victim's rank ``(level, last access, class, seq, key, density)``, or None.
+
+        The class heads' ranks at ``now`` sit in a small heap (``_vheap``) that lives as long as ``now``
+        and the density tables do: an eviction re-ranks only the class it took from, and a re-filed
+        candidate only its own class (:meth:`_snap_push`), instead of every class's head per victim."""
+        if self._vnow != self._now:
+            self._vnow = self._now
+            heaps = self._heaps
+            vh = []
+            filled = self._filled
+            for c in list(filled):  # most classes have no candidate
+                if not heaps[c]:
+                    filled.discard(c)
+                    continue
+                e = self._class_head(c)
+                if e is not None:
+                    vh.append(e)
+            heapq.heapify(vh)
+            self._vheap = vh
+            self._vtop = {e[2]: e for e in vh}
+        vh, vtop, cand = self._vheap, self._vtop, self._cand
+        while vh:
+            e = vh[0]
+            c = e[2]
+            x = cand.get(e[4])
+            if vtop.get(c) is e:
+                if x is not None and x[1] == e[3]:
+                    break
+                heapq.heappop(vh)  # the class's head left: rank its next one
+                ne = self._class_head(c)
+                if ne is None:
+                    del vtop[c]
+                else:
+                    heapq.heappush(vh, ne)
+                    vtop[c] = ne
+            else:
+                heapq.heappop(vh)  # superseded by a newer rank of its class
+        else:
+            return None
+        return e
 
     def on_remove(self, key: Hashable) -> None:
-        self._cand.pop(key, None)
+        e = self._cand.pop(key, None)
+        if e is not None and self._vnow == self._now:
+            self._snap_left(e)
         self._res.pop(key, None)
         if self._votes is not None:
             self._votes.discard(key)
@@ -792,6 +1098,7 @@ class Adaptive(EvictionPolicy):
         they learned, and the scores stay: the experts' records on this workload still count).  A shadow's
         clear() reports no drops, so both tiers' votes are recomputed (empty after TieredCache.clear(),
         which removes every candidate first)."""
+        self._vnow = None
         if self._shadows is not None:
             for sh in self._shadows:
                 sh.clear()
@@ -803,6 +1110,7 @@ class Adaptive(EvictionPolicy):
         new = {k: float(v) for k, v in popularity.items() if v > 0}
         moved = [k for k in set(self._hint) | set(new) if k in self._cand and self._hint.get(k) != new.get(k)]
         self._hint = new
+        self._vnow = None  # hinted blocks move between heaps
         for k in moved:  # re-file candidates whose hint changed (the learned heaps only: the experts'
             self._file(k)  # and the duel's orders do not look at hints)
 
