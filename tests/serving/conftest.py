@@ -76,7 +76,7 @@ async def _serve(app: Any, **kw: Any) -> tuple[Any, int]:
 
 
 @asynccontextmanager
-async def harness(engine_tokenizer: Any, *, live: int = 2, dead: int = 0, policy: str = "kvroute",
+async def harness(engine_tokenizer: Any, *, live: int = 2, dead: int = 0, policy: Any = "kvroute",
                   block_size: int = 16, **cfg: Any) -> AsyncIterator[Harness]:
     """``live`` fake engines e0..; ``dead`` refused ones d0..; the proxy in front of all of them."""
     import aiohttp

@@ -239,8 +239,7 @@ def test_session_hints_reach_the_policy(engine_tokenizer: Any) -> None:
             return super().choose(req, fleet)
 
     async def go() -> None:
-        async with harness(engine_tokenizer, live=1) as h:
-            h.proxy.router.policy = Spy()
+        async with harness(engine_tokenizer, live=1, policy=Spy()) as h:
             await h.post("/v1/completions", {"model": "tiny", "prompt": LONG, "user": "alice"},
                          headers={"x-session-id": "s-42"})
             await h.post("/v1/completions", {"model": "tiny", "prompt": LONG})
