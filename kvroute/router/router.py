@@ -550,7 +550,6 @@ class Router:
             hashes = list(hashes)
             ds.active_blocks = self._active.add(self._slot[ds.id], hashes)
         self._requests[rid] = _Flight(ps, ds, uncached, nb, now, hashes)
-        self._requests[rid] = _Flight(ps, ds, uncached, nb, now)
         if self._core is not None:
             self._sync(ps)
             if ds is not ps:
