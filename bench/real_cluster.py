@@ -191,7 +191,10 @@ async def replay(url: str, prompts: list[list[int]], reqs: list[Any], rate_scale
 
 
 def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
-    ok = [r for r in results if r["status"] == 200 and r.get("usage")]
+    def is_ok(r: dict[str, Any]) -> bool:
+        return r["status"] == 200 and bool(r.get("usage"))
+
+    ok = [r for r in results if is_ok(r)]
     ttft = sorted(r["ttft"] for r in ok)
     prompt = sum(r["usage"]["prompt_tokens"] for r in ok)
     cached = sum((r["usage"].get("prompt_tokens_details") or {}).get("cached_tokens") or 0 for r in ok)
@@ -203,7 +206,7 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
 
     failed: dict[str, int] = {}
     for r in results:
-        if r not in ok:
+        if not is_ok(r):
             key = str(r.get("error") or r["status"])[:80]
             failed[key] = failed.get(key, 0) + 1
     return {"requests": len(results), "ok": len(ok), "failed": failed, "ttft_mean_s": statistics.fmean(ttft) if ttft else float("nan"),

@@ -42,8 +42,6 @@ class BadRequestError(ServingError):
 class UnsupportedContentError(BadRequestError):
     """Content kvroute cannot tokenize as the engine would (images, audio, video...)."""
 
-    code_default = "unsupported_content"
-
 
 class ModelNotFoundError(ServingError):
     """The request names a model no engine serves."""
@@ -60,7 +58,7 @@ class NoEngineError(ServingError):
 
 
 class EngineFailedError(ServingError):
-    """The engine failed the request after the proxy had started answering, or twice before."""
+    """The engine failed the request after the proxy had started answering (sent as an SSE error event)."""
 
     status = 502
     type = "bad_gateway"

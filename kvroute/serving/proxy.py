@@ -407,7 +407,7 @@ class Proxy:
             self.pool.record_failure(spec.name, "mid_stream_" + _reason(exc))
             log.warning("engine %s failed request %s mid-stream: %s", spec.name, req.rid, exc)
             with contextlib.suppress(ConnectionError, RuntimeError):
-                await resp.write(error_event(f"engine {spec.name} failed mid-stream: {type(exc).__name__}"))
+                await resp.write(error_event(EngineFailedError(f"engine {spec.name} failed mid-stream: {type(exc).__name__}")))
         except (ConnectionResetError, ConnectionError):
             self.metrics.client_disconnects.inc()
             return resp

@@ -65,7 +65,7 @@ def event_json(event: bytes) -> Any:
         return None
 
 
-def error_event(message: str, type_: str = "bad_gateway", code: int = 502) -> bytes:
-    """An OpenAI-style error as one SSE event, then the end-of-stream marker."""
-    doc = {"error": {"message": message, "type": type_, "param": None, "code": code}}
-    return b"data: " + json.dumps(doc).encode() + b"\n\ndata: [DONE]\n\n"
+def error_event(exc: Any) -> bytes:
+    """A :class:`~kvroute.serving.errors.ServingError` as one SSE event (its OpenAI-style body), then
+    the end-of-stream marker."""
+    return b"data: " + json.dumps(exc.body()).encode() + b"\n\ndata: [DONE]\n\n"

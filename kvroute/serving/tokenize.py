@@ -39,8 +39,7 @@ import json
 import os
 import threading
 from functools import lru_cache
-from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping
 
 from .errors import BadRequestError, TokenizerNotFoundError, UnsupportedContentError
 
@@ -464,12 +463,4 @@ def detect_content_format(template: str) -> str:
         if isinstance(loop.iter, n.Name) and loop.iter.name == "content":
             return "openai"
     return "string"
-
-
-def find_local_model(name: str, search: Sequence[str | os.PathLike] = ()) -> Path | None:
-    """A local directory holding ``name``'s tokenizer: ``name`` itself, or under one of ``search``."""
-    for cand in [Path(name), *(Path(s) / name for s in search)]:
-        if cand.is_dir() and any((cand / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-            return cand
-    return None
 
