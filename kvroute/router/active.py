@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from .masks import chain_depths
+
 
 class ActiveBlocks:
     """Reference-counted active prompt blocks per worker slot."""
@@ -96,26 +98,7 @@ class ActiveBlocks:
         """{slot: n} -- the first ``n >= 1`` blocks of ``hashes`` are active on that slot."""
         if not hashes:
             return {}
-        get = self._mask.get
-        mask = get(hashes[0], 0)
-        out: dict[int, int] = {}
-        if not mask:
-            return out
-        i, n = 1, len(hashes)
-        while i < n and mask:
-            m = mask & get(hashes[i], 0)
-            gone = mask & ~m
-            while gone:
-                low = gone & -gone
-                out[low.bit_length() - 1] = i
-                gone ^= low
-            mask = m
-            i += 1
-        while mask:
-            low = mask & -mask
-            out[low.bit_length() - 1] = n
-            mask ^= low
-        return out
+        return chain_depths(self._mask.get, hashes)
 
     def check_invariants(self) -> None:
         """Masks, counts and distinct totals agree (tests call this after every step)."""

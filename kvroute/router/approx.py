@@ -29,6 +29,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Callable, Iterable, Sequence
 
+from .masks import chain_depths
+
 #: Default entry lifetime.  Dynamo's approximate mode defaults to 120 s; chosen here on the Mooncake
 #: synthetic trace (kvroute sim --approximate, 8 workers, first 2,000 requests): with the per-worker
 #: bound at GPU + host blocks, TTL 120 s found 58% of the exact router's hits, 300 s 93%, 600 s and
@@ -134,32 +136,14 @@ class ApproxPrefixes:
         """{slot: depth >= 1} of the longest predicted prefix of ``hashes`` per slot (expired entries skipped)."""
         if not hashes or not self._mask:
             return {}
-        get = self._mask.get
-        out: dict[int, int] = {}
-        live = get(hashes[0], 0)
+        live = self._mask.get(hashes[0], 0)
         if not live:
             return {}
         # an expired entry still in the table (a slot not touched since) must not count
         for slot, d in self._lru.items():
             if live >> slot & 1:
                 self._expire_slot(slot, d, now)
-        live = get(hashes[0], 0)
-        i = 0
-        n = len(hashes)
-        while live and i < n:
-            m = live & get(hashes[i], 0)
-            gone = live & ~m
-            while gone:
-                low = gone & -gone
-                out[low.bit_length() - 1] = i
-                gone ^= low
-            live = m
-            i += 1
-        while live:
-            low = live & -live
-            out[low.bit_length() - 1] = n
-            live ^= low
-        return {s: d for s, d in out.items() if d}
+        return chain_depths(self._mask.get, hashes)  # every depth >= 1: the slots of the first block's mask
 
     def dump(self, slot: int, now: float) -> list[tuple[int, float]]:
         """``(hash, seconds left)`` of a slot's live entries, oldest first (a peer's catch-up copy)."""
