@@ -155,9 +155,12 @@ async def stream_one(session: Any, url: str, body: dict[str, Any]) -> dict[str, 
     first = None
     usage = None
     status = 0
+    engine = predicted = None
     try:
         async with session.post(url, json=body) as r:
             status = r.status
+            engine = r.headers.get("x-kvroute-engine")
+            predicted = r.headers.get("x-kvroute-predicted-cached-tokens")
             buf = b""
             async for chunk in r.content.iter_any():
                 if first is None:
@@ -172,7 +175,8 @@ async def stream_one(session: Any, url: str, body: dict[str, Any]) -> dict[str, 
     except Exception as exc:  # a failed request is reported, not fatal
         return {"status": -1, "error": repr(exc), "t0": t0}
     end = time.perf_counter()
-    return {"status": status, "ttft": (first or end) - t0, "e2e": end - t0, "usage": usage, "t0": t0, "end": end}
+    return {"status": status, "ttft": (first or end) - t0, "e2e": end - t0, "usage": usage, "t0": t0, "end": end,
+            "engine": engine, "predicted": int(predicted) if predicted is not None else None}
 
 
 async def replay(url: str, prompts: list[list[int]], reqs: list[Any], rate_scale: float) -> list[dict[str, Any]]:
@@ -186,7 +190,9 @@ async def replay(url: str, prompts: list[list[int]], reqs: list[Any], rate_scale
                 await asyncio.sleep(delay)
             body = {"model": "tiny", "prompt": prompts[i], "max_tokens": reqs[i].output_length, "ignore_eos": True,
                     "stream": True, "stream_options": {"include_usage": True}, "temperature": 0}
-            return await stream_one(s, url + "/v1/completions", body)
+            res = await stream_one(s, url + "/v1/completions", body)
+            res["sent_s"] = res["t0"] - start
+            return res
         return list(await asyncio.gather(*(one(i) for i in range(len(prompts)))))
 
 
@@ -367,6 +373,20 @@ def proxy_overhead(engine: ServeProcess, n: int = 100) -> dict[str, Any]:
             "load_average": os.getloadavg()[0]}
 
 
+def dump_requests(path: str, policy: str, reqs: list[Any], res: list[dict[str, Any]], rec: Any) -> None:
+    """Append one line per request: the real run's measurements beside the simulator's for the same request."""
+    with open(path, "a") as f:
+        for i, (q, r) in enumerate(zip(reqs, res)):
+            u = r.get("usage") or {}
+            f.write(json.dumps({
+                "routing": policy, "i": i, "arrival_s": q.arrival_s, "sent_s": r.get("sent_s"), "status": r["status"],
+                "ttft_s": r.get("ttft"), "e2e_s": r.get("e2e"), "prompt_tokens": u.get("prompt_tokens"),
+                "cached_tokens": (u.get("prompt_tokens_details") or {}).get("cached_tokens"),
+                "engine": r.get("engine"), "predicted": r.get("predicted"),
+                "sim_ttft_s": float(rec.first_token[i] - rec.arrival[i]), "sim_worker": int(rec.worker[i]),
+                "sim_hit_blocks": int(rec.gpu_hit[i] + rec.host_hit[i])}) + "\n")
+
+
 # ---------------------------------------------------------------------- main
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -387,6 +407,7 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--policies", default="kvroute,dynamo,round_robin,least_loaded")
     ap.add_argument("--max-batched-tokens", type=int, default=4096)
+    ap.add_argument("--dump", default=None, help="Write per-request records (real and simulated) to this .jsonl file.")
     args = ap.parse_args()
 
     from kvroute.sim.engine import SimConfig, simulate
@@ -440,6 +461,8 @@ def main() -> int:
                              block_tokens=args.block_tokens, rate_scale=args.rate_scale, cost=cost,
                              vllm_last_block=True, chunked_prefill_tokens=args.max_batched_tokens, max_batch=64)
             sim = simulate(reqs, scfg)
+            if args.dump:
+                dump_requests(args.dump, policy, reqs, res, sim.records)
             row["sim_ttft_mean_s"] = sim.ttft_mean_s
             row["sim_ttft_p99_s"] = sim.ttft_p99_s
             row["sim_prefix_hit_ratio"] = sim.prefix_hit_ratio

@@ -355,7 +355,7 @@ class Proxy:
             self.pool.record_success(spec.name)
             try:
                 if upstream.status >= 400 or not stream:
-                    return await self._whole(request, upstream, req)
+                    return await self._whole(request, upstream, req, spec)
                 return await self._stream(request, upstream, req, spec, injected)
             finally:
                 if upstream.content.at_eof():
@@ -370,7 +370,14 @@ class Proxy:
         exclude.add(spec.name)
         self.pool.record_failure(spec.name, reason)
 
-    async def _whole(self, request: web.Request, upstream: Any, req: _Req) -> web.Response:
+    @staticmethod
+    def _routing_headers(req: _Req, spec: EngineSpec) -> dict[str, str]:
+        """Which engine served the request and the cached prefix the router predicted there (tokens)."""
+        d = req.decision
+        return {"x-kvroute-engine": spec.name,
+                "x-kvroute-predicted-cached-tokens": str(int(d.predicted_cached_tokens) if d is not None else 0)}
+
+    async def _whole(self, request: web.Request, upstream: Any, req: _Req, spec: EngineSpec) -> web.Response:
         data = await upstream.read()
         now = time.perf_counter()
         self.metrics.ttft.observe(now - req.t0)
@@ -378,13 +385,14 @@ class Proxy:
             with contextlib.suppress(ValueError, AttributeError, TypeError):
                 self._check(req, json.loads(data).get("usage"))
         ct = upstream.headers.get("Content-Type", "application/json")
-        return web.Response(body=data, status=upstream.status, headers={"Content-Type": ct})
+        return web.Response(body=data, status=upstream.status,
+                            headers={"Content-Type": ct, **self._routing_headers(req, spec)})
 
     async def _stream(self, request: web.Request, upstream: Any, req: _Req, spec: EngineSpec,
                       injected: bool) -> web.StreamResponse:
         resp = web.StreamResponse(status=upstream.status, headers={
             "Content-Type": upstream.headers.get("Content-Type", "text/event-stream"),
-            "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            "Cache-Control": "no-cache", "X-Accel-Buffering": "no", **self._routing_headers(req, spec)})
         await resp.prepare(request)
         split = SSESplitter()
         try:

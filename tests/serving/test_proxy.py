@@ -320,3 +320,24 @@ def test_last_engine_in_rotation_is_never_ejected(engine_tokenizer: Any) -> None
             st, _ = await h.post("/v1/completions", {"model": "tiny", "prompt": LONG, "max_tokens": 2})
             assert st == 200 and h.proxy.router.in_flight() == 0
     run(go())
+
+
+def test_responses_name_the_engine_and_the_predicted_cached_tokens(engine_tokenizer: Any) -> None:
+    """``x-kvroute-engine`` / ``x-kvroute-predicted-cached-tokens`` on streamed and whole answers."""
+    async def go() -> None:
+        async with harness(engine_tokenizer) as h:
+            names = set(h.engines)
+            seen = []
+            for stream in (False, True, True):
+                body = {"model": "tiny", "prompt": LONG, "max_tokens": 2, "stream": stream}
+                async with h.client.post(h.url + "/v1/completions", json=body) as r:
+                    await r.read()
+                    assert r.status == 200
+                    seen.append((r.headers["x-kvroute-engine"], int(r.headers["x-kvroute-predicted-cached-tokens"])))
+            assert {e for e, _ in seen} <= names
+            assert seen[0][1] == 0  # a cold cache: nothing predicted
+            # the fake engines publish no events, so only the router's own in-flight prefixes could credit;
+            # every prediction is a whole number of blocks no longer than the prompt
+            assert all(p % 16 == 0 and p >= 0 for _, p in seen)
+            assert h.proxy.router.in_flight() == 0
+    run(go())
