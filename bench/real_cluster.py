@@ -9,9 +9,10 @@ What it does, in one run:
    fixed KV capacity of ``--gpu-blocks`` blocks each, one thread each);
 3. calibrates, on every engine at once (as they run in the replay): the time of a
    fully cached long prompt (the fixed cost ``o`` of a request), uncached prefills of
-   several lengths and decode steps at two batch sizes, and fits the simulator's
-   :class:`CostModel` to them (``prefill = o + a n + b n^2``: ``gpu_flops * prefill_mfu
-   = 2 P / a``, an effective ``d_model = b F_eff / (2 L)``; ``decode_step = o_d + c * batch``);
+   several lengths and decode steps at two batch sizes over short and long contexts, and
+   fits the simulator's :class:`CostModel` to them (``prefill = o + a n + b n^2``:
+   ``gpu_flops * prefill_mfu = 2 P / a``, an effective ``d_model = b F_eff / (2 L)``;
+   ``decode_step = o_d + c * batch + k * context tokens``);
 4. measures the proxy's own overhead: the same fresh 64-token streaming
    requests sent alternately to engine 0 directly and through a proxy that
    knows only engine 0 (p50 of TTFT, both ways);
@@ -317,33 +318,44 @@ def fit_cost(engines: list[ServeProcess], model_dir: str, gpu_blocks: int) -> tu
     a = max(a, 1e-9)
     f_eff = 2 * P / a
     d_eff = max(1.0, b * f_eff / (2 * L))
-    # decode: one step per token after the first, at batch 1 and 4 (median over the streams, two rounds)
-    steps = {}
+    # decode: one step per token after the first, at batch 1 and 4 and contexts of 64 and 4,000 tokens (the
+    # prompts prefilled first, so the streams decode over a cached context); median over the streams of both
+    # engines and two rounds; fit step = o_d + c b + k (b ctx) by least squares
+    grid = []
     for batch in (1, 4):
-        per = []
-        for _ in range(2):
-            async def run() -> list[dict[str, Any]]:
-                import aiohttp
+        for ctx in (64, sizes[-1]):
+            per = []
+            for _ in range(2):
+                prompts = [[rng.randrange(10, VOCAB) for _ in range(ctx)] for _ in range(batch)]
+                for e in engines:
+                    for ids in prompts:
+                        post(e.url + "/v1/completions", {"model": "tiny", "prompt": ids, "max_tokens": 1})
 
-                async with aiohttp.ClientSession() as s:
-                    bodies = [{"model": "tiny", "prompt": [rng.randrange(10, VOCAB) for _ in range(64)],
-                               "max_tokens": 33, "ignore_eos": True, "stream": True} for _ in range(batch)]
-                    return list(await asyncio.gather(*(stream_one(s, e.url + "/v1/completions", x)
-                                                       for e in engines for x in bodies)))
-            per += [(r["e2e"] - r["ttft"]) / 32 for r in asyncio.run(run())]
-        steps[batch] = statistics.median(per)
-    c = max(1e-6, (steps[4] - steps[1]) / 3)
-    od = max(0.0, steps[1] - c)
+                async def run() -> list[dict[str, Any]]:
+                    import aiohttp
+
+                    async with aiohttp.ClientSession() as s:
+                        bodies = [{"model": "tiny", "prompt": ids, "max_tokens": 33, "ignore_eos": True,
+                                   "stream": True} for ids in prompts]
+                        return list(await asyncio.gather(*(stream_one(s, e.url + "/v1/completions", x)
+                                                           for e in engines for x in bodies)))
+                per += [(r["e2e"] - r["ttft"]) / 32 for r in asyncio.run(run())]
+            grid.append((batch, ctx, statistics.median(per)))
+    A = np.array([[1.0, b, b * ctx] for b, ctx, _ in grid])
+    od, c, k = (max(0.0, float(x)) for x in np.linalg.lstsq(A, np.array([t for _, _, t in grid]), rcond=None)[0])
+    c = max(c, 1e-6)
     base = CostModel()
     cost = base.with_overrides({
         "name": "vllm-cpu-fitted", "params": float(P), "n_layers": L, "d_model": int(round(d_eff)),
         "kv_bytes_per_token": L * kvh * hd * 2 * 2, "gpu_flops": f_eff, "prefill_mfu": 1.0,
         "prefill_overhead_s": max(0.0, float(o)), "decode_overhead_s": od, "decode_mfu": 2 * P / (f_eff * c),
+        "decode_ctx_token_s": k,
         "hbm_bytes_per_s": 1e15, "decode_bw_efficiency": 1.0,
     })
     fit = {"params": P, "prefill_overhead_s": float(o), "prefill_s_per_token": float(a), "prefill_s_per_token2": float(b),
-           "f_eff_flops": f_eff, "d_model_eff": d_eff, "decode_step_s_batch1": steps[1],
-           "decode_step_s_batch4": steps[4], "samples": list(zip(ns, [round(t, 4) for t in ts])),
+           "f_eff_flops": f_eff, "d_model_eff": d_eff, "decode_overhead_s": od, "decode_s_per_sequence": c,
+           "decode_s_per_context_token": k, "decode_samples": [[b, ctx, round(t, 5)] for b, ctx, t in grid],
+           "samples": list(zip(ns, [round(t, 4) for t in ts])),
            "prefill_8192_s_extrapolated": float(o + a * 8192 + b * 8192 * 8192)}
     return cost, fit
 
@@ -407,6 +419,11 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--policies", default="kvroute,dynamo,round_robin,least_loaded")
     ap.add_argument("--max-batched-tokens", type=int, default=4096)
+    ap.add_argument("--engine-processes", choices=("one", "vllm"), default="one",
+                    help="one: each engine runs in one process (VLLM_ENABLE_V1_MULTIPROCESSING=0, uni executor); "
+                         "vllm: vLLM's default API server + engine core + worker processes, whose idle worker "
+                         "busy-polls its queue for 1 s after every step (on a few shared cores it competes with "
+                         "the other engines' compute).")
     ap.add_argument("--dump", default=None, help="Write per-request records (real and simulated) to this .jsonl file.")
     args = ap.parse_args()
 
@@ -424,9 +441,13 @@ def main() -> int:
     log(f"slice: {len(reqs)} requests over {reqs[-1].arrival_s / args.rate_scale:.0f} s, prompts up to {max_len} tokens")
     extra = ["--num-gpu-blocks-override", str(args.gpu_blocks), "--max-num-batched-tokens", str(args.max_batched_tokens),
              "--max-num-seqs", "64", "--enforce-eager"]
+    env = {"VLLM_SERVER_DEV_MODE": "1"}
+    if args.engine_processes == "one":
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        extra += ["--distributed-executor-backend", "uni"]
     engines = [ServeProcess(py, model, port=free_port(), events_port=free_port(), replay_port=free_port(),
                             block_size=VLLM_BLOCK, max_model_len=max(4096, max_len), extra_args=extra,
-                            env={"VLLM_SERVER_DEV_MODE": "1"}).start() for _ in range(args.engines)]
+                            env=env).start() for _ in range(args.engines)]
     doc: dict[str, Any] = {"config": vars(args), "results": []}
     try:
         for e in engines:

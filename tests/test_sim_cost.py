@@ -92,3 +92,17 @@ def test_chunked_step_by_hand():
     assert TOY.step_s(0, 0, 0, 0) == 0.0
     # a chunk without decodes costs what prefilling it costs
     assert TOY.step_s(10, 5, 0, 0) == pytest.approx(TOY.prefill_s(10, 5))
+
+
+def test_decode_context_term_by_hand():
+    """``decode_ctx_token_s`` adds k x context tokens to every decode step and to a mixed step's decodes."""
+    k = TOY.with_overrides({"decode_ctx_token_s": 2e-7})
+    assert TOY.decode_ctx_token_s == 0.0
+    assert k.decode_step_s(1, 1000) == pytest.approx((2e9 + 1e6) / 1e12 + 1000 * 2e-7)
+    assert k.decode_step_s(0, 1000) == 0.0
+    flops = 2e9 * 12 + 4 * 2 * 4 * (10 * 5 + 55) + 4 * 2 * 4 * 100
+    assert k.step_s(10, 5, 2, 100) == pytest.approx(flops / 1e12 + 100 * 2e-7)
+    # a chunk without decodes has no decode context to pay for
+    assert k.step_s(10, 5, 0, 0) == pytest.approx(TOY.prefill_s(10, 5))
+    with pytest.raises(CostModelError):
+        TOY.with_overrides({"decode_ctx_token_s": -1})

@@ -15,14 +15,18 @@ Formulas (``tp`` GPUs per worker share compute, HBM and PCIe evenly)::
 
     prefill(new n, cached c) = overhead + [2 P n + 4 L d (n c + n (n + 1) / 2)] / (tp F mfu)
     reload(h tokens)         = h kv / (tp pcie)                     (added, not overlapped)
-    decode_step(b, ctx)      = overhead + max((2 P + ctx kv) / (tp B eff), 2 P b / (tp F mfu))
+    decode_step(b, ctx)      = overhead + max((2 P + ctx kv) / (tp B eff), 2 P b / (tp F mfu)) + ctx k
     mixed step (chunked)     = overhead + max(prefill FLOPs of the chunk + 2 P b + 4 L d ctx, at prefill_mfu;
-                                              weights + KV read over HBM)
+                                              weights + KV read over HBM) + ctx k
     transfer(t tokens)       = t kv / link
 
 ``2 P`` FLOPs per token for the weights (one multiply-add per parameter),
 ``4 L d p`` for attention of a token at position ``p`` (QK^T and AV);
-decode is bound by reading the weights and the batch's KV from HBM.
+decode is bound by reading the weights and the batch's KV from HBM.  ``k``
+(``decode_ctx_token_s``, 0 for the GPU presets) is a measured cost per context
+token of each decode step, for engines whose decode attention is neither of
+those bounds (vLLM's CPU paged attention: about 0.2 us per token of context on
+one core, ``bench/real_cluster.py`` fits it).
 """
 from __future__ import annotations
 
@@ -74,6 +78,9 @@ class CostModel:
     prefill_overhead_s: float = 0.002
     #: Fixed cost of one decode step, seconds.
     decode_overhead_s: float = 0.001
+    #: Seconds per token of context per decoding sequence and step, added to the step (a fitted
+    #: engine's decode attention; 0: the HBM bound above covers it).
+    decode_ctx_token_s: float = 0.0
     #: Host<->GPU copy bandwidth per GPU (PCIe Gen5 x16 in practice), bytes/s.
     pcie_bytes_per_s: float = 55e9
     #: KV transfer bandwidth between a prefill and a decode worker (one 400 Gb/s NIC), bytes/s.
@@ -106,7 +113,7 @@ class CostModel:
             self.tp * self.hbm_bytes_per_s * self.decode_bw_efficiency
         )
         compute = 2.0 * self.params * batch / (self.tp * self.gpu_flops * self.decode_mfu)
-        return self.decode_overhead_s + max(mem, compute)
+        return self.decode_overhead_s + max(mem, compute) + context_tokens * self.decode_ctx_token_s
 
     def step_s(self, prefill_tokens: int, prefill_ctx: int, batch: int, context_tokens: int) -> float:
         """Seconds for one chunked-prefill step: ``prefill_tokens`` of a prompt after ``prefill_ctx``
@@ -124,7 +131,7 @@ class CostModel:
             self.tp * self.hbm_bytes_per_s * self.decode_bw_efficiency
         )
         overhead = self.prefill_overhead_s if prefill_tokens > 0 else self.decode_overhead_s
-        return overhead + max(compute, mem)
+        return overhead + max(compute, mem) + context_tokens * self.decode_ctx_token_s
 
     def transfer_s(self, tokens: int) -> float:
         """Seconds to move ``tokens`` of KV from a prefill worker to a decode worker."""

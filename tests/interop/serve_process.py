@@ -4,7 +4,8 @@
 (``python -m vllm.entrypoints.openai.api_server``: the ``vllm`` console script
 of the CPU wheel looks for a distribution named ``vllm`` and fails) with prefix
 caching, ``--enable-prompt-tokens-details`` and KV events on a PUB + replay
-port pair, and waits for ``/v1/models`` with a poll (no fixed sleeps).
+port pair, its Prometheus ``/metrics`` on (vLLM's ``--disable-log-stats`` would
+also drop the load gauges the proxy scrapes), and waits for ``/v1/models`` with a poll (no fixed sleeps).
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ class ServeProcess:
         self.args = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
                      "--port", str(port), "--served-model-name", served_name, "--block-size", str(block_size),
                      "--enable-prefix-caching", "--enable-prompt-tokens-details", "--max-model-len",
-                     str(max_model_len), "--kv-events-config", json.dumps(kv), "--disable-log-stats",
+                     str(max_model_len), "--kv-events-config", json.dumps(kv),
                      "--uvicorn-log-level", "warning", *(extra_args or [])]
         self.env = dict(os.environ)
         self.env.update({"VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), "TOKENIZERS_PARALLELISM": "false",
