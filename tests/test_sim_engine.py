@@ -340,3 +340,32 @@ def test_decode_worker_admits_transferred_requests_while_its_kv_has_room():
     assert rec.finish[1] == pytest.approx(rec.finish[0] + 2 * d)
     rec2 = Simulation([a, b], _toy(workers=2, prefill_workers=1, gpu_blocks=8)).run()
     assert rec2.finish[1] < rec2.finish[0]
+
+
+def test_periodic_load_reports_reach_the_router_only_at_scrapes():
+    """``load_report_period_s``: the router sees each worker's waiting/running as of the last scrape."""
+    cfg = _toy(routing="least_loaded", load_report_period_s=1.0, workers=2, report_load=True)
+    reqs = [Request(i, 0.1 * i, 8, 50, (i + 1, i + 100)) for i in range(3)]
+    sim = Simulation(reqs, cfg)
+    seen = []
+    orig = sim.router.update_load
+
+    def spy(w, **kw):
+        seen.append((sim.now, w, kw))
+        return orig(w, **kw)
+
+    sim.router.update_load = spy  # type: ignore[method-assign]
+    rec = sim.run()
+    assert seen and all(abs(t - round(t)) < 1e-9 for t, _, _ in seen)  # whole seconds only
+    assert {w for t, w, _ in seen if t == seen[0][0]} == {"w0", "w1"}  # every worker at each scrape
+    assert (rec.finished_count == 1).all()
+    last = max(t for t, _, _ in seen)
+    assert last <= np.nanmax(rec.finish) + 1.0  # scrapes stop once every request finished
+    with pytest.raises(SimConfigError):
+        Simulation(reqs, _toy(load_report_period_s=-1.0))
+    # period 0 (default): a report after each state change, not on whole seconds
+    seen.clear()
+    sim0 = Simulation(reqs, _toy(routing="least_loaded", workers=2, report_load=True))
+    sim0.router.update_load = lambda w, **kw: seen.append((sim0.now, w, kw))  # type: ignore[method-assign]
+    sim0.run()
+    assert any(abs(t - round(t)) > 1e-6 for t, _, _ in seen)

@@ -54,6 +54,9 @@ def _common(f: Any) -> Any:
                      help="Disaggregate: this many prefill workers, the rest decode (0: aggregated)."),
         click.option("--event-lag", type=float, default=0.0, show_default=True,
                      help="Seconds from the end of a prefill step to the router applying its KV events."),
+        click.option("--load-report-period", type=click.FloatRange(min=0), default=0.0, show_default=True,
+                     metavar="SECONDS", help="Workers' load reaches the router every SECONDS (a metrics scrape, "
+                     "as kvroute proxy --scrape-interval); 0: after every change."),
         click.option("--chunked-prefill", type=int, default=0, show_default=True, metavar="TOKENS",
                      help="Chunked prefill with this token budget per step (vLLM's max_num_batched_tokens); 0: off."),
         click.option("--serial", is_flag=True, help="Serve requests one at a time (ignore timestamps)."),
@@ -101,7 +104,7 @@ def _base_config(o: dict[str, Any]) -> Any:
         workers=o["workers"], gpu_blocks=o["gpu_blocks"], host_blocks=o["host_blocks"],
         block_tokens=o["block_tokens"], rate_scale=o["rate_scale"], cost=cost, serial=o["serial"],
         vllm_last_block=o["vllm_last_block"], prefill_workers=o["prefill_workers"], seed=o["seed"],
-        event_lag_s=o["event_lag"], chunked_prefill_tokens=o["chunked_prefill"], gpu_admission=o["gpu_admission"],
+        event_lag_s=o["event_lag"], load_report_period_s=o["load_report_period"], chunked_prefill_tokens=o["chunked_prefill"], gpu_admission=o["gpu_admission"],
         router_replicas=o["router_replicas"], replica_sync=o["replica_sync"], sync_delay_s=o["sync_delay"],
         approximate=o["approximate"], approx_ttl_s=o["approx_ttl"],
     )

@@ -25,7 +25,8 @@ Parts (one :class:`Simulation` per (routing, eviction) run):
   scale), ``PREFILL_DONE``, ``DECODE_DONE`` (a run of decode steps of the whole
   batch), ``TRANSFER_DONE`` (prefill -> decode KV transfer, disaggregated only),
   ``KV_EVENTS`` (delayed event delivery to the router), ``SYNC`` (a replica's
-  sync batch reaching the others).
+  sync batch reaching the others), ``SCRAPE`` (periodic load reports, with
+  ``load_report_period_s``).
 
 Worker model (vLLM-like, iteration level): a FIFO prefill queue with priority
 over decode (a waiting prompt is prefilled at the next decode-step boundary,
@@ -62,7 +63,7 @@ from ..traces import Request
 #: processes on a shared machine would inflate).
 _cpu_ns = time.thread_time_ns
 
-ARRIVE, PREFILL_DONE, DECODE_DONE, TRANSFER_DONE, KV_EVENTS, STEP_DONE, SYNC = 0, 1, 2, 3, 4, 5, 6
+ARRIVE, PREFILL_DONE, DECODE_DONE, TRANSFER_DONE, KV_EVENTS, STEP_DONE, SYNC, SCRAPE = 0, 1, 2, 3, 4, 5, 6, 7
 
 #: Values of ``SimConfig.replica_sync``.
 REPLICA_SYNC_MODES = ("none", "shared")
@@ -116,8 +117,12 @@ class SimConfig:
     eviction_params: dict[str, Any] = field(default_factory=dict)
     #: Seed of the router's tie-breaking.
     seed: int = 0
-    #: Send worker load reports (waiting and running requests) to the router after each state change.
+    #: Send worker load reports (waiting and running requests) to the router.
     report_load: bool = True
+    #: When: 0 after each state change of a worker (an engine that pushes its load); P > 0 every P
+    #: seconds for all workers at once (a router scraping the engines' Prometheus metrics, as
+    #: ``kvroute proxy --scrape-interval`` does: the router sees loads up to P seconds old).
+    load_report_period_s: float = 0.0
     #: Seconds between the end of the prefill step that cached blocks and the router applying those
     #: events (engine publish + network); the router's speculative prefixes cover the gap.
     event_lag_s: float = 0.0
@@ -163,6 +168,8 @@ class SimConfig:
             raise SimConfigError("chunked_prefill_tokens must be >= 0")
         if not 0 <= self.event_lag_s < math.inf:
             raise SimConfigError("event_lag_s must be a finite number >= 0")
+        if not 0 <= self.load_report_period_s < math.inf:
+            raise SimConfigError("load_report_period_s must be a finite number >= 0")
         if not isinstance(self.router_replicas, int) or self.router_replicas < 1:
             raise SimConfigError("router_replicas must be an int >= 1")
         if self.replica_sync not in REPLICA_SYNC_MODES:
@@ -333,6 +340,8 @@ class Simulation:
             scale = self.cfg.rate_scale
             for i, r in enumerate(reqs):
                 self._push((r.arrival_s - t0) / scale, ARRIVE, i)
+        if self.cfg.report_load and self.cfg.load_report_period_s > 0:
+            self._push(self.cfg.load_report_period_s, SCRAPE, 0)
         heap = self._heap
         pop = heapq.heappop
         while heap:
@@ -350,6 +359,8 @@ class Simulation:
                 self._transfer_done(self.workers[a], b)
             elif kind == SYNC:
                 self._sync_arrive(a)
+            elif kind == SCRAPE:
+                self._scrape()
             else:
                 self._deliver(self.workers[a])
         if self.progress and self._pending_progress:
@@ -641,12 +652,19 @@ class Simulation:
         if self.cfg.serial and self._finished < len(self.requests):
             self._push(self.now, ARRIVE, self._finished)
 
-    def _report(self, w: _Worker) -> None:
-        if not self.cfg.report_load:
+    def _report(self, w: _Worker, *, scrape: bool = False) -> None:
+        if not self.cfg.report_load or (self.cfg.load_report_period_s > 0 and not scrape):
             return
         # what vLLM reports (num_requests_waiting / running); KV usage is left to the router's own estimate
         for r in self.routers:  # every replica scrapes every engine
             r.update_load(w.wid, waiting=len(w.queue), running=len(w.running))
+
+    def _scrape(self) -> None:
+        """Every worker's load reaches the routers at once; the next scrape while requests remain."""
+        for w in self.workers:
+            self._report(w, scrape=True)
+        if self._finished < len(self.requests):
+            self._push(self.now + self.cfg.load_report_period_s, SCRAPE, 0)
 
     # ------------------------------------------------------------- replicas
     def _router_of(self, i: int) -> Any:
