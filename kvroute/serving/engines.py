@@ -88,6 +88,8 @@ class EngineHealth:
     last_success_at: float | None = None
     #: Monotonic time of the last successful load scrape.
     last_scrape_at: float | None = None
+    #: Why the latest load scrape failed ("": it succeeded, or none ran yet); shown in /health.
+    scrape_error: str = ""
     #: Totals, for /health.
     failures_total: int = 0
 
@@ -195,13 +197,21 @@ class EnginePool:
                         raise aiohttp.ClientError(f"HTTP {r.status}")
                     text = await r.text()
                 load = parse_vllm_load(text)
+                if "waiting" not in load and "running" not in load:
+                    raise ValueError(f"no {WAITING_METRIC} / {RUNNING_METRIC} on /metrics (an engine started "
+                                     "with --disable-log-stats publishes none)")
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
-                log.debug("load scrape of %s failed: %s", spec.name, exc)
+                h = self.health[spec.name]
+                if not h.scrape_error:
+                    log.warning("load scrape of %s failed: %s", spec.name, exc)
+                h.scrape_error = str(exc) or type(exc).__name__
                 if on_error is not None:
                     on_error(spec.name)
                 continue
             self.router.update_load(spec.name, **load)
-            self.health[spec.name].last_scrape_at = self.clock()
+            h = self.health[spec.name]
+            h.last_scrape_at = self.clock()
+            h.scrape_error = ""
 
     async def scrape_loop(self, session: Any, on_error: Callable[[str], None] | None = None) -> None:
         if not self.scrape_interval_s:

@@ -203,7 +203,8 @@ class Proxy:
                             "consecutive_failures": h.consecutive_failures, "failures_total": h.failures_total,
                             "reason": h.reason or None,
                             "events": spec.events is not None, "events_stale": spec.name in stale,
-                            "event_batches": st.get("batches", 0), "events_replaying": bool(st.get("replaying"))})
+                            "event_batches": st.get("batches", 0), "events_replaying": bool(st.get("replaying")),
+                            "load_scrape_error": h.scrape_error or None})
         healthy = [e for e in engines if e["healthy"]]
         blind = self.monitor.check() if self.monitor is not None else {}
         for e in engines:
@@ -212,6 +213,8 @@ class Proxy:
         reasons += [f"{e['name']}: {r} ({REASONS[r][1]})" for e in engines for r in e["index_reasons"]]
         reasons += [f"{e['name']}: no KV events configured (predictions from routing decisions only)"
                     for e in engines if not e["events"]]
+        reasons += [f"{e['name']}: load not scraped ({e['load_scrape_error']}); the router counts its own "
+                    "requests only" for e in engines if e["load_scrape_error"]]
         status = "down" if not healthy else ("degraded" if reasons else "ok")
         return {"status": status, "reasons": reasons, "engines": engines, "in_flight": self.router.in_flight(),
                 "prediction_checked": self.checked, "prediction_exact": self.exact,

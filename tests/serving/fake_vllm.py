@@ -41,6 +41,8 @@ class FakeVLLM:
         self.disconnects = 0
         self.running = 0
         self.healthy = True
+        #: Publish the vLLM load gauges on /metrics (False: as vLLM started with --disable-log-stats).
+        self.load_gauges = True
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -59,6 +61,8 @@ class FakeVLLM:
         return web.Response(status=200 if self.healthy else 503)
 
     async def _metrics(self, request: web.Request) -> web.Response:
+        if not self.load_gauges:
+            return web.Response(text='python_gc_objects_collected_total{generation="0"} 1.0\n')
         text = (f'vllm:num_requests_running{{engine="0",model_name="{self.model}"}} {float(self.running)}\n'
                 f'vllm:num_requests_waiting{{engine="0",model_name="{self.model}"}} 2.0\n'
                 f'vllm:kv_cache_usage_perc{{engine="0",model_name="{self.model}"}} 0.25\n')

@@ -260,6 +260,28 @@ def test_scrape_feeds_router_load(engine_tokenizer: Any) -> None:
     run(go())
 
 
+def test_engine_without_load_gauges_is_a_scrape_failure_shown_in_health(engine_tokenizer: Any) -> None:
+    """vLLM with --disable-log-stats serves /metrics without its gauges: the proxy must not look sighted."""
+    async def go() -> None:
+        async with harness(engine_tokenizer, live=2) as h:
+            h.engines["e1"].load_gauges = False
+            errors: list[str] = []
+            await h.proxy.pool.scrape_once(h.proxy._session, errors.append)
+            assert errors == ["e1"]
+            assert h.proxy.router.worker_state("e1").reported_running is None
+            doc = h.proxy.health_doc()
+            e1 = next(e for e in doc["engines"] if e["name"] == "e1")
+            assert "vllm:num_requests" in e1["load_scrape_error"]
+            assert doc["status"] == "degraded" and any(r.startswith("e1: load not scraped") for r in doc["reasons"])
+            h.engines["e1"].load_gauges = True
+            await h.proxy.pool.scrape_once(h.proxy._session, errors.append)
+            doc = h.proxy.health_doc()
+            assert next(e for e in doc["engines"] if e["name"] == "e1")["load_scrape_error"] is None, doc
+            assert not any("load not scraped" in r for r in doc["reasons"])  # (fake engines have no KV events:
+            # "degraded" stays for that reason)
+    run(go())
+
+
 def test_models_health_metrics_endpoints(engine_tokenizer: Any) -> None:
     async def go() -> None:
         async with harness(engine_tokenizer) as h:
