@@ -126,22 +126,17 @@ def _since(t0: tuple[float, float]) -> tuple[float, float]:
     return time.perf_counter() - t0[0], time.process_time() - t0[1]
 
 
-def run_kvroute(frames, block_size):
+def run_kvroute(frames, block_size, dec=decode):
     ix = KVIndex(block_size)
     t0 = _now()
     for w, wf in enumerate(frames):
         for _, payload in wf:
-            ix.apply(w, decode(payload))
+            ix.apply(w, dec(payload))
     return _since(t0), ix
 
 
 def run_kvroute_packed(frames, block_size):
-    ix = KVIndex(block_size)
-    t0 = _now()
-    for w, wf in enumerate(frames):
-        for _, payload in wf:
-            ix.apply(w, decode_packed(payload))
-    return _since(t0), ix
+    return run_kvroute(frames, block_size, decode_packed)
 
 
 def run_kvroute_interleaved(frames, block_size):

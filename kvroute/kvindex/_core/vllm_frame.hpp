@@ -107,24 +107,18 @@ class FrameParser {
         }
         return false;
     }
-    bool array_header(uint64_t& n) {
+    // A container header: fix form (high nibble `fix`), 16-bit (`b16`) or 32-bit (`b16 + 1`) length.
+    bool header(uint8_t fix, uint8_t b16, uint64_t cap, uint64_t& n) {
         if (!have(1)) return false;
         uint8_t b = *p_;
-        if ((b & 0xf0) == 0x90) { p_++; n = b & 0x0f; }
-        else if (b == 0xdc && have(3)) { p_++; n = be(2); }
-        else if (b == 0xdd && have(5)) { p_++; n = be(4); }
+        if ((b & 0xf0) == fix) { p_++; n = b & 0x0f; }
+        else if (b == b16 && have(3)) { p_++; n = be(2); }
+        else if (b == b16 + 1 && have(5)) { p_++; n = be(4); }
         else return false;
-        return n <= arr_cap_;
+        return n <= cap;
     }
-    bool map_header(uint64_t& n) {
-        if (!have(1)) return false;
-        uint8_t b = *p_;
-        if ((b & 0xf0) == 0x80) { p_++; n = b & 0x0f; }
-        else if (b == 0xde && have(3)) { p_++; n = be(2); }
-        else if (b == 0xdf && have(5)) { p_++; n = be(4); }
-        else return false;
-        return n <= map_cap_;
-    }
+    bool array_header(uint64_t& n) { return header(0x90, 0xdc, arr_cap_, n); }
+    bool map_header(uint64_t& n) { return header(0x80, 0xde, map_cap_, n); }
     // An ASCII str (non-ASCII: the reference's UTF-8 check is not repeated here, so fall back).
     bool str(const char*& s, size_t& len) {
         if (!have(1)) return false;
