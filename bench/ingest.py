@@ -13,7 +13,11 @@ interleaved; medians of wall time and of this process's CPU time (all threads;
 the fair "one core" figure on a shared machine).  ``kvroute_zmq``'s CPU time
 is the subscriber process only (the publisher is another process).
 
-* ``kvroute``       -- ``kvroute.adapters.vllm.decode`` + ``KVIndex.apply`` per frame.
+* ``kvroute``       -- ``kvroute.adapters.vllm.decode`` (the Python decoder, msgpack ->
+  dataclasses) + ``KVIndex.apply`` per frame.
+* ``kvroute_packed`` -- ``kvroute.adapters.vllm.decode_packed`` + ``KVIndex.apply``: with the
+  compiled core, the payload is parsed in C++ straight into index operations (one parse call and
+  one apply call per frame); what the subscriber runs.  Same as ``kvroute`` on the Python backend.
 * ``kvroute_zmq``   -- the same frames sent by a publisher *process* over 64
   loopback PUB sockets into one ``KVEventSubscriber`` (sequence checks, dedup
   digests, lock, metrics included); time from the first send to the last apply.
@@ -52,7 +56,7 @@ import numpy as np
 os.environ.setdefault("DYN_LOG", "error")  # Dynamo's Rust logger: no per-block warnings on stderr
 import xxhash
 
-from kvroute.adapters.vllm import decode, encode
+from kvroute.adapters.vllm import decode, decode_packed, encode
 from kvroute.kvindex import BlockRemoved, BlockStored, EventBatch, KVIndex, Tier, block_hash_list
 
 
@@ -122,13 +126,17 @@ def _since(t0: tuple[float, float]) -> tuple[float, float]:
     return time.perf_counter() - t0[0], time.process_time() - t0[1]
 
 
-def run_kvroute(frames, block_size):
+def run_kvroute(frames, block_size, dec=decode):
     ix = KVIndex(block_size)
     t0 = _now()
     for w, wf in enumerate(frames):
         for _, payload in wf:
-            ix.apply(w, decode(payload))
+            ix.apply(w, dec(payload))
     return _since(t0), ix
+
+
+def run_kvroute_packed(frames, block_size):
+    return run_kvroute(frames, block_size, decode_packed)
 
 
 def run_kvroute_interleaved(frames, block_size):
@@ -276,7 +284,7 @@ def main(argv=None) -> int:
     n_bytes = sum(len(p) for wf in frames for _, p in wf)
     gen_s = time.perf_counter() - t0
 
-    paths = {"kvroute": run_kvroute, "kvroute_interleaved": run_kvroute_interleaved}
+    paths = {"kvroute": run_kvroute, "kvroute_packed": run_kvroute_packed, "kvroute_interleaved": run_kvroute_interleaved}
     try:
         import dynamo._core  # noqa: F401
 
@@ -327,6 +335,8 @@ def main(argv=None) -> int:
     exact["kvroute_index_equals_truth"] = all(set(ix.blocks_of(w)) == truth[w] for w in range(a.workers))
     exact["kvroute_overlaps_exact"] = all(
         {w: o.total for w, o in ix.match_tokens(t).items()} == ov for t, ov in zip(samples, true_overlaps))
+    exact["kvroute_packed_index_equals_truth"] = all(
+        set(last["kvroute_packed"].blocks_of(w)) == truth[w] for w in range(a.workers))
     if "dynamo" in last:
         from dynamo._core import compute_block_hash_for_seq
 
@@ -347,6 +357,8 @@ def main(argv=None) -> int:
         "results": res,
         "ratio_vs_dynamo_cpu": (res["dynamo"]["median_cpu_s"] / res["kvroute"]["median_cpu_s"]) if "dynamo" in res else None,
         "ratio_vs_dynamo_wall": (res["dynamo"]["median_wall_s"] / res["kvroute"]["median_wall_s"]) if "dynamo" in res else None,
+        "packed_ratio_vs_dynamo_cpu": (res["dynamo"]["median_cpu_s"] / res["kvroute_packed"]["median_cpu_s"]) if "dynamo" in res else None,
+        "backend": KVIndex(1).backend,
         "exactness": exact,
         "dynamo_error": dynamo_error,
         "zmq": zmq_info,
@@ -365,6 +377,7 @@ def main(argv=None) -> int:
         print(f"{name:<22}{r['median_wall_s']:>9.4f}{r['median_cpu_s']:>9.4f}{r['blocks_per_s_wall']:>17,.0f}{cpu_rate}")
     if out["ratio_vs_dynamo_cpu"] is not None:
         print(f"kvroute / dynamo speed: {out['ratio_vs_dynamo_cpu']:.2f}x by CPU time, {out['ratio_vs_dynamo_wall']:.2f}x by wall time")
+        print(f"kvroute_packed / dynamo speed: {out['packed_ratio_vs_dynamo_cpu']:.2f}x by CPU time (backend {out['backend']})")
     else:
         print(f"dynamo path unavailable: {dynamo_error}")
     print(f"exactness vs the generator's true caches: {exact}")

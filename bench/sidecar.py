@@ -23,6 +23,11 @@ subprocess restores the index from a snapshot and answers:
   in time), and the highest rate it keeps up with at all (the sweep stops
   at the first rate it cannot keep up with).
 
+Servers run with ``approximate = off`` unless ``--approximate`` says otherwise: the restored
+snapshot stands for workers whose event streams are live and exact (the bench has no engines, so
+with ``auto`` every worker would be predicted from decisions -- the approximate mode of issue 13,
+a different, Python route path).
+
 Floors, in-process and without a socket: ``Router.route`` on the same index
 (ours, each backend), and Dynamo's ``compute_block_hash_for_seq`` + ``RadixTree.find_matches``
 on the same entries (needs ``pip install ai-dynamo-runtime==1.6.1``; skipped if
@@ -362,6 +367,10 @@ def main() -> None:
     ap.add_argument("--rates", default="500,1000,1500,2000,2500,3000,4000,5000,6000,8000")
     ap.add_argument("--seconds", type=float, default=2.0, help="duration of each open-loop rate")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--approximate", default="off", choices=("off", "auto", "all"),
+                    help="the servers' approximate mode (default off: the snapshot stands for workers whose event "
+                         "streams are live and exact; 'auto' predicts these endpoint-less workers' caches from "
+                         "decisions, the Python route path)")
     ap.add_argument("--replicas", default="", help="comma-separated replica counts (e.g. 1,2,3): the replica run")
     ap.add_argument("--sync-url", default="", help="Redis for --replicas (default: a private redis-server)")
     ap.add_argument("--p99-bound", type=float, default=5.0, help="p99 bound (ms) of the --replicas open loop")
@@ -377,7 +386,7 @@ def main() -> None:
     index.save(snap)
     build_s = time.perf_counter() - t0
     res: dict = {"entries": len(index), "workers": args.workers, "prompt_tokens": PROMPT, "block_size": BS,
-                 "build_s": build_s, "policies": {}}
+                 "build_s": build_s, "approximate": args.approximate, "policies": {}}
     ctx = zmq.Context()
     if args.replicas:
         try:
@@ -404,7 +413,7 @@ def main() -> None:
             run_snap = os.path.join(tmp, f"{backend}-{pol}.snap")
             shutil.copy(snap, run_snap)
             cfg = {"bind": "tcp://127.0.0.1:*", "http_port": 0, "block_size": BS, "policy": pol, "snapshot": run_snap,
-                   "workers": [{"id": f"w{i}"} for i in range(args.workers)]}
+                   "approximate": args.approximate, "workers": [{"id": f"w{i}"} for i in range(args.workers)]}
             cfg_path = os.path.join(tmp, f"{backend}-{pol}.json")
             with open(cfg_path, "w") as f:
                 json.dump(cfg, f)
@@ -452,7 +461,7 @@ def main() -> None:
         print(json.dumps(res, indent=1))
         return
     print(f"index: {res['entries']:,} entries, {args.workers} workers, {PROMPT}-token prompts, block {BS} "
-          f"(built in {build_s:.1f} s)")
+          f"(built in {build_s:.1f} s); servers' approximate mode: {args.approximate}")
     print(f"{'backend:policy':16} {'closed p50':>11} {'closed p99':>11} {'closed routes/s':>16} {'server CPU/route':>17} "
           f"{'max rate (p99<2ms)':>19} {'max rate kept up':>17}")
     for run, row in res["policies"].items():

@@ -67,9 +67,9 @@ import xxhash
 import zmq
 import zmq.utils.monitor
 
-from kvroute.kvindex import AllBlocksCleared, KVIndex, KVRouteError, WorkerId
+from kvroute.kvindex import KVIndex, KVRouteError, WorkerId
 
-from .vllm import DecodeError, DecodeLimits, decode
+from .vllm import DecodeError, DecodeLimits, decode_packed
 
 __all__ = ["KVEventSubscriber", "SubscriberConfig", "EndpointError", "rank_endpoint", "LAG_BUCKETS"]
 
@@ -689,7 +689,7 @@ class KVEventSubscriber:
         if len(st.digest_order) > self.config.dedup_window:
             dg.pop(st.digest_order.popleft(), None)
         try:
-            batch = decode(payload, limits=self.config.limits)
+            batch = decode_packed(payload, limits=self.config.limits)  # compiled when the core runs
         except DecodeError as exc:
             with self.lock:
                 m.bump("decode_errors", exc.reason)
@@ -713,7 +713,7 @@ class KVEventSubscriber:
                 return
             c = m.c
             c["batches"] += 1
-            c["events"] += len(batch.events)
+            c["events"] += batch.n_events
             c["blocks_stored"] += res.stored
             c["blocks_removed"] += res.removed
             c["blocks_cleared"] += res.cleared
@@ -731,7 +731,7 @@ class KVEventSubscriber:
                 st.mismatch = False
         st.batches += 1
         st.last_ts = batch.ts
-        if any(type(ev) is AllBlocksCleared for ev in batch.events):
+        if batch.has_clear:
             st.complete = True  # the engine's cache was empty; everything since is applied
             st.stale = False
         if res.orphans:

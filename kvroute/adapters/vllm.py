@@ -8,6 +8,10 @@ Map of this module:
   ``reason`` is a short, stable, machine-readable string (a metrics label).
 * :func:`decode`        -- one msgpack payload (the third frame of a PUB
   message) -> :class:`kvroute.kvindex.events.EventBatch`.
+* :func:`decode_packed` / :class:`PackedBatch` -- the same decoding by the compiled core
+  (``kvroute.kvindex._kvcore.parse_frame``), which reads the payload straight into index
+  operations; payloads it is not sure of go through :func:`decode`, so results and errors are
+  the reference's (tests/test_vllm_native_frames.py compares them on real and fuzzed frames).
 * :func:`encode`        -- the inverse, writing vLLM 0.33's layout (map16
   event maps) or 0.32's (fixmap); used by tests, fake publishers and benches.
 
@@ -41,11 +45,12 @@ from typing import Any, Callable
 
 import msgpack
 
+from kvroute.kvindex.backend import core as _core
 from kvroute.kvindex.errors import KVRouteError
 from kvroute.kvindex.events import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch, KVEvent
 from kvroute.kvindex.types import U64_MASK, Tier, normalize_engine_hash
 
-__all__ = ["DecodeError", "DecodeLimits", "DEFAULT_LIMITS", "decode", "encode", "MEDIUM_OF_TIER"]
+__all__ = ["DecodeError", "DecodeLimits", "DEFAULT_LIMITS", "PackedBatch", "decode", "decode_packed", "encode", "MEDIUM_OF_TIER"]
 
 
 class DecodeError(KVRouteError, ValueError):
@@ -315,6 +320,84 @@ def decode(payload: bytes, *, limits: DecodeLimits | None = None) -> EventBatch:
     except Exception as exc:  # defensive: any surprise in a parser is still a malformed payload
         raise _err("bad_event", f"{type(exc).__name__}: {exc}"[:200]) from None
     return EventBatch(ts=ts, events=decoded, dp_rank=rank)
+
+
+# ------------------------------------------------------------- compiled decode
+class PackedBatch:
+    """A batch the compiled core parsed (:func:`decode_packed`); an :class:`EventBatch` stand-in.
+
+    ``NativeKVIndex.apply`` applies ``native_frame`` in one core call; any other consumer reads
+    ``events`` (built on first use, equal to what :func:`decode` gives) or iterates the batch.
+    """
+
+    __slots__ = ("native_frame", "_events")
+
+    def __init__(self, frame: Any) -> None:
+        #: The core's parsed payload (``kvroute.kvindex._kvcore.Frame``); read-only.
+        self.native_frame = frame
+        #: ``events`` once built; None before.
+        self._events: tuple[KVEvent, ...] | None = None
+
+    @property
+    def ts(self) -> float:
+        return self.native_frame.ts  # type: ignore[no-any-return]
+
+    @property
+    def dp_rank(self) -> int | None:
+        return self.native_frame.dp_rank  # type: ignore[no-any-return]
+
+    @property
+    def n_events(self) -> int:
+        return self.native_frame.n_events  # type: ignore[no-any-return]
+
+    @property
+    def has_clear(self) -> bool:
+        return self.native_frame.has_clear  # type: ignore[no-any-return]
+
+    @property
+    def events(self) -> tuple[KVEvent, ...]:
+        if self._events is None:
+            self._events = tuple(_event_of(*r) for r in self.native_frame.raw())
+        return self._events
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self.events)
+
+    def to_batch(self) -> EventBatch:
+        """The same batch as an :class:`EventBatch`."""
+        return EventBatch(ts=self.ts, events=self.events, dp_rank=self.dp_rank)
+
+
+_TIER_OF_CODE = (Tier.GPU, Tier.HOST, Tier.DISK)
+
+
+def _event_of(kind: int, tier: int, hashes: list, parent: Any, token_bytes: bytes, bs: int, group: Any, spec: Any) -> KVEvent:
+    if kind == 0:
+        toks = array.array("I", token_bytes)
+        if not _LITTLE:  # pragma: no cover - big-endian hosts
+            toks.byteswap()
+        return BlockStored(tuple(hashes), parent, tuple(toks), bs, _TIER_OF_CODE[tier], None, None, group, spec,
+                           token_bytes=token_bytes or None)
+    if kind == 1:
+        return BlockRemoved(tuple(hashes), _TIER_OF_CODE[tier], group)
+    return AllBlocksCleared()
+
+
+def decode_packed(payload: bytes, *, limits: DecodeLimits | None = None) -> "PackedBatch | EventBatch":
+    """:func:`decode` by the compiled core when it runs: a :class:`PackedBatch`, else an EventBatch.
+
+    Same results and the same :class:`DecodeError` s as :func:`decode`: the core parses only
+    payloads it is sure of (plain prompts, unsigned int hashes, map events; see
+    ``kvindex/_core/vllm_frame.hpp``) and hands every other one, malformed ones included, to
+    :func:`decode`.
+    """
+    if _core is not None and type(payload) is bytes:
+        lim = DEFAULT_LIMITS if limits is None else limits
+        frame = _core.parse_frame(payload, (lim.max_payload_bytes, lim.max_events, lim.max_hashes_per_event,
+                                            lim.max_tokens_per_event, lim.max_str_bytes, lim.max_map_len))
+        if frame is not None:
+            return PackedBatch(frame)
+    return decode(payload, limits=limits)
 
 
 # ---------------------------------------------------------------------- encode

@@ -83,6 +83,16 @@ class EventBatch:
     #: Data-parallel rank of the publisher, when the payload carries one.
     dp_rank: int | None = None
 
+    @property
+    def n_events(self) -> int:
+        """How many events the batch has."""
+        return len(self.events)
+
+    @property
+    def has_clear(self) -> bool:
+        """Whether one of the events is an ``AllBlocksCleared``."""
+        return any(type(ev) is AllBlocksCleared for ev in self.events)
+
 
 @dataclass(slots=True)
 class ApplyResult:

@@ -323,6 +323,9 @@ class KVIndex:
         for old, v in list(w.blocks.items()):
             if v == c:
                 del w.blocks[old]
+                if w.copies:  # the old name's extra copies go with it (no event can release them now)
+                    for t in _TIERS:
+                        w.copies.pop((old, int(t)), None)
                 break
         w.blocks[k] = c
         w.has_engine_keys = True

@@ -34,6 +34,8 @@ from .backend import core as _core
 _TIERS = (Tier.GPU, Tier.HOST, Tier.DISK)
 _BYTES_SEED = 0x6B76726F75746562  # "kvrouteb"
 _BYTE_TYPES = (bytes, bytearray, memoryview)
+#: ApplyResult.reasons lines, by the core's code (0: parent unknown, 1: placeholder unknown).
+_ORPHAN_REASONS = ("parent block never announced", "placeholder block never announced")
 
 
 def _is_u64(h: Any) -> bool:
@@ -205,6 +207,13 @@ class NativeKVIndex:
         res = ApplyResult()
         s = self._slot(worker, create=True)
         core = self._core
+        frame = getattr(batch, "native_frame", None)
+        if frame is not None:  # parsed by the core (kvroute.adapters.vllm.decode_packed): one call
+            (res.stored, res.removed, res.cleared, res.orphans, res.unknown_removed, res.ignored, res.copies_added,
+             res.copies_released, res.block_size_mismatch, res.malformed, why) = core.apply_frame(
+                s, frame, -1 if self.block_size is None else self.block_size, self._groups[s])
+            res.reasons.extend(_ORPHAN_REASONS[r] for r in why)
+            return res
         events = batch.events if isinstance(batch, EventBatch) else batch
         for ev in events:
             if isinstance(ev, BlockStored):
@@ -240,7 +249,7 @@ class NativeKVIndex:
                 r = core.apply_placeholder(s, self._keys(keys, True), t)
             if r < 0:
                 res.orphans += 1
-                res.reasons.append("placeholder block never announced")
+                res.reasons.append(_ORPHAN_REASONS[1])
                 return
             res.stored += r
             return
@@ -263,7 +272,7 @@ class NativeKVIndex:
         stored, copies = r
         if stored < 0:
             res.orphans += 1
-            res.reasons.append("parent block never announced")
+            res.reasons.append(_ORPHAN_REASONS[0])
             return
         self._groups[s].add(ev.group_idx)
         res.copies_added += copies

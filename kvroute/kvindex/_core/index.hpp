@@ -217,7 +217,10 @@ class KVCore {
         if (w.alias.find(k) >= 0) drop_alias(s, k);
         for (size_t i = 0; i < w.alias.s.size(); i++)
             if (w.alias.s[i].val == b) {
+                uint64_t old = w.alias.s[i].key;
                 w.alias.erase_at(i);
+                if (!w.copies.empty())  // the old name's extra copies go with it
+                    for (int t = 0; t < 3; t++) w.copies.erase({old, t});
                 break;
             }
         w.alias.put(k, (uint32_t)b);

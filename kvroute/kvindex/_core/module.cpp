@@ -1,7 +1,8 @@
 // kvroute.kvindex._kvcore: the compiled core (pybind11).
 //
 // Parts:  xxh3.hpp (XXH3-64 from the spec), tables.hpp (open addressing), index.hpp (KVCore:
-// the index tables), pending.hpp (speculative prefixes), and below: token conversion,
+// the index tables), pending.hpp (speculative prefixes), vllm_frame.hpp (vLLM KV-event payloads
+// parsed into index operations; the Python decoder is the reference), and below: token conversion,
 // chained block hashing, the Python classes Index / Hashes / RouterCore.
 //
 // Thread safety: every Index and RouterCore method takes the object's own mutex, so two
@@ -24,6 +25,7 @@
 
 #include "index.hpp"
 #include "pending.hpp"
+#include "vllm_frame.hpp"
 #include "xxh3.hpp"
 
 namespace py = pybind11;
@@ -108,6 +110,7 @@ static bool tokens_u32(py::handle obj, std::vector<uint32_t>& buf, const uint32_
         PyObject** items = PySequence_Fast_ITEMS(o);
         buf.resize(n);
         for (size_t i = 0; i < n; i++) {
+            if (i + 16 < n) __builtin_prefetch(items[i + 16]);  // int objects: several misses in flight
             uint64_t v;
             if (!as_uint(items[i], 0xFFFFFFFFULL, v))
                 raise(g_invalid_tokens, "token ids must be integers in [0, 2**32 - 1]: bad item at position " + std::to_string(i));
@@ -267,6 +270,43 @@ struct Index {
 
 using Guard = std::lock_guard<std::mutex>;
 
+// BlockStored with tokens, under the index mutex: (stored, copies_added); stored = -1 when the
+// parent block is unknown to the worker.  Shared by Index.apply_stored and Index.apply_frame.
+static std::pair<int64_t, int64_t> stored_locked(Index& x, uint32_t s, const uint64_t* ks, size_t n,
+                                                 const std::optional<uint64_t>& pk, const uint8_t* data, size_t ntok,
+                                                 size_t bs, int t, const Extras& ex, std::vector<uint64_t>& hs) {
+    Guard g(x.mu);
+    uint64_t seed = 0x6B76726F757465ULL;
+    if (pk) {
+        uint32_t b = x.core.live(s) ? x.core.workers[s].alias.get(*pk) : EMPTY;
+        if (b == EMPTY) return {-1, 0};
+        seed = x.core.bt.s[b].key;
+    }
+    chain(data, ntok, bs, seed, ex, hs);
+    int64_t copies = 0;
+    if (t == 0) copies = x.core.count_copies(s, ks, hs.data(), n, t);
+    return {x.core.store(s, hs.data(), ks, n, t), copies};
+}
+
+// Placeholder BlockStored (offload tier), under the mutex: blocks resolved by alias; -1 when one is unknown.
+static int64_t placeholder_locked(Index& x, uint32_t s, const uint64_t* ks, size_t n, int t) {
+    Guard g(x.mu);
+    std::vector<uint64_t> hs(n);
+    for (size_t i = 0; i < n; i++) {
+        uint32_t b = x.core.workers[s].alias.get(ks[i]);
+        if (b == EMPTY) return -1;
+        hs[i] = x.core.bt.s[b].key;
+    }
+    return x.core.store(s, hs.data(), ks, n, t);
+}
+
+// A parsed payload (vllm_frame.hpp) as a Python object; only the wrappers read it.
+struct PyFrame {
+    Frame f;
+};
+
+static py::object group_key(const FrameEvent& e) { return e.has_group ? py::object(py::int_(e.group)) : py::object(py::none()); }
+
 // {worker id: Overlap(total, gpu, host, disk)} built here (the namedtuple made as tuple.__new__ does).
 static py::dict overlaps_dict(const std::vector<Overlap>& ov, py::list ids, py::handle overlap_type) {
     py::dict d;
@@ -400,6 +440,49 @@ PYBIND11_MODULE(_kvcore, m) {
         return py::cast(h, py::return_value_policy::take_ownership);
     });
 
+
+    py::class_<PyFrame>(m, "Frame")
+        .def_property_readonly("ts", [](const PyFrame& p) { return p.f.ts; })
+        .def_property_readonly("dp_rank", [](const PyFrame& p) -> py::object {
+            return p.f.has_rank ? py::object(py::int_(p.f.rank)) : py::object(py::none());
+        })
+        .def_property_readonly("n_events", [](const PyFrame& p) { return p.f.ev.size(); })
+        .def_property_readonly("has_clear", [](const PyFrame& p) { return p.f.has_clear; })
+        .def_property_readonly("n_blocks", [](const PyFrame& p) { return p.f.hashes.size(); })
+        // The events as plain tuples (kind, tier, hashes, parent, token uint32-LE bytes, block_size,
+        // group_idx, spec_kind); the Python wrapper makes them the reference's dataclasses.
+        .def("raw", [](const PyFrame& p) {
+            py::list out;
+            for (const FrameEvent& e : p.f.ev) {
+                std::vector<uint64_t> hs(p.f.hashes.begin() + e.hoff, p.f.hashes.begin() + e.hoff + e.hn);
+                py::bytes tb(reinterpret_cast<const char*>(p.f.tokens.data() + e.toff), e.tn * 4);
+                out.append(py::make_tuple(e.kind, e.tier, to_list(hs),
+                                          e.has_parent ? py::object(py::int_(e.parent)) : py::object(py::none()), tb, e.bs,
+                                          group_key(e), e.has_spec ? py::object(py::str(e.spec)) : py::object(py::none())));
+            }
+            return out;
+        });
+    // A vLLM/SGLang KV-event payload -> Frame, or None when the reference decoder must read it
+    // (vllm_frame.hpp says when).  `limits`: the DecodeLimits fields in declaration order.
+    m.def("parse_frame", [](py::handle payload, std::tuple<uint64_t, uint64_t, uint64_t, uint64_t, uint64_t, uint64_t> lim) -> py::object {
+        if (!PyBytes_Check(payload.ptr())) return py::none();
+        char* data;
+        Py_ssize_t n;
+        if (PyBytes_AsStringAndSize(payload.ptr(), &data, &n)) throw py::error_already_set();
+        FrameLimits L;
+        std::tie(L.max_payload, L.max_events, L.max_hashes, L.max_tokens, L.max_str, L.max_map) = lim;
+        auto pf = std::make_unique<PyFrame>();
+        bool ok;
+        if (n >= (1 << 16)) {
+            py::gil_scoped_release nogil;  // the bytes object is immutable and held by the caller
+            ok = FrameParser(reinterpret_cast<const uint8_t*>(data), (size_t)n, L).parse(pf->f);
+        } else {
+            ok = FrameParser(reinterpret_cast<const uint8_t*>(data), (size_t)n, L).parse(pf->f);
+        }
+        if (!ok) return py::none();
+        return py::cast(std::move(pf));
+    });
+
     py::class_<Index>(m, "Index")
         .def(py::init<>())
         .def("set_limit", [](Index& x, int64_t lim) { Guard g(x.mu); x.core.limit = lim; })
@@ -480,19 +563,7 @@ PYBIND11_MODULE(_kvcore, m) {
                 pk = one[0];
             }
             std::vector<uint64_t> hs;
-            auto run = [&]() -> std::pair<int64_t, int64_t> {
-                Guard g(x.mu);
-                uint64_t seed = 0x6B76726F757465ULL;
-                if (pk) {
-                    uint32_t b = x.core.live(s) ? x.core.workers[s].alias.get(*pk) : EMPTY;
-                    if (b == EMPTY) return {-1, 0};
-                    seed = x.core.bt.s[b].key;
-                }
-                chain(data, ntok, bs, seed, ex, hs);
-                int64_t copies = 0;
-                if (t == 0) copies = x.core.count_copies(s, ks.data(), hs.data(), ks.size(), t);
-                return {x.core.store(s, hs.data(), ks.data(), hs.size(), t), copies};
-            };
+            auto run = [&]() { return stored_locked(x, s, ks.data(), ks.size(), pk, data, ntok, bs, t, ex, hs); };
             std::pair<int64_t, int64_t> r;
             if (ks.size() >= LARGE_BLOCKS) {
                 py::gil_scoped_release nogil;
@@ -506,14 +577,62 @@ PYBIND11_MODULE(_kvcore, m) {
         .def("apply_placeholder", [](Index& x, uint32_t s, py::handle keys, int t) -> py::object {
             std::vector<uint64_t> ks;
             if (!u64s(keys, ks, true, true)) return py::none();
-            Guard g(x.mu);
-            std::vector<uint64_t> hs(ks.size());
-            for (size_t i = 0; i < ks.size(); i++) {
-                uint32_t b = x.core.workers[s].alias.get(ks[i]);
-                if (b == EMPTY) return py::int_(-1);
-                hs[i] = x.core.bt.s[b].key;
+            return py::int_(placeholder_locked(x, s, ks.data(), ks.size(), t));
+        })
+        // A parsed payload applied as NativeKVIndex.apply applies its decoded events.  `bs` is the
+        // index's block size (-1: none); `groups` is the wrapper's set of the worker's KV-cache
+        // groups (read and updated here).  Returns (stored, removed, cleared, orphans,
+        // unknown_removed, ignored, copies_added, copies_released, block_size_mismatch, malformed,
+        // reasons): reasons lists, per orphan event in order, 0 (parent unknown) or 1 (placeholder).
+        .def("apply_frame", [](Index& x, uint32_t s, const PyFrame& pf, int64_t bs, py::set groups) {
+            const Frame& f = pf.f;
+            int64_t c[10] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+            py::list reasons;
+            Extras none;
+            std::vector<uint64_t> hs;
+            for (const FrameEvent& e : f.ev) {
+                const uint64_t* ks = f.hashes.data() + e.hoff;
+                int t = e.tier;
+                if (e.kind == EV_REMOVED) {
+                    if (e.has_group && !groups.contains(py::int_(e.group))) { c[5]++; continue; }
+                    int64_t out[3] = {0, 0, 0};
+                    {
+                        Guard g(x.mu);
+                        x.core.apply_removed(s, ks, e.hn, t, out);
+                    }
+                    c[1] += out[0]; c[4] += out[1]; c[7] += out[2];
+                } else if (e.kind == EV_CLEARED) {
+                    PySet_Clear(groups.ptr());
+                    Guard g(x.mu);
+                    c[2] += x.core.clear(s);
+                } else if (!e.spec_indexed) {
+                    c[5]++;
+                } else if (e.tn == 0) {
+                    int64_t r = placeholder_locked(x, s, ks, e.hn, t);
+                    if (r < 0) { c[3]++; reasons.append(1); continue; }
+                    c[0] += r;
+                } else if (bs >= 0 && (int64_t)e.bs != bs) {
+                    c[8]++;
+                } else if (e.bs == 0 || e.tn != e.hn * e.bs) {
+                    c[9]++;
+                } else {
+                    std::optional<uint64_t> pk;
+                    if (e.has_parent) pk = e.parent;
+                    const uint8_t* data = reinterpret_cast<const uint8_t*>(f.tokens.data() + e.toff);
+                    std::pair<int64_t, int64_t> r;
+                    if (e.hn >= LARGE_BLOCKS) {
+                        py::gil_scoped_release nogil;
+                        r = stored_locked(x, s, ks, e.hn, pk, data, e.tn, e.bs, t, none, hs);
+                    } else {
+                        r = stored_locked(x, s, ks, e.hn, pk, data, e.tn, e.bs, t, none, hs);
+                    }
+                    if (r.first < 0) { c[3]++; reasons.append(0); continue; }
+                    groups.add(group_key(e));
+                    c[6] += r.second;
+                    c[0] += r.first;
+                }
             }
-            return py::int_(x.core.store(s, hs.data(), ks.data(), hs.size(), t));
+            return py::make_tuple(c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9], reasons);
         })
         .def("match", [](Index& x, py::handle hashes) {
             std::vector<uint64_t> hs;
