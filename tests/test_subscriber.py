@@ -548,6 +548,8 @@ def test_joining_a_running_engine_replays_its_history(ctx, buffer):
         if buffer > 10:  # the whole history was still buffered: exact
             assert sub.index.blocks_of("w") == eng.true_blocks()
             assert m["resyncs"] == {} and m["workers"]["w"]["complete"]
+            # the delivery lag counts the live batch only, not the ten fetched from the engine's history
+            assert m["replay_batches"] >= 10 and m["lag_seconds"]["count"] == 1
         else:  # history gone: resynced, a subset of the truth, incomplete
             assert m["replays_failed"] == {"overrun": 1} and not m["workers"]["w"]["complete"]
             truth = eng.true_blocks()

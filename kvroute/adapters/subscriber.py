@@ -624,7 +624,7 @@ class KVEventSubscriber:
             else:
                 last = st.last_live
         if seq == st.next_seq:
-            self._apply(st, seq, payload)
+            self._apply(st, seq, payload, replayed=not live)
             self._drain(st)
             return
         if seq > st.next_seq:
@@ -677,7 +677,7 @@ class KVEventSubscriber:
             with self.lock:
                 self._m.c["gaps_closed"] += 1
 
-    def _apply(self, st: _Stream, seq: int, payload: bytes) -> None:
+    def _apply(self, st: _Stream, seq: int, payload: bytes, *, replayed: bool = False) -> None:
         m = self._m
         st.next_seq = seq + 1
         buffered = st.pending.pop(seq, None)  # an overrun can jump onto a batch buffered live
@@ -724,7 +724,8 @@ class KVEventSubscriber:
             c["ignored_events"] += res.ignored
             c["block_size_mismatch"] += res.block_size_mismatch
             c["malformed_events"] += res.malformed
-            m.lag(self._wall() - batch.ts)
+            if not replayed:  # history fetched by a replay is old by nature: not a delivery lag
+                m.lag(self._wall() - batch.ts)
             if res.block_size_mismatch:
                 st.mismatch = True
             elif res.stored:
