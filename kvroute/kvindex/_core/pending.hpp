@@ -82,16 +82,27 @@ class Pending {
         epoch = e;
     }
 
-    void add(uint32_t s, const uint64_t* hs, size_t n, double now) {
-        if (!n || ttl == 0) return;
+    // Add hs[start:stop] of the chain hs[0:n] for slot s, continuing earlier calls that added
+    // hs[0:start]: returns where the next call continues (stop, or n when start is 0 and the whole
+    // chain is already pending), or 0 without adding anything when hs[start - 1] is no longer in the
+    // current generation for s (rotated out or forgotten): the caller restarts from 0, so every
+    // generation stays prefix-closed per slot, which walk() relies on.  add() is one call over [0, n).
+    size_t add_range(uint32_t s, const uint64_t* hs, size_t n, size_t start, size_t stop, double now) {
+        if (!n || ttl == 0) return n;
         expire(now);
         ensure_slot(s);
         size_t wi = s >> 6;
         uint64_t bit = 1ULL << (s & 63);
-        const uint64_t* last = cur.get(hs[n - 1], W);
-        if (last && (last[wi] & bit)) return;  // the whole chain is already pending (chained hashes)
+        if (start == 0) {
+            const uint64_t* last = cur.get(hs[n - 1], W);
+            if (last && (last[wi] & bit)) return n;  // the whole chain is already pending (chained hashes)
+        } else {
+            const uint64_t* prev_block = cur.get(hs[start - 1], W);
+            if (!prev_block || !(prev_block[wi] & bit)) return 0;
+        }
+        if (stop > n) stop = n;
         int64_t added = 0;
-        for (size_t i = 0; i < n; i++) {
+        for (size_t i = start; i < stop; i++) {
             uint32_t r = cur.map.get(hs[i]);
             if (r == EMPTY) {
                 r = (uint32_t)(cur.words.size() / W);
@@ -105,7 +116,10 @@ class Pending {
             }
         }
         cur.pairs += added;
+        return stop;
     }
+
+    void add(uint32_t s, const uint64_t* hs, size_t n, double now) { add_range(s, hs, n, 0, n, now); }
 
     void forget(uint32_t s) {
         size_t wi = s >> 6;
