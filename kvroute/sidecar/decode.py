@@ -28,6 +28,8 @@ from .errors import BadRequestError
 MAX_TOKENS = 1 << 21
 #: Payloads larger than this (the sidecar's big-request threshold) take the array path.
 ARRAY_DECODE_BYTES = 64 << 10
+#: Largest array or map in any other field (on the array path; no request op takes a big one).
+NESTED_FIELD_BYTES = 64 << 10
 #: msgpack limits of a request (a DoS bound on every field).
 LIMITS = dict(max_bin_len=4 * MAX_TOKENS, max_array_len=MAX_TOKENS, max_str_len=1 << 20, max_map_len=64)
 #: Fields read by the core, and the width of their items.
@@ -61,7 +63,7 @@ def unpack_request(payload: bytes) -> Any:
     valid request encoding."""
     if len(payload) <= ARRAY_DECODE_BYTES or core is None:
         return _reference(payload)
-    if payload[0] not in _MAP_HEADERS:
+    if not payload or payload[0] not in _MAP_HEADERS:
         raise BadRequestError("a request is a msgpack map")
     req: dict[Any, Any] = {}
     base = 0  # offset of ``unp``'s first byte in ``payload``
@@ -98,8 +100,8 @@ def unpack_request(payload: bytes) -> Any:
             elif t in _CONTAINERS:  # no other field is a big container: measured by skipping, not built
                 unp.skip()
                 size = base + unp.tell() - at
-                if size > ARRAY_DECODE_BYTES:
-                    raise BadRequestError(f"field {key!r} holds {size} bytes of nested data; at most {ARRAY_DECODE_BYTES}")
+                if size > NESTED_FIELD_BYTES:
+                    raise BadRequestError(f"field {key!r} holds {size} bytes of nested data; at most {NESTED_FIELD_BYTES}")
                 req[key] = _reference(payload[at:at + size])
             else:
                 req[key] = unp.unpack()
