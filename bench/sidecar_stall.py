@@ -33,19 +33,23 @@ import msgpack
 import numpy as np
 import zmq
 
-VARIANTS = {"now": {}, "whole chains": {"chunked": False}, "single loop": {"chunked": False, "lane": False}}
+VARIANTS = {"now": {}, "now+switch1ms": {"switch_ms": 1.0}, "now+switch0.2ms": {"switch_ms": 0.2}, "whole chains": {"chunked": False}, "single loop": {"chunked": False, "lane": False}}
 
 
-def _server(conn, chunked: bool, lane: bool, approx: bool) -> None:
+def _server(conn, chunked: bool, lane: bool, approx: bool, switch_ms: float) -> None:
+    import sys
+
+    if switch_ms:
+        sys.setswitchinterval(switch_ms / 1e3)
     from kvroute.router import router as router_mod
     from kvroute.sidecar import server as server_mod
-    from kvroute.sidecar import service as service_mod
+    from kvroute.sidecar import decode as decode_mod
     from kvroute.sidecar.config import SidecarConfig, WorkerConfig
     from kvroute.sidecar.server import SidecarServer
 
     if not chunked:
         router_mod.CHAIN_CHUNK_BLOCKS = 1 << 40
-        service_mod.ARRAY_DECODE_BYTES = 1 << 40
+        decode_mod.ARRAY_DECODE_BYTES = 1 << 40
     if not lane:
         server_mod.BIG_REQUEST_BYTES = 1 << 40
     cfg = SidecarConfig(bind="tcp://127.0.0.1:*", http_port=0, workers=[WorkerConfig(f"w{i}") for i in range(4)],
@@ -58,21 +62,32 @@ def _server(conn, chunked: bool, lane: bool, approx: bool) -> None:
 
 
 def _big_client(address: str, form: str, stop, done) -> None:
+    """Packs one maximal prompt, then sends it back to back with its first token changed in place
+    (a new prompt each time, at no packing cost: A's CPU stays off the shared cores)."""
     toks = np.random.default_rng(0).integers(0, 50_000, 1 << 21).astype("<u4")
+    toks[0] = 1 << 20  # packed as uint32 in the int-array form: patchable in place
+    body = toks.tobytes() if form == "bytes" else toks.tolist()
+    payload = bytearray(msgpack.packb({"op": "route", "request_id": "big", "token_ids": body, "costs": False},
+                                      use_bin_type=True))
+    if form == "bytes":
+        at = payload.index(b"\xc6" + (4 << 21).to_bytes(4, "big")) + 5
+        patch = lambda i: payload.__setitem__(slice(at, at + 4), ((1 << 20) + i).to_bytes(4, "little"))
+    else:
+        at = payload.index(b"\xdd" + (1 << 21).to_bytes(4, "big")) + 5
+        assert payload[at] == 0xCE
+        patch = lambda i: payload.__setitem__(slice(at + 1, at + 5), ((1 << 20) + i).to_bytes(4, "big"))
+    finish = msgpack.packb({"op": "finish", "request_id": "big"})
     ctx = zmq.Context()
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
     s.connect(address)
     i = 0
     while not stop.is_set():
-        toks[0] = i  # a new prompt each time: its whole chain is new to the tables
-        body = toks.tobytes() if form == "bytes" else toks.tolist()
-        rid = f"big{i}"
-        s.send_multipart([b"", msgpack.packb({"op": "route", "request_id": rid, "token_ids": body, "costs": False},
-                                             use_bin_type=True)])
+        patch(i)
+        s.send_multipart([b"", payload])
         if s.poll(30_000):
             s.recv_multipart()
-            s.send_multipart([b"", msgpack.packb({"op": "finish", "request_id": rid})])
+            s.send_multipart([b"", finish])
             s.poll(30_000) and s.recv_multipart()
             with done.get_lock():
                 done.value += 1
@@ -81,10 +96,10 @@ def _big_client(address: str, form: str, stop, done) -> None:
     ctx.destroy(linger=0)
 
 
-def run(seconds: float, form: str, approx: bool, chunked: bool = True, lane: bool = True) -> dict:
+def run(seconds: float, form: str, approx: bool, chunked: bool = True, lane: bool = True, switch_ms: float = 0) -> dict:
     mpc = mp.get_context("spawn")
     parent, child = mpc.Pipe()
-    server = mpc.Process(target=_server, args=(child, chunked, lane, approx), daemon=True)
+    server = mpc.Process(target=_server, args=(child, chunked, lane, approx, switch_ms), daemon=True)
     server.start()
     address = parent.recv()
     stop, done = mpc.Event(), mpc.Value("i", 0)

@@ -57,6 +57,7 @@ def test_array_path_equals_reference(field, arr, rest, first):
             decode.unpack_request(payload)
         return
     got = decode.unpack_request(payload)
+    assert decode.unpack_request(memoryview(payload)).keys() == got.keys()
     assert isinstance(got[field], np.ndarray)
     assert got[field].dtype == (np.uint32 if field == "token_ids" else np.uint64)
     assert got[field].tolist() == ref[field]
@@ -87,8 +88,13 @@ def test_fuzzed_payloads_give_bad_request_or_the_reference_map(data, cut):
 
 def test_bytes_prompts_and_limits():
     toks = np.arange(70_000, dtype="<u4")
-    got = decode.unpack_request(msgpack.packb({"op": "route", "token_ids": toks.tobytes()}, use_bin_type=True))
-    assert got["token_ids"] == toks.tobytes()
+    payload = msgpack.packb({"op": "route", "token_ids": toks.tobytes(), "n": [1, 2]}, use_bin_type=True)
+    got = decode.unpack_request(payload)
+    assert got == {"op": "route", "token_ids": toks.tobytes(), "n": [1, 2]}
+    # the server hands a big message over as a memoryview: the prompt comes back as a view of it, not a copy
+    view = decode.unpack_request(memoryview(payload))
+    assert isinstance(view["token_ids"], memoryview) and view["token_ids"].obj is payload
+    assert view == got
     too_long = msgpack.packb({"op": "route", "token_ids": [1] * (decode.MAX_TOKENS + 1)})
     with pytest.raises(BadRequestError, match="max_array_len"):
         decode.unpack_request(too_long)

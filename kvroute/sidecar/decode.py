@@ -16,7 +16,6 @@ not take (booleans, negative or too large ints, other types, a truncated array) 
 """
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import msgpack
@@ -58,9 +57,10 @@ _CONTAINERS = _ARRAY_HEADERS | _MAP_HEADERS
 _BINS = {0xC4: 1, 0xC5: 2, 0xC6: 4}
 
 
-def unpack_request(payload: bytes) -> Any:
+def unpack_request(payload: Any) -> Any:
     """The decoded payload (module docstring); raises :class:`BadRequestError` on what is not a
-    valid request encoding."""
+    valid request encoding.  ``payload``: bytes, or a buffer (the server passes a big message as a
+    zero-copy memoryview: a bin field then comes back as a memoryview slice of it, not a copy)."""
     if len(payload) <= ARRAY_DECODE_BYTES or core is None:
         return _reference(payload)
     if not payload or payload[0] not in _MAP_HEADERS:
@@ -86,7 +86,7 @@ def unpack_request(payload: bytes) -> Any:
                     raise BadRequestError(msg.format(field=key, i=taken))
                 req[key] = arr
                 base, unp = end, _unpacker(payload, end)
-            elif t in _BINS:  # bytes (a prompt as uint32-LE): sliced out, not read through the Unpacker's buffer
+            elif t in _BINS:  # a prompt as uint32-LE bytes: sliced out of the payload, not copied
                 w = _BINS[t]
                 size = int.from_bytes(payload[at + 1:at + 1 + w], "big")
                 start = at + 1 + w
@@ -114,10 +114,22 @@ def unpack_request(payload: bytes) -> Any:
     return req
 
 
-def _unpacker(payload: bytes, offset: int) -> msgpack.Unpacker:
-    f = io.BytesIO(payload)
-    f.seek(offset)
-    return msgpack.Unpacker(f, raw=False, strict_map_key=False, use_list=True, **LIMITS)
+def _unpacker(payload: Any, offset: int) -> msgpack.Unpacker:
+    return msgpack.Unpacker(_Reader(payload, offset), raw=False, strict_map_key=False, use_list=True, **LIMITS)
+
+
+class _Reader:
+    """``payload[offset:]`` as a file for ``msgpack.Unpacker``: each read copies what it returns,
+    never the payload (which may be a zero-copy view of the socket's message)."""
+
+    def __init__(self, payload: Any, offset: int) -> None:
+        self._mv = memoryview(payload)
+        self._pos = offset
+
+    def read(self, n: int) -> bytes:
+        out = bytes(self._mv[self._pos:self._pos + n])
+        self._pos += len(out)
+        return out
 
 
 def _reference(payload: bytes) -> Any:

@@ -85,8 +85,8 @@ class Service:
         }
 
     # ------------------------------------------------------------------ entry
-    def handle(self, payload: bytes) -> bytes:
-        """One request payload -> one reply payload.  Never raises."""
+    def handle(self, payload: bytes | memoryview) -> bytes:
+        """One request payload (bytes, or a memoryview of a big message) -> one reply payload.  Never raises."""
         t0 = self._clock()
         rid = None
         op = "?"
@@ -133,7 +133,7 @@ class Service:
             raise BadRequestError("give exactly one of 'token_ids' or 'hashes'")
         r = self.router
         if toks is not None:
-            if isinstance(toks, (bytes, bytearray)):
+            if isinstance(toks, (bytes, bytearray, memoryview)):  # memoryview: a big request's bytes, not copied
                 if len(toks) % 4:
                     raise BadRequestError("'token_ids' as bytes must be uint32 little-endian (length % 4 == 0)")
                 if len(toks) > 4 * MAX_TOKENS:
