@@ -33,10 +33,10 @@ import msgpack
 import numpy as np
 import zmq
 
-VARIANTS = {"now": {}, "now+switch1ms": {"switch_ms": 1.0}, "now+switch0.2ms": {"switch_ms": 0.2}, "whole chains": {"chunked": False}, "single loop": {"chunked": False, "lane": False}}
+VARIANTS = {"now": {}, "now+switch1ms": {"switch_ms": 1.0}, "now+switch0.2ms": {"switch_ms": 0.2}, "now+yield50us": {"yield_us": 50}, "now+yield200us": {"yield_us": 200}, "whole chains": {"chunked": False}, "single loop": {"chunked": False, "lane": False}}
 
 
-def _server(conn, chunked: bool, lane: bool, approx: bool, switch_ms: float) -> None:
+def _server(conn, chunked: bool, lane: bool, approx: bool, switch_ms: float, yield_us: float) -> None:
     import sys
 
     if switch_ms:
@@ -52,6 +52,8 @@ def _server(conn, chunked: bool, lane: bool, approx: bool, switch_ms: float) -> 
         decode_mod.ARRAY_DECODE_BYTES = 1 << 40
     if not lane:
         server_mod.BIG_REQUEST_BYTES = 1 << 40
+    if yield_us:
+        router_mod.Router.between_chunks = staticmethod(lambda: time.sleep(yield_us / 1e6))
     cfg = SidecarConfig(bind="tcp://127.0.0.1:*", http_port=0, workers=[WorkerConfig(f"w{i}") for i in range(4)],
                         approximate="all" if approx else "off")
     srv = SidecarServer(cfg, context=zmq.Context()).start()
@@ -96,10 +98,11 @@ def _big_client(address: str, form: str, stop, done) -> None:
     ctx.destroy(linger=0)
 
 
-def run(seconds: float, form: str, approx: bool, chunked: bool = True, lane: bool = True, switch_ms: float = 0) -> dict:
+def run(seconds: float, form: str, approx: bool, chunked: bool = True, lane: bool = True, switch_ms: float = 0,
+        yield_us: float = 0) -> dict:
     mpc = mp.get_context("spawn")
     parent, child = mpc.Pipe()
-    server = mpc.Process(target=_server, args=(child, chunked, lane, approx, switch_ms), daemon=True)
+    server = mpc.Process(target=_server, args=(child, chunked, lane, approx, switch_ms, yield_us), daemon=True)
     server.start()
     address = parent.recv()
     stop, done = mpc.Event(), mpc.Value("i", 0)
