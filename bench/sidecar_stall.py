@@ -6,13 +6,16 @@ each adds its 131,072-block chain to the speculative tables) back to back, and c
 small routes (256 tokens) + finishes in a closed loop, recording each route's round trip.
 Separate processes keep A's packing off B's interpreter lock: what B sees is the server.
 
-Server variants, side by side in one run:
+Server variants, side by side in one run (``--variants`` picks some):
 
 * ``now``: the big-request thread, long chains added to the tables in chunks with the lock
   released between them (``CHAIN_CHUNK_BLOCKS``), int arrays decoded by the compiled core with
-  the GIL released;
-* ``whole chains``: the same with ``CHAIN_CHUNK_BLOCKS`` and the int-array threshold out of
-  reach (last session's state);
+  the GIL released, big payloads not copied out of the ZMQ message;
+* ``now+switch1ms`` / ``now+yield50us``: the same with ``sys.setswitchinterval(0.001)`` in the
+  server, or a 50 us sleep between chunks instead of ``time.sleep(0)`` (tuning candidates);
+* ``whole chains``: chains added whole and int arrays decoded by msgpack (``CHAIN_CHUNK_BLOCKS``
+  and ``ARRAY_DECODE_BYTES`` out of reach: last session's state, but with this session's
+  sharded pending table and zero-copy receive);
 * ``single loop``: no big-request thread either (before issue 17).
 
 ``--approx``: the workers are in approximate mode (no KV events: decisions are also recorded in
@@ -33,7 +36,7 @@ import msgpack
 import numpy as np
 import zmq
 
-VARIANTS = {"now": {}, "now+switch1ms": {"switch_ms": 1.0}, "now+switch0.2ms": {"switch_ms": 0.2}, "now+yield50us": {"yield_us": 50}, "now+yield200us": {"yield_us": 200}, "whole chains": {"chunked": False}, "single loop": {"chunked": False, "lane": False}}
+VARIANTS = {"now": {}, "now+switch1ms": {"switch_ms": 1.0}, "now+yield50us": {"yield_us": 50}, "whole chains": {"chunked": False}, "single loop": {"chunked": False, "lane": False}}
 
 
 def _server(conn, chunked: bool, lane: bool, approx: bool, switch_ms: float, yield_us: float) -> None:

@@ -27,7 +27,10 @@ for the policy -- never O(workers x blocks).
 Thread safety: every public method holds ``lock`` (pass the event
 subscriber's lock so routing never sees half an event batch).  With the
 compiled route (:mod:`kvroute.router.native`) ``route`` hashes the prompt
-before taking the lock, with the GIL released for long prompts.
+before taking the lock, with the GIL released for long prompts.  A chain longer
+than :data:`CHAIN_CHUNK_BLOCKS` enters the pending / approximate tables one chunk
+per turn of the lock after the decision (:meth:`Router._add_chain_rest`): no
+request holds the lock for more than one chunk at a time.
 """
 from __future__ import annotations
 
