@@ -64,9 +64,12 @@ DEFAULT_MAX_PROMPT_TOKENS = 1 << 24
 #: Blocks of a routed chain added to the pending and approximate tables per turn of the lock.  A
 #: decision adds its chain's first chunk; the rest follows one chunk per turn, the lock released and
 #: the GIL given up between turns (:meth:`Router._add_chain_rest`), so a maximal prompt (2**21 tokens:
-#: 131,072 blocks of 16, ~16 ms of table inserts) holds other requests up for one chunk (~0.5 ms)
-#: at a time, not for the whole chain (issue 17; bench/sidecar_stall.py).
-CHAIN_CHUNK_BLOCKS = 4096
+#: 131,072 blocks of 16, ~16 ms of table inserts) holds other requests up for one chunk at a time,
+#: not for the whole chain (issue 17).  Chosen with bench/chain_chunks.py (another thread's waits for
+#: the GIL beside back-to-back maximal routes, quiet machine): 4,096 -> p99 2.8 / max 5.1 ms, 1,024 ->
+#: p99 0.8 / max 3.2 ms, for +30% on the maximal route itself (33 -> 44 ms); judged end to end by
+#: bench/sidecar_stall.py.
+CHAIN_CHUNK_BLOCKS = 1024
 
 
 class _Flight:
