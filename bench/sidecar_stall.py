@@ -1,16 +1,33 @@
 """How long one maximal route holds up every other client of ``kvroute serve`` (issue 17, item 9).
 
-Client A sends maximal prompts (2**21 tokens, as uint32 bytes or as a msgpack list) back to
-back; client B sends small routes (256 tokens) + finishes in a closed loop and records each
-round trip.  Run side by side in one process: with the big-request lane (the default) and
-without it (``BIG_REQUEST_BYTES`` raised above any payload: the old single request loop).
-Reported: B's median, p99 and max round trip while A runs, and A's requests answered.
+Three processes, as in a deployment: the server (``SidecarServer``, 4 workers), client A sending
+maximal prompts (2**21 tokens, as uint32 bytes or as a msgpack int array; each a new prompt, so
+each adds its 131,072-block chain to the speculative tables) back to back, and client B sending
+small routes (256 tokens) + finishes in a closed loop, recording each route's round trip.
+Separate processes keep A's packing off B's interpreter lock: what B sees is the server.
 
-    python bench/sidecar_stall.py [--seconds 5] [--form bytes|list]
+Server variants, side by side in one run (``--variants`` picks some):
+
+* ``now``: the big-request thread, long chains added to the tables in chunks with the lock
+  released between them (``CHAIN_CHUNK_BLOCKS``), int arrays decoded by the compiled core with
+  the GIL released, big payloads not copied out of the ZMQ message;
+* ``now+switch1ms`` / ``now+yield50us``: the same with ``sys.setswitchinterval(0.001)`` in the
+  server, or a 50 us sleep between chunks instead of ``time.sleep(0)`` (tuning candidates);
+* ``whole chains``: chains added whole and int arrays decoded by msgpack (``CHAIN_CHUNK_BLOCKS``
+  and ``ARRAY_DECODE_BYTES`` out of reach: last session's state, but with this session's
+  sharded pending table and zero-copy receive);
+* ``single loop``: no big-request thread either (before issue 17).
+
+``--approx``: the workers are in approximate mode (no KV events: decisions are also recorded in
+the approximate table), else exact mode (``approximate = off``).  Reported: B's median, p99 and
+max round trip while A runs, B's and A's routes.
+
+    python bench/sidecar_stall.py [--seconds 5] [--form bytes|list] [--approx]
 """
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import statistics
 import threading
 import time
@@ -19,88 +36,132 @@ import msgpack
 import numpy as np
 import zmq
 
-from kvroute.sidecar import server as server_mod
-from kvroute.sidecar.config import SidecarConfig, WorkerConfig
-from kvroute.sidecar.server import SidecarServer
-from kvroute.sidecar.service import MAX_TOKENS
+VARIANTS = {"now": {}, "now+switch1ms": {"switch_ms": 1.0}, "now+yield50us": {"yield_us": 50}, "whole chains": {"chunked": False}, "single loop": {"chunked": False, "lane": False}}
 
 
-def run(seconds: float, form: str, lane: bool) -> dict:
-    saved = server_mod.BIG_REQUEST_BYTES
+def _server(conn, chunked: bool, lane: bool, approx: bool, switch_ms: float, yield_us: float) -> None:
+    import sys
+
+    if switch_ms:
+        sys.setswitchinterval(switch_ms / 1e3)
+    from kvroute.router import router as router_mod
+    from kvroute.sidecar import server as server_mod
+    from kvroute.sidecar import decode as decode_mod
+    from kvroute.sidecar.config import SidecarConfig, WorkerConfig
+    from kvroute.sidecar.server import SidecarServer
+
+    if not chunked:
+        router_mod.CHAIN_CHUNK_BLOCKS = 1 << 40
+        decode_mod.ARRAY_DECODE_BYTES = 1 << 40
     if not lane:
         server_mod.BIG_REQUEST_BYTES = 1 << 40
-    cfg = SidecarConfig(bind="tcp://127.0.0.1:*", http_port=0, workers=[WorkerConfig(f"w{i}") for i in range(4)])
+    if yield_us:
+        router_mod.Router.between_chunks = staticmethod(lambda: time.sleep(yield_us / 1e6))
+    cfg = SidecarConfig(bind="tcp://127.0.0.1:*", http_port=0, workers=[WorkerConfig(f"w{i}") for i in range(4)],
+                        approximate="all" if approx else "off")
     srv = SidecarServer(cfg, context=zmq.Context()).start()
-    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_ms": 20}, daemon=True)
-    t.start()
-    ctx = zmq.Context()
-    stop = threading.Event()
-    big_done = [0]
-    toks = np.random.default_rng(0).integers(0, 50_000, MAX_TOKENS).astype("<u4")
+    conn.send(srv.address)
+    threading.Thread(target=lambda: (conn.recv(), srv.stop()), daemon=True).start()
+    srv.serve_forever(poll_ms=20)
+    srv.close()
+
+
+def _big_client(address: str, form: str, stop, done) -> None:
+    """Packs one maximal prompt, then sends it back to back with its first token changed in place
+    (a new prompt each time, at no packing cost: A's CPU stays off the shared cores)."""
+    toks = np.random.default_rng(0).integers(0, 50_000, 1 << 21).astype("<u4")
+    toks[0] = 1 << 20  # packed as uint32 in the int-array form: patchable in place
     body = toks.tobytes() if form == "bytes" else toks.tolist()
+    payload = bytearray(msgpack.packb({"op": "route", "request_id": "big", "token_ids": body, "costs": False},
+                                      use_bin_type=True))
+    if form == "bytes":
+        at = payload.index(b"\xc6" + (4 << 21).to_bytes(4, "big")) + 5
+        patch = lambda i: payload.__setitem__(slice(at, at + 4), ((1 << 20) + i).to_bytes(4, "little"))
+    else:
+        at = payload.index(b"\xdd" + (1 << 21).to_bytes(4, "big")) + 5
+        assert payload[at] == 0xCE
+        patch = lambda i: payload.__setitem__(slice(at + 1, at + 5), ((1 << 20) + i).to_bytes(4, "big"))
+    finish = msgpack.packb({"op": "finish", "request_id": "big"})
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(address)
+    i = 0
+    while not stop.is_set():
+        patch(i)
+        s.send_multipart([b"", payload])
+        if s.poll(30_000):
+            s.recv_multipart()
+            s.send_multipart([b"", finish])
+            s.poll(30_000) and s.recv_multipart()
+            with done.get_lock():
+                done.value += 1
+        i += 1
+    s.close()
+    ctx.destroy(linger=0)
 
-    def big_client() -> None:
-        s = ctx.socket(zmq.DEALER)
-        s.setsockopt(zmq.LINGER, 0)
-        s.connect(srv.address)
-        i = 0
-        while not stop.is_set():
-            rid = f"big{i}"
-            s.send_multipart([b"", msgpack.packb({"op": "route", "request_id": rid, "token_ids": body,
-                                                  "costs": False}, use_bin_type=True)])
-            if s.poll(30_000):
-                s.recv_multipart()
-                s.send_multipart([b"", msgpack.packb({"op": "finish", "request_id": rid})])
-                s.poll(30_000) and s.recv_multipart()
-                big_done[0] += 1
-            i += 1
-        s.close()
 
+def run(seconds: float, form: str, approx: bool, chunked: bool = True, lane: bool = True, switch_ms: float = 0,
+        yield_us: float = 0) -> dict:
+    mpc = mp.get_context("spawn")
+    parent, child = mpc.Pipe()
+    server = mpc.Process(target=_server, args=(child, chunked, lane, approx, switch_ms, yield_us), daemon=True)
+    server.start()
+    address = parent.recv()
+    stop, done = mpc.Event(), mpc.Value("i", 0)
+    big = mpc.Process(target=_big_client, args=(address, form, stop, done), daemon=True)
+    ctx = zmq.Context()
     small = ctx.socket(zmq.DEALER)
     small.setsockopt(zmq.LINGER, 0)
-    small.connect(srv.address)
+    small.connect(address)
     p = np.random.default_rng(1).integers(0, 50_000, 256).astype("<u4").tobytes()
+
+    def call(msg: dict) -> float:
+        t0 = time.perf_counter()
+        small.send_multipart([b"", msgpack.packb(msg)])
+        if not small.poll(30_000):
+            raise RuntimeError("no reply in 30 s")
+        small.recv_multipart()
+        return time.perf_counter() - t0
+
+    for i in range(200):  # warm up (imports, first decisions) before A starts
+        call({"op": "route", "request_id": -1 - i, "token_ids": p, "costs": False})
+        call({"op": "finish", "request_id": -1 - i})
+    big.start()
+    while not done.value:  # A's first maximal route answered: the server has seen one
+        time.sleep(0.05)
     lat = []
-    bt = threading.Thread(target=big_client, daemon=True)
-    bt.start()
-    time.sleep(0.5)  # A's first request is in flight
     end = time.monotonic() + seconds
     i = 0
     while time.monotonic() < end:
-        t0 = time.perf_counter()
-        small.send_multipart([b"", msgpack.packb({"op": "route", "request_id": i, "token_ids": p, "costs": False})])
-        small.poll(30_000)
-        small.recv_multipart()
-        lat.append(time.perf_counter() - t0)
-        small.send_multipart([b"", msgpack.packb({"op": "finish", "request_id": i})])
-        small.poll(30_000)
-        small.recv_multipart()
+        lat.append(call({"op": "route", "request_id": i, "token_ids": p, "costs": False}))
+        call({"op": "finish", "request_id": i})
         i += 1
     stop.set()
-    bt.join(60)
+    big.join(60)
+    parent.send("stop")
+    server.join(30)
     small.close()
     ctx.destroy(linger=0)
-    srv.stop()
-    t.join(10)
-    srv.close()
-    server_mod.BIG_REQUEST_BYTES = saved
     lat.sort()
     return {"small_routes": len(lat), "median_ms": statistics.median(lat) * 1e3,
-            "p99_ms": lat[int(0.99 * (len(lat) - 1))] * 1e3, "max_ms": lat[-1] * 1e3, "big_routes": big_done[0]}
+            "p99_ms": lat[int(0.99 * (len(lat) - 1))] * 1e3, "max_ms": lat[-1] * 1e3, "big_routes": done.value}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--form", choices=("bytes", "list"), default="bytes")
+    ap.add_argument("--approx", action="store_true", help="workers in approximate mode (no KV events)")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ", ".join(VARIANTS))
     a = ap.parse_args()
-    print(f"maximal prompts ({MAX_TOKENS} tokens as {a.form}) from client A; small routes from client B")
-    print(f"{'':24s} {'B routes':>9s} {'median ms':>10s} {'p99 ms':>8s} {'max ms':>8s} {'A routes':>9s}")
-    for lane in (True, False):
-        r = run(a.seconds, a.form, lane)
-        name = "big-request lane" if lane else "single loop (before)"
-        print(f"{name:24s} {r['small_routes']:9d} {r['median_ms']:10.2f} {r['p99_ms']:8.2f} {r['max_ms']:8.2f} "
-              f"{r['big_routes']:9d}")
+    print(f"maximal prompts ({1 << 21} tokens as {a.form}) from client A; small routes from client B; "
+          f"{'approximate' if a.approx else 'exact'} mode")
+    print(f"{'server':14s} {'B routes':>9s} {'median ms':>10s} {'p99 ms':>8s} {'max ms':>8s} {'A routes':>9s}")
+    for name in a.variants.split(","):
+        r = run(a.seconds, a.form, a.approx, **VARIANTS[name])
+        print(f"{name:14s} {r['small_routes']:9d} {r['median_ms']:10.2f} {r['p99_ms']:8.2f} {r['max_ms']:8.2f} "
+              f"{r['big_routes']:9d}", flush=True)
 
 
 if __name__ == "__main__":

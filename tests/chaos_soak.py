@@ -97,9 +97,9 @@ class Soak:
         return KVEventSubscriber(index, context=self.ctx, clock=self.clock,
                                  config=SubscriberConfig(replay_timeout_s=2.0, max_pending=400))
 
-    def _attach(self, i: int, start_seq: int | None = None) -> None:
+    def _attach(self, i: int, start_seq: int | None = None, incomplete: tuple[int, ...] = ()) -> None:
         e = self.engines[i]
-        self.sub.add_worker(self.ids[i], e.endpoint, e.replay_endpoint, start_seq=start_seq)
+        self.sub.add_worker(self.ids[i], e.endpoint, e.replay_endpoint, start_seq=start_seq, incomplete=incomplete)
         assert e.wait_for_subscribers(1, 5000), "subscription never reached the engine"
 
     def _prompt(self) -> list[int]:
@@ -168,7 +168,8 @@ class Soak:
         path = os.path.join(self.tmp, "ix.snap")
         with self.sub.lock:
             self.sub.index.save(path)
-            pos = [(st["worker"], st["rank"], st["next_seq"]) for st in self.sub.metrics()["workers"].values()]
+            pos = [(st["worker"], st["rank"], st["next_seq"], st["complete"])
+                   for st in self.sub.metrics()["workers"].values()]
         _save_positions(path, pos)
         self._add_totals()
         kind = self.rnd.choice(["valid", "missing", "garbage", "foreign"])
@@ -180,7 +181,7 @@ class Soak:
         elif kind == "foreign":
             doc = json.load(open(path + ".seq"))
             doc["snapshot"] = "0123456789abcdef"
-            doc["streams"] = [[w, r, s + 7] for w, r, s in doc["streams"]]
+            doc["streams"] = [[w, r, s + 7, *c] for w, r, s, *c in doc["streams"]]
             with open(path + ".seq", "w") as f:
                 json.dump(doc, f)
         self.sub.close()
@@ -189,9 +190,10 @@ class Soak:
             e.request(self._prompt())
             e.publish()
         self.sub = self._new_sub(KVIndex.load(path))
-        resume = _load_positions(path)
+        gaps: set = set()
+        resume = _load_positions(path, gaps)
         for i, wid in enumerate(self.ids):
-            self._attach(i, resume.get((wid, 0)))
+            self._attach(i, resume.get((wid, 0)), (0,) if (wid, 0) in gaps else ())
         self.c[f"snapshot_restarts_{kind}"] += 1
 
     def _add_totals(self) -> None:

@@ -158,10 +158,25 @@ def test_pending_table_matches_reference():
             op = rng.random()
             c = rng.choice(chains)
             c = c[: rng.randrange(1, len(c) + 1)]
-            if op < 0.4:
+            if op < 0.3:
                 s = rng.randrange(130)
                 ref.add(s, c)
                 nat.add(s, c)
+            elif op < 0.4:  # a chain in chunks (the router's turns), a clock tick or a forget between them
+                s = rng.randrange(130)
+                at_ref = at_nat = 0
+                hc = nat.chain(c)
+                while at_ref < len(c):
+                    k = rng.randrange(1, 8)
+                    at_ref = ref.add_range(s, c, at_ref, at_ref + k)
+                    at_nat = nat.add_range(s, hc, at_nat, at_nat + k)
+                    assert at_ref == at_nat
+                    if rng.random() < 0.1:
+                        clk.t += 0.7
+                    if rng.random() < 0.03:
+                        ref.forget(s)
+                        nat.forget(s)
+                    assert ref.match(c) == nat.match(c)
             elif op < 0.8:
                 assert ref.match(c) == nat.match(c)
             elif op < 0.85:

@@ -324,7 +324,7 @@ def test_restart_resumes_event_streams_from_the_saved_positions(tmp_path):
 
     def wait_applied(srv):
         deadline = time.monotonic() + 20
-        while srv.events.positions() != [("w", 0, eng.seq)]:
+        while srv.events.positions() != [("w", 0, eng.seq, True)]:
             assert time.monotonic() < deadline, srv.events.subscriber.metrics()
             eng.serve_replay(10)  # paces the wait on a real socket, answers replays
 
@@ -336,7 +336,7 @@ def test_restart_resumes_event_streams_from_the_saved_positions(tmp_path):
             eng.publish()
         wait_applied(srv)
         srv.close()
-        assert json.load(open(snap + ".seq"))["streams"] == [["w", 0, 8]]
+        assert json.load(open(snap + ".seq"))["streams"] == [["w", 0, 8, True]]
         for i in range(2):  # published while no sidecar listens (still in the engine's buffer)
             eng.request(toks(200 + i, 64))
             eng.publish()
@@ -399,4 +399,38 @@ def test_a_worker_added_at_run_time_with_an_endpoint_is_followed(server):
                 eng.serve_replay(10)
     finally:
         eng.close()
+        ctx.destroy(linger=0)
+
+
+def test_stream_completeness_is_saved_beside_the_positions(tmp_path):
+    """A stream saved *incomplete* (events lost since the engine's cache was last empty) used to
+    resume as complete, so the next orphan from before the loss resynced (cleared) the worker: the
+    flag is saved with the position and the stream resumes incomplete."""
+    from kvroute import KVIndex
+    from kvroute.adapters.subscriber import KVEventSubscriber
+    from kvroute.sidecar.server import _load_positions, _save_positions
+
+    snap = str(tmp_path / "s.snap")
+    KVIndex(16).save(snap)
+    _save_positions(snap, [("w", 0, 8, False), ("v", 1, 3, True), ("old", 0, 5)])
+    gaps: set = set()
+    assert _load_positions(snap, gaps) == {("w", 0): 8, ("v", 1): 3, ("old", 0): 5}
+    assert gaps == {("w", 0)}
+    with open(snap + ".seq") as f:
+        doc = json.load(f)
+    doc["streams"][0][3] = "no"  # a flag that is not a bool: the file is unusable, as any bad entry
+    with open(snap + ".seq", "w") as f:
+        json.dump(doc, f)
+    assert _load_positions(snap, gaps := set()) == {} and gaps == set()
+
+    ctx = zmq.Context()
+    sub = KVEventSubscriber(KVIndex(16), context=ctx)
+    try:
+        sub.add_worker("w", "tcp://127.0.0.1:5", start_seq=8, incomplete=[0])
+        sub.add_worker("v", "tcp://127.0.0.1:6", start_seq=3)
+        sub.add_worker("z", "tcp://127.0.0.1:7", incomplete=[0])  # from seq 0: a fresh history, complete
+        status = {w["worker"]: w["complete"] for w in sub.metrics()["workers"].values()}
+        assert status == {"w": False, "v": True, "z": True}
+    finally:
+        sub.close()
         ctx.destroy(linger=0)

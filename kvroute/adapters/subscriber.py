@@ -302,6 +302,7 @@ class KVEventSubscriber:
         dp_ranks: Iterable[int] = (0,),
         topic: str = "",
         start_seq: int | Mapping[int, int] | None = None,
+        incomplete: Iterable[int] = (),
     ) -> None:
         """Subscribe to a worker's events (one SUB socket per data-parallel rank).
 
@@ -321,6 +322,10 @@ class KVEventSubscriber:
         for the worker are trusted as they are.  Use it with an index restored
         from a snapshot taken together with :meth:`positions` (under
         :attr:`lock`): the batches published since are requested at once.
+        ``incomplete``: ranks whose stream was *incomplete* when that position was
+        saved (``stream_status()``; events had been lost since the engine's cache was
+        last empty): they resume incomplete, so an orphan from before the loss is
+        counted, not taken for a new loss (a resync that would clear the worker).
 
         Endpoints are checked here (:class:`EndpointError`): bind addresses, tcp
         ports outside 1..65535 and ipc paths in a missing directory are refused.
@@ -331,6 +336,7 @@ class KVEventSubscriber:
         if not ranks or ranks[0] < 0:
             raise ValueError(f"dp_ranks must be non-empty and non-negative, got {ranks}")
         base = ranks[0]
+        incomplete = set(incomplete)
         specs = []
         for r in ranks:
             ep = endpoint.get(r) if isinstance(endpoint, Mapping) else rank_endpoint(endpoint, r, base)
@@ -349,7 +355,7 @@ class KVEventSubscriber:
             first = start_seq.get(r, 0) if isinstance(start_seq, Mapping) else (start_seq or 0)
             if type(first) is not int or first < 0:
                 raise ValueError(f"start_seq must be a non-negative int, got {first!r}")
-            specs.append((r, key, ep, rep, first))
+            specs.append((r, key, ep, rep, first, r not in incomplete or not first))
         self._submit(("add", worker_id, specs, topic.encode()))
 
     def remove_worker(self, worker_id: WorkerId, *, forget: bool = True) -> None:
@@ -390,7 +396,7 @@ class KVEventSubscriber:
         # subscription, if any, stays) and no socket is left open.
         socks: list[zmq.Socket] = []
         try:
-            for _rank, _key, ep, _rep, _first in specs:
+            for _rank, _key, ep, _rep, _first, _complete in specs:
                 sub = self._ctx.socket(zmq.SUB)
                 socks.append(sub)
                 sub.setsockopt(zmq.LINGER, 0)
@@ -403,10 +409,11 @@ class KVEventSubscriber:
             raise EndpointError(f"worker {worker!r}: cannot subscribe: {exc}") from None
         self._drop_worker(worker, forget=False)
         now = self._clock()
-        for (rank, key, ep, rep, first), sub in zip(specs, socks):
+        for (rank, key, ep, rep, first, complete), sub in zip(specs, socks):
             st = _Stream(worker, rank, key, ep, rep, topic)
             st.next_seq = first
             st.origin = first
+            st.complete = complete
             st.sub = sub
             st.added_at = now
             with self.lock:

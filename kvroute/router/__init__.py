@@ -15,6 +15,7 @@ from .disagg import DecodeWeights
 from .errors import (
     DuplicateRequestError,
     NoHealthyWorkerError,
+    PromptLengthError,
     RouterError,
     UnknownPolicyError,
     UnknownRequestError,
@@ -30,7 +31,7 @@ from .policies import (
     SGLangWeights,
 )
 from .policy import Policy
-from .router import DEFAULT_PENDING_TTL_S, Router
+from .router import DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_PENDING_TTL_S, Router
 from .approx import DEFAULT_APPROX_TTL_S, ApproxPrefixes
 from .types import (Candidate, Choice, Decision, FleetView, FlightRecord, Role, RouteHints, RouteRequest, WorkerState,
                     WorkerStatus)
@@ -40,5 +41,5 @@ __all__ = [
     "LLMDWeights", "PrebleWeights", "DecodeWeights", "PendingPrefixes", "Candidate", "Choice", "FleetView",
     "RouteRequest", "RouteHints", "Role", "WorkerState", "WorkerStatus", "RouterError", "NoHealthyWorkerError",
     "UnknownRequestError", "DuplicateRequestError", "UnknownPolicyError", "UnknownWorkerError",
-    "DEFAULT_PENDING_TTL_S", "ApproxPrefixes", "DEFAULT_APPROX_TTL_S", "FlightRecord",
+    "PromptLengthError", "DEFAULT_PENDING_TTL_S", "DEFAULT_MAX_PROMPT_TOKENS", "ApproxPrefixes", "DEFAULT_APPROX_TTL_S", "FlightRecord",
 ]

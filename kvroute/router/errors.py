@@ -5,7 +5,7 @@ from ..kvindex.errors import KVRouteError, UnknownWorkerError
 
 __all__ = [
     "RouterError", "NoHealthyWorkerError", "UnknownRequestError", "DuplicateRequestError",
-    "UnknownPolicyError", "UnknownWorkerError",
+    "UnknownPolicyError", "UnknownWorkerError", "PromptLengthError",
 ]
 
 
@@ -30,3 +30,8 @@ class DuplicateRequestError(RouterError, ValueError):
 
 class UnknownPolicyError(RouterError, ValueError):
     """A policy name not in :data:`kvroute.router.POLICIES`."""
+
+
+class PromptLengthError(RouterError, ValueError):
+    """A prompt longer than the router's ``max_prompt_tokens``, or a ``num_tokens`` that is not an int in
+    ``[0, max_prompt_tokens]`` (it would book that many tokens of prefill load on a worker)."""

@@ -75,6 +75,14 @@ class NativePending:
             return
         self._rc.pending_add(slot, hashes, self._clock())
 
+    def chain(self, hashes: Any) -> Any:
+        """``hashes`` in the form :meth:`add_range` takes (converted once per chain, not per chunk)."""
+        return hashes if isinstance(hashes, _core.Hashes) else _core.as_hashes(hashes)
+
+    def add_range(self, slot: int, hashes: Any, start: int, stop: int) -> int:
+        """As :meth:`PendingPrefixes.add_range` (a long chain: pass it through :meth:`chain` once)."""
+        return self._rc.pending_add_range(slot, self.chain(hashes), start, stop, self._clock())
+
     def forget(self, slot: int) -> None:
         self._rc.pending_forget(slot)
 

@@ -69,21 +69,41 @@ class PendingPrefixes:
 
     def add(self, slot: int, hashes: Sequence[int]) -> None:
         """Mark a routed prompt's chain as pending on the worker in ``slot``."""
-        if not hashes or self.ttl_s == 0:
-            return
+        self.add_range(slot, hashes, 0, len(hashes))
+
+    def add_range(self, slot: int, hashes: Sequence[int], start: int, stop: int) -> int:
+        """Add ``hashes[start:stop]`` of a chain whose ``hashes[:start]`` earlier calls added (the router
+        adds a long chain in chunks, releasing its lock between them).  Returns where the next call
+        continues: ``stop`` (``len(hashes)`` when ``start`` is 0 and the whole chain is already pending),
+        or 0, adding nothing, when ``hashes[start - 1]`` is no longer in the current generation for
+        ``slot`` (rotated out, or the slot forgotten): the caller restarts from 0, so each generation
+        stays prefix-closed per slot, which :func:`_walk` relies on."""
+        n = len(hashes)
+        if not n or self.ttl_s == 0:
+            return n
         self.expire()
         bit = 1 << slot
         cur = self._cur
         get = cur.get
-        if get(hashes[-1], 0) & bit:
-            return  # the whole chain is already pending in this generation (chained hashes)
+        if start == 0:
+            if get(hashes[-1], 0) & bit:
+                return n  # the whole chain is already pending in this generation (chained hashes)
+        elif not get(hashes[start - 1], 0) & bit:
+            return 0
+        stop = min(stop, n)
         added = 0
-        for h in hashes:
+        for i in range(start, stop):
+            h = hashes[i]
             m = get(h, 0)
             if not m & bit:
                 cur[h] = m | bit
                 added += 1
         self._n_cur += added
+        return stop
+
+    def chain(self, hashes: Sequence[int]) -> Sequence[int]:
+        """``hashes`` in the form :meth:`add_range` takes (the compiled table converts them once)."""
+        return hashes
 
     def forget(self, slot: int) -> None:
         """Drop every pending entry of one worker slot (worker removed)."""

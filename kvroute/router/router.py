@@ -27,7 +27,10 @@ for the policy -- never O(workers x blocks).
 Thread safety: every public method holds ``lock`` (pass the event
 subscriber's lock so routing never sees half an event batch).  With the
 compiled route (:mod:`kvroute.router.native`) ``route`` hashes the prompt
-before taking the lock, with the GIL released for long prompts.
+before taking the lock, with the GIL released for long prompts.  A chain longer
+than :data:`CHAIN_CHUNK_BLOCKS` enters the pending / approximate tables one chunk
+per turn of the lock after the decision (:meth:`Router._add_chain_rest`): no
+request holds the lock for more than one chunk at a time.
 """
 from __future__ import annotations
 
@@ -43,7 +46,8 @@ from ..kvindex import KVIndex
 from ..kvindex.hashing import ROOT_SEED, block_hash_list, native_prompt
 from . import native as _native
 from .disagg import DecodeWeights, choose_decode
-from .errors import DuplicateRequestError, NoHealthyWorkerError, UnknownPolicyError, UnknownRequestError, UnknownWorkerError
+from .errors import (DuplicateRequestError, NoHealthyWorkerError, PromptLengthError, UnknownPolicyError, UnknownRequestError,
+                     UnknownWorkerError)
 from .active import ActiveBlocks
 from .approx import DEFAULT_APPROX_TTL_S, ApproxPrefixes
 from .pending import PendingPrefixes
@@ -53,6 +57,19 @@ from .types import Candidate, Decision, FleetView, FlightRecord, Role, RouteHint
 
 #: llm-d's speculative-entry lifetime (BRIEF section 4).
 DEFAULT_PENDING_TTL_S = 2.0
+#: Longest prompt a Router takes by default (tokens; ``max_prompt_tokens``): beyond any served context
+#: window, and a bound on the prefill load one ``num_tokens`` can book on a worker (issue 17: 2**63 sent
+#: every cached prompt elsewhere).  The sidecar's protocol allows 2**21.
+DEFAULT_MAX_PROMPT_TOKENS = 1 << 24
+#: Blocks of a routed chain added to the pending and approximate tables per turn of the lock.  A
+#: decision adds its chain's first chunk; the rest follows one chunk per turn, the lock released and
+#: the GIL given up between turns (:meth:`Router._add_chain_rest`), so a maximal prompt (2**21 tokens:
+#: 131,072 blocks of 16, ~16 ms of table inserts) holds other requests up for one chunk at a time,
+#: not for the whole chain (issue 17).  Chosen with bench/chain_chunks.py (another thread's waits for
+#: the GIL beside back-to-back maximal routes, quiet machine): 4,096 -> p99 2.8 / max 5.1 ms, 1,024 ->
+#: p99 0.8 / max 3.2 ms, for +30% on the maximal route itself (33 -> 44 ms); judged end to end by
+#: bench/sidecar_stall.py.
+CHAIN_CHUNK_BLOCKS = 1024
 
 
 class _Flight:
@@ -91,7 +108,8 @@ class Router:
     a request neither finished nor cancelled this long after its decision is
     released as if finished (a client that lost its ``finish`` must not leave
     load, and memory, behind forever); None (default) keeps requests until
-    ``finish``.
+    ``finish``.  ``max_prompt_tokens``: longest prompt taken (:class:`PromptLengthError`
+    beyond it, and for a ``num_tokens`` outside ``[0, max_prompt_tokens]``).
     """
 
     def __init__(
@@ -112,11 +130,16 @@ class Router:
         request_ttl_s: float | None = None,
         approx_ttl_s: float = DEFAULT_APPROX_TTL_S,
         approx_capacity_blocks: int | None = None,
+        max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
     ) -> None:
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
         if request_ttl_s is not None and not request_ttl_s > 0:
             raise ValueError(f"request_ttl_s must be positive or None, got {request_ttl_s}")
+        if isinstance(max_prompt_tokens, bool) or not isinstance(max_prompt_tokens, int) or max_prompt_tokens < 1:
+            raise ValueError(f"max_prompt_tokens must be a positive int, got {max_prompt_tokens!r}")
+        #: Longest prompt (tokens) ``route`` / ``route_hashes`` take; longer ones raise PromptLengthError.
+        self.max_prompt_tokens = max_prompt_tokens
         #: Seconds after which an unfinished request is released (None: never).
         self.request_ttl_s = request_ttl_s
         #: Requests released by ``request_ttl_s`` (their ``finish`` never came).
@@ -353,14 +376,17 @@ class Router:
 
         With the compiled route (:mod:`kvroute.router.native`): one core call hashes the prompt
         (outside the lock) and one decides (under it); same decisions as the Python path.
+        A prompt longer than ``max_prompt_tokens`` raises :class:`PromptLengthError`.
         """
+        n = token_ids.size if isinstance(token_ids, np.ndarray) else len(token_ids)
+        if n > self.max_prompt_tokens:
+            raise PromptLengthError(f"prompt of {n} tokens; this router takes at most {self.max_prompt_tokens}")
         if (self._core is not None and not exclude and not self._uncredited and not self._approx_slots
                 and not self._observers and not self._remote):
             # The compiled route covers the plain case; worker exclusions, uncredited caches, approximate
             # mode and replica sync take the Python path (same decisions, checked by the differential tests).
             return self._route_native(token_ids, request_id, lora_name, cache_salt, mm_hashes, hints)
         hs = block_hash_list(token_ids, self.block_size, lora_name=lora_name, cache_salt=cache_salt, mm_hashes=mm_hashes)
-        n = token_ids.size if isinstance(token_ids, np.ndarray) else len(token_ids)
         return self.route_hashes(hs, num_tokens=int(n), request_id=request_id, hints=hints, exclude=exclude)
 
     def route_hashes(
@@ -377,12 +403,17 @@ class Router:
         ``hints``: client hints, handed to the policy in :class:`RouteRequest` and
         returned in the :class:`Decision`.  ``exclude``: workers not to choose for
         this request (a caller retrying after a worker failed it); they stay
-        healthy for other requests.
+        healthy for other requests.  ``num_tokens`` must be an int in ``[0, max_prompt_tokens]``
+        and the hashes cover at most ``max_prompt_tokens``: else :class:`PromptLengthError`.
         """
         hs = hashes.tolist() if isinstance(hashes, np.ndarray) else hashes
-        if num_tokens < 0:
-            raise ValueError("num_tokens must be >= 0")
+        limit = self.max_prompt_tokens
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, (int, np.integer)) or not 0 <= num_tokens <= limit:
+            raise PromptLengthError(f"num_tokens must be an int in [0, {limit}], got {num_tokens!r}")
+        num_tokens = int(num_tokens)
         bs = self.block_size
+        if len(hs) * bs > limit:
+            raise PromptLengthError(f"{len(hs)} block hashes cover more than {limit} tokens")
         nb = min(len(hs), num_tokens // bs) if num_tokens else len(hs)
         if nb < len(hs):
             hs = hs[:nb]
@@ -431,12 +462,19 @@ class Router:
             uncached = self.policy.booked_prefill_tokens(req, chosen)
             self._commit(request_id, ps, ds, uncached, nb, now, hs if active is not None else None)
             slot = slot_of[ps.id]
+            chunk = CHAIN_CHUNK_BLOCKS
+            chain: Any = hs
             speculated = bool(hs) and chosen.confirmed < nb
+            pend_at = approx_at = nb
             if speculated:  # nothing to speculate when the index confirms the whole prompt
-                pending.add(slot, hs)
+                if nb > chunk:
+                    chain = pending.chain(hs)
+                pend_at = pending.add_range(slot, chain, 0, chunk)
             approx_worker = bool(hs) and bool(self._approx_slots >> slot & 1)
             if approx_worker:
-                self._approx.add(slot, hs, now, capacity=self.approx_capacity_blocks or ps.capacity_blocks)
+                self._approx.add(slot, hs[:chunk] if nb > chunk else hs, now,
+                                 capacity=self.approx_capacity_blocks or ps.capacity_blocks)
+                approx_at = min(nb, chunk)
             if self._observers:
                 rec = FlightRecord(request_id, ps.id, ds.id if ds is not ps else None, uncached, nb, True,
                                    self._left(now, now), hs if (speculated or approx_worker) else (),
@@ -448,7 +486,7 @@ class Router:
             self.decisions += 1
             self.predicted_cached_tokens_total += cached
             self.prompt_tokens_total += num_tokens
-            return Decision(
+            d = Decision(
                 request_id=request_id,
                 worker=ps.id,
                 predicted_cached_tokens=cached,
@@ -465,6 +503,9 @@ class Router:
                 decode_costs=decode_costs,
                 hints=hints,
             )
+        if pend_at < nb or approx_at < nb:
+            self._add_chain_rest(ps, slot, hs, chain, pend_at, approx_at)
+        return d
 
     def _route_native(self, token_ids: Any, request_id: Any, lora_name: Any, cache_salt: Any, mm_hashes: Any,
                       hints: RouteHints | None) -> Decision:
@@ -477,16 +518,16 @@ class Router:
             h = core.hash_prompt(np.asarray(toks).astype("<u4"), bs, enc, ROOT_SEED)
         with self.lock:
             now, prefill_pool, decode_pool = self._admit(request_id)
-            tied, reason, costs, best, num_tokens = self._core.route(h, now, now)
+            tied, reason, costs, best, num_tokens, pend_at = self._core.route(h, now, now, CHAIN_CHUNK_BLOCKS)
             nb = len(h)
-            if len(tied) == 1:
+            if len(tied) == 1:  # the core made the pending add (its first chunk)
                 j, total, gpu, host, disk, pend = tied[0]
             else:  # the cost model left a tie: the router's seeded rng breaks it, as on the Python path
                 j, total, gpu, host, disk, pend = tied[self._rng.randrange(len(tied))]
                 if reason != 3:
                     reason = 0 if best == 0 else (1 if total == best else 2)
                 if nb and gpu + host + disk < nb:
-                    self._core.pending_add_last(self._slot[prefill_pool[j].id], now)
+                    pend_at = self._pending.add_range(self._slot[prefill_pool[j].id], h, 0, CHAIN_CHUNK_BLOCKS)
             ps = prefill_pool[j]
             decode_costs: dict[Any, float] = {}
             if self._disaggregated:
@@ -499,7 +540,7 @@ class Router:
             self.decisions += 1
             self.predicted_cached_tokens_total += cached
             self.prompt_tokens_total += num_tokens
-            return Decision(
+            d = Decision(
                 request_id=request_id,
                 worker=ps.id,
                 predicted_cached_tokens=cached,
@@ -516,6 +557,49 @@ class Router:
                 decode_costs=decode_costs,
                 hints=hints,
             )
+        if pend_at < nb:
+            self._add_chain_rest(ps, self._slot[ps.id], h, h, pend_at, nb)
+        return d
+
+    #: Called between two chunks of a long chain, with the lock released (:meth:`_add_chain_rest`).  The
+    #: default gives up the GIL, so threads waiting for it (the sidecar's request loop) run now rather than
+    #: after the interpreter's switch interval; tests set a hook on the instance.
+    between_chunks: Callable[[], None] = staticmethod(lambda: time.sleep(0))
+
+    def _add_chain_rest(self, ps: WorkerState, slot: int, hs: Any, chain: Any, pend_at: int, approx_at: int,
+                        expires_in: float | None = None) -> None:
+        """Add the rest of a long chain to the pending table (from ``pend_at``; ``chain``: ``hs`` as
+        :meth:`PendingPrefixes.chain` gave it) and to the approximate table (from ``approx_at``), one
+        :data:`CHAIN_CHUNK_BLOCKS` chunk per turn of the lock, calling :attr:`between_chunks` before each.
+        Other requests route between turns and see a prefix of the chain (a shorter prediction, never a
+        wrong one).  Ends early when ``ps`` was removed meanwhile (its slot may belong to another worker
+        by then); a pending chain whose added part left the table (its generation rotated out) restarts
+        from the root, at most twice (then the prediction stays short: safe).  A caller already holding
+        the lock keeps it (the lock is reentrant): same result, without the turns."""
+        n = len(hs)
+        chunk = CHAIN_CHUNK_BLOCKS
+        restarts = 0
+        while pend_at < n or approx_at < n:
+            self.between_chunks()
+            with self.lock:
+                if self._states.get(ps.id) is not ps or self._slot.get(ps.id) != slot:
+                    return
+                if pend_at < n:
+                    nxt = self._pending.add_range(slot, chain, pend_at, pend_at + chunk)
+                    if nxt == 0:
+                        restarts += 1
+                        if restarts > 2:
+                            nxt = n
+                    pend_at = nxt
+                if approx_at < n:
+                    if not self._approx_slots >> slot & 1:  # left approximate mode meanwhile
+                        approx_at = n
+                        continue
+                    now = self._clock()
+                    self._approx.add(slot, hs[approx_at:approx_at + chunk], now,
+                                     capacity=self.approx_capacity_blocks or ps.capacity_blocks,
+                                     expires_at=None if expires_in is None else now + expires_in)
+                    approx_at += chunk
 
     def _admit(self, request_id: Any, exclude: Collection[Any] = ()) -> tuple[float, list[WorkerState], list[WorkerState]]:
         """Under the lock, before a decision: expire stale requests (local and remote), refuse duplicates
@@ -716,9 +800,15 @@ class Router:
 
     def add_pending(self, worker: Any, hashes: Sequence[int]) -> None:
         """Mark a chain as speculatively cached on ``worker`` (another replica routed it there)."""
+        hs = list(hashes)
+        n = len(hs)
         with self.lock:
-            self._state(worker)
-            self._pending.add(self._slot[worker], list(hashes))
+            ps = self._state(worker)
+            slot = self._slot[worker]
+            chain = self._pending.chain(hs) if n > CHAIN_CHUNK_BLOCKS else hs
+            at = self._pending.add_range(slot, chain, 0, CHAIN_CHUNK_BLOCKS)
+        if at < n:
+            self._add_chain_rest(ps, slot, hs, chain, at, n)
 
     def set_approximate(self, worker: Any, approximate: bool = True) -> None:
         """Predict ``worker``'s cache from routing decisions (no KV events, or a stale stream) or, with
@@ -745,9 +835,12 @@ class Router:
             if not self._approx_slots >> slot & 1:
                 return False
             now = self._clock()
-            self._approx.add(slot, list(hashes), now, capacity=self.approx_capacity_blocks or s.capacity_blocks,
+            hs = list(hashes)
+            self._approx.add(slot, hs[:CHAIN_CHUNK_BLOCKS], now, capacity=self.approx_capacity_blocks or s.capacity_blocks,
                              expires_at=None if ttl_s is None else now + ttl_s)
-            return True
+        if len(hs) > CHAIN_CHUNK_BLOCKS:
+            self._add_chain_rest(s, slot, hs, hs, len(hs), CHAIN_CHUNK_BLOCKS, ttl_s)
+        return True
 
     def approx_dump(self, worker: Any) -> list[tuple[int, float]]:
         """An approximate worker's predicted blocks: ``(hash, seconds left)``, oldest first."""

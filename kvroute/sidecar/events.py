@@ -9,7 +9,7 @@ index and in decisions as ``(id, rank)`` (a msgpack array on the wire).
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import zmq
 
@@ -34,14 +34,16 @@ class EventSource:
         self.subscriber.stop()
 
     def follow(self, worker: Any, endpoint: str, replay_endpoint: str | None = None, *, dp_size: int = 1,
-               topic: str = "", start_seq: dict[int, int] | None = None) -> None:
-        """Subscribe to a worker; ``start_seq`` ({rank: seq}) resumes its streams over a restored index."""
+               topic: str = "", start_seq: dict[int, int] | None = None, incomplete: Iterable[int] = ()) -> None:
+        """Subscribe to a worker; ``start_seq`` ({rank: seq}) resumes its streams over a restored index,
+        ``incomplete`` (ranks) those saved incomplete as incomplete."""
         self.subscriber.add_worker(worker, endpoint, replay_endpoint, dp_ranks=range(max(1, dp_size)), topic=topic,
-                                   start_seq=start_seq)
+                                   start_seq=start_seq, incomplete=incomplete)
 
-    def positions(self) -> list[tuple[Any, int, int]]:
-        """``(worker, rank, next_seq)`` of every stream; read it under the lock, with the index snapshot."""
-        return [(w["worker"], w["rank"], w["next_seq"]) for w in self.subscriber.metrics()["workers"].values()]
+    def positions(self) -> list[tuple[Any, int, int, bool]]:
+        """``(worker, rank, next_seq, complete)`` of every stream; read it under the lock, with the index snapshot."""
+        return [(w["worker"], w["rank"], w["next_seq"], w["complete"])
+                for w in self.subscriber.metrics()["workers"].values()]
 
     def unfollow(self, worker: Any) -> None:
         if worker in self.subscriber.workers():

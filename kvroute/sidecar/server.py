@@ -10,7 +10,8 @@ Lifecycle::
               streams' positions beside it, close sockets
 
 Snapshot and positions.  The index is saved with ``KVIndex.save``; the
-position of every event stream (its next sequence number) goes to
+position of every event stream (its next sequence number, and whether it was
+complete: no events lost since the engine's cache was last empty) goes to
 ``<snapshot>.seq`` (JSON), tagged with the snapshot file's xxh3-64.  On start, positions whose tag matches the restored snapshot
 resume the streams there (``start_seq``), so the batches published while the
 sidecar was down are replayed over the restored index; without them a stream
@@ -77,6 +78,8 @@ class SidecarServer:
         self.restored = False
         #: {(worker, rank): next seq} saved with the restored snapshot (empty: streams start at 0).
         self.resume: dict[tuple[Any, int], int] = {}
+        #: Streams of ``resume`` that were incomplete when saved: they resume incomplete.
+        self.resume_incomplete: set[tuple[Any, int]] = set()
         #: Replica sync (a kvroute.sync.SyncRunner) when ``sync_url`` is set, else None.
         self.sync: Any = None
         self._approx_check = 0.0
@@ -118,7 +121,8 @@ class SidecarServer:
             if w.endpoint:
                 start = {rank: seq for (wid, rank), seq in self.resume.items() if wid == w.id}
                 self.events.follow(w.id, w.endpoint, w.replay_endpoint or None, dp_size=w.dp_size, topic=w.topic,
-                                   start_seq=start or None)
+                                   start_seq=start or None,
+                                   incomplete=[rank for (wid, rank) in self.resume_incomplete if wid == w.id])
         self.events.start()
         if cfg.sync_url:
             self.sync = self._start_sync(r)  # catches up before the socket answers
@@ -191,7 +195,7 @@ class SidecarServer:
                 else:
                     idx.block_size = self.config.block_size
                     self.restored = True
-                    self.resume = _load_positions(path)
+                    self.resume = _load_positions(path, self.resume_incomplete)
                     return idx
         return KVIndex(self.config.block_size)
 
@@ -245,9 +249,12 @@ class SidecarServer:
         """Answer what the ROUTER socket holds (up to 1,024 requests); big ones go to the lane."""
         for _ in range(1024):  # drain what is there, then check the stop flag
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
+                msg = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 break
+            # a big payload stays in the message (a memoryview): copying 8 MiB here held the GIL ~3 ms
+            last = msg[-1].buffer if len(msg[-1]) > BIG_REQUEST_BYTES else msg[-1].bytes
+            frames = [f.bytes for f in msg[:-1]] + [last]
             if len(frames) == 3 and frames[1] == b"":
                 env, payload = frames[:2], frames[2]
             elif len(frames) == 2:
@@ -390,14 +397,16 @@ def _snapshot_tag(path: str) -> str:
     return h.hexdigest()
 
 
-def _save_positions(snapshot: str, positions: list[tuple[Any, int, int]]) -> None:
-    """Write ``<snapshot>.seq`` atomically: the streams' positions, tagged with the snapshot they go with."""
+def _save_positions(snapshot: str, positions: list[tuple]) -> None:
+    """Write ``<snapshot>.seq`` atomically: the streams' positions ``(worker, rank, next_seq[, complete])``,
+    tagged with the snapshot they go with."""
     doc = {"snapshot": _snapshot_tag(snapshot), "streams": [list(p) for p in positions]}
     atomic_write(snapshot + ".seq", (json.dumps(doc).encode(),), prefix=".kvroute-seq-")
 
 
-def _load_positions(snapshot: str) -> dict[tuple[Any, int], int]:
-    """Positions saved with this very snapshot, else {} (missing, unreadable or from another snapshot)."""
+def _load_positions(snapshot: str, incomplete: set | None = None) -> dict[tuple[Any, int], int]:
+    """Positions saved with this very snapshot, else {} (missing, unreadable or from another snapshot);
+    ``incomplete`` (when given) receives the streams saved incomplete (a missing flag: complete)."""
     try:
         with open(snapshot + ".seq") as f:
             doc = json.load(f)
@@ -405,12 +414,20 @@ def _load_positions(snapshot: str) -> dict[tuple[Any, int], int]:
             log.warning("ignoring %s.seq: it belongs to another snapshot; streams start at seq 0", snapshot)
             return {}
         out = {}
-        for wid, rank, seq in doc["streams"]:
+        gaps = set()
+        for entry in doc["streams"]:
+            wid, rank, seq, *rest = entry
+            complete = rest[0] if rest else True
             if isinstance(wid, list):
                 wid = tuple(wid)
-            if type(rank) is not int or type(seq) is not int or rank < 0 or seq < 0:
-                raise ValueError(f"bad stream position {[wid, rank, seq]!r}")
+            if type(rank) is not int or type(seq) is not int or rank < 0 or seq < 0 or len(rest) > 1 \
+                    or type(complete) is not bool:
+                raise ValueError(f"bad stream position {entry!r}")
             out[(wid, rank)] = seq
+            if not complete:
+                gaps.add((wid, rank))
+        if incomplete is not None:
+            incomplete |= gaps
         return out
     except FileNotFoundError:
         return {}

@@ -19,14 +19,12 @@ import msgpack
 import numpy as np
 
 from ..router import Role, Router
+from .decode import MAX_TOKENS, unpack_request
 from .errors import BadRequestError, UnknownOpError, wire_name
 from .health import HealthMonitor, health_doc
 from .metrics import Metrics
 
 log = logging.getLogger("kvroute.sidecar")
-
-#: Largest prompt accepted in one request (tokens).
-MAX_TOKENS = 1 << 21
 
 
 def _need(req: dict, key: str, types: tuple[type, ...] | type, *, optional: bool = False) -> Any:
@@ -87,18 +85,13 @@ class Service:
         }
 
     # ------------------------------------------------------------------ entry
-    def handle(self, payload: bytes) -> bytes:
-        """One request payload -> one reply payload.  Never raises."""
+    def handle(self, payload: bytes | memoryview) -> bytes:
+        """One request payload (bytes, or a memoryview of a big message) -> one reply payload.  Never raises."""
         t0 = self._clock()
         rid = None
         op = "?"
         try:
-            try:
-                req = msgpack.unpackb(payload, raw=False, strict_map_key=False, use_list=True,
-                                      max_bin_len=4 * MAX_TOKENS, max_array_len=MAX_TOKENS, max_str_len=1 << 20,
-                                      max_map_len=64)
-            except Exception as exc:
-                raise BadRequestError(f"not valid msgpack: {exc}") from None
+            req = unpack_request(payload)  # big int arrays: numpy arrays decoded without the GIL
             if not isinstance(req, dict):
                 raise BadRequestError("a request is a msgpack map")
             rid = req.get("id")
@@ -140,12 +133,14 @@ class Service:
             raise BadRequestError("give exactly one of 'token_ids' or 'hashes'")
         r = self.router
         if toks is not None:
-            if isinstance(toks, (bytes, bytearray)):
+            if isinstance(toks, (bytes, bytearray, memoryview)):  # memoryview: a big request's bytes, not copied
                 if len(toks) % 4:
                     raise BadRequestError("'token_ids' as bytes must be uint32 little-endian (length % 4 == 0)")
                 if len(toks) > 4 * MAX_TOKENS:
                     raise BadRequestError(f"prompt of {len(toks) // 4} tokens; at most {MAX_TOKENS} per request")
                 arr = np.frombuffer(toks, dtype="<u4")
+            elif isinstance(toks, np.ndarray):  # a big int array, checked by the decoder (uint32)
+                arr = toks
             elif isinstance(toks, list):
                 if bool in set(map(type, toks)):  # msgpack true/false would hash as tokens 1/0
                     raise BadRequestError("'token_ids' must be ints, not booleans")
@@ -156,14 +151,16 @@ class Service:
                 raise BadRequestError("empty prompt: 'token_ids' has no tokens")
             d = r.route(arr, request_id=rid, lora_name=lora, cache_salt=salt)
         else:
-            if not isinstance(hashes, list) or not all(isinstance(h, int) and not isinstance(h, bool) and 0 <= h < 1 << 64 for h in hashes):
+            if isinstance(hashes, np.ndarray):  # a big array, checked by the decoder (uint64)
+                pass
+            elif not isinstance(hashes, list) or not all(isinstance(h, int) and not isinstance(h, bool) and 0 <= h < 1 << 64 for h in hashes):
                 raise BadRequestError("'hashes' must be a list of unsigned 64-bit ints")
             n = _need(req, "num_tokens", int)
             if not 0 <= n <= MAX_TOKENS:
                 raise BadRequestError(f"'num_tokens' must lie in [0, {MAX_TOKENS}], got {n}")
             if len(hashes) * r.block_size > MAX_TOKENS:
                 raise BadRequestError(f"{len(hashes)} block hashes are more than {MAX_TOKENS} tokens")
-            if not hashes and not n:
+            if not len(hashes) and not n:
                 raise BadRequestError("empty prompt: no 'hashes' and 'num_tokens' 0")
             d = r.route_hashes(hashes, num_tokens=n, request_id=rid)
         if self.metrics is not None:

@@ -262,6 +262,49 @@ static bool u64s(py::handle obj, std::vector<uint64_t>& out, bool allow_bytes, b
     return true;
 }
 
+// ------------------------------------------------------------- msgpack int arrays
+// The items of a msgpack array of unsigned ints (any int format; signed formats with a value >= 0),
+// as read by the sidecar for a big request's token ids or hashes (kvroute/sidecar/decode.py).  Stops
+// at the first item it cannot take: returns its index (count when all were taken) and the reason:
+// 0 none, 1 boolean, 2 negative, 3 above max_value, 4 not an int, 5 truncated.
+enum { U_OK = 0, U_BOOL, U_NEG, U_BIG, U_TYPE, U_TRUNC };
+
+template <class T>
+static size_t unpack_uints(const uint8_t* p, size_t len, size_t& pos, size_t count, uint64_t max_value, T* out, int& why) {
+    auto be = [&](size_t nbytes, uint64_t& v) {
+        if (len - pos < nbytes) return false;
+        v = 0;
+        for (size_t k = 0; k < nbytes; k++) v = v << 8 | p[pos + k];
+        pos += nbytes;
+        return true;
+    };
+    why = U_OK;
+    for (size_t i = 0; i < count; i++) {
+        if (pos >= len) { why = U_TRUNC; return i; }
+        size_t at = pos;
+        uint8_t t = p[pos++];
+        uint64_t v;
+        bool neg = false;
+        if (t <= 0x7f) v = t;
+        else if (t >= 0xe0) neg = true;
+        else if (t >= 0xcc && t <= 0xcf) {
+            if (!be((size_t)1 << (t - 0xcc), v)) { why = U_TRUNC; pos = at; return i; }
+        } else if (t >= 0xd0 && t <= 0xd3) {
+            size_t nb = (size_t)1 << (t - 0xd0);
+            if (!be(nb, v)) { why = U_TRUNC; pos = at; return i; }
+            neg = nb < 8 ? (v >> (8 * nb - 1)) & 1 : (v >> 63) & 1;
+        } else {
+            why = (t == 0xc2 || t == 0xc3) ? U_BOOL : U_TYPE;
+            pos = at;
+            return i;
+        }
+        if (neg) { why = U_NEG; pos = at; return i; }
+        if (v > max_value) { why = U_BIG; pos = at; return i; }
+        out[i] = (T)v;
+    }
+    return count;
+}
+
 // ------------------------------------------------------------------------- Index
 struct Index {
     KVCore core;
@@ -371,7 +414,6 @@ struct RouterCore {
     Weights w;
     std::vector<Row> rows;
     std::vector<uint32_t> pool_r, pool_i;  // prefill pool in order: router slot, index slot
-    std::vector<uint64_t> last;            // hashes of the last route (for a deferred pending add)
     std::mutex mu;
     // scratch
     std::vector<Overlap> ov;
@@ -425,10 +467,44 @@ PYBIND11_MODULE(_kvcore, m) {
         return std::move(a);
     });
 
+    // (array, end, taken, reason): `count` msgpack ints read from data[offset:] into a uint32 (bits 32) or
+    // uint64 (bits 64) array, the GIL released; `taken` < count when item `taken` could not be read
+    // (reason as unpack_uints; the array then holds the items before it), `end` the offset after the last
+    // item read.
+    m.def("unpack_uint_array", [](py::buffer data, size_t offset, size_t count, int bits) {
+        if (bits != 32 && bits != 64) raise(PyExc_ValueError, "bits must be 32 or 64");
+        py::buffer_info info = data.request();
+        size_t len = (size_t)(info.size * info.itemsize);
+        if (offset > len) raise(PyExc_ValueError, "offset beyond the data");
+        const uint8_t* p = static_cast<const uint8_t*>(info.ptr);
+        if (count > len - offset) count = len - offset + 1;  // each item takes a byte at least: cap the allocation
+        size_t pos = offset, taken;
+        int why;
+        py::array out = bits == 32 ? py::array(py::array_t<uint32_t>(count)) : py::array(py::array_t<uint64_t>(count));
+        void* dst = out.mutable_data();
+        {
+            py::gil_scoped_release nogil;
+            taken = bits == 32 ? unpack_uints(p, len, pos, count, 0xFFFFFFFFULL, static_cast<uint32_t*>(dst), why)
+                               : unpack_uints(p, len, pos, count, ~0ULL, static_cast<uint64_t*>(dst), why);
+        }
+        return py::make_tuple(out, pos, taken, why);
+    }, py::arg("data"), py::arg("offset"), py::arg("count"), py::arg("bits"));
+
     py::class_<Hashes>(m, "Hashes")
         .def("__len__", [](const Hashes& h) { return h.h.size(); })
         .def_readonly("num_tokens", &Hashes::ntok)
         .def("tolist", [](const Hashes& h) { return to_list(h.h); });
+    // A chain of content hashes (list, tuple or uint64 array) as a Hashes object (num_tokens 0).
+    m.def("as_hashes", [](py::handle hashes) {
+        auto* h = new Hashes();
+        try {
+            u64s(hashes, h->h, false, false);
+        } catch (...) {
+            delete h;
+            throw;
+        }
+        return py::cast(h, py::return_value_policy::take_ownership);
+    });
     m.def("hash_prompt", [](py::handle tokens, size_t bs, py::handle extras, uint64_t seed) -> py::object {
         auto* h = new Hashes();
         try {
@@ -782,9 +858,10 @@ PYBIND11_MODULE(_kvcore, m) {
             Guard g(r.mu);
             r.pending.add(slot, hs.data(), hs.size(), now);
         })
-        .def("pending_add_last", [](RouterCore& r, uint32_t slot, double now) {
+        // The chain in a Hashes object, hs[start:stop] (Pending::add_range: returns where to continue).
+        .def("pending_add_range", [](RouterCore& r, uint32_t slot, const Hashes& H, size_t start, size_t stop, double now) {
             Guard g(r.mu);
-            r.pending.add(slot, r.last.data(), r.last.size(), now);
+            return r.pending.add_range(slot, H.h.data(), H.h.size(), start, stop, now);
         })
         .def("pending_match", [](RouterCore& r, py::handle hashes, double now) {
             std::vector<uint64_t> hs;
@@ -804,7 +881,10 @@ PYBIND11_MODULE(_kvcore, m) {
         // arithmetic in the same order).  Returns (tied, reason, costs): tied = [(pool position, total, gpu,
         // host, disk, pending)] (several when the Python side must break the tie with its seeded rng; the
         // pending add is then left to it), reason 0 cold / 1 best cached / 2 load outweighs cache / 3 relief.
-        .def("route", [](RouterCore& r, const Hashes& H, double now_expire, double now_pending) {
+        // add_limit: the pending add (when the core makes it) covers blocks [0, add_limit) only; the
+        // caller continues with pending_add_range from the returned pend_at (the router's lock released
+        // between chunks).
+        .def("route", [](RouterCore& r, const Hashes& H, double now_expire, double now_pending, size_t add_limit) {
             Guard g(r.mu);
             const std::vector<uint64_t>& hs = H.h;
             size_t nb = hs.size();
@@ -928,12 +1008,12 @@ PYBIND11_MODULE(_kvcore, m) {
             }
             PyObject* cl = PyList_New((Py_ssize_t)np);
             for (size_t j = 0; j < np; j++) PyList_SET_ITEM(cl, j, PyFloat_FromDouble((*vals)[j]));
+            size_t pend_at = nb;  // where the caller continues the pending add (nb: nothing left to add)
             if (tied.size() == 1) {
                 const Cand& c = cands[tied[0]];
-                if (nb && c.gpu + c.host + c.disk < (int64_t)nb) r.pending.add(r.pool_r[tied[0]], hs.data(), nb, now_pending);
-            } else {
-                r.last = hs;
+                if (nb && c.gpu + c.host + c.disk < (int64_t)nb)
+                    pend_at = r.pending.add_range(r.pool_r[tied[0]], hs.data(), nb, 0, add_limit, now_pending);
             }
-            return py::make_tuple(tl, reason, py::reinterpret_steal<py::list>(cl), best, ntok);
+            return py::make_tuple(tl, reason, py::reinterpret_steal<py::list>(cl), best, ntok, pend_at);
         });
 }

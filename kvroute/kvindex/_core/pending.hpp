@@ -1,6 +1,7 @@
 // Speculative prefixes of the compiled core: the same two-generation table as the Python
 // reference kvroute.router.pending.PendingPrefixes (see its docstring), on open addressing:
-// each generation maps a content hash to a record of W words, one bit per router slot.
+// each generation maps a content hash to a record of W words, one bit per router slot
+// (in SHARDS tables, see Generation).
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -11,19 +12,44 @@
 
 namespace kvcore {
 
-struct Generation {
-    AliasMap map;                // content hash -> record index
-    std::vector<uint64_t> words; // records of W words
-    int64_t pairs = 0;           // set (block, slot) bits
+// A generation is split in SHARDS tables by the hash's low bits, each growing on its own: growing
+// one rehashes 1/SHARDS of the entries, so no insert stalls for the whole table (a table of millions
+// of entries took tens of ms to rehash, under the router's lock; issue 17).
+constexpr size_t SHARDS = 256;
 
+struct Generation {
+    AliasMap map[SHARDS];                 // content hash -> record index in its shard
+    std::vector<uint64_t> words[SHARDS];  // records of W words, per shard
+    int64_t pairs = 0;                    // set (block, slot) bits
+
+    static size_t shard(uint64_t h) { return (size_t)(h & (SHARDS - 1)); }
     void reset() {
-        map.clear();
-        std::vector<uint64_t>().swap(words);
+        for (size_t k = 0; k < SHARDS; k++) {
+            map[k].clear();
+            std::vector<uint64_t>().swap(words[k]);
+        }
         pairs = 0;
     }
+    size_t keys() const {
+        size_t n = 0;
+        for (size_t k = 0; k < SHARDS; k++) n += map[k].size;
+        return n;
+    }
     const uint64_t* get(uint64_t h, size_t W) const {
-        uint32_t r = map.get(h);
-        return r == EMPTY ? nullptr : &words[(size_t)r * W];
+        size_t k = shard(h);
+        uint32_t r = map[k].get(h);
+        return r == EMPTY ? nullptr : &words[k][(size_t)r * W];
+    }
+    // h's record, added (all zero) when absent
+    uint64_t* record(uint64_t h, size_t W) {
+        size_t k = shard(h);
+        uint32_t r = map[k].get(h);
+        if (r == EMPTY) {
+            r = (uint32_t)(words[k].size() / W);
+            words[k].resize(words[k].size() + W, 0);
+            map[k].put(h, r);
+        }
+        return &words[k][(size_t)r * W];
     }
 };
 
@@ -58,11 +84,13 @@ class Pending {
         size_t need = (size_t)s / 64 + 1;
         if (need <= W) return;
         for (Generation* g : {&cur, &prev}) {
-            size_t nrec = g->words.size() / W;
-            std::vector<uint64_t> nw(nrec * need, 0);
-            for (size_t r = 0; r < nrec; r++)
-                for (size_t wi = 0; wi < W; wi++) nw[r * need + wi] = g->words[r * W + wi];
-            g->words.swap(nw);
+            for (auto& words : g->words) {
+                size_t nrec = words.size() / W;
+                std::vector<uint64_t> nw(nrec * need, 0);
+                for (size_t r = 0; r < nrec; r++)
+                    for (size_t wi = 0; wi < W; wi++) nw[r * need + wi] = words[r * W + wi];
+                words.swap(nw);
+            }
         }
         W = need;
     }
@@ -82,30 +110,38 @@ class Pending {
         epoch = e;
     }
 
-    void add(uint32_t s, const uint64_t* hs, size_t n, double now) {
-        if (!n || ttl == 0) return;
+    // Add hs[start:stop] of the chain hs[0:n] for slot s, continuing earlier calls that added
+    // hs[0:start]: returns where the next call continues (stop, or n when start is 0 and the whole
+    // chain is already pending), or 0 without adding anything when hs[start - 1] is no longer in the
+    // current generation for s (rotated out or forgotten): the caller restarts from 0, so every
+    // generation stays prefix-closed per slot, which walk() relies on.  add() is one call over [0, n).
+    size_t add_range(uint32_t s, const uint64_t* hs, size_t n, size_t start, size_t stop, double now) {
+        if (!n || ttl == 0) return n;
         expire(now);
         ensure_slot(s);
         size_t wi = s >> 6;
         uint64_t bit = 1ULL << (s & 63);
-        const uint64_t* last = cur.get(hs[n - 1], W);
-        if (last && (last[wi] & bit)) return;  // the whole chain is already pending (chained hashes)
+        if (start == 0) {
+            const uint64_t* last = cur.get(hs[n - 1], W);
+            if (last && (last[wi] & bit)) return n;  // the whole chain is already pending (chained hashes)
+        } else {
+            const uint64_t* prev_block = cur.get(hs[start - 1], W);
+            if (!prev_block || !(prev_block[wi] & bit)) return 0;
+        }
+        if (stop > n) stop = n;
         int64_t added = 0;
-        for (size_t i = 0; i < n; i++) {
-            uint32_t r = cur.map.get(hs[i]);
-            if (r == EMPTY) {
-                r = (uint32_t)(cur.words.size() / W);
-                cur.words.resize(cur.words.size() + W, 0);
-                cur.map.put(hs[i], r);
-            }
-            uint64_t& w = cur.words[(size_t)r * W + wi];
+        for (size_t i = start; i < stop; i++) {
+            uint64_t& w = cur.record(hs[i], W)[wi];
             if (!(w & bit)) {
                 w |= bit;
                 added++;
             }
         }
         cur.pairs += added;
+        return stop;
     }
+
+    void add(uint32_t s, const uint64_t* hs, size_t n, double now) { add_range(s, hs, n, 0, n, now); }
 
     void forget(uint32_t s) {
         size_t wi = s >> 6;
@@ -113,20 +149,23 @@ class Pending {
         uint64_t bit = 1ULL << (s & 63);
         for (Generation* g : {&cur, &prev}) {
             // drop the slot's bit; records left empty are unlinked from the map
-            std::vector<uint64_t> dead;
-            for (size_t i = 0; i < g->map.s.size(); i++) {
-                uint32_t r = g->map.s[i].val;
-                if (r == EMPTY) continue;
-                uint64_t* m = &g->words[(size_t)r * W];
-                if (!(m[wi] & bit)) continue;
-                m[wi] &= ~bit;
-                g->pairs--;
-                bool empty = true;
-                for (size_t j = 0; j < W; j++)
-                    if (m[j]) empty = false;
-                if (empty) dead.push_back(g->map.s[i].key);
+            for (size_t k = 0; k < SHARDS; k++) {
+                AliasMap& map = g->map[k];
+                std::vector<uint64_t> dead;
+                for (size_t i = 0; i < map.s.size(); i++) {
+                    uint32_t r = map.s[i].val;
+                    if (r == EMPTY) continue;
+                    uint64_t* m = &g->words[k][(size_t)r * W];
+                    if (!(m[wi] & bit)) continue;
+                    m[wi] &= ~bit;
+                    g->pairs--;
+                    bool empty = true;
+                    for (size_t j = 0; j < W; j++)
+                        if (m[j]) empty = false;
+                    if (empty) dead.push_back(map.s[i].key);
+                }
+                for (uint64_t h : dead) map.erase(h);
             }
-            for (uint64_t h : dead) g->map.erase(h);
         }
     }
 
@@ -187,7 +226,7 @@ class Pending {
         if (!n) return;
         expire(now);
         walk(cur, hs, n, out);
-        if (prev.pairs || prev.map.size) {
+        if (prev.pairs || prev.keys()) {
             std::vector<std::pair<uint32_t, int64_t>> p;
             walk(prev, hs, n, p);
             for (auto& sd : p) {
@@ -206,16 +245,20 @@ class Pending {
     std::string check() const {
         for (const Generation* g : {&cur, &prev}) {
             int64_t n = 0;
-            for (size_t i = 0; i < g->map.s.size(); i++) {
-                uint32_t r = g->map.s[i].val;
-                if (r == EMPTY) continue;
-                bool any = false;
-                for (size_t wi = 0; wi < W; wi++) {
-                    uint64_t x = g->words[(size_t)r * W + wi];
-                    n += __builtin_popcountll(x);
-                    if (x) any = true;
+            for (size_t k = 0; k < SHARDS; k++) {
+                const AliasMap& map = g->map[k];
+                for (size_t i = 0; i < map.s.size(); i++) {
+                    uint32_t r = map.s[i].val;
+                    if (r == EMPTY) continue;
+                    if (Generation::shard(map.s[i].key) != k) return "pending entry in the wrong shard";
+                    bool any = false;
+                    for (size_t wi = 0; wi < W; wi++) {
+                        uint64_t x = g->words[k][(size_t)r * W + wi];
+                        n += __builtin_popcountll(x);
+                        if (x) any = true;
+                    }
+                    if (!any) return "empty pending mask kept";
                 }
-                if (!any) return "empty pending mask kept";
             }
             if (n != g->pairs) return "pending pair counter drifted";
         }
