@@ -225,3 +225,43 @@ def test_prompt_longer_than_max_prompt_tokens(backend):
     assert r.in_flight() == 1
     with pytest.raises(ValueError):
         Router(["a"], BS, max_prompt_tokens=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_dropped_generation_is_freed_after_the_lock_is_released(backend):
+    """Freeing a generation of millions of pending entries took ~17 ms (2.6M entries, compiled core)
+    inside ``expire``, under the router's lock, every ``pending_ttl_s``: the rest of the sidecar's
+    clients waited.  ``expire`` now keeps the dropped storage; the router frees it with ``reap`` once
+    its lock is released."""
+    clk = Clock()
+    r = make(backend, clk, pending_ttl_s=1.0)
+    pend = r._pending
+    for k in range(3):
+        r.route(prompt(20, seed=k), request_id=f"fill{k}")
+        r.finish(f"fill{k}")
+    held = len(pend)
+    assert held > 0
+    # two epochs on: both generations drop at the next expire; held until reap
+    clk.t += 2.0
+    with r.lock:
+        pend.expire(clk())
+        assert len(pend) == 0 and pend.dead_len() == held
+    assert pend.reap() >= 1 and pend.dead_len() == 0
+    # through the router: the reap runs with the lock free, after a decision that dropped a generation
+    r.route(prompt(20, seed=7), request_id="x")
+    r.finish("x")
+    calls = []
+    real_reap = pend.reap
+
+    def spy() -> int:
+        calls.append((pend.dead_len(), lock_is_free(r.lock)))
+        return real_reap()
+
+    pend.reap = spy  # type: ignore[method-assign]
+    clk.t += 1.0  # one epoch: "x"'s chain moves to the old generation; the one before is dropped
+    r.route(prompt(20, seed=8), request_id="y")
+    clk.t += 1.0  # "x"'s generation is dropped by this decision
+    r.route(prompt(20, seed=9), request_id="z")
+    assert any(n > 0 for n, _ in calls) and all(free for _, free in calls)
+    assert pend.dead_len() == 0
+    pend.check_invariants() if hasattr(pend, "check_invariants") else None

@@ -70,6 +70,14 @@ class NativePending:
     def expire(self, now: float | None = None) -> None:
         self._rc.pending_expire(self._clock() if now is None else now)
 
+    def reap(self) -> int:
+        """Free the generations :meth:`expire` dropped (call it without the router's lock held)."""
+        return self._rc.pending_reap()
+
+    def dead_len(self) -> int:
+        """Entries of dropped generations not freed yet."""
+        return self._rc.pending_dead_len()
+
     def add(self, slot: int, hashes: Any) -> None:
         if not len(hashes) or self.ttl_s == 0:
             return

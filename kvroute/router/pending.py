@@ -45,6 +45,8 @@ class PendingPrefixes:
         self._n_cur = 0
         self._n_prev = 0
         self._epoch = int(clock() // ttl_s) if ttl_s > 0 else 0
+        #: Generations dropped by expire(), freed by reap() outside the router's lock.
+        self._dead: list[dict[int, int]] = []
 
     def __len__(self) -> int:
         """Number of (block, worker) pending entries, summed over the two generations (a pair
@@ -60,12 +62,35 @@ class PendingPrefixes:
         epoch = int(now // self.ttl_s)
         if epoch == self._epoch:
             return
+        # a dropped generation is kept until reap(): freeing a dict of millions of entries takes tens of
+        # ms, which would be spent under the router's lock (issue 17, item 9); at most two wait
         if epoch == self._epoch + 1:
+            self._bury(self._prev)
             self._prev, self._n_prev = self._cur, self._n_cur
         else:  # two or more epochs passed (or the clock went back): everything is old
+            self._bury(self._prev)
+            self._bury(self._cur)
             self._prev, self._n_prev = {}, 0
         self._cur, self._n_cur = {}, 0
         self._epoch = epoch
+
+    def _bury(self, gen: dict[int, int]) -> None:
+        if gen:
+            self._dead.append(gen)
+            if len(self._dead) > 2:
+                del self._dead[0]  # reap() was not called: the oldest is freed here
+
+    def reap(self) -> int:
+        """Free the generations :meth:`expire` dropped; the router calls it with its lock released.
+        Returns how many were freed."""
+        dead, self._dead = self._dead, []
+        n = len(dead)
+        del dead
+        return n
+
+    def dead_len(self) -> int:
+        """Entries of dropped generations not freed yet."""
+        return sum(len(g) for g in self._dead)
 
     def add(self, slot: int, hashes: Sequence[int]) -> None:
         """Mark a routed prompt's chain as pending on the worker in ``slot``."""

@@ -503,6 +503,7 @@ class Router:
                 decode_costs=decode_costs,
                 hints=hints,
             )
+        self._pending.reap()
         if pend_at < nb or approx_at < nb:
             self._add_chain_rest(ps, slot, hs, chain, pend_at, approx_at)
         return d
@@ -557,6 +558,7 @@ class Router:
                 decode_costs=decode_costs,
                 hints=hints,
             )
+        self._pending.reap()
         if pend_at < nb:
             self._add_chain_rest(ps, self._slot[ps.id], h, h, pend_at, nb)
         return d
@@ -580,6 +582,7 @@ class Router:
         chunk = CHAIN_CHUNK_BLOCKS
         restarts = 0
         while pend_at < n or approx_at < n:
+            self._pending.reap()  # a generation dropped during the last turn is freed outside the lock
             self.between_chunks()
             with self.lock:
                 if self._states.get(ps.id) is not ps or self._slot.get(ps.id) != slot:
@@ -807,6 +810,7 @@ class Router:
             slot = self._slot[worker]
             chain = self._pending.chain(hs) if n > CHAIN_CHUNK_BLOCKS else hs
             at = self._pending.add_range(slot, chain, 0, CHAIN_CHUNK_BLOCKS)
+        self._pending.reap()
         if at < n:
             self._add_chain_rest(ps, slot, hs, chain, at, n)
 

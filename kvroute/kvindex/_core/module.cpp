@@ -14,6 +14,7 @@
 #include <pybind11/stl.h>
 
 #include <cmath>
+#include <memory>
 #include <mutex>
 #if defined(__GLIBC__)
 #include <malloc.h>
@@ -873,6 +874,22 @@ PYBIND11_MODULE(_kvcore, m) {
             return d;
         })
         .def("pending_expire", [](RouterCore& r, double now) { Guard g(r.mu); r.pending.expire(now); })
+        .def("pending_dead_len", [](RouterCore& r) { Guard g(r.mu); return r.pending.dead_keys(); })
+        // Frees the generations expire() dropped: taken under the core's mutex (pointer swaps), freed
+        // after it and without the GIL.  The router calls it with its own lock released.
+        .def("pending_reap", [](RouterCore& r) {
+            auto out = std::make_unique<Generation[]>(2);
+            int n;
+            {
+                Guard g(r.mu);
+                n = r.pending.take_dead(out.get());
+            }
+            if (n) {
+                py::gil_scoped_release nogil;
+                out.reset();
+            }
+            return n;
+        })
         .def("pending_forget", [](RouterCore& r, uint32_t slot) { Guard g(r.mu); r.pending.forget(slot); })
         .def("pending_len", [](RouterCore& r) { Guard g(r.mu); return r.pending.size(); })
         .def("pending_check", [](RouterCore& r) { Guard g(r.mu); return r.pending.check(); })

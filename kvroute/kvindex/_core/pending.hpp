@@ -96,18 +96,57 @@ class Pending {
     }
     int64_t size() const { return cur.pairs + prev.pairs; }
 
+    // Dropped generations keep their storage here until reap(): freeing a generation of millions of
+    // entries takes tens of ms (munmap), which expire() would spend under the router's lock (issue 17,
+    // item 9).  At most two wait; a third drop frees the oldest in place (reap() was not called).
+    Generation dead[2];
+    int n_dead = 0;
+
     void expire(double now) {
         if (ttl == 0) return;
         int64_t e = (int64_t)py_floordiv(now, ttl);
         if (e == epoch) return;
         if (e == epoch + 1) {
             std::swap(prev, cur);
-            cur.reset();
+            bury(cur);
         } else {
-            prev.reset();
-            cur.reset();
+            bury(prev);
+            bury(cur);
         }
         epoch = e;
+    }
+    // g's storage moves to dead[] (a pointer swap per shard); g is left empty.
+    void bury(Generation& g) {
+        if (!g.pairs && !g.keys()) return;
+        if (n_dead == 2) {
+            dead[0].reset();
+            swap_storage(dead[0], dead[1]);
+            n_dead = 1;
+        }
+        swap_storage(dead[n_dead], g);  // dead[n_dead] is empty: g becomes empty
+        n_dead++;
+    }
+    static void swap_storage(Generation& a, Generation& b) {
+        for (size_t k = 0; k < SHARDS; k++) {
+            std::swap(a.map[k].s, b.map[k].s);
+            std::swap(a.map[k].size, b.map[k].size);
+            a.words[k].swap(b.words[k]);
+        }
+        std::swap(a.pairs, b.pairs);
+    }
+    // Entries held by dropped generations that reap() has not freed yet.
+    size_t dead_keys() const {
+        size_t n = 0;
+        for (int i = 0; i < n_dead; i++) n += dead[i].keys();
+        return n;
+    }
+    // Hands the dropped generations' storage to `out` (two empty generations); the caller frees them,
+    // outside the lock.  Returns how many were handed over.
+    int take_dead(Generation* out) {
+        int n = n_dead;
+        for (int i = 0; i < n; i++) swap_storage(out[i], dead[i]);
+        n_dead = 0;
+        return n;
     }
 
     // Add hs[start:stop] of the chain hs[0:n] for slot s, continuing earlier calls that added
