@@ -254,7 +254,7 @@ def replica_row(args, ctx, tmp: str, snap: str, qbytes, n_entries: int, R: int, 
             cfg_path = os.path.join(tmp, f"r{R}-{k}.json")
             with open(cfg_path, "w") as f:
                 json.dump(cfg, f)
-            proc, ready = start_server(cfg_path)
+            proc, ready = start_server(cfg_path, dict(os.environ))
             procs.append(proc)
             assert ready["restored"] and ready["index_entries"] == n_entries, ready
             gens.append(Gen(ctx, ready["address"]))
