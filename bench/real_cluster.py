@@ -323,7 +323,7 @@ def fit_cost(engines: list[ServeProcess], model_dir: str, gpu_blocks: int) -> tu
     a = max(a, 1e-9)
     f_eff = 2 * P / a
     d_eff = max(1.0, b * f_eff / (2 * L))
-    # decode: one step per token after the first, at batch 1 and 4 and contexts of 64 and 4,000 tokens (the
+    # decode: one step per token after the first, at batch 1 and 4 and contexts of 64 and 4,096 tokens (the
     # prompts prefilled first, so the streams decode over a cached context); median over the streams of both
     # engines and two rounds; fit step = o_d + c b + k (b ctx) by least squares
     grid = []
@@ -346,7 +346,7 @@ def fit_cost(engines: list[ServeProcess], model_dir: str, gpu_blocks: int) -> tu
                                                            for e in engines for x in bodies)))
                 per += [(r["e2e"] - r["ttft"]) / 32 for r in asyncio.run(run())]
             grid.append((batch, ctx, statistics.median(per)))
-    A = np.array([[1.0, b, b * ctx] for b, ctx, _ in grid])
+    A = np.array([[1.0, nb, nb * ctx] for nb, ctx, _ in grid])
     od, c, k = (max(0.0, float(x)) for x in np.linalg.lstsq(A, np.array([t for _, _, t in grid]), rcond=None)[0])
     c = max(c, 1e-6)
     base = CostModel()
@@ -359,7 +359,7 @@ def fit_cost(engines: list[ServeProcess], model_dir: str, gpu_blocks: int) -> tu
     })
     fit = {"params": P, "prefill_overhead_s": float(o), "prefill_s_per_token": float(a), "prefill_s_per_token2": float(b),
            "f_eff_flops": f_eff, "d_model_eff": d_eff, "decode_overhead_s": od, "decode_s_per_sequence": c,
-           "decode_s_per_context_token": k, "decode_samples": [[b, ctx, round(t, 5)] for b, ctx, t in grid],
+           "decode_s_per_context_token": k, "decode_samples": [[nb, ctx, round(t, 5)] for nb, ctx, t in grid],
            "samples": list(zip(ns, [round(t, 4) for t in ts])),
            "prefill_8192_s_extrapolated": float(o + a * 8192 + b * 8192 * 8192),
            "prefill_8192_s_measured": t8192}

@@ -25,7 +25,7 @@ Formulas (``tp`` GPUs per worker share compute, HBM and PCIe evenly)::
 decode is bound by reading the weights and the batch's KV from HBM.  ``k``
 (``decode_ctx_token_s``, 0 for the GPU presets) is a measured cost per context
 token of each decode step, for engines whose decode attention is neither of
-those bounds (vLLM's CPU paged attention: about 0.2 us per token of context on
+those bounds (vLLM's CPU paged attention: 0.26-0.36 us per token of context on
 one core, ``bench/real_cluster.py`` fits it).
 """
 from __future__ import annotations
