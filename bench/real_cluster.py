@@ -425,11 +425,12 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--policies", default="kvroute,dynamo,round_robin,least_loaded")
     ap.add_argument("--max-batched-tokens", type=int, default=4096)
-    ap.add_argument("--engine-processes", choices=("one", "vllm"), default="one",
-                    help="one: each engine runs in one process (VLLM_ENABLE_V1_MULTIPROCESSING=0, uni executor); "
-                         "vllm: vLLM's default API server + engine core + worker processes, whose idle worker "
-                         "busy-polls its queue for 1 s after every step (on a few shared cores it competes with "
-                         "the other engines' compute).")
+    ap.add_argument("--engine-processes", choices=("core", "vllm"), default="core",
+                    help="core: the model runs inside each engine's engine-core process (the uni executor, which "
+                         "vLLM's CPU platform keeps only with VLLM_ENABLE_V1_MULTIPROCESSING=0): an API server and "
+                         "an engine core per engine; vllm: vLLM's default API server + engine core + worker, whose "
+                         "idle worker busy-polls its queue for 1 s after every step (on a few shared cores it "
+                         "competes with the other engines' compute).")
     ap.add_argument("--dump", default=None, help="Write per-request records (real and simulated) to this .jsonl file.")
     args = ap.parse_args()
 
@@ -448,7 +449,7 @@ def main() -> int:
     extra = ["--num-gpu-blocks-override", str(args.gpu_blocks), "--max-num-batched-tokens", str(args.max_batched_tokens),
              "--max-num-seqs", "64", "--enforce-eager"]
     env = {"VLLM_SERVER_DEV_MODE": "1"}
-    if args.engine_processes == "one":
+    if args.engine_processes == "core":
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         extra += ["--distributed-executor-backend", "uni"]
     engines = [ServeProcess(py, model, port=free_port(), events_port=free_port(), replay_port=free_port(),
