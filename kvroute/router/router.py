@@ -482,27 +482,8 @@ class Router:
                 for o in self._observers:
                     o.on_route(rec)
             self.policy.on_routed(req, fleet, chosen)
-            cached = chosen.total * bs
-            self.decisions += 1
-            self.predicted_cached_tokens_total += cached
-            self.prompt_tokens_total += num_tokens
-            d = Decision(
-                request_id=request_id,
-                worker=ps.id,
-                predicted_cached_tokens=cached,
-                predicted_gpu_tokens=(chosen.gpu + chosen.pending) * bs,
-                predicted_host_tokens=chosen.host * bs,
-                predicted_disk_tokens=chosen.disk * bs,
-                predicted_pending_tokens=chosen.pending * bs,
-                costs=choice.costs,
-                reason=choice.reason,
-                policy=self.policy.name,
-                num_tokens=num_tokens,
-                prefill_worker=ps.id if self._disaggregated else None,
-                decode_worker=ds.id if self._disaggregated else None,
-                decode_costs=decode_costs,
-                hints=hints,
-            )
+            d = self._decided(request_id, ps, ds, num_tokens, chosen.total, chosen.gpu, chosen.host, chosen.disk,
+                              chosen.pending, choice.costs, choice.reason, decode_costs, hints)
         self._pending.reap()
         if pend_at < nb or approx_at < nb:
             self._add_chain_rest(ps, slot, hs, chain, pend_at, approx_at)
@@ -537,31 +518,40 @@ class Router:
                 ds = ps
             uncached = max(0, num_tokens - total * bs)
             self._commit(request_id, ps, ds, uncached, nb, now)
-            cached = total * bs
-            self.decisions += 1
-            self.predicted_cached_tokens_total += cached
-            self.prompt_tokens_total += num_tokens
-            d = Decision(
-                request_id=request_id,
-                worker=ps.id,
-                predicted_cached_tokens=cached,
-                predicted_gpu_tokens=(gpu + pend) * bs,
-                predicted_host_tokens=host * bs,
-                predicted_disk_tokens=disk * bs,
-                predicted_pending_tokens=pend * bs,
-                costs=dict(zip(self._pool_ids, costs)),
-                reason=_native.REASONS[reason],
-                policy=self.policy.name,
-                num_tokens=num_tokens,
-                prefill_worker=ps.id if self._disaggregated else None,
-                decode_worker=ds.id if self._disaggregated else None,
-                decode_costs=decode_costs,
-                hints=hints,
-            )
+            d = self._decided(request_id, ps, ds, num_tokens, total, gpu, host, disk, pend,
+                              dict(zip(self._pool_ids, costs)), _native.REASONS[reason], decode_costs, hints)
         self._pending.reap()
         if pend_at < nb:
             self._add_chain_rest(ps, self._slot[ps.id], h, h, pend_at, nb)
         return d
+
+    def _decided(self, request_id: Any, ps: WorkerState, ds: WorkerState, num_tokens: int, total: int, gpu: int,
+                 host: int, disk: int, pend: int, costs: dict[Any, float], reason: str,
+                 decode_costs: dict[Any, float], hints: RouteHints | None) -> Decision:
+        """Under the lock, after the commit: count the decision and describe it (blocks -> tokens).
+        Shared by the Python and the compiled decision paths."""
+        bs = self.block_size
+        cached = total * bs
+        self.decisions += 1
+        self.predicted_cached_tokens_total += cached
+        self.prompt_tokens_total += num_tokens
+        return Decision(
+            request_id=request_id,
+            worker=ps.id,
+            predicted_cached_tokens=cached,
+            predicted_gpu_tokens=(gpu + pend) * bs,
+            predicted_host_tokens=host * bs,
+            predicted_disk_tokens=disk * bs,
+            predicted_pending_tokens=pend * bs,
+            costs=costs,
+            reason=reason,
+            policy=self.policy.name,
+            num_tokens=num_tokens,
+            prefill_worker=ps.id if self._disaggregated else None,
+            decode_worker=ds.id if self._disaggregated else None,
+            decode_costs=decode_costs,
+            hints=hints,
+        )
 
     #: Called between two chunks of a long chain, with the lock released (:meth:`_add_chain_rest`).  The
     #: default gives up the GIL, so threads waiting for it (the sidecar's request loop) run now rather than

@@ -191,6 +191,7 @@ class EnginePool:
         import aiohttp
 
         for spec in self.specs:
+            h = self.health[spec.name]
             try:
                 async with session.get(spec.url + "/metrics", timeout=aiohttp.ClientTimeout(total=2)) as r:
                     if r.status != 200:
@@ -201,7 +202,6 @@ class EnginePool:
                     raise ValueError(f"no {WAITING_METRIC} / {RUNNING_METRIC} on /metrics (an engine started "
                                      "with --disable-log-stats publishes none)")
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
-                h = self.health[spec.name]
                 if not h.scrape_error:
                     log.warning("load scrape of %s failed: %s", spec.name, exc)
                 h.scrape_error = str(exc) or type(exc).__name__
@@ -209,7 +209,6 @@ class EnginePool:
                     on_error(spec.name)
                 continue
             self.router.update_load(spec.name, **load)
-            h = self.health[spec.name]
             h.last_scrape_at = self.clock()
             h.scrape_error = ""
 
