@@ -226,13 +226,15 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------- proxy
 class Proxy:
-    def __init__(self, engines: list[ServeProcess], policy: str, weights: dict[str, float]) -> None:
+    def __init__(self, engines: list[ServeProcess], policy: str, weights: dict[str, float],
+                 approximate: bool = False) -> None:
         args = [sys.executable, "-m", "kvroute.cli", "proxy", "--block-size", str(VLLM_BLOCK), "--port", "0",
                 "--policy", policy, "--scrape-interval", str(SCRAPE_INTERVAL_S), "--log-level", "WARNING"]
         for k, v in weights.items():
             args += ["--weight", f"{k}={v!r}"]
         for i, e in enumerate(engines):
-            args += ["--engine", e.engine_arg(f"e{i}")]
+            # approximate: the proxy is given no KV-event endpoints, so it predicts from its own decisions
+            args += ["--engine", f"e{i}={e.url}" if approximate else e.engine_arg(f"e{i}")]
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                                      env=dict(os.environ, PYTHONPATH=str(ROOT)))
         line = self.proc.stdout.readline()
@@ -431,6 +433,9 @@ def main() -> int:
                          "an engine core per engine; vllm: vLLM's default API server + engine core + worker, whose "
                          "idle worker busy-polls its queue for 1 s after every step (on a few shared cores it "
                          "competes with the other engines' compute).")
+    ap.add_argument("--approximate", action="store_true",
+                    help="Give the proxy no KV-event endpoints: it predicts the engines' caches from its own "
+                         "decisions (approximate mode); the prediction figures then measure that mode.")
     ap.add_argument("--dump", default=None, help="Write per-request records (real and simulated) to this .jsonl file.")
     args = ap.parse_args()
 
@@ -472,13 +477,15 @@ def main() -> int:
             for e in engines:
                 post(e.url + "/reset_prefix_cache", {})
             weights = calibrated_router_params(policy, cost)
-            p = Proxy(engines, policy, weights)
+            p = Proxy(engines, policy, weights, approximate=args.approximate)
             try:
                 t0 = time.perf_counter()
                 res = asyncio.run(replay(p.url, prompts, reqs, args.rate_scale))
                 row = {"routing": policy, **summarize(res), "wall_s": time.perf_counter() - t0}
                 h = p.health()
                 row["prediction_checked"], row["prediction_exact"] = h["prediction_checked"], h["prediction_exact"]
+                for k in ("prediction_over", "predicted_cached_tokens", "reported_cached_tokens"):
+                    row[k] = h[k]
                 row["engine_failures"] = {e["name"]: [e["failures_total"], e["reason"]] for e in h["engines"]}
                 checked += h["prediction_checked"]
                 exact += h["prediction_exact"]
@@ -488,13 +495,14 @@ def main() -> int:
                              gpu_blocks=args.gpu_blocks * VLLM_BLOCK // args.block_tokens, host_blocks=0,
                              block_tokens=args.block_tokens, rate_scale=args.rate_scale, cost=cost,
                              vllm_last_block=True, chunked_prefill_tokens=args.max_batched_tokens, max_batch=64,
-                             load_report_period_s=SCRAPE_INTERVAL_S)
+                             load_report_period_s=SCRAPE_INTERVAL_S, approximate=args.approximate)
             sim = simulate(reqs, scfg)
             if args.dump:
                 dump_requests(args.dump, policy, reqs, res, sim.records)
             row["sim_ttft_mean_s"] = sim.ttft_mean_s
             row["sim_ttft_p99_s"] = sim.ttft_p99_s
             row["sim_prefix_hit_ratio"] = sim.prefix_hit_ratio
+            row["sim_prediction"] = sim.extra.get("prediction")
             row["sim_ttft_error"] = (sim.ttft_mean_s - row["ttft_mean_s"]) / row["ttft_mean_s"]
             doc["results"].append(row)
             log(f"{policy}: {json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})}")

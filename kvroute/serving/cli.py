@@ -20,6 +20,8 @@ import click
 
 from .engines import EngineSpec
 
+log = logging.getLogger("kvroute.serving")
+
 
 def fetch_models(url: str, timeout_s: float) -> list[dict[str, Any]]:
     """An engine's ``/v1/models`` entries, retried until ``timeout_s`` (engines take a while to start)."""
@@ -70,6 +72,14 @@ def fetch_models(url: str, timeout_s: float) -> list[dict[str, Any]]:
               help="Mirror of the engines' flag of the same name (tools not rendered when tool_choice is none).")
 @click.option("--startup-timeout", default=300.0, show_default=True, type=float,
               help="Seconds to wait for the engines' /v1/models at start.")
+@click.option("--approximate", type=click.Choice(["auto", "all", "off"]), default="auto", show_default=True,
+              help="Predict an engine's cache from the proxy's own decisions: auto (engines without KV events, and "
+                   "while an engine's event stream is stale), all engines, or off.")
+@click.option("--approx-ttl", default=600.0, show_default=True, type=float,
+              help="Seconds an approximate-mode prediction lives after the decision that last routed it.")
+@click.option("--approx-capacity", default=0, show_default=True, type=int,
+              help="Predicted blocks kept per approximate-mode engine (0: the engine's KV pool as its /metrics "
+                   "reports it, else 65,536).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of tie-breaking.")
 @click.option("--log-level", default="INFO", show_default=True)
 def proxy(engines: tuple[str, ...], weights: tuple[str, ...], served: tuple[str, ...], **o: Any) -> None:
@@ -129,17 +139,30 @@ class ProxyRunner:
                 self.events.close()
 
 
+def fetch_metrics(url: str, timeout_s: float = 5.0) -> str | None:
+    """An engine's ``/metrics`` page, None if it does not answer."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url + "/metrics", timeout=timeout_s) as r:
+            return r.read().decode("utf-8", "replace")
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
 def build(specs: list[EngineSpec], *, weights: Any = None, served: tuple[str, ...] = (), tokenizer: str | None = None,
           allow_download: bool = False, max_model_len: int | None = None, block_size: int = 16,
           policy: str = "kvroute", fail_threshold: int = 3, probe_interval: float = 2.0,
           scrape_interval: float = 0.0, connect_timeout: float = 5.0, read_timeout: float = 600.0,
           request_ttl: float = 3600.0, unsupported_content: str = "reject",
           exclude_tools_when_tool_choice_none: bool = False, startup_timeout: float = 300.0, seed: int = 0,
+          approximate: str = "auto", approx_ttl: float = 600.0, approx_capacity: int = 0,
           host: str = "127.0.0.1", port: int = 8080) -> ProxyRunner:
     """Everything ``kvroute proxy`` starts, wired (see the module docstring)."""
     from ..adapters.subscriber import KVEventSubscriber
     from ..router import Router
-    from .engines import EnginePool
+    from .engines import EnginePool, engine_block_size, parse_vllm_load
     from .proxy import Proxy, ProxyConfig
     from .tokenize import EngineTokenizer
 
@@ -152,8 +175,23 @@ def build(specs: list[EngineSpec], *, weights: Any = None, served: tuple[str, ..
     tok = EngineTokenizer.from_pretrained(source, allow_download=allow_download, max_model_len=mml,
                                           exclude_tools_when_tool_choice_none=exclude_tools_when_tool_choice_none)
     lock = threading.RLock()
+    if not approx_ttl > 0 or approx_capacity < 0:
+        raise ValueError("--approx-ttl must be > 0 and --approx-capacity >= 0")
     router = Router([s.name for s in specs], block_size, policy=policy, weights=weights, seed=seed, lock=lock,
-                    request_ttl_s=request_ttl or None)
+                    request_ttl_s=request_ttl or None, approx_ttl_s=approx_ttl,
+                    approx_capacity_blocks=approx_capacity or None)
+    for s in specs:  # each engine's KV pool (approximate mode's bound; occupancy) and block size, once at start
+        text = fetch_metrics(s.url)
+        if text is None:
+            log.warning("engine %s: /metrics did not answer; its KV pool size is unknown", s.name)
+            continue
+        bs = engine_block_size(text)
+        if bs is not None and bs != block_size:
+            raise ValueError(f"engine {s.name} runs KV blocks of {bs} tokens but --block-size is {block_size}: "
+                             "every hash would differ from the engine's")
+        cap = parse_vllm_load(text).get("capacity_blocks")
+        if cap:
+            router.add_worker(s.name, capacity_blocks=cap)
     events = None
     if any(s.events for s in specs):
         events = KVEventSubscriber(router.index, lock=lock)
@@ -164,5 +202,5 @@ def build(specs: list[EngineSpec], *, weights: Any = None, served: tuple[str, ..
     pool = EnginePool(router, specs, fail_threshold=fail_threshold, probe_interval_s=probe_interval,
                       scrape_interval_s=scrape_interval or None)
     cfg = ProxyConfig(served_models=names, max_model_len=mml, connect_timeout_s=connect_timeout,
-                      read_timeout_s=read_timeout, unsupported_content=unsupported_content)
+                      read_timeout_s=read_timeout, unsupported_content=unsupported_content, approximate=approximate)
     return ProxyRunner(Proxy(router, tok, pool, cfg, events=events), host, port, events)

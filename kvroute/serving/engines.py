@@ -31,6 +31,8 @@ log = logging.getLogger("kvroute.serving")
 WAITING_METRIC = "vllm:num_requests_waiting"
 RUNNING_METRIC = "vllm:num_requests_running"
 KV_USAGE_METRICS = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+#: vLLM's info gauge of its cache config; labels carry ``num_gpu_blocks`` and ``block_size``.
+CACHE_CONFIG_METRIC = "vllm:cache_config_info"
 
 
 @dataclass(frozen=True)
@@ -220,16 +222,36 @@ class EnginePool:
             await asyncio.sleep(self.scrape_interval_s)
 
 
+def engine_block_size(text: str) -> int | None:
+    """The block size an engine's ``/metrics`` page reports (``vllm:cache_config_info``), None if absent."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == CACHE_CONFIG_METRIC and str(s.labels.get("block_size", "")).isdigit():
+                return int(s.labels["block_size"])
+    return None
+
+
 def parse_vllm_load(text: str) -> dict[str, Any]:
-    """``{"waiting", "running", "kv_usage"}`` from a vLLM ``/metrics`` page (missing ones left out)."""
+    """``{"waiting", "running", "kv_usage", "capacity_blocks"}`` from a vLLM ``/metrics`` page (missing ones
+    left out).  ``capacity_blocks``: the KV blocks of the engine's GPU pool, summed over its data-parallel
+    ranks (``vllm:cache_config_info``'s ``num_gpu_blocks`` label)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     sums: dict[str, float] = {}
+    capacity = 0
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
             if s.name in (WAITING_METRIC, RUNNING_METRIC, *KV_USAGE_METRICS):
                 sums[s.name] = sums.get(s.name, 0.0) + float(s.value)
+            elif s.name == CACHE_CONFIG_METRIC:
+                blocks = str(s.labels.get("num_gpu_blocks", ""))
+                if blocks.isdigit():
+                    capacity += int(blocks)
     out: dict[str, Any] = {}
+    if capacity:
+        out["capacity_blocks"] = capacity
     if WAITING_METRIC in sums:
         out["waiting"] = max(0, int(round(sums[WAITING_METRIC])))
     if RUNNING_METRIC in sums:

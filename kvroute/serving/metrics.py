@@ -36,6 +36,10 @@ class ProxyMetrics:
         #: Requests whose prediction could be checked / was exact.
         self.prediction_checked = Counter("kvroute_proxy_prediction_checked", "Predictions checked", registry=r)
         self.prediction_exact = Counter("kvroute_proxy_prediction_exact", "Predictions equal to the engine's report", registry=r)
+        #: Requests predicted to hit more cached tokens than the engine reported (the costly error: the router
+        #: credited a cache the engine did not have).
+        self.prediction_over = Counter("kvroute_proxy_prediction_over", "Predictions above the engine's report",
+                                       registry=r)
         #: Responses whose usage.prompt_tokens differs from the proxy's own count (tokenizer drift).
         self.prompt_token_mismatch = Counter("kvroute_proxy_prompt_token_mismatch",
                                              "Engine prompt_tokens != proxy's token count", registry=r)

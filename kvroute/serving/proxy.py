@@ -21,6 +21,13 @@ One request's path (:meth:`Proxy._generate`):
    because vLLM always recomputes a prompt's last token) and its
    ``prompt_tokens`` with the proxy's own count.
 
+Engines without KV events (and, with ``approximate="auto"``, engines whose event
+stream went stale) are in approximate mode: the router predicts their caches from
+its own decisions, each routed prompt's blocks kept for ``--approx-ttl`` seconds
+and at most the engine's KV pool (``vllm:cache_config_info`` on its
+``/metrics``, read at start and by each load scrape).  ``/health`` counts
+over-predictions apart (``prediction_over``): they are the costly error.
+
 Concurrency: one asyncio loop; the router is called under its lock (each call
 is microseconds); tokenization of long prompts runs in a thread so that a
 100k-token chat does not stall other streams.
@@ -44,7 +51,8 @@ from prometheus_client import generate_latest
 from ..router import Router
 from ..router.errors import NoHealthyWorkerError, UnknownRequestError
 from ..router.types import RouteHints
-from ..sidecar.health import REASONS, HealthMonitor
+from ..sidecar.config import APPROXIMATE_MODES
+from ..sidecar.health import REASONS, HealthMonitor, follow_stream_health
 from .engines import EnginePool, EngineSpec
 from .errors import (BadRequestError, EngineFailedError, ModelNotFoundError, NoEngineError, ServingError,
                      UnsupportedContentError)
@@ -79,12 +87,17 @@ class ProxyConfig:
     unsupported_content: str = "reject"
     #: Add stream_options.include_usage to streams so cached tokens can be checked (dropped from the client's stream).
     check_streams: bool = True
+    #: Predict an engine's cache from the proxy's own decisions (approximate mode): "auto" for engines
+    #: without KV events and while an engine's stream is stale, "all" for every engine, "off" never.
+    approximate: str = "auto"
 
     def __post_init__(self) -> None:
         if not self.served_models:
             raise ValueError("at least one served model name is needed")
         if self.unsupported_content not in ("reject", "route"):
             raise ValueError("unsupported_content must be 'reject' or 'route'")
+        if self.approximate not in APPROXIMATE_MODES:
+            raise ValueError(f"approximate must be one of {APPROXIMATE_MODES}, got {self.approximate!r}")
 
 
 class _Req:
@@ -120,6 +133,9 @@ class Proxy:
         #: Per-engine reasons the index is blind (never connected, silent while routed to, block-size
         #: mismatch, unverified, stale); it also stops crediting a blind engine's cache in the router.
         self.monitor = HealthMonitor(router, events, health_config) if events is not None else None
+        for spec in pool.specs:  # approximate mode from the start (auto: engines without events)
+            if config.approximate == "all" or (config.approximate == "auto" and spec.events is None):
+                router.set_approximate(spec.name)
         self.metrics = metrics or ProxyMetrics()
         self.pool.on_failure = lambda name, reason: self.metrics.engine_failures.labels(name, reason).inc()
         self._ids = itertools.count()
@@ -129,6 +145,11 @@ class Proxy:
         #: Prediction check totals (also in /metrics), for tests and the bench.
         self.checked = 0
         self.exact = 0
+        #: Checked requests predicted above the engine's report, and the checked requests' predicted and
+        #: reported cached tokens (sums).
+        self.over = 0
+        self.predicted_tokens = 0
+        self.reported_tokens = 0
         #: Last few mispredictions (request id, engine, predicted, reported), shown in /health.
         self.mismatches: list[tuple[str, str, int, int]] = []
 
@@ -162,6 +183,9 @@ class Proxy:
         while True:
             await asyncio.sleep(self.monitor.config.check_interval_s)
             self.monitor.check()
+            if self.config.approximate == "auto":
+                follow_stream_health(self.router, {str(w) for w in self.events.stale_workers()},
+                                     {s.name for s in self.pool.specs if s.events is not None})
 
     async def _cleanup(self, app: web.Application) -> None:
         for t in self._tasks:
@@ -205,19 +229,24 @@ class Proxy:
                             "events": spec.events is not None, "events_stale": spec.name in stale,
                             "event_batches": st.get("batches", 0), "events_replaying": bool(st.get("replaying")),
                             "load_scrape_error": h.scrape_error or None})
+        approx = {str(w) for w in self.router.approximate_workers()}
+        for e in engines:
+            e["approximate"] = e["name"] in approx
         healthy = [e for e in engines if e["healthy"]]
         blind = self.monitor.check() if self.monitor is not None else {}
         for e in engines:
             e["index_reasons"] = blind.get(e["name"], [])
         reasons = [f"{e['name']}: unhealthy ({e['reason']})" for e in engines if not e["healthy"]]
         reasons += [f"{e['name']}: {r} ({REASONS[r][1]})" for e in engines for r in e["index_reasons"]]
-        reasons += [f"{e['name']}: no KV events configured (predictions from routing decisions only)"
-                    for e in engines if not e["events"]]
+        reasons += [f"{e['name']}: no KV events configured (" + (
+                        "approximate mode: its cache is predicted from routing decisions)" if e["approximate"] else
+                        "only prompts in flight are predicted)") for e in engines if not e["events"]]
         reasons += [f"{e['name']}: load not scraped ({e['load_scrape_error']}); the router counts its own "
                     "requests only" for e in engines if e["load_scrape_error"]]
         status = "down" if not healthy else ("degraded" if reasons else "ok")
         return {"status": status, "reasons": reasons, "engines": engines, "in_flight": self.router.in_flight(),
-                "prediction_checked": self.checked, "prediction_exact": self.exact,
+                "prediction_checked": self.checked, "prediction_exact": self.exact, "prediction_over": self.over,
+                "predicted_cached_tokens": self.predicted_tokens, "reported_cached_tokens": self.reported_tokens,
                 "event_lag_s": {"mean": lag["sum"] / lag["count"] if lag.get("count") else None, "max": lag.get("max")},
                 "recent_mispredictions": [{"request_id": r, "engine": w, "predicted": p, "reported": c}
                                           for r, w, p, c in self.mismatches[-10:]]}
@@ -448,6 +477,11 @@ class Proxy:
         self.metrics.prediction_error.observe(cached - predicted)
         self.metrics.prediction_checked.inc()
         self.checked += 1
+        self.predicted_tokens += predicted
+        self.reported_tokens += cached
+        if predicted > cached:
+            self.metrics.prediction_over.inc()
+            self.over += 1
         if cached == predicted:
             self.metrics.prediction_exact.inc()
             self.exact += 1

@@ -50,6 +50,26 @@ REASONS: dict[str, tuple[bool, str]] = {
 }
 
 
+def follow_stream_health(router: Router, stale: set[Any], with_events: set[Any]) -> list[tuple[Any, bool]]:
+    """``approximate = auto`` (sidecar and proxy alike): a worker with no KV-event stream, or whose stream
+    is stale, is predicted from the router's own decisions (approximate mode); once fresh events rebuild
+    it, the index alone is trusted again and its predicted entries go.  ``stale`` and ``with_events`` name
+    workers by their key or, for data-parallel ranks ``(id, rank)``, by their id.  Returns the switches
+    made, ``(worker, approximate)``."""
+    approx = set(router.approximate_workers())
+    made = []
+    for w in router.workers():
+        base = w[0] if isinstance(w, tuple) else w
+        want = w in stale or base in stale or base not in with_events
+        if want != (w in approx):
+            router.set_approximate(w, want)
+            made.append((w, want))
+            log.log(logging.WARNING if want else logging.INFO,
+                    "worker %s: %s", w, "approximate mode (its cache is predicted from routing decisions)"
+                    if want else "KV events current again: approximate mode off")
+    return made
+
+
 @dataclass(frozen=True, slots=True)
 class HealthConfig:
     """Thresholds of :class:`HealthMonitor` (seconds)."""

@@ -47,7 +47,7 @@ from ..router import Router
 from .config import SidecarConfig
 from .errors import ConfigError
 from .metrics import HTTPEndpoint, Metrics
-from .health import HealthConfig, HealthMonitor
+from .health import HealthConfig, HealthMonitor, follow_stream_health
 from .service import Service, health
 
 log = logging.getLogger("kvroute.sidecar")
@@ -164,15 +164,8 @@ class SidecarServer:
         fresh events rebuild them (then their predicted entries go)."""
         if self.config.approximate != "auto" or self.events is None or self.router is None:
             return
-        r = self.router
-        stale = self.events.stale_workers()
         endpoints = {w.id for w in self.config.workers if w.endpoint} | set(self.events.subscriber.workers())
-        approx = set(r.approximate_workers())
-        for w in r.workers():
-            base = w[0] if isinstance(w, tuple) else w
-            want = w in stale or base in stale or base not in endpoints
-            if want != (w in approx):
-                r.set_approximate(w, want)
+        follow_stream_health(self.router, self.events.stale_workers(), endpoints)
 
     def _make_events(self, index: KVIndex) -> Any:
         try:

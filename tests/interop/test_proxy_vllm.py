@@ -217,6 +217,31 @@ def test_proxy_predictions_equal_engine_cached_tokens(engines: list[ServeProcess
         proxy.stop()
 
 
+def test_approximate_mode_never_over_predicts(engines: list[ServeProcess]) -> None:
+    """The proxy given no KV-event endpoints predicts each engine's cache from its own decisions
+    (approximate mode, issue 13): on multi-turn sessions against real vLLM it never predicts a hit the
+    engine does not report, and predicts most turns exactly (it misses what it never routed: the
+    system prompt warmed directly on the engines, and blocks filled by generated tokens)."""
+    names = [f"e{i}={e.url}" for i, e in enumerate(engines)]
+    proxy = ProxyProcess([], *[a for n in names for a in ("--engine", n)])
+    try:
+        h = proxy.health()
+        assert all(e["approximate"] and not e["events"] for e in h["engines"]), h
+        system = "you are a terse assistant. " + _text(random.Random(1), 100)
+        for e in engines:
+            e.post("/v1/completions", {"model": "tiny", "max_tokens": 1, "prompt": system + " warm"})
+        with ThreadPoolExecutor(4) as ex:
+            results = list(ex.map(lambda s: _session(proxy, s, system, 5), range(100, 108)))
+        n = sum(len(r) for r in results)
+        h = proxy.health()
+        assert h["in_flight"] == 0 and h["prediction_checked"] == n, h
+        assert h["prediction_over"] == 0, json.dumps(h["recent_mispredictions"])
+        assert h["prediction_exact"] >= 0.75 * n, json.dumps([h["prediction_exact"], n, h["recent_mispredictions"]])
+        assert h["predicted_cached_tokens"] >= 0.9 * h["reported_cached_tokens"], h
+    finally:
+        proxy.stop()
+
+
 def test_engine_killed_mid_run_then_restarted(engines: list[ServeProcess]) -> None:
     proxy = ProxyProcess(engines)
     try:

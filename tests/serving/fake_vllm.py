@@ -43,6 +43,8 @@ class FakeVLLM:
         self.healthy = True
         #: Publish the vLLM load gauges on /metrics (False: as vLLM started with --disable-log-stats).
         self.load_gauges = True
+        #: KV blocks the engine reports on /metrics (``vllm:cache_config_info``); its cache never evicts.
+        self.num_gpu_blocks = 4096
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -65,7 +67,9 @@ class FakeVLLM:
             return web.Response(text='python_gc_objects_collected_total{generation="0"} 1.0\n')
         text = (f'vllm:num_requests_running{{engine="0",model_name="{self.model}"}} {float(self.running)}\n'
                 f'vllm:num_requests_waiting{{engine="0",model_name="{self.model}"}} 2.0\n'
-                f'vllm:kv_cache_usage_perc{{engine="0",model_name="{self.model}"}} 0.25\n')
+                f'vllm:kv_cache_usage_perc{{engine="0",model_name="{self.model}"}} 0.25\n'
+                f'vllm:cache_config_info{{block_size="{self.block_size}",engine="0",'
+                f'num_gpu_blocks="{self.num_gpu_blocks}",prefix_caching_hash_algo="sha256"}} 1.0\n')
         return web.Response(text=text)
 
     def cached_tokens(self, ids: list[int]) -> int:

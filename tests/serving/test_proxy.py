@@ -363,3 +363,58 @@ def test_responses_name_the_engine_and_the_predicted_cached_tokens(engine_tokeni
             assert all(p % 16 == 0 and p >= 0 for _, p in seen)
             assert h.proxy.router.in_flight() == 0
     run(go())
+
+
+def _grow(prompt: str, k: int) -> str:
+    return prompt + " " + " ".join(f"turn{k} word{j}" for j in range(24))
+
+
+def test_engines_without_events_are_predicted_from_decisions(engine_tokenizer: Any) -> None:
+    """Approximate mode (issue 13): engines publishing no KV events get their caches predicted from the
+    proxy's own decisions; sessions that grow turn by turn are then predicted exactly.  With it off, only
+    prompts in flight are predicted, so every later turn is under-predicted."""
+    async def go(mode: str) -> tuple[int, int, dict[str, Any]]:
+        async with harness(engine_tokenizer, approximate=mode) as h:
+            for sid in range(4):
+                prompt = f"session {sid}: " + LONG
+                for k in range(4):
+                    prompt = _grow(prompt, k)
+                    st, _ = await h.post("/v1/completions", {"model": "tiny", "prompt": prompt, "max_tokens": 2},
+                                         headers={"x-session-id": f"s{sid}"})
+                    assert st == 200
+            doc = h.proxy.health_doc()
+            return h.proxy.checked, h.proxy.exact, doc
+
+    checked, exact, doc = run(go("auto"))
+    assert checked == 16 and exact == 16, doc["recent_mispredictions"]
+    assert all(e["approximate"] for e in doc["engines"])
+    assert any("approximate mode" in r for r in doc["reasons"])
+    checked, exact, doc = run(go("off"))
+    assert checked == 16 and exact < 16 and not any(e["approximate"] for e in doc["engines"])
+    assert any("only prompts in flight" in r for r in doc["reasons"])
+
+
+def test_follow_stream_health_switches_approximate_mode() -> None:
+    """``approximate = auto``: no stream or a stale one -> approximate; a fresh stream -> the index alone."""
+    from kvroute.router import Router
+    from kvroute.sidecar.health import follow_stream_health
+
+    r = Router(["a", "b", ("c", 0), ("c", 1)], 16)
+    made = follow_stream_health(r, stale=set(), with_events={"a", "c"})
+    assert made == [("b", True)] and r.approximate_workers() == ["b"]
+    follow_stream_health(r, stale={"a", "c"}, with_events={"a", "c"})
+    assert set(r.approximate_workers()) == {"a", "b", ("c", 0), ("c", 1)}
+    made = follow_stream_health(r, stale=set(), with_events={"a", "b", "c"})
+    assert set(made) == {("a", False), ("b", False), (("c", 0), False), (("c", 1), False)}
+    assert r.approximate_workers() == []
+
+
+def test_scrape_reads_the_engines_kv_pool() -> None:
+    from kvroute.serving.engines import engine_block_size, parse_vllm_load
+
+    text = ('vllm:num_requests_waiting{engine="0",model_name="m"} 1.0\n'
+            'vllm:cache_config_info{block_size="32",engine="0",num_gpu_blocks="2000"} 1.0\n'
+            'vllm:cache_config_info{block_size="32",engine="1",num_gpu_blocks="1500"} 1.0\n')
+    assert parse_vllm_load(text) == {"waiting": 1, "capacity_blocks": 3500}
+    assert engine_block_size(text) == 32
+    assert engine_block_size('vllm:cache_config_info{block_size="None",engine="0"} 1.0\n') is None
