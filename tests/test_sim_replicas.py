@@ -75,3 +75,15 @@ def test_bad_replica_settings():
     for bad in ({"router_replicas": 0}, {"replica_sync": "gossip"}, {"sync_delay_s": -1.0}, {"approx_ttl_s": 0.0}):
         with pytest.raises(SimConfigError):
             dataclasses.replace(SimConfig(), **bad).validate()
+
+
+def test_prediction_accuracy_follows_the_vllm_last_block_rule():
+    """With ``vllm_last_block`` a fully cached prompt hits one block less; the router's prediction is
+    compared with the same cap (as the proxy compares it with vLLM's report), so a repeated prompt
+    predicted in full is exact, not over by one block."""
+    from kvroute.traces import Request
+
+    reqs = [Request(i, 10.0 * i, 4 * 512, 2, (1, 2, 3, 4)) for i in range(6)]
+    for last in (False, True):
+        p = simulate(reqs, SimConfig(workers=2, vllm_last_block=last)).extra["prediction"]
+        assert p["exact"] == 1.0 and p["over"] == 0.0, (last, p)

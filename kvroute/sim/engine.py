@@ -813,7 +813,7 @@ def simulate(requests: Sequence[Request], config: SimConfig, *, progress: Callab
         "preset": config.cost.name,
         "prefill_workers": config.prefill_workers,
         **_cache_report(sim),
-        "prediction": prediction_accuracy(rec, config.block_tokens),
+        "prediction": prediction_accuracy(rec, config.block_tokens, last_block=config.vllm_last_block),
     })
     if config.router_replicas > 1 or config.approximate:
         s.extra.update({"router_replicas": config.router_replicas, "replica_sync": config.replica_sync,
@@ -824,8 +824,11 @@ def simulate(requests: Sequence[Request], config: SimConfig, *, progress: Callab
     return s
 
 
-def prediction_accuracy(rec: Records, block_tokens: int) -> dict[str, float]:
+def prediction_accuracy(rec: Records, block_tokens: int, *, last_block: bool = False) -> dict[str, float]:
     """How well the router's predicted cached prefix matched the engine's actual hit (in blocks).
+
+    With ``last_block`` (the simulator's ``vllm_last_block``) a prediction of the whole prompt is compared
+    as one block less, the rule the engine's hit follows (as the proxy compares with vLLM's report).
 
     ``exact``: fraction of routed requests whose prediction equals the hit; ``over``/``under``: fraction
     predicted above/below it; ``mae_blocks``: mean absolute error; ``predicted_blocks``/``hit_blocks``:
@@ -834,11 +837,13 @@ def prediction_accuracy(rec: Records, block_tokens: int) -> dict[str, float]:
     import numpy as np
 
     done = rec.worker >= 0
-    n = int(done.sum())
-    if not n:
+    if not done.any():
         return {}
     pred = np.ceil(rec.predicted_cached[done] / block_tokens).astype(np.int64)
-    pred = np.minimum(pred, rec.blocks[done])
+    n = rec.blocks[done]
+    pred = np.minimum(pred, n)
+    if last_block:
+        pred = np.where((pred >= n) & (n > 0), n - 1, pred)
     hit = (rec.gpu_hit + rec.host_hit)[done]
     diff = pred - hit
     return {"exact": float((diff == 0).mean()), "over": float((diff > 0).mean()), "under": float((diff < 0).mean()),
