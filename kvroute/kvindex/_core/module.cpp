@@ -324,7 +324,7 @@ static std::pair<int64_t, int64_t> stored_locked(Index& x, uint32_t s, const uin
     if (pk) {
         uint32_t b = x.core.live(s) ? x.core.workers[s].alias.get(*pk) : EMPTY;
         if (b == EMPTY) return {-1, 0};
-        seed = x.core.bt.s[b].key;
+        seed = x.core.bt.key(b);
     }
     chain(data, ntok, bs, seed, ex, hs);
     int64_t copies = 0;
@@ -339,7 +339,7 @@ static int64_t placeholder_locked(Index& x, uint32_t s, const uint64_t* ks, size
     for (size_t i = 0; i < n; i++) {
         uint32_t b = x.core.workers[s].alias.get(ks[i]);
         if (b == EMPTY) return -1;
-        hs[i] = x.core.bt.s[b].key;
+        hs[i] = x.core.bt.key(b);
     }
     return x.core.store(s, hs.data(), ks, n, t);
 }
@@ -779,7 +779,7 @@ PYBIND11_MODULE(_kvcore, m) {
             Guard g(x.mu);
             uint32_t b = x.core.workers[s].alias.get(k);
             if (b == EMPTY) return py::none();
-            return py::int_(x.core.bt.s[b].key);
+            return py::int_(x.core.bt.key(b));
         })
         // (content hashes, alias keys, tier bits) of a worker, as numpy arrays
         .def("rows", [](Index& x, uint32_t s) {
@@ -792,11 +792,11 @@ PYBIND11_MODULE(_kvcore, m) {
             auto K = ks.mutable_data();
             auto B = bits.mutable_data();
             size_t j = 0;
-            for (size_t i = 0; i < w.alias.s.size(); i++) {
-                uint32_t b = w.alias.s[i].val;
+            for (size_t i = 0; i < w.alias.cap(); i++) {
+                uint32_t b = w.alias.val(i);
                 if (b == EMPTY) continue;
-                C[j] = x.core.bt.s[b].key;
-                K[j] = w.alias.s[i].key;
+                C[j] = x.core.bt.key(b);
+                K[j] = w.alias.key(i);
                 B[j] = (uint8_t)x.core.tiers_of(b, s);
                 j++;
             }
