@@ -155,15 +155,25 @@ class KVCore {
     }
     bool live(uint32_t s) const { return s < workers.size() && workers[s].live; }
 
-    // Rehash the block table and point every alias at the new slots.
+    // Rehash the block table and point every alias at the new slots.  The remap reads are random
+    // (aliases are ordered by engine hash) in an array of 4 B a slot: they are prefetched 8
+    // buckets ahead, else each waits a full cache miss.
     void grow() {
         std::vector<uint32_t> remap;
         bt.rehash(bucket_capacity(bt.size), &remap);
+        const uint32_t* R = remap.data();
         for (auto& w : workers) {
             if (!w.live) continue;
-            for (Bucket& B : w.alias.b)
+            Bucket* A = w.alias.b.data();
+            size_t nb = w.alias.buckets();
+            for (size_t i = 0; i < nb; i++) {
+                if (i + 16 < nb) prefetch_line(&A[i + 16]);  // hardware prefetchers barely help here (measured)
+                if (i + 8 < nb)
+                    for (int j = 0; j < BSLOTS; j++)
+                        if (A[i + 8].val[j] != EMPTY) prefetch_line(&R[A[i + 8].val[j]]);
                 for (int j = 0; j < BSLOTS; j++)
-                    if (B.val[j] != EMPTY) B.val[j] = remap[B.val[j]];
+                    if (A[i].val[j] != EMPTY) A[i].val[j] = R[A[i].val[j]];
+            }
         }
     }
     // After erases: rebuild the block table smaller once it is mostly empty (never mid-operation).

@@ -14,6 +14,7 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
+#include <sys/mman.h>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -37,6 +38,20 @@ static inline void prefetch_line(const void* p) {
 #else
     __builtin_prefetch(p);
     asm volatile("" : : "r"(p) : "memory");
+#endif
+}
+// Ask for transparent huge pages on the 2 MiB-aligned part of a large, not yet touched block:
+// the block table is tens of MiB of random accesses, and every 4 KiB-page TLB miss costs a
+// page walk (two-dimensional under a hypervisor), which a software prefetch does not hide.
+static inline void huge_pages(void* p, size_t n) {
+#ifdef MADV_HUGEPAGE
+    constexpr uintptr_t H = 2u << 20;
+    if (n < 2 * H) return;
+    uintptr_t a = ((uintptr_t)p + H - 1) & ~(H - 1), e = ((uintptr_t)p + n) & ~(H - 1);
+    if (e > a) madvise((void*)a, e - a, MADV_HUGEPAGE);
+#else
+    (void)p;
+    (void)n;
 #endif
 }
 static inline size_t home_of(uint64_t key, size_t cap) {
@@ -145,8 +160,12 @@ struct AliasMap {
 };
 
 constexpr int BSLOTS = 5;           // slots per bucket (5 x 12 B + a 4-byte count = one cache line)
-constexpr double BMAX_LOAD = 0.9;   // grow when live keys would exceed this share of the slots
-constexpr double BGROWTH = 1.3;     // load right after a growth: BMAX_LOAD / BGROWTH = 0.69
+#ifndef KV_BMAX_LOAD  // (overridable for experiments only)
+#define KV_BMAX_LOAD 0.93
+#define KV_BGROWTH 1.5
+#endif
+constexpr double BMAX_LOAD = KV_BMAX_LOAD;  // grow when live keys would exceed this share of the slots
+constexpr double BGROWTH = KV_BGROWTH;      // load right after a growth: BMAX_LOAD / BGROWTH = 0.62
 
 struct alignas(64) Bucket {
     uint64_t key[BSLOTS];  // keys of the used slots (stale in free ones)
@@ -241,18 +260,38 @@ struct BucketMap {
             e.val[j] = EMPTY;
         }
         e.over = 0;
+        b.reserve(nb);
+        huge_pages(b.data(), nb * sizeof(Bucket));
         b.assign(nb, e);
         if (remap) remap->assign(old.size() * BSLOTS, EMPTY);
         size = 0;
+        // Homes are monotonic in mix64(key) (multiply-shift range reduction), so reading the old
+        // buckets in order writes the new ones nearly in order: no random access to hide.  The
+        // new table starts empty and nothing is erased meanwhile, so a bucket's used slots are a
+        // prefix and its first free slot is its count of used ones.
+        size_t n = b.size();
         for (size_t ob = 0; ob < old.size(); ob++) {
-            if (ob + 4 < old.size())
-                for (int j = 0; j < BSLOTS; j++) prefetch_line(&b[home(old[ob + 4].key[j])]);
+            if (ob + 16 < old.size()) prefetch_line(&old[ob + 16]);
+            if (ob + 8 < old.size()) prefetch_line(&b[home(old[ob + 8].key[0])]);
             const Bucket& O = old[ob];
-            for (int j = 0; j < BSLOTS; j++)
-                if (O.val[j] != EMPTY) {
-                    size_t ns = insert_new(O.key[j], O.val[j]);
-                    if (remap) (*remap)[ob * BSLOTS + j] = (uint32_t)ns;
+            for (int j = 0; j < BSLOTS; j++) {
+                if (O.val[j] == EMPTY) continue;
+                size_t h = home(O.key[j]);
+                while (true) {
+                    Bucket& B = b[h];
+                    int used = 0;
+                    for (int q = 0; q < BSLOTS; q++) used += B.val[q] != EMPTY;
+                    if (used < BSLOTS) {
+                        B.key[used] = O.key[j];
+                        B.val[used] = O.val[j];
+                        if (remap) (*remap)[ob * BSLOTS + j] = (uint32_t)(h * BSLOTS + used);
+                        break;
+                    }
+                    B.over++;
+                    if (++h == n) h = 0;
                 }
+                size++;
+            }
         }
     }
     // Free slot i: the counts on its probe path go down (no tombstone; nothing else moves).
