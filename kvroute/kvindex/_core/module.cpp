@@ -111,7 +111,7 @@ static bool tokens_u32(py::handle obj, std::vector<uint32_t>& buf, const uint32_
         PyObject** items = PySequence_Fast_ITEMS(o);
         buf.resize(n);
         for (size_t i = 0; i < n; i++) {
-            if (i + 16 < n) __builtin_prefetch(items[i + 16]);  // int objects: several misses in flight
+            if (i + 16 < n) kvcore::prefetch_line(items[i + 16]);  // int objects: several misses in flight
             uint64_t v;
             if (!as_uint(items[i], 0xFFFFFFFFULL, v))
                 raise(g_invalid_tokens, "token ids must be integers in [0, 2**32 - 1]: bad item at position " + std::to_string(i));
@@ -241,6 +241,7 @@ static bool u64s(py::handle obj, std::vector<uint64_t>& out, bool allow_bytes, b
     PyObject** items = PySequence_Fast_ITEMS(fast.ptr());
     out.resize(n);
     for (size_t i = 0; i < n; i++) {
+        if (i + 16 < n) kvcore::prefetch_line(items[i + 16]);  // int objects: several misses in flight
         PyObject* it = items[i];
         if (allow_bytes && (PyBytes_Check(it) || PyByteArray_Check(it) || PyMemoryView_Check(it))) return false;
         if (PyBool_Check(it) && wrap_negative) raise(PyExc_TypeError, "a bool is not a block hash");
