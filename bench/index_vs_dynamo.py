@@ -9,8 +9,9 @@ worker) entries.  Queries: new prompts behind a cached system prompt (the
 common case), repeats of stored prompts (full hits) and cold prompts.
 
 Measured (timings: CPU time of the process, all its threads, all sides in one process,
-repetitions interleaved so machine noise hits them alike; memory: each side built in its own subprocess so RSS
-deltas are clean):
+repetitions interleaved so machine noise hits them alike; each side's previous index is dropped
+and the process left to go idle before anything is timed -- see settle(); memory: each side
+built in its own subprocess so RSS deltas are clean):
   * store:  ours = KVIndex.apply() of decoded BlockStored events (content hashes
             computed from the tokens inside; the events carry ``token_bytes``, as
             kvroute's vLLM decoder produces them); Dynamo = RadixTree.apply_event() of
@@ -163,6 +164,9 @@ class Ours:
             for w, parent, ext, toks, gone in churn
         ]
 
+    def drop(self):
+        self.index = None
+
     def churn(self):
         index = self.index
         for w, b in self.churn_batches:
@@ -215,6 +219,9 @@ class Dynamo:
                                       "blocks": [{"block_hash": e, "tokens_hash": h} for e, h in zip(ext, local)]}}}
             rm = {"event_id": 2 * i + 1, "dp_rank": 0, "data": {"removed": {"block_hashes": list(gone)}}}
             self.churn_payloads.append((w, json.dumps(st).encode(), json.dumps(rm).encode()))
+
+    def drop(self):
+        self.tree = None
 
     def churn(self):
         tree = self.tree
@@ -306,6 +313,23 @@ def timed(fn, *args) -> float:
     return time.process_time() - t0
 
 
+def settle(quiet_s: float = 0.05, limit_s: float = 3.0) -> None:
+    """Wait until this process's threads stop using CPU (at most limit_s).
+
+    Dropping a Dynamo RadixTree of 1M entries leaves ~15-25 ms of CPU work on another thread
+    after the call returns; timed right after, Dynamo's next measurement paid for it (its
+    queries read ~25% slower right after a replacing build than after a pause; measured
+    2026-12-03).  Each side's previous index is therefore dropped, and this waited for,
+    before anything is timed.
+    """
+    end = time.monotonic() + limit_s
+    while time.monotonic() < end:
+        c0 = time.process_time()
+        time.sleep(quiet_s)
+        if time.process_time() - c0 < 0.02 * quiet_s:
+            return
+
+
 def memory_child(side: str, entries: int) -> None:
     """Build one side's index in a fresh process and print its RSS growth."""
     events, _, n = workload(entries)
@@ -335,8 +359,11 @@ def run_timing(entries: int, reps: int = 5, churn_prompts: int = 512) -> dict:
     for rep in range(reps):
         for impl in sides:
             r = res[impl.name]
+            impl.drop()  # the previous repetition's index: freed, and settled, before any timing
             gc.collect()
+            settle()
             r["store"].append(timed(impl.build))
+            settle()
             r["query"].append(timed(lambda: [impl.query(q) for q in queries]) / len(queries))
             r["hash"].append(timed(lambda: [impl.hash(q) for q in queries]) / len(queries))
             if impl.name == "dynamo":
