@@ -233,13 +233,16 @@ struct BucketMap {
         size_t h = home(k);
         while (true) {
             Bucket& B = b[h];
-            for (int j = 0; j < BSLOTS; j++)
-                if (B.val[j] == EMPTY) {
-                    B.key[j] = k;
-                    B.val[j] = v;
-                    size++;
-                    return h * BSLOTS + (size_t)j;
-                }
+            unsigned m = 0;  // free slots, without a branch per slot
+#pragma GCC unroll 5
+            for (int j = 0; j < BSLOTS; j++) m |= (unsigned)(B.val[j] == EMPTY) << j;
+            if (m) {
+                int j = __builtin_ctz(m);
+                B.key[j] = k;
+                B.val[j] = v;
+                size++;
+                return h * BSLOTS + (size_t)j;
+            }
             B.over++;
             if (++h == n) h = 0;
         }
