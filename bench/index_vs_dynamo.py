@@ -9,8 +9,9 @@ worker) entries.  Queries: new prompts behind a cached system prompt (the
 common case), repeats of stored prompts (full hits) and cold prompts.
 
 Measured (timings: CPU time of the process, all its threads, all sides in one process,
-repetitions interleaved so machine noise hits them alike; memory: each side built in its own subprocess so RSS
-deltas are clean):
+repetitions interleaved so machine noise hits them alike; each side's previous index is dropped
+and the process left to go idle before anything is timed -- see settle(); memory: each side
+built in its own subprocess so RSS deltas are clean):
   * store:  ours = KVIndex.apply() of decoded BlockStored events (content hashes
             computed from the tokens inside; the events carry ``token_bytes``, as
             kvroute's vLLM decoder produces them); Dynamo = RadixTree.apply_event() of
@@ -18,6 +19,14 @@ deltas are clean):
   * query:  ours = KVIndex.match_tokens() (hash + match; the compiled index hashes
             only as far as some worker matches, but converts and checks every token);
             Dynamo = compute_block_hash_for_seq() + RadixTree.find_matches().
+  * churn:  the steady state after the build: each worker stores one more prompt behind a
+            system prompt it holds and evicts its oldest stored prompt (a BlockStored and a
+            BlockRemoved event of the same length, one batch), so the index stays at ~1M entries
+            and no table grows; blocks stored per second (as many removed).  Ours = apply() of
+            decoded batches; Dynamo = apply_event() of both prebuilt JSON events.  The build
+            above starts from an empty index on both sides, so it also times every table growth
+            (ours: rehashes of the block table and the per-worker alias maps; Dynamo: its hash
+            maps and tree nodes) -- a start-up cost a running router pays once.
   * memory: RSS growth while the index is built, per (block, worker) entry; also at 16M
             (block, worker) entries / 256 workers (--big-entries; built from content hashes
             with store(), and for Dynamo from prebuilt events; --big-sides picks the sides).
@@ -31,7 +40,7 @@ deltas are clean):
 Sides: native = kvroute.kvindex.native.NativeKVIndex + the core's hashing; python = the
 reference kvroute.kvindex.index.KVIndex + py_block_hash_list; dynamo = ai-dynamo-runtime.
 
-Usage: python bench/index_vs_dynamo.py [--entries 1000000] [--reps 5] [--big-entries 16000000] [--json]
+Usage: python bench/index_vs_dynamo.py [--entries 1000000] [--reps 5] [--churn-prompts 512] [--big-entries 16000000] [--json]
 Needs: pip install ai-dynamo-runtime==1.6.1 (the [bench] extra).
 """
 from __future__ import annotations
@@ -97,6 +106,31 @@ def workload(target_entries: int, seed: int = 0):
     return events, queries, entries
 
 
+def churn_workload(events, n_prompts: int, seed: int = 2):
+    """Steady-state events: (worker, parent_ext, ext, tokens, evicted_ext) per churn step.
+
+    Worker w stores a new prompt behind one of the system prompts it announced and evicts its
+    oldest stored suffix (FIFO), so its block count stays about the same.
+    """
+    rng = np.random.default_rng(seed)
+    systems: dict[int, list[tuple[int, int]]] = {}  # worker -> [(last system ext, system blocks)]
+    fifo: dict[int, list[list[int]]] = {}
+    for w, parent, ext, _ in events:
+        if parent is None:
+            systems.setdefault(w, []).append((ext[-1], len(ext)))
+        else:
+            fifo.setdefault(w, []).append(ext)
+    out = []
+    for i in range(n_prompts):
+        w = i % WORKERS
+        last, ns = systems[w][int(rng.integers(0, len(systems[w])))]
+        n = PROMPT_TOKENS // BS - ns
+        ext = [10**15 + i * 1_000_000 + j for j in range(n)]
+        toks = rng.integers(0, 128000, n * BS, dtype=np.uint32)
+        out.append((w, last, ext, toks, fifo[w].pop(0)))
+    return out
+
+
 class Ours:
     """One kvroute backend: ``native`` (compiled core) or ``python`` (the reference)."""
 
@@ -118,6 +152,25 @@ class Ours:
                                              token_bytes=toks.astype("<u4").tobytes()),)))
             for w, parent, ext, toks in events
         ]
+        self.churn_batches = []
+
+    def set_churn(self, churn):
+        from kvroute.kvindex import BlockRemoved, BlockStored, EventBatch
+
+        self.churn_batches = [
+            (w, EventBatch(0.0, (BlockStored(tuple(ext), parent, tuple(int(x) for x in toks), BS,
+                                             token_bytes=toks.astype("<u4").tobytes()),
+                                 BlockRemoved(tuple(gone)))))
+            for w, parent, ext, toks, gone in churn
+        ]
+
+    def drop(self):
+        self.index = None
+
+    def churn(self):
+        index = self.index
+        for w, b in self.churn_batches:
+            index.apply(w, b)
 
     def build(self):
         index = self._new()
@@ -153,6 +206,28 @@ class Dynamo:
                   "data": {"stored": {"parent_hash": parent,
                                       "blocks": [{"block_hash": e, "tokens_hash": h} for e, h in zip(ext, local)]}}}
             self.payloads.append((w, json.dumps(ev).encode()))
+        self.churn_payloads = []
+
+    def set_churn(self, churn):
+        from dynamo._core import compute_block_hash_for_seq
+
+        self.churn_payloads = []
+        for i, (w, parent, ext, toks, gone) in enumerate(churn):
+            local = compute_block_hash_for_seq([int(x) for x in toks], BS)
+            st = {"event_id": 2 * i, "dp_rank": 0,
+                  "data": {"stored": {"parent_hash": parent,
+                                      "blocks": [{"block_hash": e, "tokens_hash": h} for e, h in zip(ext, local)]}}}
+            rm = {"event_id": 2 * i + 1, "dp_rank": 0, "data": {"removed": {"block_hashes": list(gone)}}}
+            self.churn_payloads.append((w, json.dumps(st).encode(), json.dumps(rm).encode()))
+
+    def drop(self):
+        self.tree = None
+
+    def churn(self):
+        tree = self.tree
+        for w, st, rm in self.churn_payloads:
+            tree.apply_event(w, st)
+            tree.apply_event(w, rm)
 
     def build(self):
         tree = self._new()
@@ -238,6 +313,23 @@ def timed(fn, *args) -> float:
     return time.process_time() - t0
 
 
+def settle(quiet_s: float = 0.05, limit_s: float = 3.0) -> None:
+    """Wait until this process's threads stop using CPU (at most limit_s).
+
+    Dropping a Dynamo RadixTree of 1M entries leaves ~15-25 ms of CPU work on another thread
+    after the call returns; timed right after, Dynamo's next measurement paid for it (its
+    queries read ~25% slower right after a replacing build than after a pause; measured
+    2026-12-03).  Each side's previous index is therefore dropped, and this waited for,
+    before anything is timed.
+    """
+    end = time.monotonic() + limit_s
+    while time.monotonic() < end:
+        c0 = time.process_time()
+        time.sleep(quiet_s)
+        if time.process_time() - c0 < 0.02 * quiet_s:
+            return
+
+
 def memory_child(side: str, entries: int) -> None:
     """Build one side's index in a fresh process and print its RSS growth."""
     events, _, n = workload(entries)
@@ -251,23 +343,31 @@ def memory_child(side: str, entries: int) -> None:
     print(json.dumps({"rss_bytes": rss_bytes() - rss0, "estimate": extra}))
 
 
-def run_timing(entries: int, reps: int = 5) -> dict:
+def run_timing(entries: int, reps: int = 5, churn_prompts: int = 512) -> dict:
     """All sides in one process, repetitions interleaved, so machine noise hits them alike."""
     events, queries, n = workload(entries)
+    churn = churn_workload(events, churn_prompts)
+    churn_blocks = sum(len(c[2]) for c in churn)
     sides = [SIDES[k](events) for k in ("native", "python", "dynamo")]
+    for impl in sides:
+        impl.set_churn(churn)
     gc.collect()
     gc.freeze()  # the workload's own objects are long-lived input, not index state: keep them out of GC passes
     blocks = sum(len(e[2]) for e in events)
-    res = {impl.name: {"store": [], "query": [], "hash": [], "route": [], "route_u32": []} for impl in sides}
+    res = {impl.name: {"store": [], "query": [], "hash": [], "route": [], "route_u32": [], "churn": []} for impl in sides}
     queries_u32 = [np.asarray(q, dtype=np.uint32) for q in queries]
     for rep in range(reps):
         for impl in sides:
             r = res[impl.name]
+            impl.drop()  # the previous repetition's index: freed, and settled, before any timing
             gc.collect()
+            settle()
             r["store"].append(timed(impl.build))
+            settle()
             r["query"].append(timed(lambda: [impl.query(q) for q in queries]) / len(queries))
             r["hash"].append(timed(lambda: [impl.hash(q) for q in queries]) / len(queries))
             if impl.name == "dynamo":
+                r["churn"].append(timed(impl.churn))
                 continue
             router = impl.router()
             for i, q in enumerate(queries[:30]):  # warm up (and leave the pending table realistic)
@@ -287,6 +387,7 @@ def run_timing(entries: int, reps: int = 5) -> dict:
             r["route_u32"].append(timed(routes_u32) / len(queries))
             for i in range(len(queries)):
                 router.finish(("u", rep, i))
+            r["churn"].append(timed(impl.churn))  # last: the queries above ran on the built index
     nat, py, dyn = sides
     ref = [dyn.query(q) for q in queries[:60]]
     assert [nat.query(q) for q in queries[:60]] == ref and [py.query(q) for q in queries[:60]] == ref, \
@@ -295,11 +396,12 @@ def run_timing(entries: int, reps: int = 5) -> dict:
     ratio = {}
     for side in ("native", "python"):
         ratio[side] = {m: statistics.median([a / b for a, b in zip(res[side][m], res["dynamo"][m])])
-                       for m in ("store", "query", "hash")}
+                       for m in ("store", "query", "hash", "churn")}
         # Router.route against Dynamo's bare hash + find_matches
         for m in ("route", "route_u32"):
             ratio[side][m] = statistics.median([a / b for a, b in zip(res[side][m], res["dynamo"]["query"])])
-    return {"entries": nat.index.stats()["entries"], "blocks": blocks, "median": med, "ratio_of_reps": ratio}
+    return {"entries": nat.index.stats()["entries"], "blocks": blocks, "churn_blocks": churn_blocks, "median": med,
+            "ratio_of_reps": ratio}
 
 
 def _child(args: list[str]) -> dict:
@@ -316,6 +418,7 @@ def main() -> None:
     ap.add_argument("--big-entries", type=int, default=16_000_000, help="memory run at scale (0: skip)")
     ap.add_argument("--big-workers", type=int, default=256)
     ap.add_argument("--big-sides", default="native,dynamo", help="sides of the run at scale (python: ~2.5 GB, minutes)")
+    ap.add_argument("--churn-prompts", type=int, default=512, help="steady-state churn steps (one prompt stored, one evicted)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--memory-side", choices=sorted(SIDES), help=argparse.SUPPRESS)
     ap.add_argument("--memory-big", choices=sorted(SIDES), help=argparse.SUPPRESS)
@@ -331,8 +434,9 @@ def main() -> None:
     if a.big_entries:
         for side in a.big_sides.split(","):
             big[side] = _child(["--memory-big", side, "--big-entries", str(a.big_entries), "--big-workers", str(a.big_workers)])
-    t = run_timing(a.entries, a.reps)
+    t = run_timing(a.entries, a.reps, a.churn_prompts)
     n, blocks, med, rr = t["entries"], t["blocks"], t["median"], t["ratio_of_reps"]
+    cblocks = t["churn_blocks"]
     d = med["dynamo"]
     summary: dict = {"entries": n, "workers": WORKERS, "prompt_tokens": PROMPT_TOKENS, "block_size": BS, "reps": a.reps,
                      "loadavg": os.getloadavg()[0]}
@@ -342,13 +446,15 @@ def main() -> None:
             "hash_match_us": o["query"] * 1e6, "hash_match_ratio": rr[side]["query"],
             "hash_only_us": o["hash"] * 1e6, "hash_only_ratio": rr[side]["hash"],
             "store_blocks_per_s": blocks / o["store"], "store_ratio": 1 / rr[side]["store"],
+            "churn_blocks_per_s": cblocks / o["churn"], "churn_ratio": 1 / rr[side]["churn"],
             "bytes_per_entry_rss": mem[side]["rss_bytes"] / n, "bytes_per_entry_estimate": mem[side]["estimate"] / n,
             "bytes_ratio": mem[side]["rss_bytes"] / max(mem["dynamo"]["rss_bytes"], 1),
             "route_us": o["route"] * 1e6, "route_ratio": rr[side]["route"],
             "route_u32_us": o["route_u32"] * 1e6, "route_u32_ratio": rr[side]["route_u32"],
         }
     summary["dynamo"] = {"hash_match_us": d["query"] * 1e6, "hash_only_us": d["hash"] * 1e6,
-                         "store_blocks_per_s": blocks / d["store"], "bytes_per_entry_rss": mem["dynamo"]["rss_bytes"] / n}
+                         "store_blocks_per_s": blocks / d["store"], "churn_blocks_per_s": cblocks / d["churn"],
+                         "bytes_per_entry_rss": mem["dynamo"]["rss_bytes"] / n}
     summary["big"] = {side: {"entries": b["entries"], "workers": a.big_workers, "bytes_per_entry_rss": b["rss_bytes"] / b["entries"]}
                       for side, b in big.items()}
     nat = summary["native"]
@@ -369,12 +475,13 @@ def main() -> None:
     rows = [("hash+match per prompt (us)", "hash_match_us", "hash_match_ratio", "hash_match_us", "<= 0.5"),
             ("hash only per prompt (us)", "hash_only_us", "hash_only_ratio", "hash_only_us", ""),
             ("store from events (blocks/s)", "store_blocks_per_s", "store_ratio", "store_blocks_per_s", ">= 2.0"),
+            ("  steady churn at 1M (stored/s)", "churn_blocks_per_s", "churn_ratio", "churn_blocks_per_s", "(info)"),
             ("bytes per entry, RSS", "bytes_per_entry_rss", "bytes_ratio", "bytes_per_entry_rss", "<= 32 B"),
             ("Router.route (us) vs dyn hash+match", "route_us", "route_ratio", "hash_match_us", "<= 0.5"),
             ("  same, our prompts as uint32 arrays", "route_u32_us", "route_u32_ratio", "hash_match_us", "<= 0.5")]
     for label, key, rkey, dkey, target in rows:
         nv, pv, dv = summary["native"][key], summary["python"][key], summary["dynamo"][dkey]
-        fmt = (lambda v: f"{v:11,.0f}") if "store" in key else (lambda v: f"{v:11.1f}")
+        fmt = (lambda v: f"{v:11,.0f}") if "blocks_per_s" in key else (lambda v: f"{v:11.1f}")
         print(f"{label:34}{fmt(nv)}{summary['native'][rkey]:7.2f}{fmt(pv)}{summary['python'][rkey]:7.2f}{fmt(dv)}   {target}")
     print(f"{'bytes per entry, core estimate':34}{summary['native']['bytes_per_entry_estimate']:11.1f}{'':7}"
           f"{summary['python']['bytes_per_entry_estimate']:11.1f}")

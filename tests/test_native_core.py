@@ -274,6 +274,59 @@ def test_many_workers_and_growth():
         assert py.match(hs) == nat.match(hs)
 
 
+def test_bucket_tables_churn_shrink_and_regrow():
+    """The bucketed tables through growth, mass removal (overflow counts unwound, tables rebuilt
+    smaller), regrowth and engine names reused for other content: every result, match and
+    snapshot equals the reference's, and check() (which recounts every bucket's overflow count
+    and re-finds every key) passes after each phase."""
+    py, nat = PyKVIndex(4), NativeKVIndex(4)
+    rng = random.Random(14)
+    shared = [rng.getrandbits(64) for _ in range(300)]
+    stored: dict[int, list[tuple[int, int]]] = {w: [] for w in range(6)}
+
+    def store(w: int, hs: list[int], ks: list[int], tier: str = "gpu") -> None:
+        assert py.store(w, hs, engine_hashes=ks, tier=tier) == nat.store(w, hs, engine_hashes=ks, tier=tier)
+        stored[w].extend(zip(hs, ks))
+
+    def same() -> None:
+        nat.check_invariants()
+        assert normalized(py._snapshot_body()) == normalized(nat._snapshot_body())
+        for w in range(6):
+            for h, _ in stored[w][:: max(1, len(stored[w]) // 40)]:
+                assert py.match([h]) == nat.match([h])
+        assert py.stats()["entries"] == nat.stats()["entries"]
+
+    for w in range(6):  # growth from empty: ~4,000 blocks a worker, a shared prefix
+        hs = shared[: rng.randrange(50, 300)] + [rng.getrandbits(64) for _ in range(4000)]
+        store(w, hs, [rng.getrandbits(64) for _ in hs], tier="gpu" if w % 2 else "host")
+    same()
+    for w in range(6):  # remove ~95%: by engine hash for even workers, by content hash for odd ones
+        rng.shuffle(stored[w])
+        cut = len(stored[w]) * 19 // 20
+        gone, stored[w] = stored[w][:cut], stored[w][cut:]
+        tier = "gpu" if w % 2 else "host"
+        if w % 2:
+            assert py.remove(w, [h for h, _ in gone], tier=tier) == nat.remove(w, [h for h, _ in gone], tier=tier)
+        else:
+            assert py.remove(w, engine_hashes=[k for _, k in gone], tier=tier) == nat.remove(
+                w, engine_hashes=[k for _, k in gone], tier=tier)
+    same()
+    for w in range(6):  # regrow; half the new blocks reuse a surviving engine name for new content
+        old = [k for _, k in stored[w]]
+        hs = [rng.getrandbits(64) for _ in range(3000)]
+        ks = [old[i % len(old)] if i % 2 and i < 2 * len(old) else rng.getrandbits(64) for i in range(len(hs))]
+        stored[w] = [(h, k) for h, k in stored[w] if k not in set(ks)]
+        store(w, hs, ks, tier="gpu" if w % 2 else "host")
+    same()
+    for w in (0, 3):
+        assert py.clear(w) == nat.clear(w)
+        stored[w] = []
+    same()
+    assert py.remove_worker(5) == nat.remove_worker(5)
+    stored[5] = []
+    same()
+
+
 def test_match_tokens_fused_walk_equals_hash_then_match():
     """The compiled match_tokens stops hashing where the match ends; results and errors are unchanged."""
     py, nat = PyKVIndex(4), NativeKVIndex(4)

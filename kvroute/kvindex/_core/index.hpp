@@ -3,7 +3,7 @@
 // Layout (all owned by KVCore; the Python wrapper kvroute.kvindex.native.NativeKVIndex maps
 // worker ids to slots and engine hashes to 64-bit keys):
 //
-//   bt        BlockTable  content hash -> holder code (32 bits):
+//   bt        BucketMap   content hash -> holder code (32 bits):
 //               bit 31 clear: exactly one holder, inline: (worker slot << 3) | tier bits
 //               bit 31 set:   record r = code & 0x7fffffff in `pool`: three masks of W words
 //                             (GPU, host, disk), one bit per worker slot
@@ -30,7 +30,7 @@ constexpr uint32_t REC_BIT = 0x80000000u;
 struct Worker {
     bool live = false;
     bool engine_keys = false;  // some block stored under an engine hash distinct from its content hash
-    AliasMap alias;            // engine hash (or the content hash) -> block slot in bt
+    BucketMap alias;           // engine hash (or the content hash) -> block slot in bt
     std::map<std::pair<uint64_t, int>, uint32_t> copies;  // extra physical copies (sparse)
 };
 
@@ -41,7 +41,7 @@ struct Overlap {
 
 class KVCore {
    public:
-    BlockTable bt;
+    BucketMap bt;
     std::vector<uint64_t> pool;
     std::vector<uint32_t> free_recs;
     size_t nrec = 0;
@@ -57,7 +57,7 @@ class KVCore {
     inline const uint64_t* rec(uint32_t code) const { return &pool[(size_t)(code & ~REC_BIT) * 3 * W]; }
 
     inline int tiers_of(size_t b, uint32_t s) const {
-        uint32_t v = bt.s[b].val;
+        uint32_t v = bt.val(b);
         if (!(v & REC_BIT)) return (v >> 3) == s ? (int)(v & 7) : 0;
         const uint64_t* m = rec(v);
         size_t wi = s >> 6;
@@ -80,11 +80,11 @@ class KVCore {
     }
 
     void set_tier(size_t b, uint32_t s, int t) {
-        uint32_t v = bt.s[b].val;
+        uint32_t v = bt.val(b);
         if (!(v & REC_BIT)) {
             uint32_t os = v >> 3;
             if (os == s) {
-                bt.s[b].val = v | (1u << t);
+                bt.val(b) = v | (1u << t);
                 return;
             }
             uint32_t r = alloc_rec();
@@ -92,7 +92,7 @@ class KVCore {
             for (int tt = 0; tt < 3; tt++)
                 if (v >> tt & 1) m[tt * W + (os >> 6)] |= 1ULL << (os & 63);
             m[t * W + (s >> 6)] |= 1ULL << (s & 63);
-            bt.s[b].val = REC_BIT | r;
+            bt.val(b) = REC_BIT | r;
             return;
         }
         rec(v)[t * W + (s >> 6)] |= 1ULL << (s & 63);
@@ -100,10 +100,10 @@ class KVCore {
 
     // Clear one (worker, tier) bit of block slot b; erases the block when nobody holds it.
     void clear_tier(size_t b, uint32_t s, int t) {
-        uint32_t v = bt.s[b].val;
+        uint32_t v = bt.val(b);
         if (!(v & REC_BIT)) {
             v &= ~(1u << t);
-            if (v & 7) bt.s[b].val = v;
+            if (v & 7) bt.val(b) = v;
             else bt.erase_at(b);
             return;
         }
@@ -114,7 +114,7 @@ class KVCore {
 
     // Back to the canonical form after bits left a record: 0 holders -> erased, 1 -> inline.
     void normalize(size_t b) {
-        uint32_t v = bt.s[b].val;
+        uint32_t v = bt.val(b);
         uint64_t* m = rec(v);
         int holders = 0;
         size_t who = 0;
@@ -134,7 +134,7 @@ class KVCore {
         size_t wi = who >> 6;
         uint64_t bit = 1ULL << (who & 63);
         uint32_t tiers = ((m[wi] & bit) ? 1 : 0) | ((m[W + wi] & bit) ? 2 : 0) | ((m[2 * W + wi] & bit) ? 4 : 0);
-        bt.s[b].val = ((uint32_t)who << 3) | tiers;
+        bt.val(b) = ((uint32_t)who << 3) | tiers;
     }
 
     // ----------------------------------------------------------------- workers
@@ -155,26 +155,41 @@ class KVCore {
     }
     bool live(uint32_t s) const { return s < workers.size() && workers[s].live; }
 
-    // Rehash the block table and point every alias at the new slots.
+    // Rehash the block table and point every alias at the new slots.  The remap reads are random
+    // (aliases are ordered by engine hash) in an array of 4 B a slot: they are prefetched 8
+    // buckets ahead, else each waits a full cache miss.
     void grow() {
         std::vector<uint32_t> remap;
-        bt.rehash(grown_capacity(bt.size), remap);
+        bt.rehash(bucket_capacity(bt.size), &remap);
+        const uint32_t* R = remap.data();
         for (auto& w : workers) {
             if (!w.live) continue;
-            for (auto& sl : w.alias.s)
-                if (sl.val != EMPTY) sl.val = remap[sl.val];
+            Bucket* A = w.alias.b.data();
+            size_t nb = w.alias.buckets();
+            for (size_t i = 0; i < nb; i++) {
+                if (i + 16 < nb) prefetch_line(&A[i + 16]);  // hardware prefetchers barely help here (measured)
+                if (i + 8 < nb)
+                    for (int j = 0; j < BSLOTS; j++)
+                        if (A[i + 8].val[j] != EMPTY) prefetch_line(&R[A[i + 8].val[j]]);
+                for (int j = 0; j < BSLOTS; j++)
+                    if (A[i].val[j] != EMPTY) A[i].val[j] = R[A[i].val[j]];
+            }
         }
     }
+    // After erases: rebuild the block table smaller once it is mostly empty (never mid-operation).
+    void shrink_if_sparse() {
+        if (bt.sparse()) grow();
+    }
     size_t insert_block(uint64_t c, uint32_t s, int t) {
-        if (bt.needs_rehash()) grow();
-        return bt.place(c, (s << 3) | (1u << t));
+        if (bt.needs_grow()) grow();
+        return bt.insert_new(c, (s << 3) | (1u << t));
     }
 
     int64_t clear(uint32_t s) {
         Worker& w = workers[s];
         int64_t dropped = 0;
-        for (size_t i = 0; i < w.alias.s.size(); i++) {
-            uint32_t b = w.alias.s[i].val;
+        for (size_t i = 0; i < w.alias.cap(); i++) {
+            uint32_t b = w.alias.val(i);
             if (b == EMPTY) continue;
             int tt = tiers_of(b, s);
             for (int t = 0; t < 3; t++)
@@ -187,6 +202,7 @@ class KVCore {
         w.alias.clear();
         w.copies.clear();
         w.engine_keys = false;
+        shrink_if_sparse();
         return dropped;
     }
     int64_t remove_worker(uint32_t s) {
@@ -215,9 +231,9 @@ class KVCore {
     void realias(uint32_t s, size_t b, uint64_t k) {
         Worker& w = workers[s];
         if (w.alias.find(k) >= 0) drop_alias(s, k);
-        for (size_t i = 0; i < w.alias.s.size(); i++)
-            if (w.alias.s[i].val == b) {
-                uint64_t old = w.alias.s[i].key;
+        for (size_t i = 0; i < w.alias.cap(); i++)
+            if (w.alias.val(i) == b) {
+                uint64_t old = w.alias.key(i);
                 w.alias.erase_at(i);
                 if (!w.copies.empty())  // the old name's extra copies go with it
                     for (int t = 0; t < 3; t++) w.copies.erase({old, t});
@@ -247,7 +263,7 @@ class KVCore {
                 if (w.alias.find(k) >= 0) drop_alias(s, k);  // the engine reuses a name for other content
                 if (b < 0) b = (long)insert_block(c, s, t);
                 else set_tier((size_t)b, s, t);
-                w.alias.put(k, (uint32_t)b);
+                w.alias.insert(k, (uint32_t)b);  // k is absent now
                 if (k != c) w.engine_keys = true;
                 added++;
             } else {
@@ -271,27 +287,39 @@ class KVCore {
     bool key_of(uint32_t s, uint64_t c, uint64_t& k) const {
         const Worker& w = workers[s];
         uint32_t a = w.alias.get(c);
-        if (a != EMPTY && bt.s[a].key == c) {
+        if (a != EMPTY && bt.key(a) == c) {
             k = c;
             return true;
         }
         if (!w.engine_keys) return false;
         long b = bt.find(c);
         if (b < 0 || !tiers_of((size_t)b, s)) return false;
-        for (size_t i = 0; i < w.alias.s.size(); i++)
-            if (w.alias.s[i].val == (uint32_t)b) {
-                k = w.alias.s[i].key;
+        for (size_t i = 0; i < w.alias.cap(); i++)
+            if (w.alias.val(i) == (uint32_t)b) {
+                k = w.alias.key(i);
                 return true;
             }
         return false;
     }
 
+    // Removals by engine hash read two random lines a key (its alias, then its block): prefetch
+    // the alias 32 keys ahead and, once it is in, the block 12 keys ahead.
+    inline void prefetch_removal(const Worker& w, const uint64_t* ks, size_t i, size_t n) const {
+        if (i + 32 < n) w.alias.prefetch(ks[i + 32]);
+        if (i + 12 < n) {
+            uint32_t b = w.alias.get(ks[i + 12]);
+            if (b != EMPTY) prefetch_line(&bt.b[b / BSLOTS]);
+        }
+    }
+
     int64_t remove_keys(uint32_t s, const uint64_t* ks, size_t n, int t) {
         int64_t removed = 0;
         for (size_t i = 0; i < n; i++) {
+            prefetch_removal(workers[s], ks, i, n);
             uint32_t b = workers[s].alias.get(ks[i]);
             if (b != EMPTY) removed += remove_one(s, ks[i], b, t);
         }
+        shrink_if_sparse();
         return removed;
     }
     int64_t remove_hashes(uint32_t s, const uint64_t* hs, size_t n, int t) {
@@ -300,6 +328,7 @@ class KVCore {
             uint64_t k;
             if (key_of(s, hs[i], k)) removed += remove_one(s, k, workers[s].alias.get(k), t);
         }
+        shrink_if_sparse();
         return removed;
     }
 
@@ -307,6 +336,7 @@ class KVCore {
     void apply_removed(uint32_t s, const uint64_t* ks, size_t n, int t, int64_t* out) {
         Worker& w = workers[s];
         for (size_t i = 0; i < n; i++) {
+            prefetch_removal(w, ks, i, n);
             uint64_t k = ks[i];
             if (!w.copies.empty()) {
                 auto it = w.copies.find({k, t});
@@ -322,6 +352,7 @@ class KVCore {
             else if (remove_one(s, k, b, t)) out[0]++;
             else out[1]++;
         }
+        shrink_if_sparse();
     }
 
     // GPU blocks announced again under the same engine hash while held: one more physical copy each.
@@ -330,8 +361,9 @@ class KVCore {
         if (!w.alias.size) return 0;
         int64_t c = 0;
         for (size_t i = 0; i < n; i++) {
+            if (i + 12 < n) w.alias.prefetch(ks[i + 12]);
             uint32_t b = w.alias.get(ks[i]);
-            if (b != EMPTY && bt.s[b].key == hs[i] && (tiers_of(b, s) >> t & 1)) {
+            if (b != EMPTY && bt.key(b) == hs[i] && (tiers_of(b, s) >> t & 1)) {
                 w.copies[{ks[i], t}]++;
                 c++;
             }
@@ -366,7 +398,7 @@ class KVCore {
         }
         std::vector<int32_t> hostc(64 * nW, 0), diskc(64 * nW, 0);
         auto load = [&](size_t bb, uint64_t* M) {
-            uint32_t v = bt.s[bb].val;
+            uint32_t v = bt.val(bb);
             if (!(v & REC_BIT)) {
                 for (size_t wi = 0; wi < nW; wi++) M[wi] = 0;
                 uint32_t s = v >> 3;
@@ -377,7 +409,7 @@ class KVCore {
             }
         };
         auto offtier = [&](size_t bb, const uint64_t* M) {
-            uint32_t v = bt.s[bb].val;
+            uint32_t v = bt.val(bb);
             if (!(v & REC_BIT)) {
                 if (!(v & 1)) {
                     uint32_t s = v >> 3;
@@ -444,15 +476,13 @@ class KVCore {
     std::string check() const {
         std::vector<int64_t> held(workers.size(), 0);
         int64_t cnt[3] = {0, 0, 0};
-        size_t live_blocks = 0, tombs = 0;
+        std::string e = bt.check();
+        if (!e.empty()) return "block table: " + e;
+        size_t live_blocks = 0;
         std::vector<char> rec_used(nrec, 0);
         for (size_t b = 0; b < bt.cap(); b++) {
-            uint32_t v = bt.s[b].val;
+            uint32_t v = bt.val(b);
             if (v == EMPTY) continue;
-            if (v == TOMB) {
-                tombs++;
-                continue;
-            }
             live_blocks++;
             if (!(v & REC_BIT)) {
                 uint32_t s = v >> 3;
@@ -481,7 +511,7 @@ class KVCore {
             }
             if (holders < 2) return "record with fewer than two holders (not canonical)";
         }
-        if (live_blocks != bt.size || tombs != bt.tombs) return "block table counters drifted";
+        if (live_blocks != bt.size) return "block table counters drifted";
         for (uint32_t r : free_recs)
             if (r >= nrec || rec_used[r]) return "a used record is on the free list";
         if (free_recs.size() + std::count(rec_used.begin(), rec_used.end(), 1) != nrec) return "records leaked";
@@ -494,15 +524,17 @@ class KVCore {
                 continue;
             }
             if ((int64_t)w.alias.size != held[s]) return "alias count differs from blocks held";
+            e = w.alias.check();
+            if (!e.empty()) return "alias table: " + e;
             std::vector<uint32_t> vs;
             size_t n = 0;
-            for (size_t i = 0; i < w.alias.s.size(); i++) {
-                uint32_t b = w.alias.s[i].val;
+            for (size_t i = 0; i < w.alias.cap(); i++) {
+                uint32_t b = w.alias.val(i);
                 if (b == EMPTY) continue;
                 n++;
-                if (b >= bt.cap() || bt.s[b].val == EMPTY || bt.s[b].val == TOMB) return "alias to a dead block";
+                if (b >= bt.cap() || bt.val(b) == EMPTY) return "alias to a dead block";
                 if (!tiers_of(b, (uint32_t)s)) return "alias to a block the worker does not hold";
-                if (w.alias.find(w.alias.s[i].key) != (long)i) return "alias table probe chain broken";
+                if (w.alias.find(w.alias.key(i)) != (long)i) return "alias table probe chain broken";
                 vs.push_back(b);
             }
             if (n != w.alias.size) return "alias size counter drifted";

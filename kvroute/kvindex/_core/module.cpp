@@ -111,7 +111,7 @@ static bool tokens_u32(py::handle obj, std::vector<uint32_t>& buf, const uint32_
         PyObject** items = PySequence_Fast_ITEMS(o);
         buf.resize(n);
         for (size_t i = 0; i < n; i++) {
-            if (i + 16 < n) __builtin_prefetch(items[i + 16]);  // int objects: several misses in flight
+            if (i + 16 < n) kvcore::prefetch_line(items[i + 16]);  // int objects: several misses in flight
             uint64_t v;
             if (!as_uint(items[i], 0xFFFFFFFFULL, v))
                 raise(g_invalid_tokens, "token ids must be integers in [0, 2**32 - 1]: bad item at position " + std::to_string(i));
@@ -241,6 +241,7 @@ static bool u64s(py::handle obj, std::vector<uint64_t>& out, bool allow_bytes, b
     PyObject** items = PySequence_Fast_ITEMS(fast.ptr());
     out.resize(n);
     for (size_t i = 0; i < n; i++) {
+        if (i + 16 < n) kvcore::prefetch_line(items[i + 16]);  // int objects: several misses in flight
         PyObject* it = items[i];
         if (allow_bytes && (PyBytes_Check(it) || PyByteArray_Check(it) || PyMemoryView_Check(it))) return false;
         if (PyBool_Check(it) && wrap_negative) raise(PyExc_TypeError, "a bool is not a block hash");
@@ -324,7 +325,7 @@ static std::pair<int64_t, int64_t> stored_locked(Index& x, uint32_t s, const uin
     if (pk) {
         uint32_t b = x.core.live(s) ? x.core.workers[s].alias.get(*pk) : EMPTY;
         if (b == EMPTY) return {-1, 0};
-        seed = x.core.bt.s[b].key;
+        seed = x.core.bt.key(b);
     }
     chain(data, ntok, bs, seed, ex, hs);
     int64_t copies = 0;
@@ -339,7 +340,7 @@ static int64_t placeholder_locked(Index& x, uint32_t s, const uint64_t* ks, size
     for (size_t i = 0; i < n; i++) {
         uint32_t b = x.core.workers[s].alias.get(ks[i]);
         if (b == EMPTY) return -1;
-        hs[i] = x.core.bt.s[b].key;
+        hs[i] = x.core.bt.key(b);
     }
     return x.core.store(s, hs.data(), ks, n, t);
 }
@@ -779,7 +780,7 @@ PYBIND11_MODULE(_kvcore, m) {
             Guard g(x.mu);
             uint32_t b = x.core.workers[s].alias.get(k);
             if (b == EMPTY) return py::none();
-            return py::int_(x.core.bt.s[b].key);
+            return py::int_(x.core.bt.key(b));
         })
         // (content hashes, alias keys, tier bits) of a worker, as numpy arrays
         .def("rows", [](Index& x, uint32_t s) {
@@ -792,11 +793,11 @@ PYBIND11_MODULE(_kvcore, m) {
             auto K = ks.mutable_data();
             auto B = bits.mutable_data();
             size_t j = 0;
-            for (size_t i = 0; i < w.alias.s.size(); i++) {
-                uint32_t b = w.alias.s[i].val;
+            for (size_t i = 0; i < w.alias.cap(); i++) {
+                uint32_t b = w.alias.val(i);
                 if (b == EMPTY) continue;
-                C[j] = x.core.bt.s[b].key;
-                K[j] = w.alias.s[i].key;
+                C[j] = x.core.bt.key(b);
+                K[j] = w.alias.key(i);
                 B[j] = (uint8_t)x.core.tiers_of(b, s);
                 j++;
             }
