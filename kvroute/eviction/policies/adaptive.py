@@ -122,6 +122,7 @@ from typing import Hashable, Mapping, Sequence
 
 import numpy as np
 
+from ...kvindex import backend as _backend
 from ..base import EvictionError, EvictionPolicy
 from .arc import ARC
 from .lru import LRU
@@ -285,6 +286,11 @@ def _density(lam: list, T: float) -> list:
 _EDGES_NP = np.array(_EDGES)
 _A0 = [_EDGES[i] if i < len(_EDGES) else _MIDS[-1] for i in range(_NBINS)]
 
+#: The compiled core's twins of the hot paths (``DensityHeaps``: the class heaps and the victim
+#: snapshot; ``density_table``), or None: the pure-Python reference (``KVROUTE_PURE_PYTHON=1``, or a
+#: core built without them).  Read by :meth:`Adaptive.bind`; tests set it to compare the two exactly.
+_NATIVE = _backend.core if _backend.core is not None and hasattr(_backend.core, "DensityHeaps") else None
+
 
 def _density_table(lam: np.ndarray, T: float) -> np.ndarray:
     """:func:`_density` for every row of ``lam`` (classes x bins) at once, with the same arithmetic in
@@ -356,8 +362,13 @@ class Adaptive(EvictionPolicy):
             self._hits[c][0] = w.prior_hits
             self._gone[c][-1] = max(w.prior_lifetimes - w.prior_hits, 0.0)
             self._life[c] = w.prior_lifetimes
-        #: Density table per class and age bin (recomputed every refresh_requests).
+        #: Density table per class and age bin (recomputed every refresh_requests): lists, or with the
+        #: compiled heaps (``_dh``) the array they were given.
         self._hd = [[1.0] * _NBINS for _ in range(self.nclasses)]
+        #: The compiled class heaps (kvroute.kvindex's DensityHeaps: heaps of the classes >= 0 and their
+        #: victim snapshot), made by bind() when the core has them and depth_cost is 0; None: the Python
+        #: heaps below hold every class.  The hinted heaps (-1, -2) stay in Python either way.
+        self._dh = None
         #: Ghost + resident metadata: key -> [last access time, class, uses seen (0: provisional, see
         #: _new_meta)]; oldest first.  Kept by begin(), _new_meta() and _trim_meta() only.
         self._meta: OrderedDict = OrderedDict()
@@ -450,6 +461,10 @@ class Adaptive(EvictionPolicy):
     # --------------------------------------------------------------- learning
     def bind(self, capacity: int) -> None:
         self.capacity = capacity
+        if _NATIVE is not None and not self.w.depth_cost:
+            self._dh = _NATIVE.DensityHeaps(self.nclasses, _EDGES, _NBINS, float(self.w.density_quantum))
+            self._hd = np.array(self._hd)
+            self._dh.set_table(self._hd)
         self._ghost_cap = max(self.w.ghost_min, int(self.w.ghost_factor * capacity))
         self._duel_setup()
 
@@ -506,6 +521,8 @@ class Adaptive(EvictionPolicy):
             if self._hd is not up._hd:
                 self._hd, self.T = up._hd, up.T
                 self._vnow = None
+                if self._dh is not None:
+                    self._dh.set_table(self._hd)
             return
         if self._shadows is not None:
             self._duel(keys, now)
@@ -631,10 +648,14 @@ class Adaptive(EvictionPolicy):
             if e is not None and e[0] >= 0:  # an unpinned candidate (engine tiers): re-file it by class and time
                 self._seq += 1
                 cand[k] = (c, self._seq)
-                self._push(c, (now, self._seq, k))
-                if self._vnow == now:
-                    self._snap_left(e)
-                    self._snap_push(c)
+                if self._dh is not None:
+                    self._dh.withdraw(e[1])
+                    self._dh.push(c, now, self._seq, k)
+                else:
+                    self._push(c, (now, self._seq, k))
+                    if self._vnow == now:
+                        self._snap_left(e)
+                        self._snap_push(c)
             if prev is not None:
                 ps = succ.get(prev)
                 if ps is None:
@@ -773,14 +794,21 @@ class Adaptive(EvictionPolicy):
         C = self.nclasses
         hits = np.array(self._hits)
         gone = np.array(self._gone)
-        ob = np.zeros((C, _NBINS))
+        cls: list = []
+        slots: list = []
+        cnt: list = []
         for c, op in enumerate(self._open):  # open lifetimes per age bin (see _at_risk), as _bin bins them
             if op:
-                ages = now - (np.fromiter(op.keys(), float, len(op)) + 0.5) * _SLOT
-                bins = np.searchsorted(_EDGES_NP, ages, side="right") - 1
-                bins[ages >= _EDGES[-1]] = _NBINS - 1
-                bins[ages <= 0.0] = 0
-                ob[c] = np.bincount(bins, weights=np.fromiter(op.values(), float, len(op)), minlength=_NBINS)
+                cls += [c] * len(op)
+                slots += op.keys()
+                cnt += op.values()
+        ages = now - (np.array(slots, float) + 0.5) * _SLOT
+        bins = np.searchsorted(_EDGES_NP, ages, side="right") - 1
+        bins[ages >= _EDGES[-1]] = _NBINS - 1
+        bins[ages <= 0.0] = 0
+        # integer counts: their float sums are exact in any order
+        ob = np.bincount(np.array(cls, np.int64) * _NBINS + bins, weights=np.array(cnt, float),
+                         minlength=C * _NBINS).reshape(C, _NBINS)
         # risk[j] = acc + hits[j] + gone[j] + ob[j]/2, acc the sum over later bins (as _at_risk)
         x = (hits + gone) + ob
         acc = np.zeros((C, _NBINS))
@@ -803,11 +831,17 @@ class Adaptive(EvictionPolicy):
             glam = shrunk(gh, gr, top)
             idx = np.array(cs)
             lam[idx] = shrunk(hits[idx], risk[idx], glam)
-        self._hd = _density_table(lam, T).tolist()
         self._vnow = None  # the victim snapshot used the old tables
+        if self._dh is not None:  # the compiled heaps hold the table (and _density reads it there)
+            self._hd = _NATIVE.density_table(lam, T, _MIDS, _A0)
+            self._dh.set_table(self._hd)
+        else:
+            self._hd = _density_table(lam, T).tolist()
 
     # ------------------------------------------------------------------ cache
     def _density(self, key: Hashable, cls: int, t_last: float) -> float:
+        if self._dh is not None:  # depth_cost is 0 (see bind)
+            return self._dh.value(cls, t_last, self._now)
         v = self._hd[cls][_bin(self._now - t_last)]
         if self.w.depth_cost:
             v *= 1.0 + self.w.depth_cost * self._res.get(key, 0)
@@ -890,8 +924,8 @@ class Adaptive(EvictionPolicy):
             (self._votes.add if flag else self._votes.discard)(key)
         if not flag:
             e = self._cand.pop(key, None)
-            if e is not None and self._vnow == self._now:
-                self._snap_left(e)
+            if e is not None:
+                self._left(e)
             return
         self._file(key)
 
@@ -906,7 +940,10 @@ class Adaptive(EvictionPolicy):
         if rt is not None:  # the client said when its session returns
             self._cand[key] = (-2, self._seq)
             self._push(-2, (-rt, self._seq, key))
-            if self._vnow == self._now:
+            if self._dh is not None:
+                if old is not None:
+                    self._left(old)
+            elif self._vnow == self._now:
                 if old is not None:
                     self._snap_left(old)
                 self._snap_push(-2)
@@ -915,18 +952,35 @@ class Adaptive(EvictionPolicy):
         if r is not None:  # hinted blocks wait in their own heap, lowest rate first
             self._cand[key] = (-1, self._seq)
             self._push(-1, (r, self._seq, key))
-            if self._vnow == self._now:
+            if self._dh is not None:
+                if old is not None:
+                    self._left(old)
+            elif self._vnow == self._now:
                 if old is not None:
                     self._snap_left(old)
                 self._snap_push(-1)
             return
         c = m[1]
         self._cand[key] = (c, self._seq)
+        if self._dh is not None:
+            if old is not None:
+                self._left(old)
+            self._dh.push(c, m[0], self._seq, key)
+            return
         self._push(c, (m[0], self._seq, key))
         if self._vnow == self._now:
             if old is not None:
                 self._snap_left(old)
             self._snap_push(c)
+
+    def _left(self, entry: tuple) -> None:
+        """Candidate entry ``(class, seq)`` left its heap (withdrawn, removed or re-filed; ``_cand`` already
+        says so): the compiled heaps drop it, or the Python victim snapshot re-ranks its class."""
+        if self._dh is not None:
+            if entry[0] >= 0:
+                self._dh.withdraw(entry[1])
+        elif self._vnow == self._now:
+            self._snap_left(entry)
 
     def _push(self, c: int, entry: tuple) -> None:
         """Push a candidate entry into class ``c``'s heap; drop the stale ones (re-filed, pinned, removed)
@@ -945,6 +999,8 @@ class Adaptive(EvictionPolicy):
             self._pushed = n
 
     def _head(self, c: int):
+        if c >= 0 and self._dh is not None:
+            return self._dh.head(c)
         h, cand = self._heaps[c], self._cand
         while h:
             t, seq, key = h[0]
@@ -1045,7 +1101,18 @@ class Adaptive(EvictionPolicy):
 
         The class heads' ranks at ``now`` sit in a small heap (``_vheap``) that lives as long as ``now``
         and the density tables do: an eviction re-ranks only the class it took from, and a re-filed
-        candidate only its own class (:meth:`_snap_push`), instead of every class's head per victim."""
+        candidate only its own class (:meth:`_snap_push`), instead of every class's head per victim.
+        With the compiled heaps, they keep that snapshot for the classes >= 0, and the hinted heaps'
+        heads (rare) are ranked here on every call."""
+        dh = self._dh
+        if dh is not None:
+            e = dh.peek(self._now)
+            if self._heaps[-1] or self._heaps[-2]:
+                for c in (-2, -1):
+                    x = self._class_head(c)
+                    if x is not None and (e is None or x[:3] < e[:3]):
+                        e = x
+            return e
         if self._vnow != self._now:
             self._vnow = self._now
             heaps = self._heaps
@@ -1084,8 +1151,8 @@ class Adaptive(EvictionPolicy):
 
     def on_remove(self, key: Hashable) -> None:
         e = self._cand.pop(key, None)
-        if e is not None and self._vnow == self._now:
-            self._snap_left(e)
+        if e is not None:
+            self._left(e)
         self._res.pop(key, None)
         if self._votes is not None:
             self._votes.discard(key)
@@ -1099,6 +1166,8 @@ class Adaptive(EvictionPolicy):
         clear() reports no drops, so both tiers' votes are recomputed (empty after TieredCache.clear(),
         which removes every candidate first)."""
         self._vnow = None
+        if self._dh is not None:
+            self._dh.invalidate()
         if self._shadows is not None:
             for sh in self._shadows:
                 sh.clear()

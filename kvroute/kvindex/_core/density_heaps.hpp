@@ -1,0 +1,289 @@
+// Density-ranked candidate heaps and the hit-density table: the compiled twins of the learned
+// eviction policy's victim search and refresh (kvroute/eviction/policies/adaptive.py is the reference;
+// tests/test_eviction_native.py compares them exactly).  Generic: classes, a table of values per class
+// and age bin, heaps of (time, seq) entries; no eviction-specific type, so the ground floor may host it.
+//
+// * DensityHeaps: one min-heap of candidates per class, ordered by (last access t, seq), stale entries
+//   dropped lazily (an entry lives while its seq is in `live_`).  The victim is the class head of the
+//   lowest rank (level, t, class, seq) at `now`, level = floor(log2(v) / quantum) (v itself when the
+//   quantum is 0; -inf when v <= 0), v = table[class][bin(now - t)].  The heads' ranks at one `now` sit
+//   in a heap (`vheap_`) that lives until `now` or the table changes: a withdrawn head re-ranks its
+//   class only.  Same arithmetic as Adaptive._class_head / _bin (IEEE doubles, libm log2).
+// * density_table: Adaptive._density for every row of a (classes x bins) hazard array.
+#pragma once
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <unordered_map>
+#include <vector>
+
+namespace kvcore {
+namespace py = pybind11;
+
+class DensityHeaps {
+public:
+    struct Rank {
+        double lv, t;
+        int c;
+        int64_t seq;
+        double v;
+    };
+
+    DensityHeaps(int nclasses, std::vector<double> edges, int nbins, double quantum)
+        : C_(nclasses), nb_(nbins), q_(quantum), edges_(std::move(edges)), heaps_(nclasses),
+          vtop_(nclasses, -1), vtop_t_(nclasses, 0.0), table_(size_t(nclasses) * nbins, 1.0) {
+        if (nclasses < 1 || nbins < 1 || edges_.empty() || int(edges_.size()) > nbins)
+            throw py::value_error("DensityHeaps: bad shape");
+    }
+
+    //: The density table, row-major (classes x bins); the snapshot of ranks is dropped.
+    void set_table(py::array_t<double, py::array::c_style | py::array::forcecast> tab) {
+        if (tab.ndim() != 2 || tab.shape(0) != C_ || tab.shape(1) != nb_)
+            throw py::value_error("DensityHeaps.set_table: shape must be (classes, bins)");
+        std::copy(tab.data(), tab.data() + table_.size(), table_.begin());
+        valid_ = false;
+    }
+
+    void invalidate() { valid_ = false; }
+
+    //: Age bin of `age` seconds (Adaptive._bin).
+    int bin(double age) const {
+        if (age <= 0.0) return 0;
+        if (age < edges_.back())
+            return int(std::upper_bound(edges_.begin(), edges_.end(), age) - edges_.begin()) - 1;
+        return nb_ - 1;
+    }
+
+    double value(int c, double t, double now) const { return table_[size_t(c) * nb_ + bin(now - t)]; }
+
+    void push(int c, double t, int64_t seq, py::object key) {
+        check_class(c);
+        live_[seq] = Live{c, std::move(key)};
+        auto& h = heaps_[c];
+        h.push_back(Ent{t, seq});
+        std::push_heap(h.begin(), h.end(), ent_greater);
+        ++pushed_;
+        if (valid_ && (vtop_[c] < 0 || t < vtop_t_[c] || (t == vtop_t_[c] && seq < vtop_[c]))) {
+            auto r = rank_class(c);
+            if (r && r->seq != vtop_[c]) set_top(*r);
+        }
+        if (pushed_ > 4 * live_.size() + 1024) compact();
+    }
+
+    //: Entry `seq` is no longer a candidate (unknown seqs are ignored).
+    void withdraw(int64_t seq) {
+        auto it = live_.find(seq);
+        if (it == live_.end()) return;
+        int c = it->second.c;
+        live_.erase(it);
+        if (valid_ && vtop_[c] == seq) rerank(c);
+    }
+
+    std::optional<Rank> peek_rank(double now) {
+        if (!valid_ || now != vnow_) rebuild(now);
+        while (!vheap_.empty()) {
+            const Rank e = vheap_.front();
+            if (vtop_[e.c] == e.seq) {
+                if (live_.count(e.seq)) return e;
+                pop_v();
+                rerank(e.c);
+            } else {
+                pop_v();
+            }
+        }
+        return std::nullopt;
+    }
+
+    py::object peek(double now) {
+        auto r = peek_rank(now);
+        if (!r) return py::none();
+        return py::make_tuple(r->lv, r->t, r->c, r->seq, live_.at(r->seq).key, r->v);
+    }
+
+    //: (t, seq, key) of class c's live head, or None.
+    py::object head(int c) {
+        check_class(c);
+        const Ent* e = clean_head(c);
+        if (!e) return py::none();
+        return py::make_tuple(e->t, e->seq, live_.at(e->seq).key);
+    }
+
+    size_t entries() const {
+        size_t n = 0;
+        for (auto& h : heaps_) n += h.size();
+        return n;
+    }
+    size_t live() const { return live_.size(); }
+
+private:
+    struct Ent {
+        double t;
+        int64_t seq;
+    };
+    struct Live {
+        int c;
+        py::object key;
+    };
+    static bool ent_greater(const Ent& a, const Ent& b) { return a.t > b.t || (a.t == b.t && a.seq > b.seq); }
+    static bool rank_greater(const Rank& a, const Rank& b) {
+        if (a.lv != b.lv) return a.lv > b.lv;
+        if (a.t != b.t) return a.t > b.t;
+        if (a.c != b.c) return a.c > b.c;
+        return a.seq > b.seq;
+    }
+
+    void check_class(int c) const {
+        if (c < 0 || c >= C_) throw py::index_error("DensityHeaps: class out of range");
+    }
+
+    const Ent* clean_head(int c) {
+        auto& h = heaps_[c];
+        while (!h.empty()) {
+            auto it = live_.find(h.front().seq);
+            if (it != live_.end() && it->second.c == c) return &h.front();
+            std::pop_heap(h.begin(), h.end(), ent_greater);
+            h.pop_back();
+        }
+        return nullptr;
+    }
+
+    std::optional<Rank> rank_class(int c) {
+        const Ent* e = clean_head(c);
+        if (!e) return std::nullopt;
+        double v = value(c, e->t, vnow_);
+        double lv;
+        if (q_ != 0.0)
+            lv = v > 0 ? std::floor(std::log2(v) / q_) : -std::numeric_limits<double>::infinity();
+        else
+            lv = v;
+        return Rank{lv, e->t, c, e->seq, v};
+    }
+
+    void set_top(const Rank& r) {
+        vheap_.push_back(r);
+        std::push_heap(vheap_.begin(), vheap_.end(), rank_greater);
+        vtop_[r.c] = r.seq;
+        vtop_t_[r.c] = r.t;
+    }
+
+    void rerank(int c) {
+        auto r = rank_class(c);
+        if (r)
+            set_top(*r);
+        else
+            vtop_[c] = -1;
+    }
+
+    void pop_v() {
+        std::pop_heap(vheap_.begin(), vheap_.end(), rank_greater);
+        vheap_.pop_back();
+    }
+
+    void rebuild(double now) {
+        vnow_ = now;
+        valid_ = true;
+        vheap_.clear();
+        std::fill(vtop_.begin(), vtop_.end(), -1);
+        for (int c = 0; c < C_; ++c) {
+            if (heaps_[c].empty()) continue;
+            auto r = rank_class(c);
+            if (r) {
+                vheap_.push_back(*r);
+                vtop_[c] = r->seq;
+                vtop_t_[c] = r->t;
+            }
+        }
+        std::make_heap(vheap_.begin(), vheap_.end(), rank_greater);
+    }
+
+    void compact() {
+        size_t n = 0;
+        for (int c = 0; c < C_; ++c) {
+            auto& h = heaps_[c];
+            h.erase(std::remove_if(h.begin(), h.end(),
+                                   [&](const Ent& e) {
+                                       auto it = live_.find(e.seq);
+                                       return it == live_.end() || it->second.c != c;
+                                   }),
+                    h.end());
+            std::make_heap(h.begin(), h.end(), ent_greater);
+            n += h.size();
+        }
+        pushed_ = n;
+    }
+
+    int C_, nb_;
+    double q_;
+    std::vector<double> edges_;
+    std::vector<std::vector<Ent>> heaps_;
+    std::unordered_map<int64_t, Live> live_;
+    size_t pushed_ = 0;
+    // snapshot of the class heads' ranks at vnow_ (valid_ false: rebuilt by the next peek)
+    bool valid_ = false;
+    double vnow_ = 0.0;
+    std::vector<Rank> vheap_;
+    std::vector<int64_t> vtop_;
+    std::vector<double> vtop_t_;
+    std::vector<double> table_;
+};
+
+//: Adaptive._density for every row of lam (classes x bins): hit density per age bin over horizon T,
+//: with the scalar reference's arithmetic in its order (built with -ffp-contract=off).
+inline py::array_t<double> density_table(py::array_t<double, py::array::c_style | py::array::forcecast> lam, double T,
+                                         const std::vector<double>& mids, const std::vector<double>& a0) {
+    if (lam.ndim() != 2) throw py::value_error("density_table: lam must be 2-d");
+    const py::ssize_t C = lam.shape(0), nb = lam.shape(1);
+    if (py::ssize_t(mids.size()) != nb || py::ssize_t(a0.size()) != nb)
+        throw py::value_error("density_table: mids and a0 must have one entry per bin");
+    py::array_t<double> out({C, nb});
+    const double* L = lam.data();
+    double* H = out.mutable_data();
+    for (py::ssize_t r = 0; r < C; ++r) {
+        const double* lr = L + r * nb;
+        double* hr = H + r * nb;
+        for (py::ssize_t i = 0; i < nb; ++i) {
+            const double a = a0[i], lim = a + T;
+            double surv = 1.0, got = 0.0, space = 0.0;
+            for (py::ssize_t j = i; j < nb; ++j) {
+                const double mj = mids[j];
+                if (mj > lim) break;
+                const double pj = surv * lr[j];
+                got += pj;
+                const double w = mj - a;
+                space += pj * (w < 0.125 ? 0.125 : w);
+                surv -= pj;
+            }
+            const double rest = 1.0 - got;
+            space += (rest < 0.0 ? 0.0 : rest) * T;
+            hr[i] = space > 0 ? got / space : 0.0;
+        }
+    }
+    return out;
+}
+
+inline void bind_density_heaps(py::module_& m) {
+    py::class_<DensityHeaps>(m, "DensityHeaps",
+                             "Per-class candidate heaps ranked by a density table (twin of adaptive's victim search).")
+        .def(py::init<int, std::vector<double>, int, double>(), py::arg("nclasses"), py::arg("edges"),
+             py::arg("nbins"), py::arg("quantum"))
+        .def("set_table", &DensityHeaps::set_table)
+        .def("invalidate", &DensityHeaps::invalidate)
+        .def("bin", &DensityHeaps::bin)
+        .def("value", &DensityHeaps::value)
+        .def("push", &DensityHeaps::push)
+        .def("withdraw", &DensityHeaps::withdraw)
+        .def("peek", &DensityHeaps::peek)
+        .def("head", &DensityHeaps::head)
+        .def("entries", &DensityHeaps::entries)
+        .def("live", &DensityHeaps::live);
+    m.def("density_table", &density_table, py::arg("lam"), py::arg("T"), py::arg("mids"), py::arg("a0"));
+}
+
+}  // namespace kvcore
