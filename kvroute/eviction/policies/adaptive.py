@@ -362,6 +362,11 @@ class Adaptive(EvictionPolicy):
             self._hits[c][0] = w.prior_hits
             self._gone[c][-1] = max(w.prior_lifetimes - w.prior_hits, 0.0)
             self._life[c] = w.prior_lifetimes
+        #: The refresh's copies of _hits and _gone as arrays, and the classes whose rows changed since
+        #: (marked where _hits / _gone are written), so a refresh converts a few rows, not the whole table.
+        self._hits_np = np.array(self._hits)
+        self._gone_np = np.array(self._gone)
+        self._dirty: set = set()
         #: Density table per class and age bin (recomputed every refresh_requests): lists, or with the
         #: compiled heaps (``_dh``) the array they were given.
         self._hd = [[1.0] * _NBINS for _ in range(self.nclasses)]
@@ -480,6 +485,7 @@ class Adaptive(EvictionPolicy):
             _, (t, c, _f) = meta.popitem(last=False)
             self._close(c, t)
             gone[c][_bin(now - t)] += 1.0
+            self._dirty.add(c)
 
     def _new_meta(self, key: Hashable, t: float, c: int) -> list:
         """Provisional ghost entry (use count 0) for a block the policy meets outside begin(): a resident
@@ -606,7 +612,7 @@ class Adaptive(EvictionPolicy):
         n = len(keys)
         nf = self._nf
         fb, fmax = self._fbucket, len(self._fbucket) - 1
-        hits, life, opens = self._hits, self._life, self._open
+        hits, life, opens, dirty = self._hits, self._life, self._open, self._dirty
         shared = self._shared_cls
         cand = self._cand
         slot = int(now // _SLOT)
@@ -629,6 +635,7 @@ class Adaptive(EvictionPolicy):
                 meta.move_to_end(k)
                 if old[2]:  # a reuse
                     hits[oc][_bin(now - ot)] += 1.0
+                    dirty.add(oc)
                     f = old[2] + 1
                 else:  # provisional (stored by an engine before its request reached begin): first use
                     f = 1
@@ -679,6 +686,7 @@ class Adaptive(EvictionPolicy):
             for c in range(self.nclasses):
                 self._life[c] *= 0.5
                 h, g = self._hits[c], self._gone[c]
+                self._dirty.add(c)
                 for j in range(_NBINS):
                     h[j] *= 0.5
                     g[j] *= 0.5
@@ -723,6 +731,7 @@ class Adaptive(EvictionPolicy):
             self._lower = host  # the host reads what this tier learns (both would learn the same)
             host._meta, host._open, host._hits, host._gone, host._life, host._ret = (
                 self._meta, self._open, self._hits, self._gone, self._life, self._ret)
+            host._hits_np, host._gone_np, host._dirty = self._hits_np, self._gone_np, self._dirty
             # the ghost remembers blocks past the whole cache (a host block must not lose its history)
             self._ghost_cap = max(self.w.ghost_min, int(self.w.ghost_factor * (self.capacity + host.capacity)))
             return
@@ -792,8 +801,12 @@ class Adaptive(EvictionPolicy):
         T = self.T * self.w.horizon_factor
         k = self.w.shrink
         C = self.nclasses
-        hits = np.array(self._hits)
-        gone = np.array(self._gone)
+        hits, gone, dirty = self._hits_np, self._gone_np, self._dirty
+        if dirty:  # the rows written since the last refresh (same values as np.array(self._hits))
+            rows = sorted(dirty)
+            dirty.clear()
+            hits[rows] = [self._hits[c] for c in rows]
+            gone[rows] = [self._gone[c] for c in rows]
         cls: list = []
         slots: list = []
         cnt: list = []
@@ -864,7 +877,7 @@ class Adaptive(EvictionPolicy):
             return True
         if key in self._ret:  # its session said it returns: keep it until then (the victim order decides)
             return True
-        if self._lead():  # LRU and ARC admit everything
+        if self.leader if self._verdict is None else self._verdict.leader:  # _lead(): LRU and ARC admit everything
             return True
         return self._density(key, m[1], now) >= self.w.admit_ratio * thr
 
