@@ -807,6 +807,12 @@ class Adaptive(EvictionPolicy):
             dirty.clear()
             hits[rows] = [self._hits[c] for c in rows]
             gone[rows] = [self._gone[c] for c in rows]
+        self._vnow = None  # the victim snapshot used the old tables
+        if self._dh is not None:  # the compiled twins of the numpy code below (tests compare them exactly);
+            ob = _NATIVE.open_bins(self._open, now, _SLOT, self._dh)  # the compiled heaps hold the table,
+            self._hd = _NATIVE.hazard_table(hits, gone, ob, self._groups, k, T, _MIDS, _A0)  # _density reads it
+            self._dh.set_table(self._hd)
+            return
         cls: list = []
         slots: list = []
         cnt: list = []
@@ -844,12 +850,7 @@ class Adaptive(EvictionPolicy):
             glam = shrunk(gh, gr, top)
             idx = np.array(cs)
             lam[idx] = shrunk(hits[idx], risk[idx], glam)
-        self._vnow = None  # the victim snapshot used the old tables
-        if self._dh is not None:  # the compiled heaps hold the table (and _density reads it there)
-            self._hd = _NATIVE.density_table(lam, T, _MIDS, _A0)
-            self._dh.set_table(self._hd)
-        else:
-            self._hd = _density_table(lam, T).tolist()
+        self._hd = _density_table(lam, T).tolist()
 
     # ------------------------------------------------------------------ cache
     def _density(self, key: Hashable, cls: int, t_last: float) -> float:

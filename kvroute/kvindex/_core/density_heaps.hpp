@@ -9,7 +9,8 @@
 //   quantum is 0; -inf when v <= 0), v = table[class][bin(now - t)].  The heads' ranks at one `now` sit
 //   in a heap (`vheap_`) that lives until `now` or the table changes: a withdrawn head re-ranks its
 //   class only.  Same arithmetic as Adaptive._class_head / _bin (IEEE doubles, libm log2).
-// * density_table: Adaptive._density for every row of a (classes x bins) hazard array.
+// * density_table: Adaptive._density for every row of a (classes x bins) hazard array; open_bins and
+//   hazard_table: the rest of Adaptive._refresh (its numpy code is the reference).
 #pragma once
 
 #include <pybind11/numpy.h>
@@ -60,6 +61,8 @@ public:
             return int(std::upper_bound(edges_.begin(), edges_.end(), age) - edges_.begin()) - 1;
         return nb_ - 1;
     }
+
+    int nbins() const { return nb_; }
 
     double value(int c, double t, double now) const { return table_[size_t(c) * nb_ + bin(now - t)]; }
 
@@ -268,6 +271,88 @@ inline py::array_t<double> density_table(py::array_t<double, py::array::c_style 
     return out;
 }
 
+//: Open lifetimes per class and age bin (Adaptive._refresh's `ob`): opens[c] is a dict {start slot: count};
+//: a lifetime's age is now - (slot + 0.5) * slot_s, binned as DensityHeaps::bin.  Integer counts: exact sums.
+inline py::array_t<double> open_bins(py::list opens, double now, double slot_s, const DensityHeaps& bins) {
+    const py::ssize_t C = py::ssize_t(opens.size()), nb = bins.nbins();
+    py::array_t<double> out({C, nb});
+    double* O = out.mutable_data();
+    std::fill(O, O + C * nb, 0.0);
+    for (py::ssize_t c = 0; c < C; ++c) {
+        PyObject* d = PyList_GET_ITEM(opens.ptr(), c);
+        if (!PyDict_Check(d)) throw py::type_error("open_bins: opens must be a list of dicts");
+        PyObject *k, *v;
+        Py_ssize_t pos = 0;
+        while (PyDict_Next(d, &pos, &k, &v)) {
+            const double s = PyFloat_AsDouble(k), n = PyFloat_AsDouble(v);
+            if (PyErr_Occurred()) throw py::error_already_set();
+            const double age = now - (s + 0.5) * slot_s;
+            O[c * nb + bins.bin(age)] += n;
+        }
+    }
+    return out;
+}
+
+//: Adaptive._refresh's hazards and densities (its numpy code is the reference): risk sets (Kaplan-Meier),
+//: hazards shrunk toward their group's and the groups' toward all classes', then density_table.
+inline py::array_t<double> hazard_table(py::array_t<double, py::array::c_style | py::array::forcecast> hits_a,
+                                        py::array_t<double, py::array::c_style | py::array::forcecast> gone_a,
+                                        py::array_t<double, py::array::c_style | py::array::forcecast> ob_a,
+                                        const std::vector<std::vector<int>>& groups, double k, double T,
+                                        const std::vector<double>& mids, const std::vector<double>& a0) {
+    if (hits_a.ndim() != 2 || gone_a.ndim() != 2 || ob_a.ndim() != 2)
+        throw py::value_error("hazard_table: 2-d arrays expected");
+    const py::ssize_t C = hits_a.shape(0), nb = hits_a.shape(1);
+    if (gone_a.shape(0) != C || ob_a.shape(0) != C || gone_a.shape(1) != nb || ob_a.shape(1) != nb)
+        throw py::value_error("hazard_table: shapes differ");
+    const double *H = hits_a.data(), *G = gone_a.data(), *O = ob_a.data();
+    std::vector<double> risk(size_t(C * nb));
+    for (py::ssize_t c = 0; c < C; ++c) {
+        const py::ssize_t r = c * nb;
+        double acc = 0.0;  // sum of x over the later bins, added from the last bin down (numpy's reversed cumsum)
+        for (py::ssize_t j = nb - 1; j >= 0; --j) {
+            risk[r + j] = ((acc + H[r + j]) + G[r + j]) + 0.5 * O[r + j];
+            const double x = (H[r + j] + G[r + j]) + O[r + j];
+            acc = (j == nb - 1) ? x : acc + x;
+        }
+    }
+    auto pooled = [&](const std::vector<int>& cs, std::vector<double>& ph, std::vector<double>& pr) {
+        ph.assign(size_t(nb), 0.0);
+        pr.assign(size_t(nb), 0.0);
+        bool first = true;
+        for (int c : cs) {
+            if (c < 0 || c >= C) throw py::index_error("hazard_table: class out of range");
+            const py::ssize_t r = py::ssize_t(c) * nb;
+            for (py::ssize_t j = 0; j < nb; ++j) {
+                ph[j] = first ? H[r + j] : ph[j] + H[r + j];
+                pr[j] = first ? risk[r + j] : pr[j] + risk[r + j];
+            }
+            first = false;
+        }
+    };
+    auto shrunk = [&](double h, double r, double prior) {
+        const double d = r + k;
+        return d > 0 ? (h + k * prior) / d : prior;
+    };
+    std::vector<int> all(static_cast<size_t>(C));
+    for (py::ssize_t c = 0; c < C; ++c) all[c] = int(c);
+    std::vector<double> ah, ar, gh, gr;
+    std::vector<double> top(static_cast<size_t>(nb)), glam(static_cast<size_t>(nb));
+    pooled(all, ah, ar);
+    for (py::ssize_t j = 0; j < nb; ++j) top[j] = ar[j] > 0 ? ah[j] / ar[j] : 0.0;
+    py::array_t<double> lam({C, nb});
+    double* L = lam.mutable_data();
+    for (const auto& cs : groups) {
+        pooled(cs, gh, gr);
+        for (py::ssize_t j = 0; j < nb; ++j) glam[j] = shrunk(gh[j], gr[j], top[j]);
+        for (int c : cs) {
+            const py::ssize_t r = py::ssize_t(c) * nb;
+            for (py::ssize_t j = 0; j < nb; ++j) L[r + j] = shrunk(H[r + j], risk[r + j], glam[j]);
+        }
+    }
+    return density_table(lam, T, mids, a0);
+}
+
 inline void bind_density_heaps(py::module_& m) {
     py::class_<DensityHeaps>(m, "DensityHeaps",
                              "Per-class candidate heaps ranked by a density table (twin of adaptive's victim search).")
@@ -284,6 +369,9 @@ inline void bind_density_heaps(py::module_& m) {
         .def("entries", &DensityHeaps::entries)
         .def("live", &DensityHeaps::live);
     m.def("density_table", &density_table, py::arg("lam"), py::arg("T"), py::arg("mids"), py::arg("a0"));
+    m.def("open_bins", &open_bins, py::arg("opens"), py::arg("now"), py::arg("slot_s"), py::arg("bins"));
+    m.def("hazard_table", &hazard_table, py::arg("hits"), py::arg("gone"), py::arg("ob"), py::arg("groups"),
+          py::arg("k"), py::arg("T"), py::arg("mids"), py::arg("a0"));
 }
 
 }  // namespace kvcore
