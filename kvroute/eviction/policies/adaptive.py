@@ -617,6 +617,7 @@ class Adaptive(EvictionPolicy):
         cand = self._cand
         slot = int(now // _SLOT)
         base = tdc * 2 * nf
+        bisect_right, elast, nlast = bisect.bisect_right, _EDGES[-1], _NBINS - 1
         prev = keys[start - 1] if start else None
         for i in range(start, n):
             k = keys[i]
@@ -634,7 +635,8 @@ class Adaptive(EvictionPolicy):
                     del d[os_]
                 meta.move_to_end(k)
                 if old[2]:  # a reuse
-                    hits[oc][_bin(now - ot)] += 1.0
+                    a = now - ot  # inlined _bin
+                    hits[oc][(0 if a <= 0.0 else bisect_right(_EDGES, a) - 1) if a < elast else nlast] += 1.0
                     dirty.add(oc)
                     f = old[2] + 1
                 else:  # provisional (stored by an engine before its request reached begin): first use
@@ -925,6 +927,29 @@ class Adaptive(EvictionPolicy):
                 e.on_release(key, now)
 
     def set_candidate(self, key: Hashable, flag: bool) -> None:
+        dh = self._dh
+        if dh is not None and self._experts is None and self._votes is None:  # the hot path (no duel, compiled)
+            cand = self._cand
+            if not flag:
+                e = cand.pop(key, None)
+                if e is not None and e[0] >= 0:
+                    dh.withdraw(e[1])
+                return
+            if key in self._ret or key in self._hint:
+                self._file(key)
+                return
+            m = self._meta.get(key)
+            if m is None:
+                m = self._new_meta(key, self._now, 0)
+            self._seq += 1
+            seq = self._seq
+            c = m[1]
+            old = cand.get(key)
+            cand[key] = (c, seq)
+            if old is not None and old[0] >= 0:
+                dh.withdraw(old[1])
+            dh.push(c, m[0], seq, key)
+            return
         if self._experts is not None:
             lru, arc = self._experts[1:]
             if flag:  # a candidate never inserted (engine adapters): the experts learn it now
@@ -1026,6 +1051,9 @@ class Adaptive(EvictionPolicy):
 
     def victim(self) -> Hashable | None:
         """The leading expert's victim; disagreements are remembered for the duel."""
+        if self._experts is None and self._votes is None and self._verdict is None:  # no duel: learned only
+            self.duel_stats["led"][self.leader] += 1
+            return self._learned_victim()
         lead = self._lead()
         self.duel_stats["led"][lead] += 1
         if self._votes is not None:  # two tiers: first the blocks the shadows have dropped
@@ -1121,7 +1149,7 @@ class Adaptive(EvictionPolicy):
         dh = self._dh
         if dh is not None:
             e = dh.peek(self._now)
-            if self._heaps[-1] or self._heaps[-2]:
+            if self._hint_heap or self._ret_heap:
                 for c in (-2, -1):
                     x = self._class_head(c)
                     if x is not None and (e is None or x[:3] < e[:3]):
@@ -1166,7 +1194,11 @@ class Adaptive(EvictionPolicy):
     def on_remove(self, key: Hashable) -> None:
         e = self._cand.pop(key, None)
         if e is not None:
-            self._left(e)
+            if self._dh is not None:
+                if e[0] >= 0:
+                    self._dh.withdraw(e[1])
+            else:
+                self._left(e)
         self._res.pop(key, None)
         if self._votes is not None:
             self._votes.discard(key)
