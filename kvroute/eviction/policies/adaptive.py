@@ -480,12 +480,18 @@ class Adaptive(EvictionPolicy):
 
     def _trim_meta(self, now: float) -> None:
         """Bound the ghost; a lifetime that leaves it unreused is censored at its age."""
-        meta, cap, gone = self._meta, self._ghost_cap, self._gone
+        meta, cap, gone, opens, dirty = self._meta, self._ghost_cap, self._gone, self._open, self._dirty
         while len(meta) > cap:
             _, (t, c, _f) = meta.popitem(last=False)
-            self._close(c, t)
+            d = opens[c]  # inlined _close
+            s = int(t // _SLOT)
+            x = d[s] - 1
+            if x:
+                d[s] = x
+            else:
+                del d[s]
             gone[c][_bin(now - t)] += 1.0
-            self._dirty.add(c)
+            dirty.add(c)
 
     def _new_meta(self, key: Hashable, t: float, c: int) -> list:
         """Provisional ghost entry (use count 0) for a block the policy meets outside begin(): a resident
@@ -882,7 +888,9 @@ class Adaptive(EvictionPolicy):
             return True
         if self.leader if self._verdict is None else self._verdict.leader:  # _lead(): LRU and ARC admit everything
             return True
-        return self._density(key, m[1], now) >= self.w.admit_ratio * thr
+        dh = self._dh  # the class's density at age 0 (_density, inlined for the compiled heaps)
+        v = dh.value(m[1], now, self._now) if dh is not None else self._density(key, m[1], now)
+        return v >= self.w.admit_ratio * thr
 
 
     def _union_admit(self, key: Hashable) -> bool:
@@ -1053,7 +1061,15 @@ class Adaptive(EvictionPolicy):
         """The leading expert's victim; disagreements are remembered for the duel."""
         if self._experts is None and self._votes is None and self._verdict is None:  # no duel: learned only
             self.duel_stats["led"][self.leader] += 1
-            return self._learned_victim()
+            dh = self._dh
+            if dh is None or self._hint_heap or self._ret_heap:
+                return self._learned_victim()
+            e = dh.peek(self._now)  # _learned_victim and _peek, inlined
+            if e is None:
+                return None
+            a, hd = self.w.victim_ewma, e[5]
+            self._victim_hd = hd if self._victim_hd is None else (1 - a) * self._victim_hd + a * hd
+            return e[4]
         lead = self._lead()
         self.duel_stats["led"][lead] += 1
         if self._votes is not None:  # two tiers: first the blocks the shadows have dropped
