@@ -480,16 +480,10 @@ class Adaptive(EvictionPolicy):
 
     def _trim_meta(self, now: float) -> None:
         """Bound the ghost; a lifetime that leaves it unreused is censored at its age."""
-        meta, cap, gone, opens, dirty = self._meta, self._ghost_cap, self._gone, self._open, self._dirty
+        meta, cap, gone, dirty = self._meta, self._ghost_cap, self._gone, self._dirty
         while len(meta) > cap:
             _, (t, c, _f) = meta.popitem(last=False)
-            d = opens[c]  # inlined _close
-            s = int(t // _SLOT)
-            x = d[s] - 1
-            if x:
-                d[s] = x
-            else:
-                del d[s]
+            self._close(c, t)
             gone[c][_bin(now - t)] += 1.0
             dirty.add(c)
 
