@@ -108,6 +108,8 @@ def test_density_heaps_reject_bad_input():
     dh = NATIVE.DensityHeaps(3, A._EDGES, A._NBINS, 0.5)
     with pytest.raises(IndexError):
         dh.push(3, 0.0, 1, "k")
+    with pytest.raises(IndexError):
+        dh.value(-1, 0.0, 1.0)
     with pytest.raises(ValueError):
         dh.set_table(np.ones((2, A._NBINS)))
     with pytest.raises(ValueError):

@@ -28,6 +28,12 @@
 namespace kvcore {
 namespace py = pybind11;
 
+// Raise a Python exception of `type` (set directly: no C++ exception translator can turn it into another).
+[[noreturn]] inline void dh_raise(PyObject* type, const char* msg) {
+    PyErr_SetString(type, msg);
+    throw py::error_already_set();
+}
+
 class DensityHeaps {
 public:
     struct Rank {
@@ -41,13 +47,13 @@ public:
         : C_(nclasses), nb_(nbins), q_(quantum), edges_(std::move(edges)), heaps_(nclasses),
           vtop_(nclasses, -1), vtop_t_(nclasses, 0.0), table_(size_t(nclasses) * nbins, 1.0) {
         if (nclasses < 1 || nbins < 1 || edges_.empty() || int(edges_.size()) > nbins)
-            throw py::value_error("DensityHeaps: bad shape");
+            dh_raise(PyExc_ValueError, "DensityHeaps: bad shape");
     }
 
     //: The density table, row-major (classes x bins); the snapshot of ranks is dropped.
     void set_table(py::array_t<double, py::array::c_style | py::array::forcecast> tab) {
         if (tab.ndim() != 2 || tab.shape(0) != C_ || tab.shape(1) != nb_)
-            throw py::value_error("DensityHeaps.set_table: shape must be (classes, bins)");
+            dh_raise(PyExc_ValueError, "DensityHeaps.set_table: shape must be (classes, bins)");
         std::copy(tab.data(), tab.data() + table_.size(), table_.begin());
         valid_ = false;
     }
@@ -64,7 +70,10 @@ public:
 
     int nbins() const { return nb_; }
 
-    double value(int c, double t, double now) const { return table_[size_t(c) * nb_ + bin(now - t)]; }
+    double value(int c, double t, double now) const {
+        check_class(c);
+        return table_[size_t(c) * nb_ + bin(now - t)];
+    }
 
     void push(int c, double t, int64_t seq, py::object key) {
         check_class(c);
@@ -143,7 +152,7 @@ private:
     }
 
     void check_class(int c) const {
-        if (c < 0 || c >= C_) throw py::index_error("DensityHeaps: class out of range");
+        if (c < 0 || c >= C_) dh_raise(PyExc_IndexError, "DensityHeaps: class out of range");
     }
 
     const Ent* clean_head(int c) {
@@ -241,10 +250,10 @@ private:
 //: with the scalar reference's arithmetic in its order (built with -ffp-contract=off).
 inline py::array_t<double> density_table(py::array_t<double, py::array::c_style | py::array::forcecast> lam, double T,
                                          const std::vector<double>& mids, const std::vector<double>& a0) {
-    if (lam.ndim() != 2) throw py::value_error("density_table: lam must be 2-d");
+    if (lam.ndim() != 2) dh_raise(PyExc_ValueError, "density_table: lam must be 2-d");
     const py::ssize_t C = lam.shape(0), nb = lam.shape(1);
     if (py::ssize_t(mids.size()) != nb || py::ssize_t(a0.size()) != nb)
-        throw py::value_error("density_table: mids and a0 must have one entry per bin");
+        dh_raise(PyExc_ValueError, "density_table: mids and a0 must have one entry per bin");
     py::array_t<double> out({C, nb});
     const double* L = lam.data();
     double* H = out.mutable_data();
@@ -280,7 +289,7 @@ inline py::array_t<double> open_bins(py::list opens, double now, double slot_s, 
     std::fill(O, O + C * nb, 0.0);
     for (py::ssize_t c = 0; c < C; ++c) {
         PyObject* d = PyList_GET_ITEM(opens.ptr(), c);
-        if (!PyDict_Check(d)) throw py::type_error("open_bins: opens must be a list of dicts");
+        if (!PyDict_Check(d)) dh_raise(PyExc_TypeError, "open_bins: opens must be a list of dicts");
         PyObject *k, *v;
         Py_ssize_t pos = 0;
         while (PyDict_Next(d, &pos, &k, &v)) {
@@ -301,10 +310,10 @@ inline py::array_t<double> hazard_table(py::array_t<double, py::array::c_style |
                                         const std::vector<std::vector<int>>& groups, double k, double T,
                                         const std::vector<double>& mids, const std::vector<double>& a0) {
     if (hits_a.ndim() != 2 || gone_a.ndim() != 2 || ob_a.ndim() != 2)
-        throw py::value_error("hazard_table: 2-d arrays expected");
+        dh_raise(PyExc_ValueError, "hazard_table: 2-d arrays expected");
     const py::ssize_t C = hits_a.shape(0), nb = hits_a.shape(1);
     if (gone_a.shape(0) != C || ob_a.shape(0) != C || gone_a.shape(1) != nb || ob_a.shape(1) != nb)
-        throw py::value_error("hazard_table: shapes differ");
+        dh_raise(PyExc_ValueError, "hazard_table: shapes differ");
     const double *H = hits_a.data(), *G = gone_a.data(), *O = ob_a.data();
     std::vector<double> risk(size_t(C * nb));
     for (py::ssize_t c = 0; c < C; ++c) {
@@ -321,7 +330,7 @@ inline py::array_t<double> hazard_table(py::array_t<double, py::array::c_style |
         pr.assign(size_t(nb), 0.0);
         bool first = true;
         for (int c : cs) {
-            if (c < 0 || c >= C) throw py::index_error("hazard_table: class out of range");
+            if (c < 0 || c >= C) dh_raise(PyExc_IndexError, "hazard_table: class out of range");
             const py::ssize_t r = py::ssize_t(c) * nb;
             for (py::ssize_t j = 0; j < nb; ++j) {
                 ph[j] = first ? H[r + j] : ph[j] + H[r + j];
