@@ -897,6 +897,9 @@ class Adaptive(EvictionPolicy):
         m = self._meta.get(key)
         if m is None:
             return True
+        dh = self._dh
+        if dh is not None and not self._hint_heap and not self._ret_heap and key not in self._ret:
+            return dh.outranks(m[1], m[0], self._now)  # the comparison below, in one compiled call
         e = self._peek()
         if e is None:
             return True
@@ -937,7 +940,7 @@ class Adaptive(EvictionPolicy):
                 if e is not None and e[0] >= 0:
                     dh.withdraw(e[1])
                 return
-            if key in self._ret or key in self._hint:
+            if (self._ret or self._hint) and (key in self._ret or key in self._hint):
                 self._file(key)
                 return
             m = self._meta.get(key)

@@ -119,6 +119,17 @@ public:
         return py::make_tuple(r->lv, r->t, r->c, r->seq, live_.at(r->seq).key, r->v);
     }
 
+    //: Whether an entry of class c last used at t ranks above the victim at `now` by (level, t) (True when
+    //: there is no victim): Adaptive._union_admit's comparison.
+    bool outranks(int c, double t, double now) {
+        check_class(c);
+        auto r = peek_rank(now);
+        if (!r) return true;
+        const double v = value(c, t, now);
+        const double lv = q_ != 0.0 ? (v > 0 ? std::floor(std::log2(v) / q_) : -std::numeric_limits<double>::infinity()) : v;
+        return lv > r->lv || (lv == r->lv && t > r->t);
+    }
+
     //: (t, seq, key) of class c's live head, or None.
     py::object head(int c) {
         check_class(c);
@@ -375,6 +386,7 @@ inline void bind_density_heaps(py::module_& m) {
         .def("withdraw", &DensityHeaps::withdraw)
         .def("peek", &DensityHeaps::peek)
         .def("head", &DensityHeaps::head)
+        .def("outranks", &DensityHeaps::outranks)
         .def("entries", &DensityHeaps::entries)
         .def("live", &DensityHeaps::live);
     m.def("density_table", &density_table, py::arg("lam"), py::arg("T"), py::arg("mids"), py::arg("a0"));
