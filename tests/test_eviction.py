@@ -273,6 +273,25 @@ def test_bench_takes_a_generated_workload(capsys, monkeypatch):
     assert 0.2 < lru < 0.4 and 0.2 < ours < 0.4 and lru != ours
 
 
+def test_bench_adaptive_weights_reach_adaptive_only(capsys, monkeypatch):
+    """--adaptive-weights overrides adaptive's Weights (what the weight scans in docs/eviction.md ran);
+    other policies ignore it, and unknown or invalid weights are refused before any replay."""
+    args = ["--trace", "mooncake_conversation.jsonl", "--limit", "1000", "--capacity", "0.05", "--json"]
+    assert _bench(monkeypatch, *args, "--policies", "lru,adaptive") == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert _bench(monkeypatch, *args, "--policies", "lru,adaptive",
+                  "--adaptive-weights", '{"admit_ratio": 0, "gap_edges": []}') == 0
+    tuned = json.loads(capsys.readouterr().out)
+    assert tuned["lru"] == plain["lru"] and tuned["adaptive"] != plain["adaptive"]
+    reqs = load_trace("mooncake_conversation.jsonl", limit=1000)
+    want = replay(reqs, capacity_blocks(0.05, unique_blocks(reqs)), "adaptive", params={
+        "admit_ratio": 0, "gap_edges": ()})["prefix_hit_ratio"]
+    assert tuned["adaptive"]["0.05"]["prefix_hit_ratio"] == want
+    for bad in ('{"no_such_weight": 1}', '{"shrink": -1}', "[1]", "nope"):
+        assert _bench(monkeypatch, *args, "--policies", "adaptive", "--adaptive-weights", bad) == 2
+        assert "--adaptive-weights takes" in capsys.readouterr().err
+
+
 def test_bench_no_gpu_admission_models_an_engine_pool(capsys, monkeypatch):
     """--no-gpu-admission: the GPU takes every block (a refusal still displaces a victim), as in
     ``replay(..., gpu_admission=False)``; LRU, which refuses nothing, is unchanged."""
