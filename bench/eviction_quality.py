@@ -40,7 +40,7 @@ JSON_FIELDS = ("prefix_hit_ratio", "gpu_hit_ratio", "host_hit_ratio")
 
 
 def run_policy(reqs, name: str, gpu: int, host: int, lcs_mode: str, explain: bool,
-               gpu_admission: bool = True, progress=None, infos=None) -> dict:
+               gpu_admission: bool = True, progress=None, infos=None, params=None) -> dict:
     if name in LIBCACHESIM_POLICIES and lcs_mode == "presence" and not host:
         if name not in POLICIES:
             raise SystemExit(f"{name}: libcachesim is not installed (pip install libcachesim)")
@@ -56,7 +56,7 @@ def run_policy(reqs, name: str, gpu: int, host: int, lcs_mode: str, explain: boo
         if progress is not None:
             progress(len(reqs))
         return r
-    r = replay(reqs, gpu, name, host, gpu_admission=gpu_admission, progress=progress, infos=infos)
+    r = replay(reqs, gpu, name, host, gpu_admission=gpu_admission, progress=progress, infos=infos, params=params)
     return {k: r[k] for k in ("prefix_hit_ratio", "gpu_hit_ratio", "host_hit_ratio")}
 
 
@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--client-hints", action="store_true",
                     help="pass each request's client hints (session, expected return time: the session's next "
                          "arrival, from the trace) to the policies as plain data; only adaptive reads them")
+    ap.add_argument("--adaptive-weights", default=None, metavar="JSON",
+                    help="overrides of adaptive's Weights, e.g. '{\"out_edges\": [512]}' (lists become tuples)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--explain", action="store_true", help="attribute the remaining misses (slower)")
     ap.add_argument("--timing", action="store_true",
@@ -82,6 +84,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
     a = ap.parse_args(argv)
     shares = [s.strip() for s in a.capacity.split(",") if s.strip()]
+    weights = None
+    if a.adaptive_weights:
+        try:
+            weights = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(a.adaptive_weights).items()}
+            from kvroute.eviction.policies.adaptive import Weights
+
+            Weights(**weights)  # unknown or invalid weights are refused here, before any replay
+        except (ValueError, AttributeError, TypeError, KVRouteError) as exc:
+            ap.error(f"--adaptive-weights takes a JSON object of adaptive's Weights; got {a.adaptive_weights!r}: {exc}")
     try:
         if not shares or not all(0 < float(s) < float("inf") for s in shares):
             raise ValueError
@@ -124,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
                 bar.set_description(f"{n} {s}")
             try:
                 out[n][s] = run_policy(reqs, n, gpu, host, a.lcs_mode, a.explain, a.gpu_admission,
-                                       bar.update if bar is not None else None, infos)
+                                       bar.update if bar is not None else None, infos,
+                                       weights if n == "adaptive" else None)
             except KVRouteError as exc:  # e.g. a libcachesim policy below its smallest capacity
                 ap.error(f"{n} at capacity {s} ({gpu} blocks): {exc}")
         secs[n] = time.process_time() - t0

@@ -273,6 +273,25 @@ def test_bench_takes_a_generated_workload(capsys, monkeypatch):
     assert 0.2 < lru < 0.4 and 0.2 < ours < 0.4 and lru != ours
 
 
+def test_bench_adaptive_weights_reach_adaptive_only(capsys, monkeypatch):
+    """--adaptive-weights overrides adaptive's Weights (what the weight scans in docs/eviction.md ran);
+    other policies ignore it, and unknown or invalid weights are refused before any replay."""
+    args = ["--trace", "mooncake_conversation.jsonl", "--limit", "1000", "--capacity", "0.05", "--json"]
+    assert _bench(monkeypatch, *args, "--policies", "lru,adaptive") == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert _bench(monkeypatch, *args, "--policies", "lru,adaptive",
+                  "--adaptive-weights", '{"admit_ratio": 0, "gap_edges": []}') == 0
+    tuned = json.loads(capsys.readouterr().out)
+    assert tuned["lru"] == plain["lru"] and tuned["adaptive"] != plain["adaptive"]
+    reqs = load_trace("mooncake_conversation.jsonl", limit=1000)
+    want = replay(reqs, capacity_blocks(0.05, unique_blocks(reqs)), "adaptive", params={
+        "admit_ratio": 0, "gap_edges": ()})["prefix_hit_ratio"]
+    assert tuned["adaptive"]["0.05"]["prefix_hit_ratio"] == want
+    for bad in ('{"no_such_weight": 1}', '{"shrink": -1}', "[1]", "nope"):
+        assert _bench(monkeypatch, *args, "--policies", "adaptive", "--adaptive-weights", bad) == 2
+        assert "--adaptive-weights takes" in capsys.readouterr().err
+
+
 def test_bench_no_gpu_admission_models_an_engine_pool(capsys, monkeypatch):
     """--no-gpu-admission: the GPU takes every block (a refusal still displaces a victim), as in
     ``replay(..., gpu_admission=False)``; LRU, which refuses nothing, is unchanged."""
@@ -550,8 +569,11 @@ def test_adaptive_candidate_heaps_stay_bounded_in_two_tiers():
         c.access(r.keys, r.ts)
     for p in c.policies:
         entries = sum(map(len, p._heaps)) + len(p._hint_heap)
-        assert entries <= 4 * p.candidates() + 1025 + len(p._heaps), (p.tier_role, entries, p.candidates())
         live = sum(1 for h in (*p._heaps, p._hint_heap) for e in h if p._cand.get(e[2], (0, -1))[1] == e[1])
+        if p._dh is not None:  # the compiled heaps hold the classes >= 0 (and compact the same way)
+            assert p._dh.entries() <= 4 * p._dh.live() + 1024
+            live += p._dh.live()
+        assert entries <= 4 * p.candidates() + 1025 + len(p._heaps), (p.tier_role, entries, p.candidates())
         assert live == p.candidates()  # compaction keeps every live entry
 
 
@@ -741,7 +763,7 @@ def test_refresh_equals_the_scalar_hazards():
         gr = [sum(risk[c][j] for c in cs) for j in range(A._NBINS)]
         glam = A._shrunk(gh, gr, top, k)
         for c in cs:
-            assert p._hd[c] == A._density(A._shrunk(p._hits[c], risk[c], glam, k), T), c
+            assert list(p._hd[c]) == A._density(A._shrunk(p._hits[c], risk[c], glam, k), T), c
 
 
 @pytest.mark.parametrize("host", [0, 4])
@@ -750,9 +772,9 @@ def test_victim_snapshot_equals_a_full_scan(host):
     checked = [0]
 
     class Checked(Adaptive):
-        def _learned_victim(self):
+        def victim(self):  # no duel: the learned victim (compiled heaps or Python snapshot)
             ref = self._victim_by_scan()
-            v = super()._learned_victim()
+            v = super().victim()
             assert v == ref
             checked[0] += 1
             return v

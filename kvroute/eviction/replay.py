@@ -103,20 +103,21 @@ def online_info(reqs: Sequence[Request]) -> list[RequestInfo]:
     return [RequestInfo(output_tokens=r.output_length) for r in reqs]
 
 
-def make_tier_policy(name: str, reqs: Sequence[Request]) -> Callable[[], EvictionPolicy]:
-    """A factory for ``name``; oracles get the trace's future."""
+def make_tier_policy(name: str, reqs: Sequence[Request], params: dict | None = None) -> Callable[[], EvictionPolicy]:
+    """A factory for ``name`` (``params`` go to its constructor); oracles get the trace's future."""
     from . import make_policy
 
     if name == "belady":
         future = [r.keys for r in reqs]
-        return lambda: make_policy("belady", future=future)
-    return lambda: make_policy(name)
+        return lambda: make_policy("belady", future=future, **(params or {}))
+    return lambda: make_policy(name, **(params or {}))
 
 
 def _replay_cache(reqs: Sequence[Request], gpu_blocks: int, policy: str, host_blocks: int,
-                  gpu_admission: bool, on_event: Callable[[Any], Any] | None = None) -> TieredCache:
-    """The cache :func:`replay` and :func:`miss_breakdown` run: ``policy`` on both tiers."""
-    fac = make_tier_policy(policy, reqs)
+                  gpu_admission: bool, on_event: Callable[[Any], Any] | None = None,
+                  params: dict | None = None) -> TieredCache:
+    """The cache :func:`replay` and :func:`miss_breakdown` run: ``policy`` (with ``params``) on both tiers."""
+    fac = make_tier_policy(policy, reqs, params)
     return TieredCache(gpu_blocks, host_blocks, fac, host_policy=fac, on_event=on_event,
                        gpu_admission=gpu_admission)
 
@@ -131,14 +132,15 @@ def replay(
     gpu_admission: bool = True,
     progress: Callable[[int], Any] | None = None,
     infos: Sequence[RequestInfo] | None = None,
+    params: dict | None = None,
 ) -> dict[str, Any]:
     """Replay requests in order; returns hit ratios (over all blocks) and the cache's counters.
 
     ``gpu_admission=False``: the GPU tier takes every block (an engine's pool, see :class:`TieredCache`).
     ``progress(n)`` is called after every 256 requests and at the end with the requests served since
     its last call (a tqdm ``update``).  ``infos[i]`` goes with request ``i`` (:func:`client_hints`,
-    :func:`online_info`)."""
-    cache = _replay_cache(reqs, gpu_blocks, policy, host_blocks, gpu_admission, on_event)
+    :func:`online_info`).  ``params`` go to the policy's constructor (e.g. adaptive's weights)."""
+    cache = _replay_cache(reqs, gpu_blocks, policy, host_blocks, gpu_admission, on_event, params)
     start, finish = cache.start_request, cache.finish_request
     done = 0
     for i, r in enumerate(reqs):

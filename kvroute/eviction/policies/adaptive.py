@@ -122,6 +122,7 @@ from typing import Hashable, Mapping, Sequence
 
 import numpy as np
 
+from ...kvindex import backend as _backend
 from ..base import EvictionError, EvictionPolicy
 from .arc import ARC
 from .lru import LRU
@@ -285,6 +286,11 @@ def _density(lam: list, T: float) -> list:
 _EDGES_NP = np.array(_EDGES)
 _A0 = [_EDGES[i] if i < len(_EDGES) else _MIDS[-1] for i in range(_NBINS)]
 
+#: The compiled core's twins of the hot paths (``DensityHeaps``: the class heaps and the victim
+#: snapshot; ``density_table``), or None: the pure-Python reference (``KVROUTE_PURE_PYTHON=1``, or a
+#: core built without them).  Read by :meth:`Adaptive.bind`; tests set it to compare the two exactly.
+_NATIVE = _backend.core if _backend.core is not None and hasattr(_backend.core, "DensityHeaps") else None
+
 
 def _density_table(lam: np.ndarray, T: float) -> np.ndarray:
     """:func:`_density` for every row of ``lam`` (classes x bins) at once, with the same arithmetic in
@@ -356,8 +362,18 @@ class Adaptive(EvictionPolicy):
             self._hits[c][0] = w.prior_hits
             self._gone[c][-1] = max(w.prior_lifetimes - w.prior_hits, 0.0)
             self._life[c] = w.prior_lifetimes
-        #: Density table per class and age bin (recomputed every refresh_requests).
+        #: The refresh's copies of _hits and _gone as arrays, and the classes whose rows changed since
+        #: (marked where _hits / _gone are written), so a refresh converts a few rows, not the whole table.
+        self._hits_np = np.array(self._hits)
+        self._gone_np = np.array(self._gone)
+        self._dirty: set = set()
+        #: Density table per class and age bin (recomputed every refresh_requests): lists, or with the
+        #: compiled heaps (``_dh``) the array they were given.
         self._hd = [[1.0] * _NBINS for _ in range(self.nclasses)]
+        #: The compiled class heaps (kvroute.kvindex's DensityHeaps: heaps of the classes >= 0 and their
+        #: victim snapshot), made by bind() when the core has them and depth_cost is 0; None: the Python
+        #: heaps below hold every class.  The hinted heaps (-1, -2) stay in Python either way.
+        self._dh = None
         #: Ghost + resident metadata: key -> [last access time, class, uses seen (0: provisional, see
         #: _new_meta)]; oldest first.  Kept by begin(), _new_meta() and _trim_meta() only.
         self._meta: OrderedDict = OrderedDict()
@@ -450,6 +466,10 @@ class Adaptive(EvictionPolicy):
     # --------------------------------------------------------------- learning
     def bind(self, capacity: int) -> None:
         self.capacity = capacity
+        if _NATIVE is not None and not self.w.depth_cost:
+            self._dh = _NATIVE.DensityHeaps(self.nclasses, _EDGES, _NBINS, float(self.w.density_quantum))
+            self._hd = np.array(self._hd)
+            self._dh.set_table(self._hd)
         self._ghost_cap = max(self.w.ghost_min, int(self.w.ghost_factor * capacity))
         self._duel_setup()
 
@@ -460,11 +480,12 @@ class Adaptive(EvictionPolicy):
 
     def _trim_meta(self, now: float) -> None:
         """Bound the ghost; a lifetime that leaves it unreused is censored at its age."""
-        meta, cap, gone = self._meta, self._ghost_cap, self._gone
+        meta, cap, gone, dirty = self._meta, self._ghost_cap, self._gone, self._dirty
         while len(meta) > cap:
             _, (t, c, _f) = meta.popitem(last=False)
             self._close(c, t)
             gone[c][_bin(now - t)] += 1.0
+            dirty.add(c)
 
     def _new_meta(self, key: Hashable, t: float, c: int) -> list:
         """Provisional ghost entry (use count 0) for a block the policy meets outside begin(): a resident
@@ -506,6 +527,8 @@ class Adaptive(EvictionPolicy):
             if self._hd is not up._hd:
                 self._hd, self.T = up._hd, up.T
                 self._vnow = None
+                if self._dh is not None:
+                    self._dh.set_table(self._hd)
             return
         if self._shadows is not None:
             self._duel(keys, now)
@@ -589,11 +612,12 @@ class Adaptive(EvictionPolicy):
         n = len(keys)
         nf = self._nf
         fb, fmax = self._fbucket, len(self._fbucket) - 1
-        hits, life, opens = self._hits, self._life, self._open
+        hits, life, opens, dirty = self._hits, self._life, self._open, self._dirty
         shared = self._shared_cls
         cand = self._cand
         slot = int(now // _SLOT)
         base = tdc * 2 * nf
+        bisect_right, elast, nlast = bisect.bisect_right, _EDGES[-1], _NBINS - 1
         prev = keys[start - 1] if start else None
         for i in range(start, n):
             k = keys[i]
@@ -611,7 +635,9 @@ class Adaptive(EvictionPolicy):
                     del d[os_]
                 meta.move_to_end(k)
                 if old[2]:  # a reuse
-                    hits[oc][_bin(now - ot)] += 1.0
+                    a = now - ot  # inlined _bin
+                    hits[oc][(0 if a <= 0.0 else bisect_right(_EDGES, a) - 1) if a < elast else nlast] += 1.0
+                    dirty.add(oc)
                     f = old[2] + 1
                 else:  # provisional (stored by an engine before its request reached begin): first use
                     f = 1
@@ -631,10 +657,14 @@ class Adaptive(EvictionPolicy):
             if e is not None and e[0] >= 0:  # an unpinned candidate (engine tiers): re-file it by class and time
                 self._seq += 1
                 cand[k] = (c, self._seq)
-                self._push(c, (now, self._seq, k))
-                if self._vnow == now:
-                    self._snap_left(e)
-                    self._snap_push(c)
+                if self._dh is not None:
+                    self._dh.withdraw(e[1])
+                    self._dh.push(c, now, self._seq, k)
+                else:
+                    self._push(c, (now, self._seq, k))
+                    if self._vnow == now:
+                        self._snap_left(e)
+                        self._snap_push(c)
             if prev is not None:
                 ps = succ.get(prev)
                 if ps is None:
@@ -658,6 +688,7 @@ class Adaptive(EvictionPolicy):
             for c in range(self.nclasses):
                 self._life[c] *= 0.5
                 h, g = self._hits[c], self._gone[c]
+                self._dirty.add(c)
                 for j in range(_NBINS):
                     h[j] *= 0.5
                     g[j] *= 0.5
@@ -702,6 +733,7 @@ class Adaptive(EvictionPolicy):
             self._lower = host  # the host reads what this tier learns (both would learn the same)
             host._meta, host._open, host._hits, host._gone, host._life, host._ret = (
                 self._meta, self._open, self._hits, self._gone, self._life, self._ret)
+            host._hits_np, host._gone_np, host._dirty = self._hits_np, self._gone_np, self._dirty
             # the ghost remembers blocks past the whole cache (a host block must not lose its history)
             self._ghost_cap = max(self.w.ghost_min, int(self.w.ghost_factor * (self.capacity + host.capacity)))
             return
@@ -771,16 +803,33 @@ class Adaptive(EvictionPolicy):
         T = self.T * self.w.horizon_factor
         k = self.w.shrink
         C = self.nclasses
-        hits = np.array(self._hits)
-        gone = np.array(self._gone)
-        ob = np.zeros((C, _NBINS))
+        hits, gone, dirty = self._hits_np, self._gone_np, self._dirty
+        if dirty:  # the rows written since the last refresh (same values as np.array(self._hits))
+            rows = sorted(dirty)
+            dirty.clear()
+            hits[rows] = [self._hits[c] for c in rows]
+            gone[rows] = [self._gone[c] for c in rows]
+        self._vnow = None  # the victim snapshot used the old tables
+        if self._dh is not None:  # the compiled twins of the numpy code below (tests compare them exactly);
+            ob = _NATIVE.open_bins(self._open, now, _SLOT, self._dh)  # the compiled heaps hold the table,
+            self._hd = _NATIVE.hazard_table(hits, gone, ob, self._groups, k, T, _MIDS, _A0)  # _density reads it
+            self._dh.set_table(self._hd)
+            return
+        cls: list = []
+        slots: list = []
+        cnt: list = []
         for c, op in enumerate(self._open):  # open lifetimes per age bin (see _at_risk), as _bin bins them
             if op:
-                ages = now - (np.fromiter(op.keys(), float, len(op)) + 0.5) * _SLOT
-                bins = np.searchsorted(_EDGES_NP, ages, side="right") - 1
-                bins[ages >= _EDGES[-1]] = _NBINS - 1
-                bins[ages <= 0.0] = 0
-                ob[c] = np.bincount(bins, weights=np.fromiter(op.values(), float, len(op)), minlength=_NBINS)
+                cls += [c] * len(op)
+                slots += op.keys()
+                cnt += op.values()
+        ages = now - (np.array(slots, float) + 0.5) * _SLOT
+        bins = np.searchsorted(_EDGES_NP, ages, side="right") - 1
+        bins[ages >= _EDGES[-1]] = _NBINS - 1
+        bins[ages <= 0.0] = 0
+        # integer counts: their float sums are exact in any order
+        ob = np.bincount(np.array(cls, np.int64) * _NBINS + bins, weights=np.array(cnt, float),
+                         minlength=C * _NBINS).reshape(C, _NBINS)
         # risk[j] = acc + hits[j] + gone[j] + ob[j]/2, acc the sum over later bins (as _at_risk)
         x = (hits + gone) + ob
         acc = np.zeros((C, _NBINS))
@@ -804,10 +853,11 @@ class Adaptive(EvictionPolicy):
             idx = np.array(cs)
             lam[idx] = shrunk(hits[idx], risk[idx], glam)
         self._hd = _density_table(lam, T).tolist()
-        self._vnow = None  # the victim snapshot used the old tables
 
     # ------------------------------------------------------------------ cache
     def _density(self, key: Hashable, cls: int, t_last: float) -> float:
+        if self._dh is not None:  # depth_cost is 0 (see bind)
+            return self._dh.value(cls, t_last, self._now)
         v = self._hd[cls][_bin(self._now - t_last)]
         if self.w.depth_cost:
             v *= 1.0 + self.w.depth_cost * self._res.get(key, 0)
@@ -830,9 +880,11 @@ class Adaptive(EvictionPolicy):
             return True
         if key in self._ret:  # its session said it returns: keep it until then (the victim order decides)
             return True
-        if self._lead():  # LRU and ARC admit everything
+        if self.leader if self._verdict is None else self._verdict.leader:  # _lead(): LRU and ARC admit everything
             return True
-        return self._density(key, m[1], now) >= self.w.admit_ratio * thr
+        dh = self._dh  # the class's density at age 0 (_density, inlined for the compiled heaps)
+        v = dh.value(m[1], now, self._now) if dh is not None else self._density(key, m[1], now)
+        return v >= self.w.admit_ratio * thr
 
 
     def _union_admit(self, key: Hashable) -> bool:
@@ -845,6 +897,9 @@ class Adaptive(EvictionPolicy):
         m = self._meta.get(key)
         if m is None:
             return True
+        dh = self._dh
+        if dh is not None and not self._hint_heap and not self._ret_heap and key not in self._ret:
+            return dh.outranks(m[1], m[0], self._now)  # the comparison below, in one compiled call
         e = self._peek()
         if e is None:
             return True
@@ -877,6 +932,29 @@ class Adaptive(EvictionPolicy):
                 e.on_release(key, now)
 
     def set_candidate(self, key: Hashable, flag: bool) -> None:
+        dh = self._dh
+        if dh is not None and self._experts is None and self._votes is None:  # the hot path (no duel, compiled)
+            cand = self._cand
+            if not flag:
+                e = cand.pop(key, None)
+                if e is not None and e[0] >= 0:
+                    dh.withdraw(e[1])
+                return
+            if (self._ret or self._hint) and (key in self._ret or key in self._hint):
+                self._file(key)
+                return
+            m = self._meta.get(key)
+            if m is None:
+                m = self._new_meta(key, self._now, 0)
+            self._seq += 1
+            seq = self._seq
+            c = m[1]
+            old = cand.get(key)
+            cand[key] = (c, seq)
+            if old is not None and old[0] >= 0:
+                dh.withdraw(old[1])
+            dh.push(c, m[0], seq, key)
+            return
         if self._experts is not None:
             lru, arc = self._experts[1:]
             if flag:  # a candidate never inserted (engine adapters): the experts learn it now
@@ -890,8 +968,8 @@ class Adaptive(EvictionPolicy):
             (self._votes.add if flag else self._votes.discard)(key)
         if not flag:
             e = self._cand.pop(key, None)
-            if e is not None and self._vnow == self._now:
-                self._snap_left(e)
+            if e is not None:
+                self._left(e)
             return
         self._file(key)
 
@@ -906,7 +984,10 @@ class Adaptive(EvictionPolicy):
         if rt is not None:  # the client said when its session returns
             self._cand[key] = (-2, self._seq)
             self._push(-2, (-rt, self._seq, key))
-            if self._vnow == self._now:
+            if self._dh is not None:
+                if old is not None:
+                    self._left(old)
+            elif self._vnow == self._now:
                 if old is not None:
                     self._snap_left(old)
                 self._snap_push(-2)
@@ -915,18 +996,35 @@ class Adaptive(EvictionPolicy):
         if r is not None:  # hinted blocks wait in their own heap, lowest rate first
             self._cand[key] = (-1, self._seq)
             self._push(-1, (r, self._seq, key))
-            if self._vnow == self._now:
+            if self._dh is not None:
+                if old is not None:
+                    self._left(old)
+            elif self._vnow == self._now:
                 if old is not None:
                     self._snap_left(old)
                 self._snap_push(-1)
             return
         c = m[1]
         self._cand[key] = (c, self._seq)
+        if self._dh is not None:
+            if old is not None:
+                self._left(old)
+            self._dh.push(c, m[0], self._seq, key)
+            return
         self._push(c, (m[0], self._seq, key))
         if self._vnow == self._now:
             if old is not None:
                 self._snap_left(old)
             self._snap_push(c)
+
+    def _left(self, entry: tuple) -> None:
+        """Candidate entry ``(class, seq)`` left its heap (withdrawn, removed or re-filed; ``_cand`` already
+        says so): the compiled heaps drop it, or the Python victim snapshot re-ranks its class."""
+        if self._dh is not None:
+            if entry[0] >= 0:
+                self._dh.withdraw(entry[1])
+        elif self._vnow == self._now:
+            self._snap_left(entry)
 
     def _push(self, c: int, entry: tuple) -> None:
         """Push a candidate entry into class ``c``'s heap; drop the stale ones (re-filed, pinned, removed)
@@ -945,6 +1043,8 @@ class Adaptive(EvictionPolicy):
             self._pushed = n
 
     def _head(self, c: int):
+        if c >= 0 and self._dh is not None:
+            return self._dh.head(c)
         h, cand = self._heaps[c], self._cand
         while h:
             t, seq, key = h[0]
@@ -956,6 +1056,17 @@ class Adaptive(EvictionPolicy):
 
     def victim(self) -> Hashable | None:
         """The leading expert's victim; disagreements are remembered for the duel."""
+        if self._experts is None and self._votes is None and self._verdict is None:  # no duel: learned only
+            self.duel_stats["led"][self.leader] += 1
+            dh = self._dh
+            if dh is None or self._hint_heap or self._ret_heap:
+                return self._learned_victim()
+            e = dh.peek(self._now)  # _learned_victim and _peek, inlined
+            if e is None:
+                return None
+            a, hd = self.w.victim_ewma, e[5]
+            self._victim_hd = hd if self._victim_hd is None else (1 - a) * self._victim_hd + a * hd
+            return e[4]
         lead = self._lead()
         self.duel_stats["led"][lead] += 1
         if self._votes is not None:  # two tiers: first the blocks the shadows have dropped
@@ -1045,7 +1156,18 @@ class Adaptive(EvictionPolicy):
 
         The class heads' ranks at ``now`` sit in a small heap (``_vheap``) that lives as long as ``now``
         and the density tables do: an eviction re-ranks only the class it took from, and a re-filed
-        candidate only its own class (:meth:`_snap_push`), instead of every class's head per victim."""
+        candidate only its own class (:meth:`_snap_push`), instead of every class's head per victim.
+        With the compiled heaps, they keep that snapshot for the classes >= 0, and the hinted heaps'
+        heads (rare) are ranked here on every call."""
+        dh = self._dh
+        if dh is not None:
+            e = dh.peek(self._now)
+            if self._hint_heap or self._ret_heap:
+                for c in (-2, -1):
+                    x = self._class_head(c)
+                    if x is not None and (e is None or x[:3] < e[:3]):
+                        e = x
+            return e
         if self._vnow != self._now:
             self._vnow = self._now
             heaps = self._heaps
@@ -1084,8 +1206,12 @@ class Adaptive(EvictionPolicy):
 
     def on_remove(self, key: Hashable) -> None:
         e = self._cand.pop(key, None)
-        if e is not None and self._vnow == self._now:
-            self._snap_left(e)
+        if e is not None:
+            if self._dh is not None:
+                if e[0] >= 0:
+                    self._dh.withdraw(e[1])
+            else:
+                self._left(e)
         self._res.pop(key, None)
         if self._votes is not None:
             self._votes.discard(key)
@@ -1099,6 +1225,8 @@ class Adaptive(EvictionPolicy):
         clear() reports no drops, so both tiers' votes are recomputed (empty after TieredCache.clear(),
         which removes every candidate first)."""
         self._vnow = None
+        if self._dh is not None:
+            self._dh.invalidate()
         if self._shadows is not None:
             for sh in self._shadows:
                 sh.clear()

@@ -1,6 +1,7 @@
 // kvroute.kvindex._kvcore: the compiled core (pybind11).
 //
 // Parts:  xxh3.hpp (XXH3-64 from the spec), tables.hpp (open addressing), index.hpp (KVCore:
+// [density_heaps.hpp: density-ranked candidate heaps for eviction's learned policy]
 // the index tables), pending.hpp (speculative prefixes), vllm_frame.hpp (vLLM KV-event payloads
 // parsed into index operations; the Python decoder is the reference), and below: token conversion,
 // chained block hashing, the Python classes Index / Hashes / RouterCore.
@@ -24,6 +25,7 @@
 #include <tuple>
 #include <vector>
 
+#include "density_heaps.hpp"
 #include "index.hpp"
 #include "pending.hpp"
 #include "vllm_frame.hpp"
@@ -429,6 +431,7 @@ struct RouterCore {
 PYBIND11_MODULE(_kvcore, m) {
     m.doc() = "kvroute's compiled core: XXH3-64, chained block hashes, the index tables, speculative prefixes, route.";
     m.attr("LARGE_BLOCKS") = LARGE_BLOCKS;
+    bind_density_heaps(m);  // eviction's learned-victim heaps and density table (density_heaps.hpp)
 #if defined(__GLIBC__)
     // The tables grow by reallocation; a fixed mmap threshold (glibc's default one rises after
     // the first free) makes every big table its own mapping, returned to the OS when replaced,
