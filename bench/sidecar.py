@@ -174,10 +174,7 @@ def _closed_client(k: int, address: str, qbytes, depth: int, start, t_end, out) 
     its ``finish`` and the next route (a new request only when one is answered: a closed loop).
     Lean on purpose: payloads are packed with a fixed key order and replies are read for their id
     only, so the figure is the server's, not the client's interpreter."""
-    ctx = zmq.Context()
-    s = ctx.socket(zmq.DEALER)
-    s.setsockopt(zmq.LINGER, 0)
-    s.connect(address)
+    conn = _StreamConn(address) if address.startswith("unix://") else _DealerConn(address)
     base = (k + 1) << 40
     pack = msgpack.Packer(use_bin_type=True).pack
     sent: dict[int, float] = {}
@@ -188,9 +185,8 @@ def _closed_client(k: int, address: str, qbytes, depth: int, start, t_end, out) 
         nonlocal rid
         rid += 1
         q = base + rid
-        s.send_multipart([b"", pack({"op": "route", "id": q, "request_id": q,
-                                      "token_ids": qbytes[(k * 977 + rid) % len(qbytes)], "costs": False})],
-                         copy=False)
+        conn.send(pack({"op": "route", "id": q, "request_id": q,
+                        "token_ids": qbytes[(k * 977 + rid) % len(qbytes)], "costs": False}))
         sent[q] = time.perf_counter()
 
     def run(until: float, record: bool) -> int:
@@ -198,9 +194,7 @@ def _closed_client(k: int, address: str, qbytes, depth: int, start, t_end, out) 
         for _ in range(depth):
             send_route()
         while sent:
-            if not s.poll(10_000):
-                raise RuntimeError("closed-loop client: no reply in 10 s")
-            rep = msgpack.unpackb(s.recv_multipart()[-1], raw=False)
+            rep = msgpack.unpackb(conn.recv(10.0), raw=False)
             q = rep["id"]
             if not rep.get("ok"):
                 raise RuntimeError(f"error reply: {rep}")
@@ -211,11 +205,11 @@ def _closed_client(k: int, address: str, qbytes, depth: int, start, t_end, out) 
                     n += 1
                 else:
                     sent.pop(q)
-                s.send_multipart([b"", pack({"op": "finish", "id": -q, "request_id": q})])
+                conn.send(pack({"op": "finish", "id": -q, "request_id": q}))
                 if time.monotonic() < until:
                     send_route()
-        while s.poll(200):  # the last finishes' replies
-            s.recv_multipart()
+        while conn.recv(0.2) is not None:  # the last finishes' replies
+            pass
         return n
 
     run(time.monotonic() + 0.3, False)  # warm up (imports, connection, first decisions)
@@ -223,8 +217,70 @@ def _closed_client(k: int, address: str, qbytes, depth: int, start, t_end, out) 
     c0 = time.process_time()  # every thread of this process: its interpreter and ZMQ's I/O thread
     n = run(t_end.value, True)
     out.put((k, n, lat, time.process_time() - c0))
-    s.close()
-    ctx.term()
+    conn.close()
+
+
+class _DealerConn:
+    """The ZMQ side of a closed-loop client: a DEALER socket, ``[b"", payload]`` frames."""
+
+    def __init__(self, address: str) -> None:
+        self.ctx = zmq.Context()
+        self.s = self.ctx.socket(zmq.DEALER)
+        self.s.setsockopt(zmq.LINGER, 0)
+        self.s.connect(address)
+
+    def send(self, payload: bytes) -> None:
+        self.s.send_multipart([b"", payload], copy=False)
+
+    def recv(self, timeout_s: float) -> bytes | None:
+        if not self.s.poll(int(timeout_s * 1000)):
+            if timeout_s >= 1:
+                raise RuntimeError("closed-loop client: no reply")
+            return None
+        return self.s.recv_multipart()[-1]
+
+    def close(self) -> None:
+        self.s.close()
+        self.ctx.term()
+
+
+class _StreamConn:
+    """The stream-transport side of a closed-loop client (kvroute.sidecar.stream framing), blocking reads."""
+
+    def __init__(self, address: str) -> None:
+        import socket
+
+        self.s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.s.connect(address[len("unix://"):])
+        self.buf = bytearray()
+
+    def send(self, payload: bytes) -> None:
+        self.s.sendall(len(payload).to_bytes(4, "big") + payload)
+
+    def recv(self, timeout_s: float) -> bytes | None:
+        import socket
+
+        buf = self.buf
+        while True:
+            if len(buf) >= 4:
+                n = int.from_bytes(buf[:4], "big")
+                if len(buf) >= 4 + n:
+                    out = bytes(buf[4:4 + n])
+                    del buf[:4 + n]
+                    return out
+            self.s.settimeout(timeout_s)
+            try:
+                data = self.s.recv(1 << 16)
+            except socket.timeout:
+                if timeout_s >= 1:
+                    raise RuntimeError("closed-loop client: no reply") from None
+                return None
+            if not data:
+                raise RuntimeError("closed-loop client: the server closed the connection")
+            buf += data
+
+    def close(self) -> None:
+        self.s.close()
 
 
 def closed_loop_multi(address: str, server_pid: int, qbytes, clients: int, depth: int, seconds: float) -> dict:
@@ -453,6 +509,8 @@ def main() -> None:
     ap.add_argument("--closed", type=int, default=1000, help="closed-loop requests per policy")
     ap.add_argument("--clients", default="1,2,4",
                     help="closed loop with several client processes: comma-separated process counts ('' = skip)")
+    ap.add_argument("--transports", default="zmq,stream",
+                    help="the multi-client closed loop's transports: zmq (the ROUTER socket), stream (stream_bind, a Unix socket)")
     ap.add_argument("--depth", type=int, default=1, help="routes each closed-loop client process keeps in flight")
     ap.add_argument("--closed-seconds", type=float, default=3.0, help="duration of each multi-client closed loop")
     ap.add_argument("--rates", default="500,1000,1500,2000,2500,3000,4000,5000,6000,8000")
@@ -469,6 +527,7 @@ def main() -> None:
     args = ap.parse_args()
     args.replicas = [int(x) for x in args.replicas.split(",") if x.strip()]
     args.clients = [int(x) for x in args.clients.split(",") if x.strip()]
+    args.transports = [x for x in args.transports.split(",") if x.strip()]
 
     loadavg_before = os.getloadavg()[0]
     t0 = time.perf_counter()
@@ -506,6 +565,7 @@ def main() -> None:
             run_snap = os.path.join(tmp, f"{backend}-{pol}.snap")
             shutil.copy(snap, run_snap)
             cfg = {"bind": "tcp://127.0.0.1:*", "http_port": 0, "block_size": BS, "policy": pol, "snapshot": run_snap,
+                   "stream_bind": f"unix://{tmp}/{backend}-{pol}.sock",
                    "approximate": args.approximate, "workers": [{"id": f"w{i}"} for i in range(args.workers)]}
             cfg_path = os.path.join(tmp, f"{backend}-{pol}.json")
             with open(cfg_path, "w") as f:
@@ -526,10 +586,12 @@ def main() -> None:
                        "closed_routes_per_s": len(lat) / sum(lat),
                        # the server's CPU per route + finish pair: 1e6 / it = routes/s one server core can take
                        "server_cpu_us_per_route": server_cpu / len(lat) * 1e6, "open": [], "closed_multi": []}
-                for k in args.clients:
-                    m = closed_loop_multi(ready["address"], proc.pid, qbytes, k, args.depth, args.closed_seconds)
+                for transport, k in [(t, k) for t in args.transports for k in args.clients]:
+                    addr = ready["address"] if transport == "zmq" else ready["stream_address"]
+                    m = closed_loop_multi(addr, proc.pid, qbytes, k, args.depth, args.closed_seconds)
+                    m["transport"] = transport
                     row["closed_multi"].append(m)
-                    print(f"{run}: closed loop, {k} client process(es) x {args.depth} in flight: "
+                    print(f"{run}: {transport}, closed loop, {k} client process(es) x {args.depth} in flight: "
                           f"{m['routes_per_s']:,.0f} routes/s, p50 {m['p50_ms']:.3f} p99 {m['p99_ms']:.3f} "
                           f"max {m['max_ms']:.2f} ms; CPU per route + finish: server {m['server_cpu_us_per_route']:.0f} us, "
                           f"clients {m['client_cpu_us_per_route']:.0f} us", flush=True)
