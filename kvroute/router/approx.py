@@ -15,8 +15,14 @@ scorer (an LRU of routed prefixes per pod, bounded per pod) do:
 
 Layout (private; only :class:`ApproxPrefixes` methods touch it)::
 
-    _mask : {content hash -> bitmask of worker slots predicted to hold it}
+    _mask : MASK_SHARDS dicts, by the hash's low bits: {content hash -> bitmask of worker
+            slots predicted to hold it}
     _lru  : {slot -> OrderedDict {content hash -> expiry}}, oldest first
+
+Why shards: a dict of a few hundred thousand keys that keeps gaining and losing keys (the LRU bound
+at work) now and then rebuilds its whole table in one insert, 10-20 ms holding the router's lock
+and the GIL (issue 17, item 9: measured 20 ms for one 256-block add beside maximal prompts);
+a shard rebuilds 1/MASK_SHARDS of it.
 
 Every entry has the same TTL, so each slot's LRU order is also its expiry
 order: expiry pops from the front.  Matching walks the prompt's chained
@@ -39,6 +45,9 @@ from .masks import chain_depths
 DEFAULT_APPROX_TTL_S = 600.0
 #: Blocks kept per worker when its KV capacity is unknown.
 DEFAULT_APPROX_CAPACITY = 1 << 16
+#: Dicts the hash -> slots masks are split into (module docstring); a power of two.
+MASK_SHARDS = 256
+_SHARD = MASK_SHARDS - 1
 
 
 class ApproxPrefixes:
@@ -55,7 +64,9 @@ class ApproxPrefixes:
         #: Blocks per slot when :meth:`add` is given no capacity.
         self.default_capacity = default_capacity
         self._clock = clock
-        self._mask: dict[int, int] = {}
+        self._mask: list[dict[int, int]] = [{} for _ in range(MASK_SHARDS)]
+        #: Keys over all mask shards (``match`` returns early when 0).
+        self._keys = 0
         self._lru: dict[int, OrderedDict[int, float]] = {}
         #: Entries dropped by the capacity bound and by the TTL (counters; metrics read them).
         self.evicted = 0
@@ -83,7 +94,7 @@ class ApproxPrefixes:
             d = self._lru[slot] = OrderedDict()
         self._expire_slot(slot, d, now)
         bit = 1 << slot
-        mask = self._mask
+        shards = self._mask
         if d:
             # a late entry (another replica's message, a catch-up copy) must not break the expiry order:
             # it lives as long as the freshest entry (an extension bounded by the sync delay)
@@ -94,7 +105,11 @@ class ApproxPrefixes:
             if h in d:
                 d.move_to_end(h)
             else:
-                mask[h] = mask.get(h, 0) | bit
+                mask = shards[h & _SHARD]
+                m = mask.get(h, 0)
+                if not m:
+                    self._keys += 1
+                mask[h] = m | bit
             d[h] = exp
         cap = capacity or self.default_capacity
         while len(d) > cap:
@@ -103,11 +118,16 @@ class ApproxPrefixes:
             self.evicted += 1
 
     def _unset(self, h: int, bit: int) -> None:
-        m = self._mask[h] & ~bit
+        mask = self._mask[h & _SHARD]
+        m = mask[h] & ~bit
         if m:
-            self._mask[h] = m
+            mask[h] = m
         else:
-            del self._mask[h]
+            del mask[h]
+            self._keys -= 1
+
+    def _get(self, h: int, default: int = 0) -> int:
+        return self._mask[h & _SHARD].get(h, default)
 
     def _expire_slot(self, slot: int, d: OrderedDict[int, float], now: float) -> None:
         bit = 1 << slot
@@ -134,16 +154,16 @@ class ApproxPrefixes:
 
     def match(self, hashes: Sequence[int], now: float) -> dict[int, int]:
         """{slot: depth >= 1} of the longest predicted prefix of ``hashes`` per slot (expired entries skipped)."""
-        if not hashes or not self._mask:
+        if not hashes or not self._keys:
             return {}
-        live = self._mask.get(hashes[0], 0)
+        live = self._get(hashes[0])
         if not live:
             return {}
         # an expired entry still in the table (a slot not touched since) must not count
         for slot, d in self._lru.items():
             if live >> slot & 1:
                 self._expire_slot(slot, d, now)
-        return chain_depths(self._mask.get, hashes)  # every depth >= 1: the slots of the first block's mask
+        return chain_depths(self._get, hashes)  # every depth >= 1: the slots of the first block's mask
 
     def dump(self, slot: int, now: float) -> list[tuple[int, float]]:
         """``(hash, seconds left)`` of a slot's live entries, oldest first (a peer's catch-up copy)."""
@@ -167,4 +187,7 @@ class ApproxPrefixes:
                 want[h] = want.get(h, 0) | 1 << slot
                 assert e >= prev, "approximate entries out of expiry order"
                 prev = e
-        assert want == self._mask, "approximate masks drifted from the slot tables"
+        have = {h: m for shard in self._mask for h, m in shard.items()}
+        assert want == have, "approximate masks drifted from the slot tables"
+        assert self._keys == len(have), "approximate key count drifted"
+        assert all(h & _SHARD == k for k, shard in enumerate(self._mask) for h in shard), "a mask in the wrong shard"

@@ -70,6 +70,10 @@ DEFAULT_MAX_PROMPT_TOKENS = 1 << 24
 #: p99 0.8 / max 3.2 ms, for +30% on the maximal route itself (33 -> 44 ms); judged end to end by
 #: bench/sidecar_stall.py.
 CHAIN_CHUNK_BLOCKS = 1024
+#: The same for the approximate table (approximate-mode workers), whose inserts are Python dict and LRU
+#: operations (~1-2 us a block with the capacity bound evicting): a smaller chunk keeps one turn under
+#: about half a millisecond (bench/sidecar_stall.py --approx).
+APPROX_CHUNK_BLOCKS = 256
 
 
 class _Flight:
@@ -472,9 +476,10 @@ class Router:
                 pend_at = pending.add_range(slot, chain, 0, chunk)
             approx_worker = bool(hs) and bool(self._approx_slots >> slot & 1)
             if approx_worker:
-                self._approx.add(slot, hs[:chunk] if nb > chunk else hs, now,
+                approx_at = self._approx_skip(nb, ps)
+                self._approx.add(slot, hs[approx_at:approx_at + APPROX_CHUNK_BLOCKS], now,
                                  capacity=self.approx_capacity_blocks or ps.capacity_blocks)
-                approx_at = min(nb, chunk)
+                approx_at = min(nb, approx_at + APPROX_CHUNK_BLOCKS)
             if self._observers:
                 rec = FlightRecord(request_id, ps.id, ds.id if ds is not ps else None, uncached, nb, True,
                                    self._left(now, now), hs if (speculated or approx_worker) else (),
@@ -589,10 +594,10 @@ class Router:
                         approx_at = n
                         continue
                     now = self._clock()
-                    self._approx.add(slot, hs[approx_at:approx_at + chunk], now,
+                    self._approx.add(slot, hs[approx_at:approx_at + APPROX_CHUNK_BLOCKS], now,
                                      capacity=self.approx_capacity_blocks or ps.capacity_blocks,
                                      expires_at=None if expires_in is None else now + expires_in)
-                    approx_at += chunk
+                    approx_at += APPROX_CHUNK_BLOCKS
 
     def _admit(self, request_id: Any, exclude: Collection[Any] = ()) -> tuple[float, list[WorkerState], list[WorkerState]]:
         """Under the lock, before a decision: expire stale requests (local and remote), refuse duplicates
@@ -830,11 +835,21 @@ class Router:
                 return False
             now = self._clock()
             hs = list(hashes)
-            self._approx.add(slot, hs[:CHAIN_CHUNK_BLOCKS], now, capacity=self.approx_capacity_blocks or s.capacity_blocks,
+            at = self._approx_skip(len(hs), s)
+            self._approx.add(slot, hs[at:at + APPROX_CHUNK_BLOCKS], now,
+                             capacity=self.approx_capacity_blocks or s.capacity_blocks,
                              expires_at=None if ttl_s is None else now + ttl_s)
-        if len(hs) > CHAIN_CHUNK_BLOCKS:
-            self._add_chain_rest(s, slot, hs, hs, len(hs), CHAIN_CHUNK_BLOCKS, ttl_s)
+        if len(hs) > at + APPROX_CHUNK_BLOCKS:
+            self._add_chain_rest(s, slot, hs, hs, len(hs), at + APPROX_CHUNK_BLOCKS, ttl_s)
         return True
+
+    def _approx_skip(self, n: int, ws: WorkerState) -> int:
+        """Where an approximate-mode chain of ``n`` blocks starts entering the table: a chain longer than
+        the worker's bound ends with only its last ``capacity`` blocks held (each insert evicts the least
+        recently routed block, the chain's own root first), so the blocks before those are not inserted
+        only to be evicted again (same table at the end; ``evicted`` counts the entries that left)."""
+        cap = self.approx_capacity_blocks or ws.capacity_blocks or self._approx.default_capacity
+        return max(0, n - cap)
 
     def approx_dump(self, worker: Any) -> list[tuple[int, float]]:
         """An approximate worker's predicted blocks: ``(hash, seconds left)``, oldest first."""
