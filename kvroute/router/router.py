@@ -422,14 +422,20 @@ class Router:
         if nb < len(hs):
             hs = hs[:nb]
         num_tokens = max(num_tokens, nb * bs)
+        # a long chain reaches the compiled index and pending table as one uint64 array, converted here,
+        # outside the lock (each took its own copy of the int list under it: ~3 ms apiece at 131k blocks)
+        flat: Any = hs
+        if self._core is not None and nb > CHAIN_CHUNK_BLOCKS:
+            flat = hashes[:nb] if isinstance(hashes, np.ndarray) and hashes.dtype == np.uint64 \
+                else np.array(hs, dtype=np.uint64)
         with self.lock:
             now, prefill_pool, decode_pool = self._admit(request_id, exclude)
             pending = self._pending
             pending.expire(now)
-            overlaps = self.index.match(hs) if hs else {}
+            overlaps = self.index.match(flat) if hs else {}
             if self._uncredited and overlaps:
                 overlaps = {w: o for w, o in overlaps.items() if w not in self._uncredited}
-            pend = pending.match(hs) if (hs and self.policy.uses_pending) else {}
+            pend = pending.match(flat) if (hs and self.policy.uses_pending) else {}
             slot_of = self._slot
             cands = []
             for s in prefill_pool:
@@ -472,7 +478,7 @@ class Router:
             pend_at = approx_at = nb
             if speculated:  # nothing to speculate when the index confirms the whole prompt
                 if nb > chunk:
-                    chain = pending.chain(hs)
+                    chain = pending.chain(flat)
                 pend_at = pending.add_range(slot, chain, 0, chunk)
             approx_worker = bool(hs) and bool(self._approx_slots >> slot & 1)
             if approx_worker:
