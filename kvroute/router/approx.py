@@ -17,12 +17,14 @@ Layout (private; only :class:`ApproxPrefixes` methods touch it)::
 
     _mask : MASK_SHARDS dicts, by the hash's low bits: {content hash -> bitmask of worker
             slots predicted to hold it}
-    _lru  : {slot -> OrderedDict {content hash -> expiry}}, oldest first
+    _lru  : {slot -> _SlotLRU {content hash -> expiry}}, oldest first
 
 Why shards: a dict of a few hundred thousand keys that keeps gaining and losing keys (the LRU bound
 at work) now and then rebuilds its whole table in one insert, 10-20 ms holding the router's lock
 and the GIL (issue 17, item 9: measured 20 ms for one 256-block add beside maximal prompts);
-a shard rebuilds 1/MASK_SHARDS of it.
+a shard rebuilds 1/MASK_SHARDS of it.  Each slot's LRU is split the same way (:class:`_SlotLRU`: an
+ordered run of small buckets), for the same reason: one OrderedDict of 65,536 churning entries took
+5-7 ms to rebuild.
 
 Every entry has the same TTL, so each slot's LRU order is also its expiry
 order: expiry pops from the front.  Matching walks the prompt's chained
@@ -32,8 +34,8 @@ shortens a match, never lengthens it.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
-from typing import Callable, Iterable, Sequence
+from collections import OrderedDict, deque
+from typing import Callable, Iterable, Iterator, Sequence
 
 from .masks import chain_depths
 
@@ -48,6 +50,108 @@ DEFAULT_APPROX_CAPACITY = 1 << 16
 #: Dicts the hash -> slots masks are split into (module docstring); a power of two.
 MASK_SHARDS = 256
 _SHARD = MASK_SHARDS - 1
+
+
+class _SlotLRU:
+    """One slot's ``{hash: expiry}`` in LRU order, as the subset of ``OrderedDict`` the table uses
+    (``in``, ``[]``, ``del``, ``move_to_end``, ``popitem(last=False)``, ordered iteration), kept in
+    buckets of at most ``BUCKET`` entries (small OrderedDicts, oldest bucket first) with the bucket of
+    each hash in ``LRU_SHARDS`` small dicts: no operation rebuilds more than one small table."""
+
+    BUCKET = 1024
+    LRU_SHARDS = 64
+    __slots__ = ("_buckets", "_where", "_n")
+
+    def __init__(self) -> None:
+        self._buckets: deque[OrderedDict[int, float]] = deque()
+        self._where: list[dict[int, OrderedDict[int, float]]] = [{} for _ in range(self.LRU_SHARDS)]
+        self._n = 0
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __contains__(self, h: int) -> bool:
+        return h in self._where[h & (self.LRU_SHARDS - 1)]
+
+    def __getitem__(self, h: int) -> float:
+        return self._where[h & (self.LRU_SHARDS - 1)][h][h]
+
+    def __setitem__(self, h: int, exp: float) -> None:
+        """Set ``h``'s expiry: in place when present, else as the newest entry."""
+        where = self._where[h & (self.LRU_SHARDS - 1)]
+        b = where.get(h)
+        if b is not None:
+            b[h] = exp
+            return
+        bs = self._buckets
+        if not bs or len(bs[-1]) >= self.BUCKET:
+            bs.append(OrderedDict())
+        b = bs[-1]
+        b[h] = exp
+        where[h] = b
+        self._n += 1
+
+    def __delitem__(self, h: int) -> None:
+        b = self._where[h & (self.LRU_SHARDS - 1)].pop(h)
+        del b[h]
+        self._n -= 1
+        if not b:
+            self._drop(b)
+
+    def move_to_end(self, h: int) -> None:
+        where = self._where[h & (self.LRU_SHARDS - 1)]
+        b = where[h]
+        newest = self._buckets[-1]
+        if b is newest:
+            b.move_to_end(h)
+            return
+        exp = b.pop(h)
+        if not b:
+            self._drop(b)
+        if len(newest) >= self.BUCKET:
+            newest = OrderedDict()
+            self._buckets.append(newest)
+        newest[h] = exp
+        where[h] = newest
+
+    def popitem(self, last: bool = True) -> tuple[int, float]:
+        """The oldest entry, removed (``last=False`` only: the table never pops the newest)."""
+        assert not last, "only the oldest entry is ever popped"
+        b = self._buckets[0]
+        h, exp = b.popitem(last=False)
+        del self._where[h & (self.LRU_SHARDS - 1)][h]
+        self._n -= 1
+        if not b:
+            self._buckets.popleft()
+        return h, exp
+
+    def first(self) -> int:
+        return next(iter(self._buckets[0]))
+
+    def last_value(self) -> float:
+        b = self._buckets[-1]
+        return b[next(reversed(b))]
+
+    def __iter__(self) -> Iterator[int]:
+        for b in self._buckets:
+            yield from b
+
+    def items(self) -> Iterator[tuple[int, float]]:
+        for b in self._buckets:
+            yield from b.items()
+
+    def _drop(self, b: OrderedDict[int, float]) -> None:
+        """Remove the (empty) bucket ``b`` from the run (identity, not equality: empty dicts are equal)."""
+        bs = self._buckets
+        if bs[0] is b:
+            bs.popleft()
+        elif bs[-1] is b:
+            bs.pop()
+        else:
+            for i, x in enumerate(bs):
+                if x is b:
+                    del bs[i]
+                    return
 
 
 class ApproxPrefixes:
@@ -67,7 +171,7 @@ class ApproxPrefixes:
         self._mask: list[dict[int, int]] = [{} for _ in range(MASK_SHARDS)]
         #: Keys over all mask shards (``match`` returns early when 0).
         self._keys = 0
-        self._lru: dict[int, OrderedDict[int, float]] = {}
+        self._lru: dict[int, _SlotLRU] = {}
         #: Entries dropped by the capacity bound and by the TTL (counters; metrics read them).
         self.evicted = 0
         self.expired = 0
@@ -91,14 +195,14 @@ class ApproxPrefixes:
             return
         d = self._lru.get(slot)
         if d is None:
-            d = self._lru[slot] = OrderedDict()
+            d = self._lru[slot] = _SlotLRU()
         self._expire_slot(slot, d, now)
         bit = 1 << slot
         shards = self._mask
         if d:
             # a late entry (another replica's message, a catch-up copy) must not break the expiry order:
             # it lives as long as the freshest entry (an extension bounded by the sync delay)
-            last = d[next(reversed(d))]
+            last = d.last_value()
             if exp < last:
                 exp = last
         for h in hashes:
@@ -129,10 +233,10 @@ class ApproxPrefixes:
     def _get(self, h: int, default: int = 0) -> int:
         return self._mask[h & _SHARD].get(h, default)
 
-    def _expire_slot(self, slot: int, d: OrderedDict[int, float], now: float) -> None:
+    def _expire_slot(self, slot: int, d: _SlotLRU, now: float) -> None:
         bit = 1 << slot
         while d:
-            h = next(iter(d))
+            h = d.first()
             if d[h] > now:
                 return
             del d[h]
