@@ -11,8 +11,9 @@ Server variants, side by side in one run (``--variants`` picks some):
 * ``now``: the big-request thread, long chains added to the tables in chunks with the lock
   released between them (``CHAIN_CHUNK_BLOCKS``), int arrays decoded by the compiled core with
   the GIL released, big payloads not copied out of the ZMQ message;
-* ``now+switch1ms`` / ``now+yield50us``: the same with ``sys.setswitchinterval(0.001)`` in the
-  server, or a 50 us sleep between chunks instead of ``time.sleep(0)`` (tuning candidates);
+* ``now+switch1ms`` / ``now+yield50us`` / ``now+lanenice5``: the same with
+  ``sys.setswitchinterval(0.001)`` in the server, a 50 us sleep between chunks instead of
+  ``time.sleep(0)``, or the big-request thread at nice +5 (tuning candidates);
 * ``whole chains``: chains added whole and int arrays decoded by msgpack (``CHAIN_CHUNK_BLOCKS``
   and ``ARRAY_DECODE_BYTES`` out of reach: last session's state, but with this session's
   sharded pending table and zero-copy receive);
@@ -38,7 +39,7 @@ import msgpack
 import numpy as np
 import zmq
 
-VARIANTS = {"now": {}, "now+switch1ms": {"switch_ms": 1.0}, "now+yield50us": {"yield_us": 50}, "whole chains": {"chunked": False}, "single loop": {"chunked": False, "lane": False}}
+VARIANTS = {"now": {}, "now+lanenice5": {"lane_nice": 5}, "now+switch1ms": {"switch_ms": 1.0}, "now+yield50us": {"yield_us": 50}, "whole chains": {"chunked": False}, "single loop": {"chunked": False, "lane": False}}
 
 
 class _TurnLock:
@@ -77,7 +78,9 @@ class _TurnLock:
         return self._l._is_owned()
 
 
-def _server(conn, chunked: bool, lane: bool, approx: bool, switch_ms: float, yield_us: float) -> None:
+def _server(conn, chunked: bool, lane: bool, approx: bool, switch_ms: float, yield_us: float,
+            lane_nice: int = 0) -> None:
+    import os
     import sys
 
     if switch_ms:
@@ -93,6 +96,14 @@ def _server(conn, chunked: bool, lane: bool, approx: bool, switch_ms: float, yie
         decode_mod.ARRAY_DECODE_BYTES = 1 << 40
     if not lane:
         server_mod.BIG_REQUEST_BYTES = 1 << 40
+    if lane_nice:  # the big-request thread at a lower CPU priority than the request loop
+        run0 = server_mod._BigLane._run
+
+        def run_niced(self):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), lane_nice)
+            run0(self)
+
+        server_mod._BigLane._run = run_niced
     if yield_us:
         router_mod.Router.between_chunks = staticmethod(lambda: time.sleep(yield_us / 1e6))
     cfg = SidecarConfig(bind="tcp://127.0.0.1:*", http_port=0, workers=[WorkerConfig(f"w{i}") for i in range(4)],
@@ -144,10 +155,10 @@ def _big_client(address: str, form: str, stop, done) -> None:
 
 
 def run(seconds: float, form: str, approx: bool, chunked: bool = True, lane: bool = True, switch_ms: float = 0,
-        yield_us: float = 0) -> dict:
+        yield_us: float = 0, lane_nice: int = 0) -> dict:
     mpc = mp.get_context("spawn")
     parent, child = mpc.Pipe()
-    server = mpc.Process(target=_server, args=(child, chunked, lane, approx, switch_ms, yield_us), daemon=True)
+    server = mpc.Process(target=_server, args=(child, chunked, lane, approx, switch_ms, yield_us, lane_nice), daemon=True)
     server.start()
     address = parent.recv()
     stop, done = mpc.Event(), mpc.Value("i", 0)
