@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import heapq
 import random
+from array import array
 import threading
 import time
 from typing import Any, Callable, Collection, Iterable, Sequence
@@ -43,7 +44,7 @@ from typing import Any, Callable, Collection, Iterable, Sequence
 import numpy as np
 
 from ..kvindex import KVIndex
-from ..kvindex.hashing import ROOT_SEED, block_hash_list, native_prompt
+from ..kvindex.hashing import ROOT_SEED, block_hash_list, block_hashes, native_prompt
 from . import native as _native
 from .disagg import DecodeWeights, choose_decode
 from .errors import (DuplicateRequestError, NoHealthyWorkerError, PromptLengthError, UnknownPolicyError, UnknownRequestError,
@@ -390,7 +391,10 @@ class Router:
             # The compiled route covers the plain case; worker exclusions, uncredited caches, approximate
             # mode and replica sync take the Python path (same decisions, checked by the differential tests).
             return self._route_native(token_ids, request_id, lora_name, cache_salt, mm_hashes, hints)
-        hs = block_hash_list(token_ids, self.block_size, lora_name=lora_name, cache_salt=cache_salt, mm_hashes=mm_hashes)
+        if self._core is not None and n > CHAIN_CHUNK_BLOCKS * self.block_size:  # a long prompt: no int list
+            hs = block_hashes(token_ids, self.block_size, lora_name=lora_name, cache_salt=cache_salt, mm_hashes=mm_hashes)
+        else:
+            hs = block_hash_list(token_ids, self.block_size, lora_name=lora_name, cache_salt=cache_salt, mm_hashes=mm_hashes)
         return self.route_hashes(hs, num_tokens=int(n), request_id=request_id, hints=hints, exclude=exclude)
 
     def route_hashes(
@@ -410,7 +414,15 @@ class Router:
         healthy for other requests.  ``num_tokens`` must be an int in ``[0, max_prompt_tokens]``
         and the hashes cover at most ``max_prompt_tokens``: else :class:`PromptLengthError`.
         """
-        hs = hashes.tolist() if isinstance(hashes, np.ndarray) else hashes
+        if not isinstance(hashes, np.ndarray):
+            hs = hashes
+        elif self._core is not None and len(hashes) > CHAIN_CHUNK_BLOCKS and hashes.dtype == np.uint64:
+            # a long chain stays out of Python int lists: a list of 131k young ints made every garbage
+            # collection pass that saw it cost ~9 ms, run by whichever thread allocated next, often under
+            # the router's lock (issue 17, item 9); array items are ints when read, as list items are
+            hs = array("Q", hashes.tobytes())
+        else:
+            hs = hashes.tolist()
         limit = self.max_prompt_tokens
         if isinstance(num_tokens, bool) or not isinstance(num_tokens, (int, np.integer)) or not 0 <= num_tokens <= limit:
             raise PromptLengthError(f"num_tokens must be an int in [0, {limit}], got {num_tokens!r}")
@@ -426,8 +438,7 @@ class Router:
         # outside the lock (each took its own copy of the int list under it: ~3 ms apiece at 131k blocks)
         flat: Any = hs
         if self._core is not None and nb > CHAIN_CHUNK_BLOCKS:
-            flat = hashes[:nb] if isinstance(hashes, np.ndarray) and hashes.dtype == np.uint64 \
-                else np.array(hs, dtype=np.uint64)
+            flat = np.frombuffer(hs, dtype=np.uint64) if isinstance(hs, array) else np.array(hs, dtype=np.uint64)
         with self.lock:
             now, prefill_pool, decode_pool = self._admit(request_id, exclude)
             pending = self._pending
@@ -488,7 +499,8 @@ class Router:
                 approx_at = min(nb, approx_at + APPROX_CHUNK_BLOCKS)
             if self._observers:
                 rec = FlightRecord(request_id, ps.id, ds.id if ds is not ps else None, uncached, nb, True,
-                                   self._left(now, now), hs if (speculated or approx_worker) else (),
+                                   self._left(now, now),
+                                   (list(hs) if isinstance(hs, array) else hs) if (speculated or approx_worker) else (),
                                    speculated, approx_worker)
                 for o in self._observers:
                     o.on_route(rec)
