@@ -200,3 +200,25 @@ def test_ready_line_names_the_stream_address(tmp_path):
         proc.terminate()
         proc.wait(60)
     assert proc.returncode == 0 and not os.path.exists(f"{tmp_path}/r.sock")
+
+
+def test_partly_received_long_frames_are_bounded_over_all_connections(server, monkeypatch):
+    from kvroute.sidecar import stream as stream_mod
+
+    monkeypatch.setattr(stream_mod, "MAX_PENDING_FRAME_BYTES", 300 << 10)
+    toks = np.random.default_rng(1).integers(0, 50_000, 50_000).astype("<u4").tobytes()  # 200 KB frames
+    payload = msgpack.packb({"op": "route", "id": "a", "request_id": "a", "token_ids": toks, "costs": False},
+                            use_bin_type=True)
+    first, second = connect(server), connect(server)
+    fbuf, sbuf = bytearray(), bytearray()
+    first.sendall(frame(payload)[:100_000])  # the server now holds a 200 KB buffer for it
+    time.sleep(0.2)
+    second.sendall(frame(payload)[:1000])  # a second one would pass the bound
+    rep = read_reply(second, sbuf)
+    assert rep["error"]["type"] == "BadRequest" and "being received" in rep["error"]["message"]
+    assert read_reply(second, sbuf) is None
+    first.sendall(frame(payload)[100_000:])  # the first completes and is answered
+    rep = read_reply(first, fbuf)
+    assert rep["ok"] and rep["result"]["num_tokens"] == 50_000
+    assert server.stream._pending_bytes == 0
+    first.close()

@@ -46,6 +46,10 @@ log = logging.getLogger("kvroute.sidecar")
 MAX_FRAME_BYTES = 5 * MAX_TOKENS + (1 << 20)
 #: Replies buffered for one connection beyond which it is closed (a client that does not read).
 MAX_BUFFERED_BYTES = 64 << 20
+#: Bytes of partly received long frames over all connections; a connection whose frame would pass it
+#: gets a ``BadRequest`` and is closed (many clients each announcing a maximal frame cannot make the
+#: server allocate without bound).
+MAX_PENDING_FRAME_BYTES = 256 << 20
 #: Bytes read from one connection per turn of the loop (others get their turn; epoll reports it again).
 READ_PER_TURN = 1 << 20
 #: Frames at least this long are received into their own buffer (no copy out of the read buffer).
@@ -115,7 +119,11 @@ class StreamListener:
             raise ConfigError(f"cannot bind the stream transport to {address!r}: {exc}") from None
         self._ls = ls
         #: The address actually bound (``tcp://host:0`` resolved to the port).
-        self.address = address if self._path is not None else "tcp://%s:%d" % ls.getsockname()[:2]
+        if self._path is not None:
+            self.address = address
+        else:
+            host, port = ls.getsockname()[:2]
+            self.address = f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
         self._ep = select.epoll()
         self._ep.register(ls.fileno(), select.EPOLLIN)
         #: fd -> connection; key -> connection.
@@ -126,6 +134,8 @@ class StreamListener:
         self.dropped_connections = 0
         #: Replies whose connection had gone (a big request's reply after the client left).
         self.dropped_replies = 0
+        #: Bytes held by partly received long frames (bounded by MAX_PENDING_FRAME_BYTES).
+        self._pending_bytes = 0
 
     def fileno(self) -> int:
         """An fd readable when some connection is (the epoll set): register it in the loop's poller."""
@@ -208,6 +218,7 @@ class StreamListener:
                         c.got += n
                         if c.got == len(c.big):
                             payload, c.big = memoryview(c.big), None
+                            self._pending_bytes -= len(payload)
                             self._answer(c, payload, dispatch, replies)
                 else:
                     data = c.sock.recv(min(budget, 256 << 10))
@@ -228,21 +239,27 @@ class StreamListener:
             self._write(c, b"".join(replies))
         if eof and c.sock is not None:
             self._close(c)  # replies to its big requests still in the lane are dropped (counted)
+        elif c.closing and c.sock is not None:  # its error reply still being written: read no more
+            self._ep.modify(c.sock.fileno(), select.EPOLLOUT)
 
     def _frames(self, c: _Conn, dispatch: Callable[[int, Any], bytes | None], replies: list[bytes]) -> None:
         buf = c.buf
         at = 0
         while len(buf) - at >= _HDR:
             n = int.from_bytes(buf[at:at + _HDR], "big")
-            if n > MAX_FRAME_BYTES:
-                replies.append(frame(msgpack.packb({"id": None, "ok": False, "error": {
-                    "type": "BadRequest", "message": f"frame of {n} bytes; at most {MAX_FRAME_BYTES}"}})))
+            start = at + _HDR
+            partial = len(buf) - start < n and n >= _OWN_BUFFER_BYTES
+            if n > MAX_FRAME_BYTES or (partial and self._pending_bytes + n > MAX_PENDING_FRAME_BYTES):
+                why = (f"frame of {n} bytes; at most {MAX_FRAME_BYTES}" if n > MAX_FRAME_BYTES else
+                       f"frame of {n} bytes refused: {self._pending_bytes} bytes of other frames are being received")
+                replies.append(frame(msgpack.packb({"id": None, "ok": False, "error": {"type": "BadRequest",
+                                                                                       "message": why}})))
                 c.closing = True
                 at = len(buf)
                 break
-            start = at + _HDR
             if len(buf) - start < n:
-                if n >= _OWN_BUFFER_BYTES:  # receive the rest straight into the frame's own buffer
+                if partial:  # receive the rest straight into the frame's own buffer
+                    self._pending_bytes += n
                     c.big = bytearray(n)
                     have = len(buf) - start
                     c.big[:have] = buf[start:]
@@ -303,6 +320,9 @@ class StreamListener:
     def _close(self, c: _Conn) -> None:
         if c.sock is None:
             return
+        if c.big is not None:
+            self._pending_bytes -= len(c.big)
+            c.big = None
         if c.closing:
             self.dropped_connections += 1
         fd = c.sock.fileno()
