@@ -174,7 +174,10 @@ def _closed_client(k: int, address: str, qbytes, depth: int, start, t_end, out) 
     its ``finish`` and the next route (a new request only when one is answered: a closed loop).
     Lean on purpose: payloads are packed with a fixed key order and replies are read for their id
     only, so the figure is the server's, not the client's interpreter."""
-    conn = _StreamConn(address) if address.startswith("unix://") else _DealerConn(address)
+    from kvroute.sidecar.client import _StreamConn, _ZmqConn  # the client's own transports
+
+    ctx = zmq.Context()
+    conn = _StreamConn(address, 10.0) if address.startswith("unix://") else _ZmqConn(ctx, address)
     base = (k + 1) << 40
     pack = msgpack.Packer(use_bin_type=True).pack
     sent: dict[int, float] = {}
@@ -194,7 +197,10 @@ def _closed_client(k: int, address: str, qbytes, depth: int, start, t_end, out) 
         for _ in range(depth):
             send_route()
         while sent:
-            rep = msgpack.unpackb(conn.recv(10.0), raw=False)
+            data = conn.recv(10.0)
+            if data is None:
+                raise RuntimeError("closed-loop client: no reply in 10 s")
+            rep = msgpack.unpackb(data, raw=False)
             q = rep["id"]
             if not rep.get("ok"):
                 raise RuntimeError(f"error reply: {rep}")
@@ -218,69 +224,7 @@ def _closed_client(k: int, address: str, qbytes, depth: int, start, t_end, out) 
     n = run(t_end.value, True)
     out.put((k, n, lat, time.process_time() - c0))
     conn.close()
-
-
-class _DealerConn:
-    """The ZMQ side of a closed-loop client: a DEALER socket, ``[b"", payload]`` frames."""
-
-    def __init__(self, address: str) -> None:
-        self.ctx = zmq.Context()
-        self.s = self.ctx.socket(zmq.DEALER)
-        self.s.setsockopt(zmq.LINGER, 0)
-        self.s.connect(address)
-
-    def send(self, payload: bytes) -> None:
-        self.s.send_multipart([b"", payload], copy=False)
-
-    def recv(self, timeout_s: float) -> bytes | None:
-        if not self.s.poll(int(timeout_s * 1000)):
-            if timeout_s >= 1:
-                raise RuntimeError("closed-loop client: no reply")
-            return None
-        return self.s.recv_multipart()[-1]
-
-    def close(self) -> None:
-        self.s.close()
-        self.ctx.term()
-
-
-class _StreamConn:
-    """The stream-transport side of a closed-loop client (kvroute.sidecar.stream framing), blocking reads."""
-
-    def __init__(self, address: str) -> None:
-        import socket
-
-        self.s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.s.connect(address[len("unix://"):])
-        self.buf = bytearray()
-
-    def send(self, payload: bytes) -> None:
-        self.s.sendall(len(payload).to_bytes(4, "big") + payload)
-
-    def recv(self, timeout_s: float) -> bytes | None:
-        import socket
-
-        buf = self.buf
-        while True:
-            if len(buf) >= 4:
-                n = int.from_bytes(buf[:4], "big")
-                if len(buf) >= 4 + n:
-                    out = bytes(buf[4:4 + n])
-                    del buf[:4 + n]
-                    return out
-            self.s.settimeout(timeout_s)
-            try:
-                data = self.s.recv(1 << 16)
-            except socket.timeout:
-                if timeout_s >= 1:
-                    raise RuntimeError("closed-loop client: no reply") from None
-                return None
-            if not data:
-                raise RuntimeError("closed-loop client: the server closed the connection")
-            buf += data
-
-    def close(self) -> None:
-        self.s.close()
+    ctx.term()
 
 
 def closed_loop_multi(address: str, server_pid: int, qbytes, clients: int, depth: int, seconds: float) -> dict:
