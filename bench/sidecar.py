@@ -169,6 +169,93 @@ def closed_loop(gen: Gen, qbytes, n: int) -> list[float]:
     return lat
 
 
+def _closed_client(k: int, address: str, qbytes, depth: int, start, t_end, out) -> None:
+    """One closed-loop client process: ``depth`` routes in flight; each reply is followed at once by
+    its ``finish`` and the next route (a new request only when one is answered: a closed loop).
+    Lean on purpose: payloads are packed with a fixed key order and replies are read for their id
+    only, so the figure is the server's, not the client's interpreter."""
+    from kvroute.sidecar.client import _StreamConn, _ZmqConn  # the client's own transports
+
+    ctx = zmq.Context()
+    conn = _StreamConn(address, 10.0) if address.startswith("unix://") else _ZmqConn(ctx, address)
+    base = (k + 1) << 40
+    pack = msgpack.Packer(use_bin_type=True).pack
+    sent: dict[int, float] = {}
+    lat: list[float] = []
+    rid = 0
+
+    def send_route() -> None:
+        nonlocal rid
+        rid += 1
+        q = base + rid
+        conn.send(pack({"op": "route", "id": q, "request_id": q,
+                        "token_ids": qbytes[(k * 977 + rid) % len(qbytes)], "costs": False}))
+        sent[q] = time.perf_counter()
+
+    def run(until: float, record: bool) -> int:
+        n = 0
+        for _ in range(depth):
+            send_route()
+        while sent:
+            data = conn.recv(10.0)
+            if data is None:
+                raise RuntimeError("closed-loop client: no reply in 10 s")
+            rep = msgpack.unpackb(data, raw=False)
+            q = rep["id"]
+            if not rep.get("ok"):
+                raise RuntimeError(f"error reply: {rep}")
+            if q > 0:
+                t = time.perf_counter()
+                if record:
+                    lat.append(t - sent.pop(q))
+                    n += 1
+                else:
+                    sent.pop(q)
+                conn.send(pack({"op": "finish", "id": -q, "request_id": q}))
+                if time.monotonic() < until:
+                    send_route()
+        while conn.recv(0.2) is not None:  # the last finishes' replies
+            pass
+        return n
+
+    run(time.monotonic() + 0.3, False)  # warm up (imports, connection, first decisions)
+    start.wait()
+    c0 = time.process_time()  # every thread of this process: its interpreter and ZMQ's I/O thread
+    n = run(t_end.value, True)
+    out.put((k, n, lat, time.process_time() - c0))
+    conn.close()
+    ctx.term()
+
+
+def closed_loop_multi(address: str, server_pid: int, qbytes, clients: int, depth: int, seconds: float) -> dict:
+    """``clients`` processes in a closed loop (:func:`_closed_client`) for ``seconds``: routes/s through the
+    server, the route round trip's p50 / p99, and the CPU time per route of the server and of the clients."""
+    import multiprocessing as mp
+
+    mpc = mp.get_context("fork")  # the children inherit the prompts; each makes its own ZMQ context
+    start, t_end, out = mpc.Event(), mpc.Value("d", 0.0), mpc.Queue()
+    procs = [mpc.Process(target=_closed_client, args=(k, address, qbytes, depth, start, t_end, out), daemon=True)
+             for k in range(clients)]
+    for p in procs:
+        p.start()
+    time.sleep(0.5 + 0.05 * clients)  # every client warmed up
+    cpu0 = proc_cpu_s(server_pid)
+    t0 = time.monotonic()
+    t_end.value = t0 + seconds
+    start.set()
+    res = [out.get(timeout=seconds + 60) for _ in procs]
+    span = time.monotonic() - t0  # includes draining the last requests
+    server_cpu = proc_cpu_s(server_pid) - cpu0
+    for p in procs:
+        p.join(30)
+    lat = [x for r in res for x in r[2]]
+    n = sum(r[1] for r in res)
+    return {"clients": clients, "depth": depth, "routes": n, "routes_per_s": n / span,
+            "p50_ms": pct(lat, 50) * 1e3, "p99_ms": pct(lat, 99) * 1e3, "max_ms": max(lat) * 1e3 if lat else float("nan"),
+            "server_cpu_us_per_route": server_cpu / max(1, n) * 1e6,
+            "client_cpu_us_per_route": sum(r[3] for r in res) / max(1, n) * 1e6}
+
+
 def open_loop(gen: Gen, qbytes, rate: float, seconds: float) -> dict:
     """Requests sent on a fixed schedule at ``rate`` (one server): :func:`open_loop_multi` with one."""
     return open_loop_multi([gen], qbytes, rate, seconds)
@@ -364,9 +451,16 @@ def main() -> None:
     ap.add_argument("--runs", default="native:kvroute,python:kvroute,native:dynamo",
                     help="backend:policy pairs, each a server of its own")
     ap.add_argument("--closed", type=int, default=1000, help="closed-loop requests per policy")
+    ap.add_argument("--clients", default="1,2,4",
+                    help="closed loop with several client processes: comma-separated process counts ('' = skip)")
+    ap.add_argument("--transports", default="zmq,stream",
+                    help="the multi-client closed loop's transports: zmq (the ROUTER socket), stream (stream_bind, a Unix socket)")
+    ap.add_argument("--depth", type=int, default=1, help="routes each closed-loop client process keeps in flight")
+    ap.add_argument("--closed-seconds", type=float, default=3.0, help="duration of each multi-client closed loop")
     ap.add_argument("--rates", default="500,1000,1500,2000,2500,3000,4000,5000,6000,8000")
     ap.add_argument("--seconds", type=float, default=2.0, help="duration of each open-loop rate")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--no-floors", dest="floors", action="store_false", help="skip the in-process floors")
     ap.add_argument("--approximate", default="off", choices=("off", "auto", "all"),
                     help="the servers' approximate mode (default off: the snapshot stands for workers whose event "
                          "streams are live and exact; 'auto' predicts these endpoint-less workers' caches from "
@@ -376,6 +470,8 @@ def main() -> None:
     ap.add_argument("--p99-bound", type=float, default=5.0, help="p99 bound (ms) of the --replicas open loop")
     args = ap.parse_args()
     args.replicas = [int(x) for x in args.replicas.split(",") if x.strip()]
+    args.clients = [int(x) for x in args.clients.split(",") if x.strip()]
+    args.transports = [x for x in args.transports.split(",") if x.strip()]
 
     loadavg_before = os.getloadavg()[0]
     t0 = time.perf_counter()
@@ -413,6 +509,7 @@ def main() -> None:
             run_snap = os.path.join(tmp, f"{backend}-{pol}.snap")
             shutil.copy(snap, run_snap)
             cfg = {"bind": "tcp://127.0.0.1:*", "http_port": 0, "block_size": BS, "policy": pol, "snapshot": run_snap,
+                   "stream_bind": f"unix://{tmp}/{backend}-{pol}.sock",
                    "approximate": args.approximate, "workers": [{"id": f"w{i}"} for i in range(args.workers)]}
             cfg_path = os.path.join(tmp, f"{backend}-{pol}.json")
             with open(cfg_path, "w") as f:
@@ -432,9 +529,18 @@ def main() -> None:
                 row = {"closed_p50_ms": pct(lat, 50) * 1e3, "closed_p99_ms": pct(lat, 99) * 1e3,
                        "closed_routes_per_s": len(lat) / sum(lat),
                        # the server's CPU per route + finish pair: 1e6 / it = routes/s one server core can take
-                       "server_cpu_us_per_route": server_cpu / len(lat) * 1e6, "open": []}
+                       "server_cpu_us_per_route": server_cpu / len(lat) * 1e6, "open": [], "closed_multi": []}
+                for transport, k in [(t, k) for t in args.transports for k in args.clients]:
+                    addr = ready["address"] if transport == "zmq" else ready["stream_address"]
+                    m = closed_loop_multi(addr, proc.pid, qbytes, k, args.depth, args.closed_seconds)
+                    m["transport"] = transport
+                    row["closed_multi"].append(m)
+                    print(f"{run}: {transport}, closed loop, {k} client process(es) x {args.depth} in flight: "
+                          f"{m['routes_per_s']:,.0f} routes/s, p50 {m['p50_ms']:.3f} p99 {m['p99_ms']:.3f} "
+                          f"max {m['max_ms']:.2f} ms; CPU per route + finish: server {m['server_cpu_us_per_route']:.0f} us, "
+                          f"clients {m['client_cpu_us_per_route']:.0f} us", flush=True)
                 best = kept = 0.0
-                for rate in [float(x) for x in args.rates.split(",")]:
+                for rate in [float(x) for x in args.rates.split(",") if x]:
                     o = open_loop(gen, qbytes, rate, args.seconds)
                     row["open"].append(o)
                     if o["achieved"] < 0.95 * rate:
@@ -449,8 +555,8 @@ def main() -> None:
             finally:
                 proc.terminate()
                 proc.wait(120)
-        res["floors_us"] = in_process_floors(index, snap, queries, 1000)
-        dyn = dynamo_floor(stored, args.workers, queries, 1000)
+        res["floors_us"] = in_process_floors(index, snap, queries, 1000) if args.floors else {}
+        dyn = dynamo_floor(stored, args.workers, queries, 1000) if args.floors else None
         if dyn is not None:
             res["floors_us"]["dynamo hash + RadixTree.find_matches (in-process)"] = dyn
     finally:

@@ -11,8 +11,9 @@ Server variants, side by side in one run (``--variants`` picks some):
 * ``now``: the big-request thread, long chains added to the tables in chunks with the lock
   released between them (``CHAIN_CHUNK_BLOCKS``), int arrays decoded by the compiled core with
   the GIL released, big payloads not copied out of the ZMQ message;
-* ``now+switch1ms`` / ``now+yield50us``: the same with ``sys.setswitchinterval(0.001)`` in the
-  server, or a 50 us sleep between chunks instead of ``time.sleep(0)`` (tuning candidates);
+* ``now+switch1ms`` / ``now+yield50us`` / ``now+lanenice5``: the same with
+  ``sys.setswitchinterval(0.001)`` in the server, a 50 us sleep between chunks instead of
+  ``time.sleep(0)``, or the big-request thread at nice +5 (tuning candidates);
 * ``whole chains``: chains added whole and int arrays decoded by msgpack (``CHAIN_CHUNK_BLOCKS``
   and ``ARRAY_DECODE_BYTES`` out of reach: last session's state, but with this session's
   sharded pending table and zero-copy receive);
@@ -20,7 +21,9 @@ Server variants, side by side in one run (``--variants`` picks some):
 
 ``--approx``: the workers are in approximate mode (no KV events: decisions are also recorded in
 the approximate table), else exact mode (``approximate = off``).  Reported: B's median, p99 and
-max round trip while A runs, B's and A's routes.
+max round trip while A runs, B's and A's routes, and the longest turn of the router's lock in the
+server (the lock is wrapped to time each hold): its CPU time (the work one request does while the
+others wait) and its wall time (CPU plus any time the holder was descheduled).
 
     python bench/sidecar_stall.py [--seconds 5] [--form bytes|list] [--approx]
 """
@@ -36,10 +39,48 @@ import msgpack
 import numpy as np
 import zmq
 
-VARIANTS = {"now": {}, "now+switch1ms": {"switch_ms": 1.0}, "now+yield50us": {"yield_us": 50}, "whole chains": {"chunked": False}, "single loop": {"chunked": False, "lane": False}}
+VARIANTS = {"now": {}, "now+lanenice5": {"lane_nice": 5}, "now+switch1ms": {"switch_ms": 1.0}, "now+yield50us": {"yield_us": 50}, "whole chains": {"chunked": False}, "single loop": {"chunked": False, "lane": False}}
 
 
-def _server(conn, chunked: bool, lane: bool, approx: bool, switch_ms: float, yield_us: float) -> None:
+class _TurnLock:
+    """The router's lock, timing each turn (outermost acquire to release): wall time, and the holding
+    thread's CPU time -- the work done per turn, which the scheduler cannot stretch (on 2 cores a
+    thread holding the lock is sometimes descheduled for a time slice: wall >> CPU)."""
+
+    def __init__(self) -> None:
+        self._l = threading.RLock()
+        self._tls = threading.local()
+        self.turns: list[tuple[float, float]] = []  # (wall s, cpu s) of turns longer than 0.5 ms wall
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        ok = self._l.acquire(blocking, timeout)
+        if ok:
+            d = getattr(self._tls, "depth", 0)
+            if not d:
+                self._tls.t0, self._tls.c0 = time.perf_counter(), time.thread_time()
+            self._tls.depth = d + 1
+        return ok
+
+    def release(self) -> None:
+        self._tls.depth -= 1
+        if not self._tls.depth:
+            wall = time.perf_counter() - self._tls.t0
+            if wall > 5e-4:
+                self.turns.append((wall, time.thread_time() - self._tls.c0))
+        self._l.release()
+
+    __enter__ = acquire
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def _is_owned(self) -> bool:
+        return self._l._is_owned()
+
+
+def _server(conn, chunked: bool, lane: bool, approx: bool, switch_ms: float, yield_us: float,
+            lane_nice: int = 0) -> None:
+    import os
     import sys
 
     if switch_ms:
@@ -55,15 +96,27 @@ def _server(conn, chunked: bool, lane: bool, approx: bool, switch_ms: float, yie
         decode_mod.ARRAY_DECODE_BYTES = 1 << 40
     if not lane:
         server_mod.BIG_REQUEST_BYTES = 1 << 40
+    if lane_nice:  # the big-request thread at a lower CPU priority than the request loop
+        run0 = server_mod._BigLane._run
+
+        def run_niced(self):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), lane_nice)
+            run0(self)
+
+        server_mod._BigLane._run = run_niced
     if yield_us:
         router_mod.Router.between_chunks = staticmethod(lambda: time.sleep(yield_us / 1e6))
     cfg = SidecarConfig(bind="tcp://127.0.0.1:*", http_port=0, workers=[WorkerConfig(f"w{i}") for i in range(4)],
                         approximate="all" if approx else "off")
-    srv = SidecarServer(cfg, context=zmq.Context()).start()
+    srv = SidecarServer(cfg, context=zmq.Context())
+    srv.lock = lock = _TurnLock()
+    srv.start()
     conn.send(srv.address)
-    threading.Thread(target=lambda: (conn.recv(), srv.stop()), daemon=True).start()
+    threading.Thread(target=lambda: (conn.recv(), lock.turns.clear(), conn.recv(), srv.stop()), daemon=True).start()
     srv.serve_forever(poll_ms=20)
+    turns = list(lock.turns)
     srv.close()
+    conn.send(turns)
 
 
 def _big_client(address: str, form: str, stop, done) -> None:
@@ -102,10 +155,10 @@ def _big_client(address: str, form: str, stop, done) -> None:
 
 
 def run(seconds: float, form: str, approx: bool, chunked: bool = True, lane: bool = True, switch_ms: float = 0,
-        yield_us: float = 0) -> dict:
+        yield_us: float = 0, lane_nice: int = 0) -> dict:
     mpc = mp.get_context("spawn")
     parent, child = mpc.Pipe()
-    server = mpc.Process(target=_server, args=(child, chunked, lane, approx, switch_ms, yield_us), daemon=True)
+    server = mpc.Process(target=_server, args=(child, chunked, lane, approx, switch_ms, yield_us, lane_nice), daemon=True)
     server.start()
     address = parent.recv()
     stop, done = mpc.Event(), mpc.Value("i", 0)
@@ -131,6 +184,7 @@ def run(seconds: float, form: str, approx: bool, chunked: bool = True, lane: boo
     while not done.value:  # A's first maximal route answered: the server has seen one
         time.sleep(0.05)
     lat = []
+    parent.send("measure")  # the server's turn log starts here
     end = time.monotonic() + seconds
     i = 0
     while time.monotonic() < end:
@@ -140,12 +194,15 @@ def run(seconds: float, form: str, approx: bool, chunked: bool = True, lane: boo
     stop.set()
     big.join(60)
     parent.send("stop")
+    turns = parent.recv() if parent.poll(60) else []
     server.join(30)
     small.close()
     ctx.destroy(linger=0)
     lat.sort()
     return {"small_routes": len(lat), "median_ms": statistics.median(lat) * 1e3,
-            "p99_ms": lat[int(0.99 * (len(lat) - 1))] * 1e3, "max_ms": lat[-1] * 1e3, "big_routes": done.value}
+            "p99_ms": lat[int(0.99 * (len(lat) - 1))] * 1e3, "max_ms": lat[-1] * 1e3, "big_routes": done.value,
+            "turn_wall_max_ms": max((w for w, _ in turns), default=0.0) * 1e3,
+            "turn_cpu_max_ms": max((c for _, c in turns), default=0.0) * 1e3}
 
 
 def main() -> None:
@@ -157,11 +214,12 @@ def main() -> None:
     a = ap.parse_args()
     print(f"maximal prompts ({1 << 21} tokens as {a.form}) from client A; small routes from client B; "
           f"{'approximate' if a.approx else 'exact'} mode")
-    print(f"{'server':14s} {'B routes':>9s} {'median ms':>10s} {'p99 ms':>8s} {'max ms':>8s} {'A routes':>9s}")
+    print(f"{'server':14s} {'B routes':>9s} {'median ms':>10s} {'p99 ms':>8s} {'max ms':>8s} {'A routes':>9s} "
+          f"{'longest turn: CPU ms':>21s} {'wall ms':>8s}")
     for name in a.variants.split(","):
         r = run(a.seconds, a.form, a.approx, **VARIANTS[name])
         print(f"{name:14s} {r['small_routes']:9d} {r['median_ms']:10.2f} {r['p99_ms']:8.2f} {r['max_ms']:8.2f} "
-              f"{r['big_routes']:9d}", flush=True)
+              f"{r['big_routes']:9d} {r['turn_cpu_max_ms']:21.2f} {r['turn_wall_max_ms']:8.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -61,6 +61,7 @@ def lock_is_free(lock) -> bool:
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
     monkeypatch.setattr(router_mod, "CHAIN_CHUNK_BLOCKS", CHUNK)
+    monkeypatch.setattr(router_mod, "APPROX_CHUNK_BLOCKS", CHUNK // 2)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -101,6 +102,7 @@ def test_chunked_tables_equal_a_one_shot_add(backend, monkeypatch):
     results = []
     for chunk in (CHUNK, 1 << 30):
         monkeypatch.setattr(router_mod, "CHAIN_CHUNK_BLOCKS", chunk)
+        monkeypatch.setattr(router_mod, "APPROX_CHUNK_BLOCKS", chunk // 2)
         clk = Clock()
         r = make(backend, clk)
         ds = [r.route(p, request_id=i).worker for i, p in enumerate(prompts)]
@@ -173,6 +175,7 @@ def test_approximate_table_chunked(backend, monkeypatch):
     outs = []
     for chunk in (CHUNK, 1 << 30):
         monkeypatch.setattr(router_mod, "CHAIN_CHUNK_BLOCKS", chunk)
+        monkeypatch.setattr(router_mod, "APPROX_CHUNK_BLOCKS", chunk // 2)
         clk = Clock()
         r = make(backend, clk)
         for w in r.workers():
@@ -185,6 +188,35 @@ def test_approximate_table_chunked(backend, monkeypatch):
     assert outs[0][:2] == outs[1][:2]
     assert [len(h) for h in [outs[0][1]]] == [50]
     assert outs[0][2] and not outs[1][2]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cap", [7, 16, 49, 50, 51, 200])
+def test_approximate_chain_longer_than_the_bound_ends_as_a_whole_add(backend, cap):
+    """A chain longer than the worker's bound starts where the bound would leave it (Router._approx_skip):
+    the predicted table ends as one ``ApproxPrefixes.add`` of the whole chain leaves it, older entries
+    of the worker included."""
+    from kvroute.kvindex.hashing import block_hash_list
+    from kvroute.router.approx import ApproxPrefixes
+
+    clk = Clock()
+    r = make(backend, clk, approx_capacity_blocks=cap)
+    for w in r.workers():
+        r.set_approximate(w)
+    ref = ApproxPrefixes(r._approx.ttl_s)
+    d0 = r.route(prompt(30, seed=1), request_id="old")  # older entries on some worker
+    for w in r.workers():
+        slot = r._slot[w]
+        if w == d0.worker:
+            ref.add(slot, block_hash_list(prompt(30, seed=1), BS), clk.t, capacity=cap)
+    clk.t += 1
+    r.between_chunks = lambda: None
+    big = prompt(50, seed=2)
+    r.add_approx(d0.worker, block_hash_list(big, BS))
+    ref.add(r._slot[d0.worker], block_hash_list(big, BS), clk.t, capacity=cap)
+    want = [h for h, _ in ref.dump(r._slot[d0.worker], clk.t)]
+    assert [h for h, _ in r.approx_dump(d0.worker)] == want
+    r._approx.check_invariants()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

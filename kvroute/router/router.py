@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import heapq
 import random
+from array import array
 import threading
 import time
 from typing import Any, Callable, Collection, Iterable, Sequence
@@ -43,7 +44,7 @@ from typing import Any, Callable, Collection, Iterable, Sequence
 import numpy as np
 
 from ..kvindex import KVIndex
-from ..kvindex.hashing import ROOT_SEED, block_hash_list, native_prompt
+from ..kvindex.hashing import ROOT_SEED, block_hash_list, block_hashes, native_prompt
 from . import native as _native
 from .disagg import DecodeWeights, choose_decode
 from .errors import (DuplicateRequestError, NoHealthyWorkerError, PromptLengthError, UnknownPolicyError, UnknownRequestError,
@@ -70,6 +71,10 @@ DEFAULT_MAX_PROMPT_TOKENS = 1 << 24
 #: p99 0.8 / max 3.2 ms, for +30% on the maximal route itself (33 -> 44 ms); judged end to end by
 #: bench/sidecar_stall.py.
 CHAIN_CHUNK_BLOCKS = 1024
+#: The same for the approximate table (approximate-mode workers), whose inserts are Python dict and LRU
+#: operations (~1-2 us a block with the capacity bound evicting): a smaller chunk keeps one turn under
+#: about half a millisecond (bench/sidecar_stall.py --approx).
+APPROX_CHUNK_BLOCKS = 256
 
 
 class _Flight:
@@ -386,7 +391,10 @@ class Router:
             # The compiled route covers the plain case; worker exclusions, uncredited caches, approximate
             # mode and replica sync take the Python path (same decisions, checked by the differential tests).
             return self._route_native(token_ids, request_id, lora_name, cache_salt, mm_hashes, hints)
-        hs = block_hash_list(token_ids, self.block_size, lora_name=lora_name, cache_salt=cache_salt, mm_hashes=mm_hashes)
+        if self._core is not None and n > CHAIN_CHUNK_BLOCKS * self.block_size:  # a long prompt: no int list
+            hs = block_hashes(token_ids, self.block_size, lora_name=lora_name, cache_salt=cache_salt, mm_hashes=mm_hashes)
+        else:
+            hs = block_hash_list(token_ids, self.block_size, lora_name=lora_name, cache_salt=cache_salt, mm_hashes=mm_hashes)
         return self.route_hashes(hs, num_tokens=int(n), request_id=request_id, hints=hints, exclude=exclude)
 
     def route_hashes(
@@ -406,7 +414,15 @@ class Router:
         healthy for other requests.  ``num_tokens`` must be an int in ``[0, max_prompt_tokens]``
         and the hashes cover at most ``max_prompt_tokens``: else :class:`PromptLengthError`.
         """
-        hs = hashes.tolist() if isinstance(hashes, np.ndarray) else hashes
+        if not isinstance(hashes, np.ndarray):
+            hs = hashes
+        elif self._core is not None and len(hashes) > CHAIN_CHUNK_BLOCKS and hashes.dtype == np.uint64:
+            # a long chain stays out of Python int lists: a list of 131k young ints made every garbage
+            # collection pass that saw it cost ~9 ms, run by whichever thread allocated next, often under
+            # the router's lock (issue 17, item 9); array items are ints when read, as list items are
+            hs = array("Q", hashes.tobytes())
+        else:
+            hs = hashes.tolist()
         limit = self.max_prompt_tokens
         if isinstance(num_tokens, bool) or not isinstance(num_tokens, (int, np.integer)) or not 0 <= num_tokens <= limit:
             raise PromptLengthError(f"num_tokens must be an int in [0, {limit}], got {num_tokens!r}")
@@ -418,14 +434,19 @@ class Router:
         if nb < len(hs):
             hs = hs[:nb]
         num_tokens = max(num_tokens, nb * bs)
+        # a long chain reaches the compiled index and pending table as one uint64 array, converted here,
+        # outside the lock (each took its own copy of the int list under it: ~3 ms apiece at 131k blocks)
+        flat: Any = hs
+        if self._core is not None and nb > CHAIN_CHUNK_BLOCKS:
+            flat = np.frombuffer(hs, dtype=np.uint64) if isinstance(hs, array) else np.array(hs, dtype=np.uint64)
         with self.lock:
             now, prefill_pool, decode_pool = self._admit(request_id, exclude)
             pending = self._pending
             pending.expire(now)
-            overlaps = self.index.match(hs) if hs else {}
+            overlaps = self.index.match(flat) if hs else {}
             if self._uncredited and overlaps:
                 overlaps = {w: o for w, o in overlaps.items() if w not in self._uncredited}
-            pend = pending.match(hs) if (hs and self.policy.uses_pending) else {}
+            pend = pending.match(flat) if (hs and self.policy.uses_pending) else {}
             slot_of = self._slot
             cands = []
             for s in prefill_pool:
@@ -468,16 +489,18 @@ class Router:
             pend_at = approx_at = nb
             if speculated:  # nothing to speculate when the index confirms the whole prompt
                 if nb > chunk:
-                    chain = pending.chain(hs)
+                    chain = pending.chain(flat)
                 pend_at = pending.add_range(slot, chain, 0, chunk)
             approx_worker = bool(hs) and bool(self._approx_slots >> slot & 1)
             if approx_worker:
-                self._approx.add(slot, hs[:chunk] if nb > chunk else hs, now,
+                approx_at = self._approx_skip(nb, ps)
+                self._approx.add(slot, hs[approx_at:approx_at + APPROX_CHUNK_BLOCKS], now,
                                  capacity=self.approx_capacity_blocks or ps.capacity_blocks)
-                approx_at = min(nb, chunk)
+                approx_at = min(nb, approx_at + APPROX_CHUNK_BLOCKS)
             if self._observers:
                 rec = FlightRecord(request_id, ps.id, ds.id if ds is not ps else None, uncached, nb, True,
-                                   self._left(now, now), hs if (speculated or approx_worker) else (),
+                                   self._left(now, now),
+                                   (list(hs) if isinstance(hs, array) else hs) if (speculated or approx_worker) else (),
                                    speculated, approx_worker)
                 for o in self._observers:
                     o.on_route(rec)
@@ -589,10 +612,10 @@ class Router:
                         approx_at = n
                         continue
                     now = self._clock()
-                    self._approx.add(slot, hs[approx_at:approx_at + chunk], now,
+                    self._approx.add(slot, hs[approx_at:approx_at + APPROX_CHUNK_BLOCKS], now,
                                      capacity=self.approx_capacity_blocks or ps.capacity_blocks,
                                      expires_at=None if expires_in is None else now + expires_in)
-                    approx_at += chunk
+                    approx_at += APPROX_CHUNK_BLOCKS
 
     def _admit(self, request_id: Any, exclude: Collection[Any] = ()) -> tuple[float, list[WorkerState], list[WorkerState]]:
         """Under the lock, before a decision: expire stale requests (local and remote), refuse duplicates
@@ -830,11 +853,21 @@ class Router:
                 return False
             now = self._clock()
             hs = list(hashes)
-            self._approx.add(slot, hs[:CHAIN_CHUNK_BLOCKS], now, capacity=self.approx_capacity_blocks or s.capacity_blocks,
+            at = self._approx_skip(len(hs), s)
+            self._approx.add(slot, hs[at:at + APPROX_CHUNK_BLOCKS], now,
+                             capacity=self.approx_capacity_blocks or s.capacity_blocks,
                              expires_at=None if ttl_s is None else now + ttl_s)
-        if len(hs) > CHAIN_CHUNK_BLOCKS:
-            self._add_chain_rest(s, slot, hs, hs, len(hs), CHAIN_CHUNK_BLOCKS, ttl_s)
+        if len(hs) > at + APPROX_CHUNK_BLOCKS:
+            self._add_chain_rest(s, slot, hs, hs, len(hs), at + APPROX_CHUNK_BLOCKS, ttl_s)
         return True
+
+    def _approx_skip(self, n: int, ws: WorkerState) -> int:
+        """Where an approximate-mode chain of ``n`` blocks starts entering the table: a chain longer than
+        the worker's bound ends with only its last ``capacity`` blocks held (each insert evicts the least
+        recently routed block, the chain's own root first), so the blocks before those are not inserted
+        only to be evicted again (same table at the end; ``evicted`` counts the entries that left)."""
+        cap = self.approx_capacity_blocks or ws.capacity_blocks or self._approx.default_capacity
+        return max(0, n - cap)
 
     def approx_dump(self, worker: Any) -> list[tuple[int, float]]:
         """An approximate worker's predicted blocks: ``(hash, seconds left)``, oldest first."""

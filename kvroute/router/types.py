@@ -249,16 +249,19 @@ class Decision:
     def predicted_by_tier(self) -> dict[str, int]:
         return {"gpu": self.predicted_gpu_tokens, "host": self.predicted_host_tokens, "disk": self.predicted_disk_tokens}
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
+    def to_dict(self, costs: bool = True) -> dict[str, Any]:
+        """The wire form (docs/protocol.md, ``route``); ``costs=False`` leaves the per-worker costs out."""
+        out = {
             "request_id": self.request_id, "worker": self.worker,
             "predicted_cached_tokens": self.predicted_cached_tokens,
             "predicted_by_tier": self.predicted_by_tier,
             "predicted_pending_tokens": self.predicted_pending_tokens,
-            "costs": [[w, c] for w, c in self.costs.items()],
-            "reason": self.reason, "policy": self.policy, "num_tokens": self.num_tokens,
-            "prefill_worker": self.prefill_worker, "decode_worker": self.decode_worker,
         }
+        if costs:
+            out["costs"] = [[w, c] for w, c in self.costs.items()]
+        out.update(reason=self.reason, policy=self.policy, num_tokens=self.num_tokens,
+                   prefill_worker=self.prefill_worker, decode_worker=self.decode_worker)
+        return out
 
 
 class FlightRecord(NamedTuple):

@@ -31,6 +31,8 @@ def _d(name: str) -> str:
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
               help="TOML or JSON config file; flags override its values.")
 @click.option("--bind", help="ZMQ ROUTER endpoint for routing requests." + _d("bind"))
+@click.option("--stream-bind", help="Also answer the stream transport (length-prefixed msgpack, no ZMQ I/O thread) "
+                                    "on unix:///PATH or tcp://HOST:PORT (docs/protocol.md)." + _d("stream_bind"))
 @click.option("--http-port", type=int, help="Port of /metrics and /health (0 = off, -1 = any free port)." + _d("http_port"))
 @click.option("--http-host", help="Interface of the HTTP endpoint." + _d("http_host"))
 @click.option("--block-size", type=int, help="Tokens per KV block (must match the engines)." + _d("block_size"))
@@ -80,7 +82,7 @@ def serve(config_path: str | None, weights: tuple[str, ...], workers: tuple[str,
         raise click.ClickException(f"cannot start: {exc}") from exc
     srv.install_signal_handlers()
     click.echo(json.dumps({"event": "ready", "address": srv.address, "http_port": srv.http.port if srv.http else None,
-                           "restored": srv.restored, "index_entries": len(srv.router.index),
+                           **({"stream_address": srv.stream_address} if srv.stream is not None else {}), "restored": srv.restored, "index_entries": len(srv.router.index),
                            **({"sync": srv.sync_ready()} if srv.sync is not None else {})}), nl=True)
     sys.stdout.flush()
     try:

@@ -3,6 +3,7 @@
 Example (TOML)::
 
     bind = "tcp://127.0.0.1:5600"      # ZMQ ROUTER socket for routing requests ("tcp://127.0.0.1:*": any port)
+    stream_bind = "unix:///run/kvroute.sock"  # optional: the stream transport (or tcp://host:port); "" = off
     http_port = 9600                   # /metrics (Prometheus) and /health; 0 = off; -1 = any free port
     http_host = "127.0.0.1"
     block_size = 16
@@ -63,6 +64,9 @@ class SidecarConfig:
 
     #: ZMQ ROUTER endpoint answering routing requests (``tcp://host:*``: any free port).
     bind: str = "tcp://127.0.0.1:5600"
+    #: The stream transport (length-prefixed msgpack, answered without ZMQ's I/O thread; docs/protocol.md):
+    #: ``unix:///path`` or ``tcp://host:port`` (port 0: any free port); "" = off.  The ZMQ socket stays.
+    stream_bind: str = ""
     #: Interface of ``/metrics`` and ``/health``.
     http_host: str = "127.0.0.1"
     #: Port of ``/metrics`` and ``/health``; 0 = off, -1 = any free port.
@@ -169,6 +173,12 @@ class SidecarConfig:
             raise ConfigError("sync_heartbeat_s must be shorter than sync_lease_s")
         if self.sync_url and not self.sync_url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError(f"sync_url must be redis://host:port/db (Redis or Valkey), got {self.sync_url!r}")
+        if not isinstance(self.stream_bind, str):
+            raise ConfigError(f"stream_bind must be a string, got {self.stream_bind!r}")
+        if self.stream_bind:
+            from .stream import parse_stream_address
+
+            parse_stream_address(self.stream_bind)
         ids = [w.id for w in self.workers]
         if len(ids) != len(set(ids)):
             raise ConfigError("worker ids must be unique")

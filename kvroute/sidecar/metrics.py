@@ -56,6 +56,9 @@ class Metrics:
                               registry=self.registry)
         self.prompt = Counter("kvroute_prompt_tokens", "Prompt tokens routed", registry=self.registry)
         self._decision_children: dict[Any, Any] = {}
+        #: (op, outcome) -> its ``requests_total`` child (written by the request threads; a lost race adds
+        #: the same child twice, harmlessly).
+        self._request_children: dict[tuple[str, str], Any] = {}
         #: The sidecar's :class:`~kvroute.sidecar.health.HealthMonitor` (its last reasons are exported), or None.
         self.monitor: Any = None
         self.registry.register(_StateCollector(self))
@@ -79,7 +82,12 @@ class Metrics:
             self.decisions.remove(str(worker))
 
     def observe_request(self, op: str, outcome: str, seconds: float) -> None:
-        self.requests.labels(op=op, outcome=outcome).inc()
+        # the labelled child is looked up once per (op, outcome): ``labels()`` costs a few us per call, on
+        # every request (ops are the service's names or "?", outcomes ``ok`` or an error type: bounded)
+        child = self._request_children.get((op, outcome))
+        if child is None:
+            child = self._request_children[(op, outcome)] = self.requests.labels(op=op, outcome=outcome)
+        child.inc()
         if op == "route" and outcome == "ok":
             self.latency.observe(seconds)
 

@@ -4,7 +4,8 @@ Lifecycle::
 
     start():  restore the index snapshot (if any) -> Router -> subscribe to the
               workers' KV events -> bind the ROUTER socket -> start /metrics + /health
-    serve_forever(): poll the ROUTER socket; one request in, one reply out,
+    serve_forever(): poll the ROUTER socket (and the stream transport's connections,
+              ``stream_bind``, :mod:`.stream`); one request in, one reply out,
               until stop() (or SIGTERM/SIGINT via install_signal_handlers)
     close():  stop events and HTTP, save the index snapshot (atomic) and the event
               streams' positions beside it, close sockets
@@ -49,6 +50,7 @@ from .errors import ConfigError
 from .metrics import HTTPEndpoint, Metrics
 from .health import HealthConfig, HealthMonitor, follow_stream_health
 from .service import Service, health
+from .stream import StreamListener
 
 log = logging.getLogger("kvroute.sidecar")
 
@@ -72,6 +74,10 @@ class SidecarServer:
         self.sock: zmq.Socket | None = None
         #: The address actually bound (resolves ``tcp://host:0`` / ``*`` wildcards).
         self.address: str = ""
+        #: The stream transport's listener (``stream_bind``; :mod:`.stream`), else None; touched by the loop only.
+        self.stream: StreamListener | None = None
+        #: Its address as bound (a tcp port 0 resolved), else "".
+        self.stream_address: str = ""
         #: Frames that could not even be answered (no identity frame).
         self.dropped_frames = 0
         #: Whether the index came from a snapshot.
@@ -133,6 +139,9 @@ class SidecarServer:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
         sock.bind(cfg.bind)
         self.address = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        if cfg.stream_bind:
+            self.stream = StreamListener(cfg.stream_bind)
+            self.stream_address = self.stream.address
         if cfg.http_port != 0:  # -1: any free port
             self.http = HTTPEndpoint(cfg.http_host, max(0, cfg.http_port), self.metrics,
                                      lambda: health(r, self.events, self.sync, self.monitor))
@@ -198,12 +207,24 @@ class SidecarServer:
         tick = self.monitor.tick if self.monitor is not None else (lambda: None)
         assert sock is not None
         lane = _BigLane(self._ctx, handle)
+        stream = self.stream
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(lane.rx, zmq.POLLIN)
-        #: client identity -> its requests in the big lane: its later requests follow them there,
-        #: so one client's replies keep their order
-        in_lane: dict[bytes, int] = {}
+        if stream is not None:
+            poller.register(stream.fileno(), zmq.POLLIN)
+        #: client (a ZMQ identity, or ("s", key) for a stream connection) -> its requests in the big lane:
+        #: its later requests follow them there, so one client's replies keep their order
+        in_lane: dict[Any, int] = {}
+
+        def stream_dispatch(key: int, payload: Any) -> bytes | None:
+            client = ("s", key)
+            if len(payload) > BIG_REQUEST_BYTES or client in in_lane:
+                in_lane[client] = in_lane.get(client, 0) + 1
+                lane.put([_LANE_STREAM, key.to_bytes(8, "big")], payload)
+                return None
+            return handle(payload)
+
         try:
             while not self._stop.is_set():
                 tick()
@@ -216,23 +237,31 @@ class SidecarServer:
                     self._send_lane_replies(lane, in_lane)
                 if sock in ready:
                     self._serve_batch(sock, handle, lane, in_lane)
+                if stream is not None and stream.fileno() in ready:
+                    stream.serve(stream_dispatch)
         finally:
             lane.close()
             self._send_lane_replies(lane, in_lane)
             lane.rx.close(linger=0)
 
-    def _send_lane_replies(self, lane: "_BigLane", in_lane: dict[bytes, int]) -> None:
+    def _send_lane_replies(self, lane: "_BigLane", in_lane: dict[Any, int]) -> None:
         sock = self.sock
         while True:
             try:
                 frames = lane.rx.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            n = in_lane.get(frames[0], 1) - 1
+            tag, frames = frames[0], frames[1:]
+            client: Any = frames[0] if tag == _LANE_ZMQ else ("s", int.from_bytes(frames[0], "big"))
+            n = in_lane.get(client, 1) - 1
             if n:
-                in_lane[frames[0]] = n
+                in_lane[client] = n
             else:
-                in_lane.pop(frames[0], None)
+                in_lane.pop(client, None)
+            if tag == _LANE_STREAM:
+                if self.stream is not None:
+                    self.stream.send(client[1], frames[1])
+                continue
             try:
                 sock.send_multipart(frames, zmq.NOBLOCK)  # type: ignore[union-attr]
             except zmq.ZMQError:
@@ -262,7 +291,7 @@ class SidecarServer:
                     "type": "BadRequest", "message": f"expected [b'', payload] or [payload], got {len(frames) - 1} frames"}})
             elif len(payload) > BIG_REQUEST_BYTES or env[0] in in_lane:
                 in_lane[env[0]] = in_lane.get(env[0], 0) + 1
-                lane.put(env, payload)
+                lane.put([_LANE_ZMQ] + env, payload)
                 continue
             else:
                 reply = handle(payload)
@@ -319,7 +348,13 @@ class SidecarServer:
         if self.sock is not None:
             self.sock.close(linger=0)
             self.sock = None
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
 
+
+#: First frame of a big-lane reply: which transport the rest (envelope, reply) goes back on.
+_LANE_ZMQ, _LANE_STREAM = b"z", b"s"
 
 #: Requests with a payload larger than this (about 16k tokens as bytes) are handled by the big-request
 #: thread, beside the request loop: one maximal prompt (2**21 tokens, ~0.1-0.2 s of decoding, hashing
@@ -330,7 +365,9 @@ BIG_REQUEST_BYTES = 64 << 10
 
 class _BigLane:
     """One thread answering big requests in arrival order; replies come back to the request loop
-    over an inproc PUSH/PULL pair (the ROUTER socket is only ever touched by the loop's thread)."""
+    over an inproc PUSH/PULL pair (the ROUTER socket and the stream connections are only ever touched
+    by the loop's thread).  A request's envelope starts with its transport's tag (``_LANE_ZMQ`` + the
+    ROUTER envelope, or ``_LANE_STREAM`` + the connection's key); its reply is envelope + [reply]."""
 
     _ids = itertools.count()
 

@@ -12,6 +12,7 @@ object only observes.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any, Callable
 
@@ -70,6 +71,8 @@ class Service:
         #: Replica sync (a kvroute.sync.SyncRunner) or None; health reads it.
         self.sync: Any = None
         self._clock = clock
+        #: Per-thread state of :meth:`handle` (its reply packer).
+        self._local = threading.local()
         self.OPS: dict[str, Callable[[dict], Any]] = {
             "route": self.op_route,
             "prefill_done": self.op_prefill_done,
@@ -85,6 +88,15 @@ class Service:
         }
 
     # ------------------------------------------------------------------ entry
+    def _packer(self) -> msgpack.Packer:
+        """This thread's reply packer (``msgpack.packb`` makes and frees a 1 MiB buffer per call: several
+        us per reply; a Packer is not thread-safe, and the big-request thread handles requests too)."""
+        try:
+            return self._local.packer
+        except AttributeError:
+            pk = self._local.packer = msgpack.Packer(use_bin_type=True)
+            return pk
+
     def handle(self, payload: bytes | memoryview) -> bytes:
         """One request payload (bytes, or a memoryview of a big message) -> one reply payload.  Never raises."""
         t0 = self._clock()
@@ -114,8 +126,8 @@ class Service:
             reply = {"id": rid, "ok": False, "error": {"type": name, "message": str(exc)}}
             outcome = name
         try:
-            out = msgpack.packb(reply, use_bin_type=True)
-        except Exception as exc:  # e.g. an id that cannot be echoed
+            out = self._packer().pack(reply)
+        except Exception as exc:  # e.g. an id that cannot be echoed (the packer resets itself)
             out = msgpack.packb({"id": None, "ok": False, "error": {"type": "BadRequest", "message": str(exc)}})
             outcome = "BadRequest"
         if self.metrics is not None:
@@ -167,10 +179,7 @@ class Service:
             self.metrics.observe_decision(d)
         if self.monitor is not None:
             self.monitor.note_routed(d.worker)
-        out = d.to_dict()
-        if not req.get("costs", True):
-            out.pop("costs")
-        return out
+        return d.to_dict(costs=bool(req.get("costs", True)))
 
     def op_prefill_done(self, req: dict) -> dict:
         self.router.prefill_done(_request_id(req))
