@@ -9,7 +9,9 @@ unchanged), the router keeps a :class:`RouterCore` (C++, ``kvroute.kvindex._kvco
 * a mirror of every worker's load numbers, written by the router at each change
   (``Router._sync``), and the prefill pool in order;
 * the kvroute cost model, the same arithmetic in the same order as ``ttfts_fast`` and
-  ``KVRoutePolicy.choose`` (a differential test, tests/test_native_route.py, checks same
+  ``KVRoutePolicy.choose``; the wait-for-KV-room term comes from the Python side
+  (``KVRoutePolicy.room_waits`` over the router's active-block table), one number per
+  candidate added to its cost in the core (a differential test, tests/test_native_route.py, checks same
   worker, same costs, same reason on random fleets: a formula change in the Python policy
   fails it until the core follows).
 
@@ -41,6 +43,8 @@ _KNOWN = frozenset({
     "prefill_s_per_token", "host_reload_s_per_token", "disk_reload_s_per_token", "decode_s_per_token",
     "decode_weight", "reported_request_tokens", "fleet_weight", "fleet_pressure_cap", "relief_ratio",
     "kv_high", "kv_weight", "fleet_pressure_floor", "queued_request_floor_tokens",
+    # computed on the Python side (KVRoutePolicy.room_waits) and passed to each route call
+    "kv_room_weight", "hold_window_s",
 })
 
 

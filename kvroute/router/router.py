@@ -500,7 +500,14 @@ class Router:
             h = core.hash_prompt(np.asarray(toks).astype("<u4"), bs, enc, ROOT_SEED)
         with self.lock:
             now, prefill_pool, decode_pool = self._admit(request_id)
-            tied, reason, costs, best, num_tokens, pend_at = self._core.route(h, now, now, CHAIN_CHUNK_BLOCKS)
+            room = hs = None
+            if self._active is not None:  # the wait-for-KV-room term: the same Python arithmetic as its reference
+                hs = h.tolist()
+                act = self._active.match(hs) if hs else {}
+                slot_of = self._slot
+                room = self.policy.room_waits(len(hs), prefill_pool, [act.get(slot_of[s.id], 0) for s in prefill_pool],
+                                              now)
+            tied, reason, costs, best, num_tokens, pend_at = self._core.route(h, now, now, CHAIN_CHUNK_BLOCKS, room)
             nb = len(h)
             if len(tied) == 1:  # the core made the pending add (its first chunk)
                 j, total, gpu, host, disk, pend = tied[0]
@@ -517,7 +524,7 @@ class Router:
             else:
                 ds = ps
             uncached = max(0, num_tokens - total * bs)
-            self._commit(request_id, ps, ds, uncached, nb, now)
+            self._commit(request_id, ps, ds, uncached, nb, now, hs)
             d = self._decided(request_id, ps, ds, num_tokens, total, gpu, host, disk, pend,
                               dict(zip(self._pool_ids, costs)), _native.REASONS[reason], decode_costs, hints)
         self._pending.reap()

@@ -901,7 +901,12 @@ PYBIND11_MODULE(_kvcore, m) {
         // add_limit: the pending add (when the core makes it) covers blocks [0, add_limit) only; the
         // caller continues with pending_add_range from the returned pend_at (the router's lock released
         // between chunks).
-        .def("route", [](RouterCore& r, const Hashes& H, double now_expire, double now_pending, size_t add_limit) {
+        // room: None, or one wait-for-KV-room cost per pool position (KVRoutePolicy.room_waits), added to
+        // the cost after the fleet term as the Python policy adds it.
+        .def("route", [](RouterCore& r, const Hashes& H, double now_expire, double now_pending, size_t add_limit,
+                         py::object room) {
+            std::vector<double> roomv;
+            if (!room.is_none()) roomv = room.cast<std::vector<double>>();
             Guard g(r.mu);
             const std::vector<uint64_t>& hs = H.h;
             size_t nb = hs.size();
@@ -981,7 +986,10 @@ PYBIND11_MODULE(_kvcore, m) {
             }
             double busy = n_others ? std::min(w.cap, std::max(w.pfloor, (double)sum_others / (double)n_others)) : 0.0;
             double per_block = w.fleet_w * busy * bs * t;
+            if (!roomv.empty() && roomv.size() != np) raise(PyExc_ValueError, "room: one cost per pool worker");
             for (size_t j = 0; j < np; j++) costs[j] = ttft[j] + per_block * (double)(best - cands[j].total);
+            if (!roomv.empty())
+                for (size_t j = 0; j < np; j++) costs[j] += roomv[j];
             int reason;
             const std::vector<double>* vals = &costs;
             bool relief = false;
