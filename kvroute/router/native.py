@@ -44,7 +44,7 @@ _KNOWN = frozenset({
     "decode_weight", "reported_request_tokens", "fleet_weight", "fleet_pressure_cap", "relief_ratio",
     "kv_high", "kv_weight", "fleet_pressure_floor", "queued_request_floor_tokens",
     # computed on the Python side (KVRoutePolicy.room_waits) and passed to each route call
-    "kv_room_weight", "hold_window_s",
+    "kv_room", "hold_window_s",
 })
 
 

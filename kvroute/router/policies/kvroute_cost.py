@@ -23,7 +23,7 @@ pending part counts as GPU)::
     busy      = clip(mean queued requests over {v : total_v < max total}, fleet_pressure_floor, fleet_pressure_cap)
     fleet_w   = fleet_weight * busy * bs * (max_v total_v - total_w) * t_prefill
     over_w    = active_w + (nb - active_overlap_w) - capacity_w
-    room_w    = kv_room_weight * H * min(1, over_w / active_w)      if over_w > 0, else 0
+    room_w    = H * min(1, over_w / active_w)      if kv_room and over_w > 0, else 0
     cost_w    = ttft_w + fleet_w + room_w
 
 ``room_w`` is the wait for KV room.  An engine (vLLM's scheduler, and the
@@ -44,8 +44,10 @@ flight have been replaced).  With prompts of tens of thousands of tokens (agenti
 coding sessions: ~1,400 of a worker's 6,664 64-token blocks each) this wait,
 not prefill compute, is what delays a request; the prefill terms do not see it.
 It is added to the cost, not to ``ttft`` (hot-prefix relief compares compute
-only).  ``kv_room_weight`` 0 turns it off, and the router then keeps no
-active-block table.
+only).  It has no multiplier to tune: it is the modelled wait in seconds, on
+the same footing as the prefill terms (docs/routing.md gives its sensitivity).
+``kv_room=False`` turns it off, and the router then keeps no active-block
+table.
 
 ``busy`` is the fleet's pressure: the mean number of requests queued for
 prefill per candidate *that would do the recomputation* -- every candidate
@@ -142,10 +144,10 @@ class KVRouteWeights:
     kv_high: float = 0.9
     #: Multiplier of the preemption-risk term.
     kv_weight: float = 1.0
-    #: Multiplier of the wait-for-KV-room term ``room_w`` (0: off; the router then keeps no active-block table).
-    kv_room_weight: float = 1.0
+    #: Price the wait for KV room (``room_w``; False: off, and the router keeps no active-block table).
+    kv_room: bool = True
     #: Averaging window, seconds, of the decision rate in the Little's-law hold time ``H`` (:mod:`.hold_time`).
-    #: Chosen on the choice families (docs/routing.md): 60 and 300 tie on rag/siblings; the longer is steadier.
+    #: Chosen on the choice families (rag, siblings; seed-averaged): docs/routing.md.
     hold_window_s: float = 300.0
 
 
@@ -189,12 +191,12 @@ def kv_room_wait(num_blocks: int, state: WorkerState, active_overlap: int, w: KV
     docstring): 0 while the worker's distinct active blocks plus the new ones fit its capacity."""
     cap = state.capacity_blocks
     act = state.active_blocks
-    if not cap or act <= 0 or hold_s <= 0.0 or not w.kv_room_weight:
+    if not cap or act <= 0 or hold_s <= 0.0 or not w.kv_room:
         return 0.0
     over = act + num_blocks - min(active_overlap, num_blocks) - cap
     if over <= 0:
         return 0.0
-    return w.kv_room_weight * hold_s * min(1.0, over / act)
+    return hold_s * min(1.0, over / act)
 
 
 def queued_requests(c: Candidate, w: KVRouteWeights) -> int:
@@ -282,7 +284,7 @@ class KVRoutePolicy(Policy):
     def __init__(self, weights: object = None) -> None:
         super().__init__(weights)
         #: The room term needs the router's distinct active blocks (an instance attribute: per weights).
-        self.tracks_active_blocks = bool(self.weights.kv_room_weight)
+        self.tracks_active_blocks = bool(self.weights.kv_room)
         #: Little's-law hold time, updated once per decision by :meth:`room_waits` (policy-owned state).
         self.hold = HoldTime(self.weights.hold_window_s)
 
@@ -290,7 +292,7 @@ class KVRoutePolicy(Policy):
         """Per candidate, the wait for KV room (``room_w``), or None when the term is off.  Called once per
         decision, before it, by :meth:`choose` and by the compiled route's caller (it updates ``hold``)."""
         w: KVRouteWeights = self.weights
-        if not w.kv_room_weight:
+        if not w.kv_room:
             return None
         routed = in_flight = 0
         for s in states:
