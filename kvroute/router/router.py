@@ -175,6 +175,10 @@ class Router:
         #: Remote flights released by their deadline (their origin never released them).
         self.expired_remote = 0
         self._active: ActiveBlocks | None = ActiveBlocks() if self.policy.tracks_active_blocks else None
+        #: Decisions of other replicas this router had not seen when deciding, on average (0: one router, or
+        #: replicas that see each other at once).  Written by replica sync (``kvroute.sync.ReplicaSync``);
+        #: handed to the policy as ``FleetView.unseen``.
+        self.view_unseen = 0.0
         #: The compiled route (kvroute.router.native), or None: then every decision takes the Python path.
         self._core = _native.make_core(self.index, self.policy, pending_ttl_s, clock, block_size)
         self._pending = (_native.NativePending(self._core, clock) if self._core is not None
@@ -448,7 +452,7 @@ class Router:
                 if act:
                     for c in cands:
                         c.active = act.get(slot_of[c.worker], 0)
-            fleet = FleetView(cands, self._rng, now)
+            fleet = FleetView(cands, self._rng, now, self.view_unseen)
             choice = self.policy.choose(req, fleet)
             chosen = next((c for c in cands if c.worker == choice.worker), None)
             if chosen is None:

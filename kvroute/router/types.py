@@ -198,6 +198,10 @@ class FleetView:
     rng: random.Random
     #: Router clock time of this decision.
     now: float
+    #: Decisions by other router replicas that this router, on average, had not yet seen when it decided
+    #: (measured by replica sync: :attr:`kvroute.router.Router.view_unseen`); 0 for one router.  The
+    #: uncertainty of the view: a policy may treat costs within that much load as ties.
+    unseen: float = 0.0
 
 
 @dataclass(slots=True)

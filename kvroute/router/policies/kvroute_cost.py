@@ -88,6 +88,14 @@ Otherwise the lowest ``cost`` wins; ties go to the worker holding more of the
 prompt (it saves a recomputation), then the fewest requests in flight, then the
 fewest ever routed (so distinct cold prompts spread evenly: no worker gets more
 than its fair share), then seeded random.
+
+Router replicas (:func:`blind_spread`): a replica whose peers' decisions reach
+it a sync delay late has a view short of about ``unseen`` decisions (measured
+by replica sync, ``FleetView.unseen``).  Costs within ``min(unseen, 1)`` times
+this request's own queueing (``max(N - bs * total_pick, floor) * t_prefill``)
+of the lowest are then ties, drawn uniformly with the replica's seeded rng, so
+simultaneous requests on several replicas do not all take the one least-cost
+worker.  One router has ``unseen = 0`` and decides as above.
 """
 from __future__ import annotations
 
@@ -274,6 +282,26 @@ def ttfts_fast(req: RouteRequest, cands: list[Candidate], w: KVRouteWeights) -> 
     return out, busy, best
 
 
+def blind_spread(req: RouteRequest, cands: list[Candidate], costs: list[float], pick: Candidate, fleet: FleetView,
+                 w: KVRouteWeights) -> Candidate:
+    """A router replica's pick when other replicas decide unseen (``fleet.unseen`` > 0).
+
+    Replicas that share their load a sync delay late decide simultaneous requests on the same view; each
+    then picks the same least-cost worker and they pile there (a herd the single router never makes: it
+    sees its previous decision).  What this replica cannot see is about ``fleet.unseen`` decisions, each
+    adding to some worker about the queueing this request itself adds to its pick (its uncached prompt,
+    at least ``queued_request_floor_tokens``, in prefill seconds).  Costs within ``min(unseen, 1)`` such
+    requests of the lowest are indistinguishable from this view (one unseen request could have gone to
+    any of them; a wider band, ``unseen`` requests, scattered cached prompts and measured worse), so the
+    pick is drawn uniformly among them with the replica's own seeded rng (replicas' seeds differ).  One
+    router (``unseen`` = 0) never comes here.
+    """
+    q = max(req.num_tokens - req.block_size * pick.total, w.queued_request_floor_tokens) * w.prefill_s_per_token
+    top = min(costs) + min(fleet.unseen, 1.0) * q
+    band = [c for c, v in zip(cands, costs) if v <= top]
+    return band[fleet.rng.randrange(len(band))] if len(band) > 1 else pick
+
+
 class KVRoutePolicy(Policy):
     """The fleet-aware TTFT cost model (module docstring)."""
 
@@ -319,6 +347,8 @@ class KVRoutePolicy(Policy):
                 pick = argmin_tiebreak(cands, ttfts, fleet.rng, secondary=cached_then_fair_share)
                 return Choice(pick.worker, costs_dict(cands, ttfts), "replicate: hot-prefix relief")
         pick = argmin_tiebreak(cands, costs, fleet.rng, secondary=cached_then_fair_share)
+        if fleet.unseen > 0:
+            pick = blind_spread(req, cands, costs, pick, fleet, w)
         if best_total == 0:
             reason = "cold: least cost (fair share on ties)"
         elif pick.total == best_total:
