@@ -226,6 +226,41 @@ def test_pending_table_matches_reference():
         nat.check_invariants()
 
 
+def test_active_table_matches_reference():
+    """The compiled active-block table against kvroute/router/active.py on random adds, removes and forgets."""
+    from kvroute.router.active import ActiveBlocks
+    from kvroute.router.native import NativeActive
+
+    rng = random.Random(9)
+    ref, nat = ActiveBlocks(), NativeActive()
+    chains = [[rng.getrandbits(64) for _ in range(rng.randrange(1, 40))] for _ in range(12)]
+    held: list = []
+    for _ in range(3000):
+        op = rng.random()
+        c = rng.choice(chains)
+        c = c[: rng.randrange(1, len(c) + 1)]
+        if op < 0.35:
+            s = rng.randrange(70)  # more than 64 slots: masks beyond one word
+            assert ref.add(s, c) == nat.add(s, np.array(c, dtype=np.uint64) if rng.random() < 0.3 else c)
+            held.append((s, c))
+        elif op < 0.6 and held:
+            s, c = held.pop(rng.randrange(len(held)))
+            assert ref.remove(s, c) == nat.remove(s, c)
+        elif op < 0.62:
+            s = rng.randrange(70)
+            ref.forget(s)
+            nat.forget(s)
+            held = [(t, c) for t, c in held if t != s]
+        else:
+            assert ref.match(c) == nat.match(c)
+            from kvroute.kvindex.backend import core
+            assert nat.match(core.as_hashes(c)) == ref.match(c)
+        s = rng.randrange(70)
+        assert ref.distinct(s) == nat.distinct(s)
+    ref.check_invariants()
+    nat.check_invariants()
+
+
 def test_threads_route_and_store_concurrently():
     """Routing threads and an event thread on one native index: no corruption, every decision valid.
 

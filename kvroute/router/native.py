@@ -106,3 +106,40 @@ class NativePending:
     def check_invariants(self) -> None:
         err = self._rc.pending_check()
         assert not err, err
+
+
+def is_hashes(obj: Any) -> bool:
+    """Whether ``obj`` is the core's immutable chain of hashes (``Hashes``)."""
+    return _core is not None and isinstance(obj, _core.Hashes)
+
+
+class NativeActive:
+    """:class:`~kvroute.router.active.ActiveBlocks`' interface over the core's ``ActiveTable`` (the router uses
+    it beside the compiled route; ``tests/test_native_route.py`` compares the two).  Hashes: a list, an array or
+    the core's ``Hashes`` object (no conversion)."""
+
+    __slots__ = ("_t",)
+
+    def __init__(self) -> None:
+        self._t = _core.ActiveTable()
+
+    def distinct(self, slot: int) -> int:
+        return self._t.distinct(slot)
+
+    def add(self, slot: int, hashes: Any) -> int:
+        return self._t.add(slot, hashes)
+
+    def remove(self, slot: int, hashes: Any) -> int:
+        return self._t.remove(slot, hashes)
+
+    def forget(self, slot: int) -> None:
+        self._t.forget(slot)
+
+    def match(self, hashes: Any) -> dict[int, int]:
+        if not len(hashes):
+            return {}
+        return self._t.match(hashes)
+
+    def check_invariants(self) -> None:
+        err = self._t.check()
+        assert not err, err

@@ -183,6 +183,8 @@ class Router:
         self._core = _native.make_core(self.index, self.policy, pending_ttl_s, clock, block_size)
         self._pending = (_native.NativePending(self._core, clock) if self._core is not None
                          else PendingPrefixes(pending_ttl_s, clock))
+        if self._active is not None and self._core is not None:  # the compiled table beside the compiled route
+            self._active = _native.NativeActive()
         self._pool_ids: list[Any] = []
         self._index_gen = -1
         self._states: dict[Any, WorkerState] = {}
@@ -447,7 +449,7 @@ class Router:
                     _add_approx(cands, approx, slot_of)
             req = RouteRequest(request_id, num_tokens, nb, bs, hints)
             active = self._active
-            if active is not None and hs:
+            if active is not None and hs and self.policy.wants_active_overlap(nb, prefill_pool):
                 act = active.match(hs)
                 if act:
                     for c in cands:
@@ -506,10 +508,10 @@ class Router:
             now, prefill_pool, decode_pool = self._admit(request_id)
             room = hs = None
             if self._active is not None:  # the wait-for-KV-room term: the same Python arithmetic as its reference
-                hs = h.tolist()
-                act = self._active.match(hs) if hs else {}
+                hs = h
+                act = self._active.match(h) if len(h) and self.policy.wants_active_overlap(len(h), prefill_pool) else {}
                 slot_of = self._slot
-                room = self.policy.room_waits(len(hs), prefill_pool, [act.get(slot_of[s.id], 0) for s in prefill_pool],
+                room = self.policy.room_waits(len(h), prefill_pool, [act.get(slot_of[s.id], 0) for s in prefill_pool],
                                               now)
             tied, reason, costs, best, num_tokens, pend_at = self._core.route(h, now, now, CHAIN_CHUNK_BLOCKS, room)
             nb = len(h)
@@ -635,7 +637,8 @@ class Router:
             ds.routed_total += 1
         ds.decode_blocks += nb
         if hashes is not None and self._active is not None:
-            hashes = list(hashes)
+            if not _native.is_hashes(hashes):  # the flight keeps its own copy (a Hashes object is immutable)
+                hashes = list(hashes)
             ds.active_blocks = self._active.add(self._slot[ds.id], hashes)
         self._requests[rid] = _Flight(ps, ds, uncached, nb, now, hashes)
         if self._core is not None:

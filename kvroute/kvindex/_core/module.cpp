@@ -24,6 +24,7 @@
 #include <tuple>
 #include <vector>
 
+#include "active.hpp"
 #include "index.hpp"
 #include "pending.hpp"
 #include "vllm_frame.hpp"
@@ -820,6 +821,41 @@ PYBIND11_MODULE(_kvcore, m) {
             return py::make_tuple(c.entries[0], c.entries[1], c.entries[2], c.bt.size, c.orphan_stores, c.capacity_drops, c.bytes());
         })
         .def("check", [](Index& x) { Guard g(x.mu); return x.core.check(); });
+
+    // The router's active-block table (kvroute/router/active.py's ActiveBlocks, compiled): hashes as a
+    // Hashes object or any sequence of uint64.
+    auto active_hashes = [](py::handle hashes, std::vector<uint64_t>& tmp) -> std::pair<const uint64_t*, size_t> {
+        if (py::isinstance<Hashes>(hashes)) {
+            const Hashes& H = hashes.cast<const Hashes&>();
+            return {H.h.data(), H.h.size()};
+        }
+        u64s(hashes, tmp, false, false);
+        return {tmp.data(), tmp.size()};
+    };
+    py::class_<ActiveTable>(m, "ActiveTable")
+        .def(py::init<>())
+        .def("add", [active_hashes](ActiveTable& a, uint32_t slot, py::handle hashes) {
+            std::vector<uint64_t> tmp;
+            auto [p, n] = active_hashes(hashes, tmp);
+            return a.add(slot, p, n);
+        })
+        .def("remove", [active_hashes](ActiveTable& a, uint32_t slot, py::handle hashes) {
+            std::vector<uint64_t> tmp;
+            auto [p, n] = active_hashes(hashes, tmp);
+            return a.remove(slot, p, n);
+        })
+        .def("match", [active_hashes](const ActiveTable& a, py::handle hashes) {
+            std::vector<uint64_t> tmp;
+            auto [p, n] = active_hashes(hashes, tmp);
+            std::vector<std::pair<uint32_t, int64_t>> out;
+            a.match(p, n, out);
+            py::dict d;
+            for (auto& sd : out) d[py::int_(sd.first)] = sd.second;
+            return d;
+        })
+        .def("distinct", &ActiveTable::distinct_of)
+        .def("forget", &ActiveTable::forget)
+        .def("check", &ActiveTable::check);
 
     py::class_<RouterCore>(m, "RouterCore")
         .def(py::init<py::object, double, double, size_t>())

@@ -316,6 +316,12 @@ class KVRoutePolicy(Policy):
         #: Little's-law hold time, updated once per decision by :meth:`room_waits` (policy-owned state).
         self.hold = HoldTime(self.weights.hold_window_s)
 
+    def wants_active_overlap(self, num_blocks: int, states: list[WorkerState]) -> bool:
+        """Only when some worker could lack room for the whole prompt (``room_w`` is 0 everywhere otherwise,
+        whatever the overlaps): most decisions skip the walk."""
+        return any(s.capacity_blocks and s.active_blocks and s.active_blocks + num_blocks > s.capacity_blocks
+                   for s in states)
+
     def room_waits(self, num_blocks: int, states: list[WorkerState], active: list[int], now: float) -> list[float] | None:
         """Per candidate, the wait for KV room (``room_w``), or None when the term is off.  Called once per
         decision, before it, by :meth:`choose` and by the compiled route's caller (it updates ``hold``)."""
