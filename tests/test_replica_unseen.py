@@ -79,3 +79,27 @@ def test_one_router_keeps_the_least_cost_worker_and_replicas_spread_blind_decisi
     assert {p.choose(*_fleet(0.0, seed)).worker for seed in range(30)} == {"w0"}
     blind = {p.choose(*_fleet(2.0, seed)).worker for seed in range(30)}
     assert len(blind) >= 3, blind
+
+
+def test_peers_requests_count_in_the_active_block_table():
+    """The wait-for-KV-room term needs every replica's requests in each replica's active-block table."""
+    clk = Clock()
+    a, b, sa, sb = _pair(clk)
+    d = a.route_hashes(list(range(1, 41)), num_tokens=160, request_id="x")
+    sb.receive(sa.take_batch())
+    assert b.worker_state(d.worker).active_blocks == a.worker_state(d.worker).active_blocks == 40
+    a.finish("x")
+    sb.receive(sa.take_batch())
+    assert b.worker_state(d.worker).active_blocks == 0
+
+
+def test_peers_fully_cached_requests_count_too():
+    """A prompt the index confirms whole adds no speculation, yet its blocks are active on its worker."""
+    clk = Clock()
+    a, b, sa, sb = _pair(clk)
+    for r in (a, b):
+        r.index.store("w2", list(range(1, 41)))
+    d = a.route_hashes(list(range(1, 41)), num_tokens=160, request_id="y")
+    assert d.worker == "w2"
+    sb.receive(sa.take_batch())
+    assert b.worker_state("w2").active_blocks == 40

@@ -483,7 +483,8 @@ class Router:
                 approx_at = min(nb, chunk)
             if self._observers:
                 rec = FlightRecord(request_id, ps.id, ds.id if ds is not ps else None, uncached, nb, True,
-                                   self._left(now, now), hs if (speculated or approx_worker) else (),
+                                   self._left(now, now),
+                                   hs if (speculated or approx_worker or active is not None) else (),
                                    speculated, approx_worker)
                 for o in self._observers:
                     o.on_route(rec)
@@ -730,12 +731,14 @@ class Router:
                     for rid, f in self._requests.items()]
 
     def track_remote(self, key: Any, worker: Any, *, prefill_tokens: int, blocks: int, ttl_s: float | None,
-                     decode_worker: Any = None, prefill_open: bool = True, new_decision: bool = True) -> bool:
+                     decode_worker: Any = None, prefill_open: bool = True, new_decision: bool = True,
+                     hashes: Sequence[int] = ()) -> bool:
         """Count the load of a request another router replica routed (``key``: unique per replica and
         request), released by :meth:`release_remote` or ``ttl_s`` seconds from now (None: never).
         ``new_decision``: also count it in the workers' ``routed_total`` (fair-share tie-breaking; False
-        when a peer's state re-announces it).  Returns False, changing nothing, if ``key`` is already
-        tracked (a duplicate message)."""
+        when a peer's state re-announces it).  ``hashes``: the prompt's chain when the peer sent it; it enters
+        the active-block table (a policy with ``tracks_active_blocks``) until the release.  Returns False,
+        changing nothing, if ``key`` is already tracked (a duplicate message)."""
         for name, v in (("prefill_tokens", prefill_tokens), ("blocks", blocks)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {v!r}")
@@ -754,6 +757,9 @@ class Router:
             if ds is not ps:
                 ds.active_requests += 1
             ds.decode_blocks += blocks
+            if hashes and self._active is not None:
+                f.hashes = list(hashes)
+                ds.active_blocks = self._active.add(self._slot[ds.id], f.hashes)
             if new_decision:
                 ps.routed_total += 1
                 if ds is not ps:

@@ -285,7 +285,8 @@ class FlightRecord(NamedTuple):
     prefill_open: bool
     #: Seconds until the router releases it unasked (``request_ttl_s``), or None.
     ttl_s: float | None
-    #: The prompt's chained hashes when the decision added speculative or approximate entries, else ().
+    #: The prompt's chained hashes when the decision added speculative or approximate entries or the router
+    #: keeps an active-block table (replicas then count each other's active blocks), else ().
     hashes: Sequence[int] = ()
     #: Whether the chain went to the speculative (pending) table.
     pending: bool = False

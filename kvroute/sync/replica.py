@@ -252,7 +252,8 @@ class ReplicaSync:
         hs = m.unpack_hashes(raw)
         r = self.router
         try:
-            added = r.track_remote((p.origin, rid), w, prefill_tokens=pt, blocks=nb, ttl_s=ttl, decode_worker=dw)
+            added = r.track_remote((p.origin, rid), w, prefill_tokens=pt, blocks=nb, ttl_s=ttl, decode_worker=dw,
+                                   hashes=hs)
         except KVRouteError:  # a worker this replica does not know (yet): its load cannot count here
             self.counters["unknown_workers"] += 1
             return
@@ -408,4 +409,4 @@ def _encode(item: Any) -> list[Any]:
     rec = item
     flags = (m.FLAG_PENDING if rec.pending else 0) | (m.FLAG_APPROX if rec.approx else 0)
     return [m.ROUTE, rec.request_id, _wire_worker(rec.worker), _wire_worker(rec.decode_worker), rec.prefill_tokens,
-            rec.blocks, rec.ttl_s, m.pack_hashes(rec.hashes) if flags else b"", flags]
+            rec.blocks, rec.ttl_s, m.pack_hashes(rec.hashes) if rec.hashes else b"", flags]
