@@ -41,7 +41,7 @@ Little's law from the router's own counts (:mod:`.hold_time`: requests in
 flight over the decision rate); so ``over_w`` blocks are free after about
 ``H * over_w / active_w`` seconds (at most ``H``: by then the requests in
 flight have been replaced).  With prompts of tens of thousands of tokens (agentic
-coding sessions: ~1,400 of a worker's 6,664 64-token blocks each) this wait,
+coding sessions: ~1,200 of a worker's 6,664 64-token blocks on average) this wait,
 not prefill compute, is what delays a request; the prefill terms do not see it.
 It is added to the cost, not to ``ttft`` (hot-prefix relief compares compute
 only).  It has no multiplier to tune: it is the modelled wait in seconds, on
