@@ -156,7 +156,7 @@ class KVRouteWeights:
     kv_room: bool = True
     #: Averaging window, seconds, of the decision rate in the Little's-law hold time ``H`` (:mod:`.hold_time`).
     #: Chosen on the choice families (rag, siblings; seed-averaged): docs/routing.md.
-    hold_window_s: float = 300.0
+    hold_window_s: float = 60.0
 
 
 def queue_tokens(c: Candidate, w: KVRouteWeights) -> float:
