@@ -132,6 +132,42 @@ def test_route_same_worker_same_costs(seed):
     assert py.stats() == nat.stats()
 
 
+def test_route_same_with_the_kv_room_term_firing():
+    """Small GPU caches, long prompts and a moving clock: the wait-for-KV-room term (Python's
+    ``room_waits`` over the active-block table) fires, and both paths still pick the same worker
+    with the same costs; it must fire for this test to mean anything."""
+    rng = random.Random(11)
+    bs = 4
+    workers = [f"w{i}" for i in range(6)]
+    clk = Clock()
+    kw = dict(weights=KVRouteWeights(hold_window_s=30.0), clock=clk, pending_ttl_s=2.0, seed=3, capacity_blocks=40)
+    py = Router(workers, bs, index=PyKVIndex(bs), **kw)
+    nat = Router(workers, bs, index=NativeKVIndex(bs), **kw)
+    assert py._core is None and nat._core is not None and py._active is not None and nat._active is not None
+    fired = []
+    orig = py.policy.room_waits
+
+    def spy(*a):
+        r = orig(*a)
+        fired.append(any(x > 0 for x in r))
+        return r
+
+    py.policy.room_waits = spy
+    systems = [[rng.randrange(50_000) for _ in range(bs * rng.randrange(2, 20))] for _ in range(6)]
+    live: list = []
+    for rid in range(400):
+        p = rng.choice(systems) + [rng.randrange(50_000) for _ in range(rng.randrange(0, 30 * bs))]
+        _same(py.route(p, request_id=rid), nat.route(p, request_id=rid))
+        live.append(rid)
+        while live and rng.random() < 0.45:
+            r = live.pop(rng.randrange(len(live)))
+            py.finish(r)
+            nat.finish(r)
+        clk.t += rng.choice([0.0, 0.1, 0.5, 2.0])
+    assert sum(fired) > 20, sum(fired)
+    assert py.stats() == nat.stats()
+
+
 def test_route_ties_use_the_same_rng_draws():
     """Many cold prompts on an idle fleet: every decision is a tie broken by the seeded rng."""
     clk, py, nat = _pair([f"w{i}" for i in range(16)], 4, None, 2.0, 7)
@@ -188,6 +224,41 @@ def test_pending_table_matches_reference():
             assert len(ref) == len(nat)
         ref.check_invariants()
         nat.check_invariants()
+
+
+def test_active_table_matches_reference():
+    """The compiled active-block table against kvroute/router/active.py on random adds, removes and forgets."""
+    from kvroute.router.active import ActiveBlocks
+    from kvroute.router.native import NativeActive
+
+    rng = random.Random(9)
+    ref, nat = ActiveBlocks(), NativeActive()
+    chains = [[rng.getrandbits(64) for _ in range(rng.randrange(1, 40))] for _ in range(12)]
+    held: list = []
+    for _ in range(3000):
+        op = rng.random()
+        c = rng.choice(chains)
+        c = c[: rng.randrange(1, len(c) + 1)]
+        if op < 0.35:
+            s = rng.randrange(70)  # more than 64 slots: masks beyond one word
+            assert ref.add(s, c) == nat.add(s, np.array(c, dtype=np.uint64) if rng.random() < 0.3 else c)
+            held.append((s, c))
+        elif op < 0.6 and held:
+            s, c = held.pop(rng.randrange(len(held)))
+            assert ref.remove(s, c) == nat.remove(s, c)
+        elif op < 0.62:
+            s = rng.randrange(70)
+            ref.forget(s)
+            nat.forget(s)
+            held = [(t, c) for t, c in held if t != s]
+        else:
+            assert ref.match(c) == nat.match(c)
+            from kvroute.kvindex.backend import core
+            assert nat.match(core.as_hashes(c)) == ref.match(c)
+        s = rng.randrange(70)
+        assert ref.distinct(s) == nat.distinct(s)
+    ref.check_invariants()
+    nat.check_invariants()
 
 
 def test_threads_route_and_store_concurrently():

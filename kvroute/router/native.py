@@ -9,7 +9,9 @@ unchanged), the router keeps a :class:`RouterCore` (C++, ``kvroute.kvindex._kvco
 * a mirror of every worker's load numbers, written by the router at each change
   (``Router._sync``), and the prefill pool in order;
 * the kvroute cost model, the same arithmetic in the same order as ``ttfts_fast`` and
-  ``KVRoutePolicy.choose`` (a differential test, tests/test_native_route.py, checks same
+  ``KVRoutePolicy.choose``; the wait-for-KV-room term comes from the Python side
+  (``KVRoutePolicy.room_waits`` over the router's active-block table), one number per
+  candidate added to its cost in the core (a differential test, tests/test_native_route.py, checks same
   worker, same costs, same reason on random fleets: a formula change in the Python policy
   fails it until the core follows).
 
@@ -41,6 +43,8 @@ _KNOWN = frozenset({
     "prefill_s_per_token", "host_reload_s_per_token", "disk_reload_s_per_token", "decode_s_per_token",
     "decode_weight", "reported_request_tokens", "fleet_weight", "fleet_pressure_cap", "relief_ratio",
     "kv_high", "kv_weight", "fleet_pressure_floor", "queued_request_floor_tokens",
+    # computed on the Python side (KVRoutePolicy.room_waits) and passed to each route call
+    "kv_room", "hold_window_s",
 })
 
 
@@ -101,4 +105,41 @@ class NativePending:
 
     def check_invariants(self) -> None:
         err = self._rc.pending_check()
+        assert not err, err
+
+
+def is_hashes(obj: Any) -> bool:
+    """Whether ``obj`` is the core's immutable chain of hashes (``Hashes``)."""
+    return _core is not None and isinstance(obj, _core.Hashes)
+
+
+class NativeActive:
+    """:class:`~kvroute.router.active.ActiveBlocks`' interface over the core's ``ActiveTable`` (the router uses
+    it beside the compiled route; ``tests/test_native_route.py`` compares the two).  Hashes: a list, an array or
+    the core's ``Hashes`` object (no conversion)."""
+
+    __slots__ = ("_t",)
+
+    def __init__(self) -> None:
+        self._t = _core.ActiveTable()
+
+    def distinct(self, slot: int) -> int:
+        return self._t.distinct(slot)
+
+    def add(self, slot: int, hashes: Any) -> int:
+        return self._t.add(slot, hashes)
+
+    def remove(self, slot: int, hashes: Any) -> int:
+        return self._t.remove(slot, hashes)
+
+    def forget(self, slot: int) -> None:
+        self._t.forget(slot)
+
+    def match(self, hashes: Any) -> dict[int, int]:
+        if not len(hashes):
+            return {}
+        return self._t.match(hashes)
+
+    def check_invariants(self) -> None:
+        err = self._t.check()
         assert not err, err

@@ -66,6 +66,11 @@ class Policy:
         """
         return max(0, req.num_tokens - chosen.total * req.block_size)
 
+    def wants_active_overlap(self, num_blocks: int, states: Sequence[Any]) -> bool:
+        """Whether this decision needs ``Candidate.active`` (a walk of the active-block table); only asked of a
+        policy with ``tracks_active_blocks``.  Default: always."""
+        return True
+
     def forget_worker(self, worker: Any) -> None:
         """Hook called when a worker is removed."""
 

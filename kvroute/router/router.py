@@ -180,10 +180,16 @@ class Router:
         #: Remote flights released by their deadline (their origin never released them).
         self.expired_remote = 0
         self._active: ActiveBlocks | None = ActiveBlocks() if self.policy.tracks_active_blocks else None
+        #: Decisions of other replicas this router had not seen when deciding, on average (0: one router, or
+        #: replicas that see each other at once).  Written by replica sync (``kvroute.sync.ReplicaSync``);
+        #: handed to the policy as ``FleetView.unseen``.
+        self.view_unseen = 0.0
         #: The compiled route (kvroute.router.native), or None: then every decision takes the Python path.
         self._core = _native.make_core(self.index, self.policy, pending_ttl_s, clock, block_size)
         self._pending = (_native.NativePending(self._core, clock) if self._core is not None
                          else PendingPrefixes(pending_ttl_s, clock))
+        if self._active is not None and self._core is not None:  # the compiled table beside the compiled route
+            self._active = _native.NativeActive()
         self._pool_ids: list[Any] = []
         self._index_gen = -1
         self._states: dict[Any, WorkerState] = {}
@@ -464,12 +470,12 @@ class Router:
                     _add_approx(cands, approx, slot_of)
             req = RouteRequest(request_id, num_tokens, nb, bs, hints)
             active = self._active
-            if active is not None and hs:
+            if active is not None and hs and self.policy.wants_active_overlap(nb, prefill_pool):
                 act = active.match(hs)
                 if act:
                     for c in cands:
                         c.active = act.get(slot_of[c.worker], 0)
-            fleet = FleetView(cands, self._rng, now)
+            fleet = FleetView(cands, self._rng, now, self.view_unseen)
             choice = self.policy.choose(req, fleet)
             chosen = next((c for c in cands if c.worker == choice.worker), None)
             if chosen is None:
@@ -500,7 +506,8 @@ class Router:
             if self._observers:
                 rec = FlightRecord(request_id, ps.id, ds.id if ds is not ps else None, uncached, nb, True,
                                    self._left(now, now),
-                                   (list(hs) if isinstance(hs, array) else hs) if (speculated or approx_worker) else (),
+                                   (list(hs) if isinstance(hs, array) else hs)
+                                   if (speculated or approx_worker or active is not None) else (),
                                    speculated, approx_worker)
                 for o in self._observers:
                     o.on_route(rec)
@@ -523,7 +530,14 @@ class Router:
             h = core.hash_prompt(np.asarray(toks).astype("<u4"), bs, enc, ROOT_SEED)
         with self.lock:
             now, prefill_pool, decode_pool = self._admit(request_id)
-            tied, reason, costs, best, num_tokens, pend_at = self._core.route(h, now, now, CHAIN_CHUNK_BLOCKS)
+            room = hs = None
+            if self._active is not None:  # the wait-for-KV-room term: the same Python arithmetic as its reference
+                hs = h
+                act = self._active.match(h) if len(h) and self.policy.wants_active_overlap(len(h), prefill_pool) else {}
+                slot_of = self._slot
+                room = self.policy.room_waits(len(h), prefill_pool, [act.get(slot_of[s.id], 0) for s in prefill_pool],
+                                              now)
+            tied, reason, costs, best, num_tokens, pend_at = self._core.route(h, now, now, CHAIN_CHUNK_BLOCKS, room)
             nb = len(h)
             if len(tied) == 1:  # the core made the pending add (its first chunk)
                 j, total, gpu, host, disk, pend = tied[0]
@@ -540,7 +554,7 @@ class Router:
             else:
                 ds = ps
             uncached = max(0, num_tokens - total * bs)
-            self._commit(request_id, ps, ds, uncached, nb, now)
+            self._commit(request_id, ps, ds, uncached, nb, now, hs)
             d = self._decided(request_id, ps, ds, num_tokens, total, gpu, host, disk, pend,
                               dict(zip(self._pool_ids, costs)), _native.REASONS[reason], decode_costs, hints)
         self._pending.reap()
@@ -647,7 +661,8 @@ class Router:
             ds.routed_total += 1
         ds.decode_blocks += nb
         if hashes is not None and self._active is not None:
-            hashes = list(hashes)
+            if not _native.is_hashes(hashes):  # the flight keeps its own copy (a Hashes object is immutable)
+                hashes = list(hashes)
             ds.active_blocks = self._active.add(self._slot[ds.id], hashes)
         self._requests[rid] = _Flight(ps, ds, uncached, nb, now, hashes)
         if self._core is not None:
@@ -739,12 +754,14 @@ class Router:
                     for rid, f in self._requests.items()]
 
     def track_remote(self, key: Any, worker: Any, *, prefill_tokens: int, blocks: int, ttl_s: float | None,
-                     decode_worker: Any = None, prefill_open: bool = True, new_decision: bool = True) -> bool:
+                     decode_worker: Any = None, prefill_open: bool = True, new_decision: bool = True,
+                     hashes: Sequence[int] = ()) -> bool:
         """Count the load of a request another router replica routed (``key``: unique per replica and
         request), released by :meth:`release_remote` or ``ttl_s`` seconds from now (None: never).
         ``new_decision``: also count it in the workers' ``routed_total`` (fair-share tie-breaking; False
-        when a peer's state re-announces it).  Returns False, changing nothing, if ``key`` is already
-        tracked (a duplicate message)."""
+        when a peer's state re-announces it).  ``hashes``: the prompt's chain when the peer sent it; it enters
+        the active-block table (a policy with ``tracks_active_blocks``) until the release.  Returns False,
+        changing nothing, if ``key`` is already tracked (a duplicate message)."""
         for name, v in (("prefill_tokens", prefill_tokens), ("blocks", blocks)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {v!r}")
@@ -763,6 +780,9 @@ class Router:
             if ds is not ps:
                 ds.active_requests += 1
             ds.decode_blocks += blocks
+            if hashes and self._active is not None:
+                f.hashes = list(hashes)
+                ds.active_blocks = self._active.add(self._slot[ds.id], f.hashes)
             if new_decision:
                 ps.routed_total += 1
                 if ds is not ps:

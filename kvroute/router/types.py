@@ -198,6 +198,10 @@ class FleetView:
     rng: random.Random
     #: Router clock time of this decision.
     now: float
+    #: Decisions by other router replicas that this router, on average, had not yet seen when it decided
+    #: (measured by replica sync: :attr:`kvroute.router.Router.view_unseen`); 0 for one router.  The
+    #: uncertainty of the view: a policy may treat costs within that much load as ties.
+    unseen: float = 0.0
 
 
 @dataclass(slots=True)
@@ -284,7 +288,8 @@ class FlightRecord(NamedTuple):
     prefill_open: bool
     #: Seconds until the router releases it unasked (``request_ttl_s``), or None.
     ttl_s: float | None
-    #: The prompt's chained hashes when the decision added speculative or approximate entries, else ().
+    #: The prompt's chained hashes when the decision added speculative or approximate entries or the router
+    #: keeps an active-block table (replicas then count each other's active blocks), else ().
     hashes: Sequence[int] = ()
     #: Whether the chain went to the speculative (pending) table.
     pending: bool = False

@@ -97,11 +97,19 @@ class ReplicaSync:
         self._lock = threading.Lock()  # take_batch vs. queue_state's ordering of the deque
         # every reader also reads its own batches back: recognise them by their first bytes, undecoded
         self._own_prefix = m.batch_prefix(self.origin)
+        #: Wall times of this replica's recent decisions (the last ``_BLIND_KEEP_S``), and the decayed sums
+        #: behind ``router.view_unseen``: peers' decisions this replica's decisions did not see, and its
+        #: decisions (``_blind_update``).
+        self._own_times: deque[float] = deque()
+        self._blind = 0.0
+        self._decided = 0.0
+        self._blind_at: float | None = None
         router.add_observer(self)
 
     # ----------------------------------------------------------- own decisions
     def on_route(self, rec: Any) -> None:
         self._out.append(rec)
+        self._blind_update(1, 0, self._wall())
         if self.wakeup is not None:
             self.wakeup()
 
@@ -184,6 +192,12 @@ class ReplicaSync:
                     log.warning("skipping a bad sync op from %s: %s", origin, exc)
         self.counters["ops_in"] += len(ops)
         if sent is not None:
+            routes = sum(1 for op in ops if isinstance(op, list) and op and op[0] == m.ROUTE)
+            if routes:
+                # this replica's decisions since the peer published them were made without them
+                wall = self._wall()
+                blind = sum(1 for t in self._own_times if sent <= t < wall)
+                self._blind_update(0, routes * blind, wall)
             d = max(0.0, self._wall() - sent)
             self.delay_count += 1
             self.delay_sum += d
@@ -193,6 +207,32 @@ class ReplicaSync:
             self.counters["gaps"] += 1
             p.has_state = False
             self.queue_query(origin)
+
+    def _blind_update(self, decided: int, blind: int, wall: float) -> None:
+        """Count own decisions and peers' decisions they missed; set ``router.view_unseen`` to the mean number
+        of peers' decisions an own decision missed, exponentially weighted over ``_BLIND_WINDOW_S``.
+
+        A peer's decision published at ``sent`` reaches this replica a sync delay later; every decision
+        this replica made from ``sent`` until then (strictly before now: with no delay at all, a decision
+        of the same instant came first) did not see it.  With arrivals spread in time the mean
+        is about rate x delay (near 0 for a few ms); with simultaneous arrivals (a trace with whole-second
+        timestamps, a burst) it is the number of peers' decisions in the same instant."""
+        last = self._blind_at
+        if last is not None and wall > last:
+            k = math.exp(-(wall - last) / _BLIND_WINDOW_S)
+            self._blind *= k
+            self._decided *= k
+        if last is None or wall > last:
+            self._blind_at = wall
+        if decided:
+            self._decided += decided
+            own = self._own_times
+            own.append(wall)
+            while own and own[0] < wall - _BLIND_KEEP_S:
+                own.popleft()
+        self._blind += blind
+        if self._decided > 0:
+            self.router.view_unseen = self._blind / self._decided
 
     def _apply(self, p: _Peer, op: Any) -> None:
         if not isinstance(op, list) or not op:
@@ -212,7 +252,8 @@ class ReplicaSync:
         hs = m.unpack_hashes(raw)
         r = self.router
         try:
-            added = r.track_remote((p.origin, rid), w, prefill_tokens=pt, blocks=nb, ttl_s=ttl, decode_worker=dw)
+            added = r.track_remote((p.origin, rid), w, prefill_tokens=pt, blocks=nb, ttl_s=ttl, decode_worker=dw,
+                                   hashes=hs)
         except KVRouteError:  # a worker this replica does not know (yet): its load cannot count here
             self.counters["unknown_workers"] += 1
             return
@@ -335,6 +376,11 @@ class ReplicaSync:
         }
 
 
+#: Averaging window of ``Router.view_unseen``, seconds; own decisions older than ``_BLIND_KEEP_S`` are not kept
+#: (a peer's batch later than that is no blind spot: its lease is nearly over).
+_BLIND_WINDOW_S = 30.0
+_BLIND_KEEP_S = 5.0
+
 _APPLY: dict[str, Callable[[ReplicaSync, _Peer, list], None]] = {
     m.ROUTE: ReplicaSync._op_route,
     m.PREFILL_DONE: ReplicaSync._op_release,
@@ -363,4 +409,4 @@ def _encode(item: Any) -> list[Any]:
     rec = item
     flags = (m.FLAG_PENDING if rec.pending else 0) | (m.FLAG_APPROX if rec.approx else 0)
     return [m.ROUTE, rec.request_id, _wire_worker(rec.worker), _wire_worker(rec.decode_worker), rec.prefill_tokens,
-            rec.blocks, rec.ttl_s, m.pack_hashes(rec.hashes) if flags else b"", flags]
+            rec.blocks, rec.ttl_s, m.pack_hashes(rec.hashes) if rec.hashes else b"", flags]

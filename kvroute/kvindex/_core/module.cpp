@@ -25,6 +25,7 @@
 #include <tuple>
 #include <vector>
 
+#include "active.hpp"
 #include "density_heaps.hpp"
 #include "index.hpp"
 #include "pending.hpp"
@@ -825,6 +826,41 @@ PYBIND11_MODULE(_kvcore, m) {
         })
         .def("check", [](Index& x) { Guard g(x.mu); return x.core.check(); });
 
+    // The router's active-block table (kvroute/router/active.py's ActiveBlocks, compiled): hashes as a
+    // Hashes object or any sequence of uint64.
+    auto active_hashes = [](py::handle hashes, std::vector<uint64_t>& tmp) -> std::pair<const uint64_t*, size_t> {
+        if (py::isinstance<Hashes>(hashes)) {
+            const Hashes& H = hashes.cast<const Hashes&>();
+            return {H.h.data(), H.h.size()};
+        }
+        u64s(hashes, tmp, false, false);
+        return {tmp.data(), tmp.size()};
+    };
+    py::class_<ActiveTable>(m, "ActiveTable")
+        .def(py::init<>())
+        .def("add", [active_hashes](ActiveTable& a, uint32_t slot, py::handle hashes) {
+            std::vector<uint64_t> tmp;
+            auto [p, n] = active_hashes(hashes, tmp);
+            return a.add(slot, p, n);
+        })
+        .def("remove", [active_hashes](ActiveTable& a, uint32_t slot, py::handle hashes) {
+            std::vector<uint64_t> tmp;
+            auto [p, n] = active_hashes(hashes, tmp);
+            return a.remove(slot, p, n);
+        })
+        .def("match", [active_hashes](const ActiveTable& a, py::handle hashes) {
+            std::vector<uint64_t> tmp;
+            auto [p, n] = active_hashes(hashes, tmp);
+            std::vector<std::pair<uint32_t, int64_t>> out;
+            a.match(p, n, out);
+            py::dict d;
+            for (auto& sd : out) d[py::int_(sd.first)] = sd.second;
+            return d;
+        })
+        .def("distinct", &ActiveTable::distinct_of)
+        .def("forget", &ActiveTable::forget)
+        .def("check", &ActiveTable::check);
+
     py::class_<RouterCore>(m, "RouterCore")
         .def(py::init<py::object, double, double, size_t>())
         .def("set_weights", [](RouterCore& r, py::dict d) {
@@ -905,7 +941,12 @@ PYBIND11_MODULE(_kvcore, m) {
         // add_limit: the pending add (when the core makes it) covers blocks [0, add_limit) only; the
         // caller continues with pending_add_range from the returned pend_at (the router's lock released
         // between chunks).
-        .def("route", [](RouterCore& r, const Hashes& H, double now_expire, double now_pending, size_t add_limit) {
+        // room: None, or one wait-for-KV-room cost per pool position (KVRoutePolicy.room_waits), added to
+        // the cost after the fleet term as the Python policy adds it.
+        .def("route", [](RouterCore& r, const Hashes& H, double now_expire, double now_pending, size_t add_limit,
+                         py::object room) {
+            std::vector<double> roomv;
+            if (!room.is_none()) roomv = room.cast<std::vector<double>>();
             Guard g(r.mu);
             const std::vector<uint64_t>& hs = H.h;
             size_t nb = hs.size();
@@ -985,7 +1026,10 @@ PYBIND11_MODULE(_kvcore, m) {
             }
             double busy = n_others ? std::min(w.cap, std::max(w.pfloor, (double)sum_others / (double)n_others)) : 0.0;
             double per_block = w.fleet_w * busy * bs * t;
+            if (!roomv.empty() && roomv.size() != np) raise(PyExc_ValueError, "room: one cost per pool worker");
             for (size_t j = 0; j < np; j++) costs[j] = ttft[j] + per_block * (double)(best - cands[j].total);
+            if (!roomv.empty())
+                for (size_t j = 0; j < np; j++) costs[j] += roomv[j];
             int reason;
             const std::vector<double>* vals = &costs;
             bool relief = false;

@@ -22,7 +22,32 @@ pending part counts as GPU)::
 
     busy      = clip(mean queued requests over {v : total_v < max total}, fleet_pressure_floor, fleet_pressure_cap)
     fleet_w   = fleet_weight * busy * bs * (max_v total_v - total_w) * t_prefill
-    cost_w    = ttft_w + fleet_w
+    over_w    = active_w + (nb - active_overlap_w) - capacity_w
+    room_w    = H * min(1, over_w / active_w)      if kv_room and over_w > 0, else 0
+    cost_w    = ttft_w + fleet_w + room_w
+
+``room_w`` is the wait for KV room.  An engine (vLLM's scheduler, and the
+simulator's workers) starts a prompt only when the GPU has room for its blocks
+beside those the requests in flight hold; otherwise it waits, with everything
+queued behind it, until running requests finish.  ``active_w`` is the number of
+*distinct* prompt blocks of the requests routed to ``w`` and not finished (the
+router's active-block table, shared prefixes counted once, queued requests
+included: they take their room first), ``active_overlap_w`` how many leading
+blocks of the new prompt are among them, ``capacity_w`` the worker's GPU blocks
+and ``nb`` the prompt's full blocks.  When ``over_w > 0`` blocks must be freed
+first.  The router's active blocks leave at the rate ``active_w / H``, where
+``H`` is the mean time a request stays routed and unfinished, known by
+Little's law from the router's own counts (:mod:`.hold_time`: requests in
+flight over the decision rate); so ``over_w`` blocks are free after about
+``H * over_w / active_w`` seconds (at most ``H``: by then the requests in
+flight have been replaced).  With prompts of tens of thousands of tokens (agentic
+coding sessions: ~1,200 of a worker's 6,664 64-token blocks on average) this wait,
+not prefill compute, is what delays a request; the prefill terms do not see it.
+It is added to the cost, not to ``ttft`` (hot-prefix relief compares compute
+only).  It has no multiplier to tune: it is the modelled wait in seconds, on
+the same footing as the prefill terms (docs/routing.md gives its sensitivity).
+``kv_room=False`` turns it off, and the router then keeps no active-block
+table.
 
 ``busy`` is the fleet's pressure: the mean number of requests queued for
 prefill per candidate *that would do the recomputation* -- every candidate
@@ -63,6 +88,14 @@ Otherwise the lowest ``cost`` wins; ties go to the worker holding more of the
 prompt (it saves a recomputation), then the fewest requests in flight, then the
 fewest ever routed (so distinct cold prompts spread evenly: no worker gets more
 than its fair share), then seeded random.
+
+Router replicas (:func:`blind_spread`): a replica whose peers' decisions reach
+it a sync delay late has a view short of about ``unseen`` decisions (measured
+by replica sync, ``FleetView.unseen``).  Costs within ``min(unseen, 1)`` times
+this request's own queueing (``max(N - bs * total_pick, floor) * t_prefill``)
+of the lowest are then ties, drawn uniformly with the replica's seeded rng, so
+simultaneous requests on several replicas do not all take the one least-cost
+worker.  One router has ``unseen = 0`` and decides as above.
 """
 from __future__ import annotations
 
@@ -80,7 +113,8 @@ def cached_then_fair_share(c: Candidate) -> tuple[int, int, int]:
     """
     s = c.state
     return (-c.total, s.active_requests, s.routed_total)
-from ..types import Candidate, Choice, FleetView, RouteRequest
+from ..types import Candidate, Choice, FleetView, RouteRequest, WorkerState
+from .hold_time import HoldTime
 
 
 @dataclass(frozen=True)
@@ -118,6 +152,11 @@ class KVRouteWeights:
     kv_high: float = 0.9
     #: Multiplier of the preemption-risk term.
     kv_weight: float = 1.0
+    #: Price the wait for KV room (``room_w``; False: off, and the router keeps no active-block table).
+    kv_room: bool = True
+    #: Averaging window, seconds, of the decision rate in the Little's-law hold time ``H`` (:mod:`.hold_time`).
+    #: Chosen on the choice families (rag, siblings; seed-averaged): docs/routing.md.
+    hold_window_s: float = 60.0
 
 
 def queue_tokens(c: Candidate, w: KVRouteWeights) -> float:
@@ -148,9 +187,24 @@ def fleet_cost(req: RouteRequest, c: Candidate, w: KVRouteWeights, *, best_total
     return w.fleet_weight * busy * req.block_size * max(0, best_total - c.total) * w.prefill_s_per_token
 
 
-def score(req: RouteRequest, c: Candidate, w: KVRouteWeights, *, best_total: int = 0, busy: float = 0.0) -> float:
-    """The full cost ``ttft + fleet`` (pure; see the module docstring)."""
-    return ttft(req, c, w) + fleet_cost(req, c, w, best_total=best_total, busy=busy)
+def score(req: RouteRequest, c: Candidate, w: KVRouteWeights, *, best_total: int = 0, busy: float = 0.0,
+          hold_s: float = 0.0) -> float:
+    """The full cost ``ttft + fleet + room`` (pure; see the module docstring)."""
+    return (ttft(req, c, w) + fleet_cost(req, c, w, best_total=best_total, busy=busy)
+            + kv_room_wait(req.num_blocks, c.state, c.active, w, hold_s))
+
+
+def kv_room_wait(num_blocks: int, state: WorkerState, active_overlap: int, w: KVRouteWeights, hold_s: float) -> float:
+    """Seconds ``num_blocks`` prompt blocks wait for KV room on a worker (pure; ``room_w`` of the module
+    docstring): 0 while the worker's distinct active blocks plus the new ones fit its capacity."""
+    cap = state.capacity_blocks
+    act = state.active_blocks
+    if not cap or act <= 0 or hold_s <= 0.0 or not w.kv_room:
+        return 0.0
+    over = act + num_blocks - min(active_overlap, num_blocks) - cap
+    if over <= 0:
+        return 0.0
+    return hold_s * min(1.0, over / act)
 
 
 def queued_requests(c: Candidate, w: KVRouteWeights) -> int:
@@ -228,6 +282,26 @@ def ttfts_fast(req: RouteRequest, cands: list[Candidate], w: KVRouteWeights) -> 
     return out, busy, best
 
 
+def blind_spread(req: RouteRequest, cands: list[Candidate], costs: list[float], pick: Candidate, fleet: FleetView,
+                 w: KVRouteWeights) -> Candidate:
+    """A router replica's pick when other replicas decide unseen (``fleet.unseen`` > 0).
+
+    Replicas that share their load a sync delay late decide simultaneous requests on the same view; each
+    then picks the same least-cost worker and they pile there (a herd the single router never makes: it
+    sees its previous decision).  What this replica cannot see is about ``fleet.unseen`` decisions, each
+    adding to some worker about the queueing this request itself adds to its pick (its uncached prompt,
+    at least ``queued_request_floor_tokens``, in prefill seconds).  Costs within ``min(unseen, 1)`` such
+    requests of the lowest are indistinguishable from this view (one unseen request could have gone to
+    any of them; a wider band, ``unseen`` requests, scattered cached prompts and measured worse), so the
+    pick is drawn uniformly among them with the replica's own seeded rng (replicas' seeds differ).  One
+    router (``unseen`` = 0) never comes here.
+    """
+    q = max(req.num_tokens - req.block_size * pick.total, w.queued_request_floor_tokens) * w.prefill_s_per_token
+    top = min(costs) + min(fleet.unseen, 1.0) * q
+    band = [c for c, v in zip(cands, costs) if v <= top]
+    return band[fleet.rng.randrange(len(band))] if len(band) > 1 else pick
+
+
 class KVRoutePolicy(Policy):
     """The fleet-aware TTFT cost model (module docstring)."""
 
@@ -235,12 +309,42 @@ class KVRoutePolicy(Policy):
     Weights = KVRouteWeights
     uses_pending = True
 
+    def __init__(self, weights: object = None) -> None:
+        super().__init__(weights)
+        #: The room term needs the router's distinct active blocks (an instance attribute: per weights).
+        self.tracks_active_blocks = bool(self.weights.kv_room)
+        #: Little's-law hold time, updated once per decision by :meth:`room_waits` (policy-owned state).
+        self.hold = HoldTime(self.weights.hold_window_s)
+
+    def wants_active_overlap(self, num_blocks: int, states: list[WorkerState]) -> bool:
+        """Only when some worker could lack room for the whole prompt (``room_w`` is 0 everywhere otherwise,
+        whatever the overlaps): most decisions skip the walk."""
+        return any(s.capacity_blocks and s.active_blocks and s.active_blocks + num_blocks > s.capacity_blocks
+                   for s in states)
+
+    def room_waits(self, num_blocks: int, states: list[WorkerState], active: list[int], now: float) -> list[float] | None:
+        """Per candidate, the wait for KV room (``room_w``), or None when the term is off.  Called once per
+        decision, before it, by :meth:`choose` and by the compiled route's caller (it updates ``hold``)."""
+        w: KVRouteWeights = self.weights
+        if not w.kv_room:
+            return None
+        routed = in_flight = 0
+        for s in states:
+            routed += s.routed_total
+            in_flight += s.active_requests
+        hold_s = self.hold.update(now, routed, in_flight)
+        return [kv_room_wait(num_blocks, s, a, w, hold_s) for s, a in zip(states, active)]
+
     def choose(self, req: RouteRequest, fleet: FleetView) -> Choice:
         w: KVRouteWeights = self.weights
         cands = fleet.candidates
         ttfts, busy, best_total = ttfts_fast(req, cands, w)
         per_block = w.fleet_weight * busy * req.block_size * w.prefill_s_per_token
-        costs = [t + per_block * (best_total - c.total) for c, t in zip(cands, ttfts)]
+        room = self.room_waits(req.num_blocks, [c.state for c in cands], [c.active for c in cands], fleet.now)
+        if room is None:
+            costs = [t + per_block * (best_total - c.total) for c, t in zip(cands, ttfts)]
+        else:
+            costs = [t + per_block * (best_total - c.total) + r for c, t, r in zip(cands, ttfts, room)]
         if best_total > 0:
             # hot-prefix relief: the best-cached worker (ties: its lowest TTFT) against the best TTFT
             tb = min(t for c, t in zip(cands, ttfts) if c.total == best_total)
@@ -249,6 +353,8 @@ class KVRoutePolicy(Policy):
                 pick = argmin_tiebreak(cands, ttfts, fleet.rng, secondary=cached_then_fair_share)
                 return Choice(pick.worker, costs_dict(cands, ttfts), "replicate: hot-prefix relief")
         pick = argmin_tiebreak(cands, costs, fleet.rng, secondary=cached_then_fair_share)
+        if fleet.unseen > 0:
+            pick = blind_spread(req, cands, costs, pick, fleet, w)
         if best_total == 0:
             reason = "cold: least cost (fair share on ties)"
         elif pick.total == best_total:
