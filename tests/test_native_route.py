@@ -233,7 +233,8 @@ def test_active_table_matches_reference():
 
     rng = random.Random(9)
     ref, nat = ActiveBlocks(), NativeActive()
-    chains = [[rng.getrandbits(64) for _ in range(rng.randrange(1, 40))] for _ in range(12)]
+    # chains long enough that a slot's table grows past 64 entries and shrinks again on removals
+    chains = [[rng.getrandbits(64) for _ in range(rng.randrange(1, 160))] for _ in range(12)]
     held: list = []
     for _ in range(3000):
         op = rng.random()
