@@ -106,3 +106,43 @@ def test_router_sends_a_long_prompt_where_it_fits():
     off = _two_workers(KVRouteWeights(kv_room=False))
     assert off._active is None
     assert off.route_hashes(prompt, num_tokens=160, request_id="long").worker == "w0"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 300), st.one_of(st.none(), st.integers(1, 300)), st.integers(0, 300)),
+                min_size=1, max_size=8),
+       st.integers(0, 200))
+def test_room_waits_none_exactly_when_every_wait_is_zero(workers, nb):
+    """``room_waits`` skips workers that cannot lack room and answers None when no wait is positive: the
+    same costs as the full per-candidate list (adding nothing = adding 0.0)."""
+    from kvroute.router.policies.kvroute_cost import KVRoutePolicy
+
+    pol = KVRoutePolicy(KVRouteWeights())
+    states = []
+    for act, cap, _ in workers:
+        s = _state(act, cap, active_requests=3)
+        s.routed_total = 50
+        states.append(s)
+    overlaps = [min(o, nb) for _, _, o in workers]
+    pol.room_waits(nb, states, overlaps, 0.0)  # two decisions 10 s apart, so that the hold time is measured
+    for s in states:
+        s.routed_total += 10
+    got = pol.room_waits(nb, states, overlaps, 10.0)
+    hold = pol.hold.update(10.0, sum(s.routed_total for s in states), sum(s.active_requests for s in states))
+    full = [kv_room_wait(nb, s, o, pol.weights, hold) for s, o in zip(states, overlaps)]
+    if got is None:
+        assert all(x == 0.0 for x in full)
+    else:
+        assert got == full
+
+
+def test_room_waits_lists_positive_waits():
+    """The non-None side of the property above, with a measured hold time."""
+    from kvroute.router.policies.kvroute_cost import KVRoutePolicy
+
+    pol = KVRoutePolicy(KVRouteWeights())
+    a, b = _state(90), _state(10)
+    assert pol.room_waits(50, [a, b], [0, 0], 0.0) == [0.0, 0.0]  # no hold time measured yet: no wait
+    a.routed_total = b.routed_total = 10
+    got = pol.room_waits(50, [a, b], [0, 0], 10.0)
+    assert got is not None and got[0] > 0.0 and got[1] == 0.0

@@ -535,8 +535,8 @@ class Router:
                 hs = h
                 act = self._active.match(h) if len(h) and self.policy.wants_active_overlap(len(h), prefill_pool) else {}
                 slot_of = self._slot
-                room = self.policy.room_waits(len(h), prefill_pool, [act.get(slot_of[s.id], 0) for s in prefill_pool],
-                                              now)
+                room = self.policy.room_waits(len(h), prefill_pool, [act.get(slot_of[s.id], 0) for s in prefill_pool]
+                                              if act else [0] * len(prefill_pool), now)
             tied, reason, costs, best, num_tokens, pend_at = self._core.route(h, now, now, CHAIN_CHUNK_BLOCKS, room)
             nb = len(h)
             if len(tied) == 1:  # the core made the pending add (its first chunk)

@@ -30,8 +30,14 @@ struct ActiveTable {
         kvcore::AliasMap& m = per_slot[slot];
         for (size_t i = 0; i < n; i++) {
             long f = m.find(hs[i]);
-            if (f >= 0) m.s[(size_t)f].val++;
-            else m.put(hs[i], 1);
+            if (f >= 0) {
+                m.s[(size_t)f].val++;
+                continue;
+            }
+            // a new block: insert without put()'s second search
+            if ((double)(m.size + 1) > kvcore::MAX_LOAD * (double)m.cap()) m.rehash(kvcore::grown_capacity(m.size));
+            m.place(hs[i], 1);
+            m.size++;
         }
         return (int64_t)m.size;
     }

@@ -323,17 +323,29 @@ class KVRoutePolicy(Policy):
                    for s in states)
 
     def room_waits(self, num_blocks: int, states: list[WorkerState], active: list[int], now: float) -> list[float] | None:
-        """Per candidate, the wait for KV room (``room_w``), or None when the term is off.  Called once per
-        decision, before it, by :meth:`choose` and by the compiled route's caller (it updates ``hold``)."""
+        """Per candidate, the wait for KV room (``room_w``), or None when it is 0 for every candidate (or the
+        term is off): adding nothing and adding 0.0 give the same costs.  Called once per decision, before
+        it, by :meth:`choose` and by the compiled route's caller (it updates ``hold``)."""
         w: KVRouteWeights = self.weights
         if not w.kv_room:
             return None
         routed = in_flight = 0
-        for s in states:
+        short = None  # positions of workers that could lack room (room_w is 0 elsewhere, whatever the overlap)
+        for i, s in enumerate(states):
             routed += s.routed_total
             in_flight += s.active_requests
+            cap = s.capacity_blocks
+            if cap and s.active_blocks and s.active_blocks + num_blocks > cap:
+                if short is None:
+                    short = []
+                short.append(i)
         hold_s = self.hold.update(now, routed, in_flight)
-        return [kv_room_wait(num_blocks, s, a, w, hold_s) for s, a in zip(states, active)]
+        if short is None:
+            return None
+        waits = [0.0] * len(states)
+        for i in short:
+            waits[i] = kv_room_wait(num_blocks, states[i], active[i], w, hold_s)
+        return waits
 
     def choose(self, req: RouteRequest, fleet: FleetView) -> Choice:
         w: KVRouteWeights = self.weights
