@@ -185,11 +185,15 @@ def build(specs: list[EngineSpec], *, weights: Any = None, served: tuple[str, ..
         if text is None:
             log.warning("engine %s: /metrics did not answer; its KV pool size is unknown", s.name)
             continue
-        bs = engine_block_size(text)
+        try:
+            bs = engine_block_size(text)
+            cap = parse_vllm_load(text).get("capacity_blocks")
+        except ValueError as exc:  # not a Prometheus page
+            log.warning("engine %s: /metrics unreadable (%s); its KV pool size is unknown", s.name, exc)
+            continue
         if bs is not None and bs != block_size:
             raise ValueError(f"engine {s.name} runs KV blocks of {bs} tokens but --block-size is {block_size}: "
                              "every hash would differ from the engine's")
-        cap = parse_vllm_load(text).get("capacity_blocks")
         if cap:
             router.add_worker(s.name, capacity_blocks=cap)
     events = None
