@@ -194,6 +194,14 @@ def score(req: RouteRequest, c: Candidate, w: KVRouteWeights, *, best_total: int
             + kv_room_wait(req.num_blocks, c.state, c.active, w, hold_s))
 
 
+def may_lack_room(state: WorkerState, num_blocks: int) -> bool:
+    """Whether ``num_blocks`` new blocks could overflow the worker's KV room beside its active blocks: only
+    then can :func:`kv_room_wait` be positive, whatever the prompt's overlap with them."""
+    cap = state.capacity_blocks
+    act = state.active_blocks
+    return bool(cap and act and act + num_blocks > cap)
+
+
 def kv_room_wait(num_blocks: int, state: WorkerState, active_overlap: int, w: KVRouteWeights, hold_s: float) -> float:
     """Seconds ``num_blocks`` prompt blocks wait for KV room on a worker (pure; ``room_w`` of the module
     docstring): 0 while the worker's distinct active blocks plus the new ones fit its capacity."""
@@ -319,8 +327,7 @@ class KVRoutePolicy(Policy):
     def wants_active_overlap(self, num_blocks: int, states: list[WorkerState]) -> bool:
         """Only when some worker could lack room for the whole prompt (``room_w`` is 0 everywhere otherwise,
         whatever the overlaps): most decisions skip the walk."""
-        return any(s.capacity_blocks and s.active_blocks and s.active_blocks + num_blocks > s.capacity_blocks
-                   for s in states)
+        return any(may_lack_room(s, num_blocks) for s in states)
 
     def room_waits(self, num_blocks: int, states: list[WorkerState], active: list[int], now: float) -> list[float] | None:
         """Per candidate, the wait for KV room (``room_w``), or None when it is 0 for every candidate (or the
@@ -334,8 +341,7 @@ class KVRoutePolicy(Policy):
         for i, s in enumerate(states):
             routed += s.routed_total
             in_flight += s.active_requests
-            cap = s.capacity_blocks
-            if cap and s.active_blocks and s.active_blocks + num_blocks > cap:
+            if may_lack_room(s, num_blocks):
                 if short is None:
                     short = []
                 short.append(i)
